@@ -1,0 +1,54 @@
+# strokekit — two commands do everything (each creates .venv and installs what it needs):
+#   make run    generate the phantom and execute every notebook (quick profile) into build/
+#   make test   unit tests, the JAX-backend pass, and every notebook under nbval
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PROFILE ?= quick
+EXTRAS ?= tf,jax,notebooks,dev
+export STROKEKIT_PROFILE ?= $(PROFILE)
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export TF_ENABLE_ONEDNN_OPTS ?= 1
+export PYTHONHASHSEED ?= 0
+export MPLBACKEND ?= Agg
+
+.PHONY: install run test test-unit test-jax test-notebooks lab notebooks benchmark clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if (3, 10) <= v <= (3, 12) else "strokekit needs Python 3.10-3.12, found %d.%d (set PYTHON=python3.X)" % v)'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	@touch $@
+
+run: install
+	$(PY) -m strokekit phantom --out data/phantom
+	$(PY) -m strokekit run-notebooks --out build/notebooks
+
+test: install
+	$(MAKE) --no-print-directory test-unit test-jax test-notebooks
+
+test-unit: install
+	$(PY) -m pytest tests -q
+
+# Models, losses, metrics and augmentation again under the JAX backend (no TensorFlow needed).
+test-jax: install
+	KERAS_BACKEND=jax $(PY) -m pytest tests -q -m backend -p no:cacheprovider
+
+test-notebooks: install
+	$(PY) -m pytest --nbval-lax --nbval-cell-timeout=900 -q -p no:cacheprovider notebooks
+
+lab: install
+	$(PY) -m jupyter lab notebooks
+
+# Rebuild the .ipynb files from their py:percent twins (the twins are what you edit).
+notebooks: install
+	$(PY) -m jupytext --to ipynb --update notebooks/[0-9][0-9]_*.py
+
+benchmark: install
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf build runs data/phantom .pytest_cache

@@ -1,0 +1,135 @@
+"""Profiles, experiment configs and seeding: the one place that decides how big a run is.
+
+The profile comes from the environment variable ``STROKEKIT_PROFILE`` (``quick`` or ``full``);
+notebooks read it once in their Parameters cell through :func:`get_profile` and never hard-code
+sizes. Introduced in notebooks/01_preprocessing.ipynb.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from typing import Any
+
+import numpy as np
+
+PROFILE_ENV = "STROKEKIT_PROFILE"
+DEFAULT_PROFILE = "quick"
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """How much work a notebook does.
+
+    Attributes:
+        name: ``"quick"`` (CI and laptops, minutes on 2 CPU cores) or ``"full"`` (the study, a GPU).
+        image_size: side of the square images fed to models.
+        num_epochs: training epochs per run.
+        num_seeds: seeds per configuration (results are reported as mean ± sd over them).
+        batch_size: training batch size.
+        phantom_patients: synthetic patients generated for the few-shot set.
+        phantom_slices_per_patient: labelled slices taken from each synthetic patient.
+        phantom_size: side of the generated phantom slices in pixels.
+        filters: U-Net filters per level (the last is the bottleneck); the full profile is the
+            study's 64→1024 network (31M parameters).
+    """
+
+    name: str
+    image_size: int
+    num_epochs: int
+    num_seeds: int
+    batch_size: int
+    phantom_patients: int
+    phantom_slices_per_patient: int
+    phantom_size: int
+    filters: tuple[int, ...]
+
+
+PROFILES: dict[str, Profile] = {
+    "quick": Profile(
+        name="quick",
+        image_size=64,
+        num_epochs=3,
+        num_seeds=2,
+        batch_size=8,
+        phantom_patients=12,
+        phantom_slices_per_patient=5,
+        phantom_size=128,
+        filters=(8, 16, 32, 64),
+    ),
+    "full": Profile(
+        name="full",
+        image_size=256,
+        num_epochs=50,
+        num_seeds=3,
+        batch_size=8,
+        phantom_patients=12,
+        phantom_slices_per_patient=5,
+        phantom_size=256,
+        filters=(64, 128, 256, 512, 1024),
+    ),
+}
+
+
+def get_profile(name: str | None = None) -> Profile:
+    """Return the profile named ``name``, else the one in ``$STROKEKIT_PROFILE``, else quick.
+
+    Raises:
+        ValueError: for an unknown profile name.
+    """
+    chosen = name if name is not None else os.environ.get(PROFILE_ENV, DEFAULT_PROFILE)
+    chosen = chosen.strip().lower()
+    if chosen not in PROFILES:
+        raise ValueError(f"Expected one of {sorted(PROFILES)}. Received: profile={chosen!r}")
+    return PROFILES[chosen]
+
+
+def seed_everything(seed: int, deterministic_ops: bool = False) -> None:
+    """Seed Python, NumPy and the Keras backend from one integer.
+
+    Args:
+        seed: the seed.
+        deterministic_ops: also ask TensorFlow for deterministic kernels (slower; only
+            meaningful on the TensorFlow backend, ignored elsewhere).
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    import keras  # imported here so that importing strokekit stays cheap
+
+    keras.utils.set_random_seed(seed)
+    if deterministic_ops and keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a (possibly nested) config dataclass."""
+    def convert(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: convert(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [convert(v) for v in value]
+        if isinstance(value, dict):
+            return {str(k): convert(v) for k, v in value.items()}
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        return value
+
+    return convert(config)
+
+
+def from_dict(cls: type, data: dict[str, Any]):
+    """Rebuild a flat config dataclass from :func:`to_dict` output (lists become tuples).
+
+    Raises:
+        ValueError: for keys the dataclass does not have.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {unknown}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})

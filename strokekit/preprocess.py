@@ -1,0 +1,326 @@
+"""Preprocessing of head CT: HU windows, brain masks, resizing, normalisation, overlays, statistics.
+
+Introduced in notebooks/01_preprocessing.ipynb.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from .dataset import SliceDataset
+from .errors import DataError
+
+#: Standard CT windows as (level, width) in HU.
+WINDOWS: dict[str, tuple[float, float]] = {
+    "brain": (40.0, 80.0),
+    "stroke": (32.0, 8.0 * 3),  # narrow: level 32, width 24 — makes early ischemia visible
+    "subdural": (75.0, 215.0),
+    "bone": (600.0, 2800.0),
+}
+
+#: Colour of each label in overlays and colour-coded masks: red = hemorrhagic, green = ischemic.
+DEFAULT_COLOURS: dict[int, tuple[int, int, int]] = {
+    1: (255, 0, 0),
+    2: (0, 255, 0),
+    3: (0, 0, 255),
+    4: (255, 255, 0),
+}
+
+
+def resolve_window(window: str | Sequence[float]) -> tuple[float, float]:
+    """(level, width) for a window name in :data:`WINDOWS` or an explicit pair."""
+    if isinstance(window, str):
+        if window not in WINDOWS:
+            raise ValueError(f"Expected one of {sorted(WINDOWS)}. Received: window={window!r}")
+        return WINDOWS[window]
+    level, width = (float(v) for v in window)
+    if width <= 0:
+        raise ValueError(f"window width must be positive, got {width}")
+    return level, width
+
+
+def window_hu(image: np.ndarray, window: str | Sequence[float] = "brain") -> np.ndarray:
+    """Map HU to [0, 1] through a window: level - width/2 → 0, level + width/2 → 1, clipped.
+
+    Args:
+        image: array in Hounsfield units, any shape.
+        window: a name from :data:`WINDOWS` (``"brain"``, ``"stroke"``, ``"subdural"``, ``"bone"``)
+            or a (level, width) pair.
+
+    Returns:
+        float32 array of the same shape in [0, 1].
+    """
+    level, width = resolve_window(window)
+    low = level - width / 2.0
+    return np.clip((np.asarray(image, dtype=np.float32) - low) / width, 0.0, 1.0)
+
+
+def to_unit_range(image: np.ndarray, unit: str, window: str | Sequence[float] = "brain") -> np.ndarray:
+    """Bring an image to [0, 1]: windowed if in HU, rescaled from 0..255 if a display image."""
+    if unit == "HU":
+        return window_hu(image, window)
+    if unit == "display":
+        image = np.asarray(image, dtype=np.float32)
+        scale = 255.0 if image.size and float(np.max(image)) > 1.0 else 1.0
+        return np.clip(image / scale, 0.0, 1.0)
+    raise DataError(f"unknown unit {unit!r}")
+
+
+def overlay_mask(
+    image: np.ndarray,
+    mask: np.ndarray,
+    colours: Mapping[int, tuple[int, int, int]] | None = None,
+    alpha: float = 0.45,
+    outline: bool = False,
+) -> np.ndarray:
+    """Colour a label mask onto a grey image (the study's ``N_result.png``).
+
+    Args:
+        image: grey image in [0, 1] (H, W).
+        mask: integer labels (H, W); 0 is left uncoloured.
+        colours: label → RGB; defaults to :data:`DEFAULT_COLOURS`.
+        alpha: opacity of the colour over the image.
+        outline: colour only the border of each labelled region.
+
+    Returns:
+        uint8 RGB array (H, W, 3).
+    """
+    image = np.asarray(image, dtype=np.float32)
+    mask = np.asarray(mask)
+    if image.shape != mask.shape:
+        raise DataError(f"image shape {image.shape} and mask shape {mask.shape} differ")
+    colours = dict(DEFAULT_COLOURS if colours is None else colours)
+    rgb = np.repeat(np.clip(image, 0, 1)[..., None], 3, axis=-1)
+    for label in np.unique(mask):
+        if label == 0:
+            continue
+        region = mask == label
+        if outline:
+            region = region & ~ndimage.binary_erosion(region)
+        colour = np.asarray(colours.get(int(label), (255, 0, 255)), dtype=np.float32) / 255.0
+        a = 1.0 if outline else alpha
+        rgb[region] = (1 - a) * rgb[region] + a * colour
+    return (rgb * 255 + 0.5).astype(np.uint8)
+
+
+def brain_mask(image: np.ndarray, unit: str = "HU", threshold: tuple[float, float] | None = None) -> np.ndarray:
+    """Intracranial soft-tissue mask of one slice (skull stripping by thresholds and morphology).
+
+    In HU the brain lies between about 0 and 100 HU while bone is above ~300 and air at -1000.
+    The mask is the largest connected soft-tissue region that is enclosed by bone, after a small
+    opening to cut the thin bridges to the scalp; holes (ventricles, a hyperdense bleed) are filled.
+    For display images (brain-windowed 0..255 or 0..1) the soft-tissue band is taken in window units.
+
+    Args:
+        image: one slice (H, W), in HU or display units.
+        unit: ``"HU"`` or ``"display"``.
+        threshold: optional (low, high) band for soft tissue in the image's own units.
+
+    Returns:
+        bool array (H, W); all False when no brain is found.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 2:
+        raise DataError(f"brain_mask expects one 2-D slice, got shape {image.shape}")
+    if threshold is None:
+        if unit == "HU":
+            threshold = (-5.0, 100.0)
+            bone = image > 250.0
+        else:
+            scaled = to_unit_range(image, "display")
+            # brain window L40/W120 maps 0..100 HU to ~0.17..1; bone saturates at 1.0
+            image = scaled
+            threshold = (0.12, 0.97)
+            bone = scaled >= 0.99
+    else:
+        bone = image > threshold[1]
+    low, high = threshold
+    soft = (image > low) & (image < high)
+    # Inside the skull: fill the bone ring; soft tissue outside that filled region is scalp.
+    inside_skull = ndimage.binary_fill_holes(bone) & ~bone
+    candidate = soft & inside_skull if inside_skull.any() else soft
+    structure = ndimage.generate_binary_structure(2, 1)
+    candidate = ndimage.binary_opening(candidate, structure=structure, iterations=2)
+    labels, count = ndimage.label(candidate)
+    if count == 0:
+        return np.zeros(image.shape, dtype=bool)
+    sizes = ndimage.sum(candidate, labels, index=np.arange(1, count + 1))
+    largest = labels == (int(np.argmax(sizes)) + 1)
+    return ndimage.binary_fill_holes(largest)
+
+
+def skull_strip(image: np.ndarray, unit: str = "HU", fill: float | None = None) -> np.ndarray:
+    """The slice with everything outside :func:`brain_mask` set to ``fill`` (default: air)."""
+    mask = brain_mask(image, unit)
+    if fill is None:
+        fill = -1000.0 if unit == "HU" else 0.0
+    out = np.asarray(image, dtype=np.float32).copy()
+    out[~mask] = fill
+    return out
+
+
+def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize an image (H, W) or (H, W, C) with linear interpolation and anti-aliasing."""
+    from skimage.transform import resize
+
+    shape = (size, size) if isinstance(size, int) else tuple(size)
+    image = np.asarray(image, dtype=np.float32)
+    out_shape = shape + image.shape[2:]
+    if image.shape == out_shape:
+        return image.copy()
+    return resize(image, out_shape, order=1, anti_aliasing=True, preserve_range=True).astype(np.float32)
+
+
+def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize a label mask with nearest-neighbour sampling, so no new label values appear."""
+    from skimage.transform import resize
+
+    shape = (size, size) if isinstance(size, int) else tuple(size)
+    mask = np.asarray(mask)
+    if mask.shape == shape:
+        return mask.copy()
+    out = resize(mask, shape, order=0, anti_aliasing=False, preserve_range=True)
+    return out.astype(mask.dtype)
+
+
+def resize_dataset(dataset: SliceDataset, size: int) -> SliceDataset:
+    """A copy of the dataset at ``size``×``size`` (images linear, masks nearest); spacing rescaled."""
+    if dataset.image_shape[:2] == (size, size):
+        return dataset.replace()
+    h, w = dataset.image_shape[:2]
+    images = np.stack([resize_image(im, size) for im in dataset.images]) if len(dataset) else dataset.images
+    masks = np.stack([resize_mask(m, size) for m in dataset.masks]) if len(dataset) else dataset.masks
+    spacing = None
+    if dataset.spacing is not None:
+        spacing = (dataset.spacing[0] * h / size, dataset.spacing[1] * w / size)
+    return dataset.replace(images=images, masks=masks, spacing=spacing)
+
+
+def normalize(image: np.ndarray, method: str = "minmax", mask: np.ndarray | None = None) -> np.ndarray:
+    """Normalise intensities: ``"minmax"`` to [0, 1] or ``"zscore"`` to mean 0, sd 1.
+
+    Statistics come from the pixels under ``mask`` (e.g. the brain) when given, so air and
+    bone do not dominate them.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    values = image[mask.astype(bool)] if mask is not None else image
+    if values.size == 0:
+        raise DataError("normalize: the mask selects no pixels")
+    if method == "minmax":
+        low, high = float(values.min()), float(values.max())
+        return np.zeros_like(image) if high <= low else (image - low) / (high - low)
+    if method == "zscore":
+        sd = float(values.std())
+        return image - float(values.mean()) if sd == 0 else (image - float(values.mean())) / sd
+    raise ValueError(f"Expected one of ['minmax', 'zscore']. Received: method={method!r}")
+
+
+def prepare_inputs(
+    dataset: SliceDataset,
+    image_size: int | None = None,
+    windows: Sequence[str | Sequence[float]] = ("brain",),
+    strip_skull: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Model-ready arrays: images (N, S, S, len(windows)) in [0, 1] and masks (N, S, S) uint8.
+
+    Each window becomes one input channel (several CT windows as channels help a model see
+    both subtle ischemia and bright blood). Display-unit data cannot be re-windowed: it is
+    scaled to [0, 1] once and repeated for each requested window.
+    """
+    data = resize_dataset(dataset, image_size) if image_size else dataset
+    channels = []
+    for window in windows:
+        if data.images.ndim == 4:
+            raise DataError("prepare_inputs expects single-channel slices")
+        channels.append(to_unit_range(data.images, data.unit, window))
+    x = np.stack(channels, axis=-1).astype(np.float32)
+    if strip_skull:
+        brains = np.stack([brain_mask(im, data.unit) for im in data.images])
+        x = x * brains[..., None]
+    return x, data.masks.copy()
+
+
+def dataset_statistics(dataset: SliceDataset):
+    """Per-slice table for the statistics chart: lesion area (pixels and mm² when spacing is
+    known), lesion class present, patient, level (when the dataset has it)."""
+    table = dataset.to_frame()
+    if dataset.spacing is not None:
+        table["lesion_mm2"] = table["lesion_pixels"] * dataset.spacing[0] * dataset.spacing[1]
+    for label, name in enumerate(dataset.class_names):
+        if label:
+            table[f"has_{name}"] = (dataset.masks == label).reshape(len(dataset), -1).any(axis=1)
+    return table
+
+
+def plot_statistics(dataset: SliceDataset):
+    """The study's statistics chart: lesion area per slice, slices per class, slices per patient.
+
+    Returns:
+        matplotlib Figure with three panels.
+    """
+    from matplotlib.figure import Figure
+
+    table = dataset_statistics(dataset)
+    fig = Figure(figsize=(13, 3.6), layout="constrained")
+    axes = fig.subplots(1, 3)
+    area = table["lesion_mm2"] if "lesion_mm2" in table else table["lesion_pixels"]
+    unit = "mm²" if "lesion_mm2" in table else "pixels"
+    positive = area[area > 0]
+    axes[0].hist(positive, bins=min(20, max(5, len(positive) // 3)), color="tab:red", alpha=0.8)
+    axes[0].set(title="Lesion area per lesion slice", xlabel=f"area ({unit})", ylabel="slices")
+    names = [n for n in dataset.class_names[1:]]
+    counts = [int(table[f"has_{n}"].sum()) for n in names] + [int((table["lesion_pixels"] == 0).sum())]
+    axes[1].bar(names + ["no lesion"], counts, color=["tab:red", "tab:green", "tab:blue", "tab:orange"][: len(names)] + ["grey"])
+    axes[1].set(title="Slices per class", ylabel="slices")
+    if dataset.patient_ids is not None:
+        per_patient = table.groupby("patient_id", sort=False)["lesion_pixels"].agg(lambda s: int((s > 0).sum()))
+        totals = table.groupby("patient_id", sort=False).size()
+        x = np.arange(len(totals))
+        axes[2].bar(x, totals.values, color="lightgrey", label="all slices")
+        axes[2].bar(x, per_patient.values, color="tab:red", label="with lesion")
+        axes[2].set_xticks(x, totals.index, rotation=90, fontsize=7)
+        axes[2].legend(fontsize=8)
+        axes[2].set(title="Slices per patient", ylabel="slices")
+    else:
+        axes[2].set_axis_off()
+        axes[2].text(0.5, 0.5, "no patient ids", ha="center")
+    return fig
+
+
+def plot_windows(image_hu: np.ndarray, windows: Sequence[str] = ("brain", "stroke", "subdural", "bone")):
+    """One HU slice under several windows side by side. Returns a Figure."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(3.2 * len(windows), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(windows))
+    for ax, name in zip(np.atleast_1d(axes), windows):
+        level, width = resolve_window(name)
+        ax.imshow(window_hu(image_hu, name), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(f"{name}: L{level:g} W{width:g}", fontsize=9)
+        ax.set_axis_off()
+    return fig
+
+
+def plot_overlays(dataset: SliceDataset, index: Sequence[int], window: str = "brain", ncols: int = 4):
+    """A montage of slices with their masks overlaid (colour per class). Returns a Figure."""
+    from matplotlib.figure import Figure
+
+    index = list(index)
+    nrows = max(1, int(np.ceil(len(index) / ncols)))
+    fig = Figure(figsize=(3 * ncols, 3.1 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    for ax, i in zip(axes.ravel(), index):
+        image = dataset.images[i]
+        if image.ndim == 3:
+            image = image[..., 0]
+        ax.imshow(overlay_mask(to_unit_range(image, dataset.unit, window), dataset.masks[i]))
+        label = dataset.case_ids[i]
+        if "level" in dataset.extra:
+            label += f"\n{dataset.extra['level'][i]}"
+        ax.set_title(label, fontsize=8)
+    return fig

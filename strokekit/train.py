@@ -1,0 +1,425 @@
+"""Training on a config: one call, one run folder with everything needed to trust or redo it.
+
+A run folder holds ``config.json``, ``split.json`` (when a split was given), ``history.csv``,
+``model.keras`` (best epoch by validation loss), ``previews/epoch_NNN.png`` (predicted masks on a
+few fixed validation slices, so students watch the mask form), and ``metrics.json``.
+
+Introduced in notebooks/04_unet_vs_resunet.ipynb.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .augment import NO_AUGMENT, STUDY_AUGMENT, AugmentConfig
+from .config import seed_everything, to_dict
+from .dataset import SliceDataset
+from .errors import DataError
+from .paths import runs_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run. Variants by ``dataclasses.replace``.
+
+    Attributes:
+        arch: a name in ``strokekit.models.MODELS`` (``"unet"``, ``"resunet"``, ...).
+        filters: filters per encoder level; the last is the bottleneck.
+        activation: relu, leaky_relu, elu, selu, gelu or swish.
+        dropout: dropout rate in the blocks (0 disables).
+        batch_norm: batch normalisation in U-Net blocks (ResU-Net always has it).
+        loss: a name in ``strokekit.losses.LOSSES``.
+        learning_rate: Adam learning rate.
+        batch_size: slices per batch.
+        num_epochs: maximum epochs (early stopping may end sooner).
+        image_size: side of the square model input.
+        windows: CT windows stacked as input channels (see ``strokekit.preprocess.WINDOWS``).
+        augment: augmentation settings (``strokekit.augment.AugmentConfig``).
+        num_classes: 1 for a binary lesion mask (sigmoid), more for softmax.
+        early_stopping_patience: epochs without validation-loss improvement before stopping (0: never).
+        reduce_lr_patience: epochs without improvement before halving the learning rate (0: never).
+        threshold: probability above which a pixel counts as lesion in the metrics.
+        seed: the one seed for weights, shuffling and augmentation.
+        preview_slices: validation slices shown in the per-epoch previews.
+        workers: loader threads (2 keeps both CPU cores busy).
+    """
+
+    arch: str = "unet"
+    filters: tuple[int, ...] = (16, 32, 64, 128)
+    activation: str = "relu"
+    dropout: float = 0.0
+    batch_norm: bool = False
+    loss: str = "bce_dice"
+    learning_rate: float = 1e-3
+    batch_size: int = 8
+    num_epochs: int = 50
+    image_size: int = 128
+    windows: tuple[str, ...] = ("brain",)
+    augment: AugmentConfig = STUDY_AUGMENT
+    num_classes: int = 1
+    early_stopping_patience: int = 10
+    reduce_lr_patience: int = 5
+    threshold: float = 0.5
+    seed: int = 0
+    preview_slices: int = 4
+    workers: int = 2
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``strokekit.models.build_model``."""
+        kw: dict[str, Any] = dict(
+            input_shape=(self.image_size, self.image_size, len(self.windows)),
+            num_classes=self.num_classes,
+            filters=tuple(self.filters),
+            activation=self.activation,
+            dropout=self.dropout,
+        )
+        if self.arch == "unet":
+            kw["batch_norm"] = self.batch_norm
+        return kw
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Rebuild a TrainConfig from ``config.json`` (nested augment settings included)."""
+    data = dict(data)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"TrainConfig has no field(s) {unknown}")
+    if isinstance(data.get("augment"), dict):
+        data["augment"] = AugmentConfig(**data["augment"])
+    elif data.get("augment") is None and "augment" in data:
+        data["augment"] = NO_AUGMENT
+    for key in ("filters", "windows"):
+        if key in data:
+            data[key] = tuple(data[key])
+    return TrainConfig(**data)
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What :func:`train` returns."""
+
+    model: Any
+    history: Any  # pandas DataFrame, one row per epoch
+    metrics: dict[str, float]
+    run_dir: Path | None
+    config: TrainConfig
+    seconds: float
+    images_per_second: float
+
+
+def make_run_dir(name: str, root: str | os.PathLike | None = None) -> Path:
+    """A new, unique run folder ``<runs>/<name>-<timestamp>`` (never reuses an existing one)."""
+    root = Path(root) if root else runs_dir()
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for k in range(1000):
+        folder = root / (f"{name}-{stamp}" + (f"-{k}" if k else ""))
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a run folder under {root}")
+
+
+def to_arrays(config: TrainConfig, dataset: SliceDataset) -> tuple[np.ndarray, np.ndarray]:
+    """Model inputs (N, S, S, channels) in [0, 1] and integer masks (N, S, S) for a config."""
+    from .preprocess import prepare_inputs
+
+    if dataset.images.ndim == 4:  # already multi-channel (e.g. perfusion maps)
+        from .preprocess import resize_dataset
+
+        data = resize_dataset(dataset, config.image_size)
+        return data.images.astype(np.float32), data.masks.copy()
+    return prepare_inputs(dataset, image_size=config.image_size, windows=config.windows)
+
+
+def compile_model(model, config: TrainConfig, learning_rate: float | None = None):
+    """Compile with Adam, the config's loss and lesion-class metrics (never pixel accuracy)."""
+    import keras
+
+    from .losses import DiceMetric, IoUMetric, Sensitivity, Specificity, get_loss
+
+    loss = get_loss(config.loss, **({"num_classes": config.num_classes} if config.num_classes > 1 else {}))
+    metrics = []
+    if config.num_classes == 1:
+        metrics = [
+            DiceMetric(threshold=config.threshold, name="dice"),
+            IoUMetric(threshold=config.threshold, name="iou"),
+            Sensitivity(threshold=config.threshold, name="sensitivity"),
+            Specificity(threshold=config.threshold, name="specificity"),
+        ]
+    else:
+        metrics = [DiceMetric(class_id=c, name=f"dice_{c}") for c in range(1, config.num_classes)]
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate or config.learning_rate),
+        loss=loss,
+        metrics=metrics,
+    )
+    return model
+
+
+class PreviewCallback:
+    """Factory for a Keras callback that saves predicted masks on fixed slices after every epoch."""
+
+    def __new__(cls, images: np.ndarray, masks: np.ndarray, folder: Path, threshold: float = 0.5,
+                every: int = 1):
+        import keras
+
+        class _Preview(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                if (epoch + 1) % every:
+                    return
+                prob = np.asarray(self.model.predict(images, verbose=0))
+                save_preview(images, masks, prob, folder / f"epoch_{epoch + 1:03d}.png",
+                             title=f"epoch {epoch + 1}", threshold=threshold)
+
+        return _Preview()
+
+
+class TqdmCallback:
+    """Factory for a Keras callback showing one tqdm bar over epochs with the latest losses."""
+
+    def __new__(cls, num_epochs: int, desc: str = "training"):
+        import keras
+        from tqdm.auto import tqdm
+
+        class _Bar(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                self.bar = tqdm(total=num_epochs, desc=desc, unit="epoch", leave=False)
+
+            def on_epoch_end(self, epoch, logs=None):
+                logs = logs or {}
+                self.bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k in ("loss", "val_loss", "val_dice")})
+                self.bar.update(1)
+
+            def on_train_end(self, logs=None):
+                self.bar.close()
+
+        return _Bar()
+
+
+def save_preview(images, masks, prob, path: Path, title: str = "", threshold: float = 0.5) -> Path:
+    """Write a PNG grid: image with true mask, predicted probability, thresholded prediction."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    from .preprocess import overlay_mask
+
+    n = len(images)
+    fig = Figure(figsize=(2.2 * n, 4.6))
+    axes = fig.subplots(2, n, squeeze=False)
+    for i in range(n):
+        grey = images[i][..., 0]
+        truth = masks[i] if masks[i].ndim == 2 else masks[i][..., 0]
+        p = prob[i][..., 0] if prob.shape[-1] == 1 else np.argmax(prob[i], axis=-1)
+        pred = (p >= threshold).astype(np.uint8) if prob.shape[-1] == 1 else p.astype(np.uint8)
+        axes[0, i].imshow(overlay_mask(grey, truth))
+        axes[1, i].imshow(overlay_mask(grey, pred))
+        axes[0, i].set_axis_off()
+        axes[1, i].set_axis_off()
+    axes[0, 0].set_title("truth", fontsize=8, loc="left")
+    axes[1, 0].set_title("prediction", fontsize=8, loc="left")
+    fig.suptitle(title, fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    return path
+
+
+def evaluate_arrays(model, x: np.ndarray, y: np.ndarray, threshold: float = 0.5, batch_size: int = 8) -> dict[str, float]:
+    """Pooled Dice, IoU, sensitivity, specificity, precision of a binary model on arrays.
+
+    Uses :mod:`strokekit.metrics` (probability >= threshold is lesion; its empty-case rules).
+    """
+    from .metrics import confusion, metrics_from_counts
+
+    prob = np.asarray(model.predict(x, batch_size=batch_size, verbose=0))[..., 0]
+    return metrics_from_counts(*confusion(y > 0, prob >= threshold))
+
+
+def train(
+    config: TrainConfig,
+    train_data: SliceDataset,
+    val_data: SliceDataset,
+    run_dir: str | os.PathLike | None | bool = None,
+    split: Any = None,
+    name: str | None = None,
+    model: Any = None,
+    progress: bool = True,
+    previews: bool = True,
+) -> RunResult:
+    """Train a segmentation model on a config and write its run folder.
+
+    Args:
+        config: the TrainConfig.
+        train_data: training slices.
+        val_data: validation slices (checkpointing, early stopping, learning-rate schedule).
+        run_dir: the run folder; None creates ``<runs>/<name>-<timestamp>``; False writes nothing
+            (no checkpoint: the last epoch's weights are kept).
+        split: a ``strokekit.split.Split`` (anything with ``save(path)``) saved as ``split.json``.
+        name: run name prefix (default ``<arch>-<activation>-s<seed>``).
+        model: a pre-built (e.g. pretrained) model to train instead of building one from the config.
+        progress: show a progress bar over epochs.
+        previews: save per-epoch prediction previews in the run folder.
+
+    Returns:
+        RunResult with the model (best validation-loss weights when a run folder is written),
+        history, final validation metrics, run folder, timing.
+    """
+    import keras
+    import pandas as pd
+
+    from .augment import SegmentationLoader
+    from .models import build_model
+
+    if len(train_data) == 0 or len(val_data) == 0:
+        raise DataError("training and validation sets must not be empty")
+    seed_everything(config.seed)
+    x_train, y_train = to_arrays(config, train_data)
+    x_val, y_val = to_arrays(config, val_data)
+    if model is None:
+        model = build_model(config.arch, **config.model_kwargs())
+    compile_model(model, config)
+
+    folder: Path | None
+    if run_dir is False:
+        folder = None
+    elif run_dir is None:
+        folder = make_run_dir(name or f"{config.arch}-{config.activation}-s{config.seed}")
+    else:
+        folder = Path(run_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+
+    loader = SegmentationLoader(
+        x_train, y_train, batch_size=config.batch_size, augment=config.augment, shuffle=True,
+        seed=config.seed, num_classes=config.num_classes, workers=config.workers,
+    )
+    val_loader = SegmentationLoader(
+        x_val, y_val, batch_size=config.batch_size, augment=None, shuffle=False,
+        seed=config.seed, num_classes=config.num_classes, workers=1,
+    )
+    callbacks: list[Any] = []
+    if config.early_stopping_patience:
+        callbacks.append(keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=config.early_stopping_patience, restore_best_weights=True))
+    if config.reduce_lr_patience:
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=0.5, patience=config.reduce_lr_patience, min_lr=1e-6))
+    if folder is not None:
+        (folder / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+        if split is not None:
+            split.save(folder / "split.json")
+        callbacks.append(keras.callbacks.ModelCheckpoint(
+            str(folder / "model.keras"), monitor="val_loss", save_best_only=True))
+        callbacks.append(keras.callbacks.CSVLogger(str(folder / "history.csv")))
+        if previews and config.preview_slices:
+            chosen = _preview_indices(y_val, config.preview_slices)
+            callbacks.append(PreviewCallback(x_val[chosen], y_val[chosen], folder / "previews", config.threshold))
+    if progress:
+        callbacks.append(TqdmCallback(config.num_epochs, desc=name or config.arch))
+
+    start = time.perf_counter()
+    fit = model.fit(loader, validation_data=val_loader, epochs=config.num_epochs, verbose=0, callbacks=callbacks)
+    seconds = time.perf_counter() - start
+    history = pd.DataFrame(fit.history)
+    history.insert(0, "epoch", np.arange(1, len(history) + 1))
+    if folder is not None and (folder / "model.keras").exists():
+        model = keras.saving.load_model(folder / "model.keras", safe_mode=True)
+    if config.num_classes == 1:
+        metrics = evaluate_arrays(model, x_val, y_val, config.threshold, config.batch_size)
+    else:
+        metrics = {"val_loss": float(history["val_loss"].min())}
+    metrics["best_epoch"] = int(history["val_loss"].idxmin()) + 1
+    metrics["epochs_run"] = len(history)
+    images_per_second = len(x_train) * len(history) / seconds if seconds else float("nan")
+    if folder is not None:
+        (folder / "metrics.json").write_text(json.dumps(
+            {**metrics, "seconds": round(seconds, 2), "images_per_second": round(images_per_second, 2)}, indent=2))
+    return RunResult(model, history, metrics, folder, config, seconds, images_per_second)
+
+
+def _preview_indices(masks: np.ndarray, count: int) -> np.ndarray:
+    """Fixed preview slices: the validation slices with the largest lesions, then the rest."""
+    area = (masks > 0).reshape(len(masks), -1).sum(axis=1)
+    return np.argsort(-area, kind="stable")[: min(count, len(masks))]
+
+
+def load_run(folder: str | os.PathLike) -> dict[str, Any]:
+    """Read a run folder: config (TrainConfig), history (DataFrame), metrics, model path."""
+    import pandas as pd
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise DataError("not a run folder (no config.json)", folder)
+    out: dict[str, Any] = {"folder": folder, "config": config_from_dict(json.loads((folder / "config.json").read_text()))}
+    out["history"] = pd.read_csv(folder / "history.csv") if (folder / "history.csv").is_file() else None
+    out["metrics"] = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
+    out["model_path"] = folder / "model.keras" if (folder / "model.keras").is_file() else None
+    out["split_path"] = folder / "split.json" if (folder / "split.json").is_file() else None
+    return out
+
+
+def load_model(path: str | os.PathLike):
+    """Load a saved ``.keras`` model (or a run folder's) in Keras safe mode with the kit's objects."""
+    import keras
+
+    from . import losses  # noqa: F401  (registers the custom losses and metrics)
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.keras"
+    if not path.is_file():
+        raise DataError("no saved model here", path)
+    return keras.saving.load_model(path, safe_mode=True)
+
+
+def train_grid(
+    base: TrainConfig,
+    variants: Sequence[dict[str, Any]],
+    seeds: Sequence[int],
+    train_data: SliceDataset,
+    val_data: SliceDataset,
+    root: str | os.PathLike | None = None,
+    split: Any = None,
+    progress: bool = True,
+):
+    """Train every variant (a dict of config changes) for every seed; one tidy row per run.
+
+    Returns:
+        pandas DataFrame: the variant's fields, seed, validation metrics, epochs, seconds, run folder.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    rows = []
+    jobs = [(v, s) for v in variants for s in seeds]
+    for changes, seed in tqdm(jobs, desc="grid", disable=not progress):
+        config = dataclasses.replace(base, seed=seed, **changes)
+        label = "-".join(str(v) for v in changes.values()) or "base"
+        run_dir = make_run_dir(f"{label}-s{seed}", root) if root is not None else None
+        result = train(config, train_data, val_data, run_dir=run_dir if root is not None else None,
+                       split=split, name=f"{label}-s{seed}", progress=False)
+        rows.append({**changes, "seed": seed, **result.metrics, "seconds": round(result.seconds, 1),
+                     "run_dir": str(result.run_dir) if result.run_dir else ""})
+    return pd.DataFrame(rows)
+
+
+def summarize(table, by: Sequence[str], metrics: Sequence[str] = ("dice", "iou", "sensitivity", "specificity")):
+    """Mean ± sd over seeds per configuration (never the best of N)."""
+    grouped = table.groupby(list(by), sort=False)[list(metrics)]
+    mean, sd, n = grouped.mean(), grouped.std(ddof=1), grouped.size()
+    out = mean.copy()
+    for m in metrics:
+        out[m] = [f"{a:.3f} ± {b:.3f}" for a, b in zip(mean[m], sd[m].fillna(0.0))]
+    out["seeds"] = n
+    return out.reset_index()

@@ -1,0 +1,228 @@
+"""Bootstrap, paired tests, threshold choice, study numbers and figures."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+from scipy import stats
+
+from strokekit import evaluation as E
+
+
+# --------------------------------------------------------------------------- bootstrap
+def test_bootstrap_deterministic_for_a_seed():
+    values = np.random.default_rng(1).normal(0.6, 0.2, 40)
+    a = E.bootstrap_ci(values, n_boot=500, seed=3)
+    b = E.bootstrap_ci(values, n_boot=500, seed=3)
+    c = E.bootstrap_ci(values, n_boot=500, seed=4)
+    assert tuple(a) == tuple(b)
+    assert np.array_equal(a.distribution, b.distribution)
+    assert tuple(a) != tuple(c)
+    est, low, high = a
+    assert est == pytest.approx(values.mean())
+    assert low < est < high
+    # A generator works as a seed as well.
+    g = E.bootstrap_ci(values, n_boot=500, seed=np.random.default_rng(3))
+    assert tuple(g) == tuple(a)
+
+
+def test_bootstrap_skips_nan_and_counts():
+    res = E.bootstrap_ci([1.0, np.nan, 3.0], n_boot=50)
+    assert res.estimate == 2.0 and res.n == 2 and res.n_skipped == 1
+    # Resampling two values gives means 1, 2 or 3 only.
+    assert set(np.unique(res.distribution)) <= {1.0, 2.0, 3.0}
+    with pytest.raises(ValueError, match="no non-NaN values"):
+        E.bootstrap_ci([np.nan])
+    with pytest.raises(ValueError, match="ci must lie strictly between 0 and 1"):
+        E.bootstrap_ci([1.0, 2.0], ci=95)
+
+
+def test_cluster_bootstrap_resamples_patients_not_rows():
+    # Patient A: one slice of value 0; patient B: nine slices of value 1.
+    values = [0.0] + [1.0] * 9
+    groups = ["A"] + ["B"] * 9
+    res = E.bootstrap_ci(values, n_boot=400, seed=0, groups=groups)
+    assert res.estimate == pytest.approx(0.9)
+    assert res.n_groups == 2
+    # Drawing two patients gives {A, A} → 0, {A, B} → 0.9, {B, B} → 1 and nothing else.
+    seen = set(np.round(res.distribution, 12))
+    assert seen == {0.0, 0.9, 1.0}
+    # P({A, A}) = 1/4 > 2.5 %, so the lower bound is 0.
+    assert (res.low, res.high) == (0.0, 1.0)
+    # A row bootstrap of the same values sees many other means (k/10).
+    rows = E.bootstrap_ci(values, n_boot=400, seed=0)
+    assert len(set(np.round(rows.distribution, 12)) - {0.0, 0.9, 1.0}) > 0
+    with pytest.raises(ValueError, match="3 group labels for 10 values"):
+        E.bootstrap_ci(values, groups=["A", "B", "C"])
+
+
+# --------------------------------------------------------------------------- paired test
+def test_paired_comparison_agrees_with_scipy_and_by_hand():
+    b = np.array([0.50, 0.40, 0.60, 0.30, 0.20])
+    d = np.array([0.01, 0.02, -0.03, 0.04, 0.05])
+    a = b + d
+    out = E.paired_comparison(a, b, names=("unet", "fcn"), n_boot=300)
+    ref = stats.wilcoxon(a, b)
+    assert out["wilcoxon_statistic"] == pytest.approx(ref.statistic)
+    assert out["p_value"] == pytest.approx(ref.pvalue)
+    # By hand: |d| ranks 1..5; the negative difference has rank 3 → W = min(12, 3) = 3;
+    # exact two-sided p = 2 * P(W <= 3) = 2 * 5/32 (subsets {}, {1}, {2}, {3}, {1, 2}).
+    assert out["wilcoxon_statistic"] == 3.0
+    assert out["p_value"] == pytest.approx(10 / 32)
+    assert out["rank_biserial"] == pytest.approx((12 - 3) / 15)
+    assert out["mean_difference"] == pytest.approx(0.018)
+    assert out["cohens_dz"] == pytest.approx(0.018 / np.std(d, ddof=1))
+    assert out["ci_low"] <= out["mean_difference"] <= out["ci_high"]
+    assert out["names"] == ("unet", "fcn") and out["n"] == 5
+
+
+def test_paired_comparison_nan_pairs_and_errors():
+    a = [0.5, np.nan, 0.7, 0.9]
+    b = [0.4, 0.3, np.nan, 0.6]
+    out = E.paired_comparison(a, b, n_boot=50)
+    assert out["n"] == 2 and out["n_skipped"] == 2
+    same = E.paired_comparison([0.1, 0.2, 0.3], [0.1, 0.2, 0.3], n_boot=20)
+    assert same["p_value"] == 1.0 and same["mean_difference"] == 0.0
+    with pytest.raises(ValueError, match="expected paired values"):
+        E.paired_comparison([1, 2, 3], [1, 2])
+
+
+# --------------------------------------------------------------------------- thresholds
+def sweep_example():
+    truth = np.array([[[1, 1, 0, 0]]], dtype=np.uint8)
+    prob = np.array([[[0.72, 0.66, 0.62, 0.30]]], dtype=np.float32)
+    return truth, prob
+
+
+def test_threshold_sweep_and_choice_by_hand():
+    truth, prob = sweep_example()
+    sweep = E.threshold_sweep(truth, prob)
+    assert len(sweep) == 19
+    dice = dict(zip(np.round(sweep["threshold"], 4), sweep["dice"]))
+    assert dice[0.6] == pytest.approx(4 / 5)  # tp 2, fp 1
+    assert dice[0.65] == pytest.approx(1.0)  # exactly the lesion
+    assert dice[0.7] == pytest.approx(2 / 3)  # tp 1, fn 1
+    assert dice[0.25] == pytest.approx(4 / 6)  # everything: tp 2, fp 2
+    assert dice[0.75] == 0.0  # nothing predicted
+    assert E.choose_threshold(sweep) == pytest.approx(0.65)
+
+
+def test_threshold_sweep_matches_direct_thresholding_per_patient():
+    rng = np.random.default_rng(0)
+    prob = rng.random((6, 8, 8)).astype(np.float32)
+    truth = (rng.random((6, 8, 8)) < 0.3).astype(np.uint8)
+    pids = ["a", "a", "b", "b", "c", "c"]
+    thr = [0.1, 0.5, 0.9]
+    sweep = E.threshold_sweep(truth, prob, thresholds=thr, patient_ids=pids)
+    assert len(sweep) == 9
+    for _, row in sweep.iterrows():
+        idx = [i for i, p in enumerate(pids) if p == row.patient_id]
+        t = truth[idx] > 0
+        p = prob[idx] >= np.float32(row.threshold)
+        tp = int((t & p).sum())
+        expected = 2 * tp / (t.sum() + p.sum())
+        assert row.tp == tp
+        assert row.dice == pytest.approx(expected)
+
+
+def test_choose_threshold_ties_go_to_the_one_nearest_half():
+    sweep = pd.DataFrame({"threshold": [0.3, 0.4, 0.7], "patient_id": "x", "dice": [0.8, 0.8, 0.8]})
+    assert E.choose_threshold(sweep) == 0.4
+    with pytest.raises(ValueError, match="expected a threshold_sweep table"):
+        E.choose_threshold(sweep.drop(columns="dice"))
+
+
+# --------------------------------------------------------------------------- study numbers
+def test_specificity_illusion_numbers():
+    truth = np.zeros((1, 100, 100), dtype=np.uint8)
+    truth[0, :2, :5] = 1  # 10 lesion pixels out of 10 000
+    pred = np.zeros_like(truth)
+    pred[0, :2, :3] = 1  # 6 true positives
+    pred[0, 50, :4] = 1  # 4 false positives
+    out = E.specificity_illusion(truth, pred)
+    assert out["background_fraction"] == pytest.approx(9990 / 10000)
+    assert out["all_background_specificity"] == 1.0
+    assert out["all_background_dice"] == 0.0
+    assert out["all_background_sensitivity"] == 0.0
+    assert out["model_specificity"] == pytest.approx(9986 / 9990)
+    assert out["model_dice"] == pytest.approx(12 / 20)
+    assert out["fp_budget_at_0999"] == pytest.approx(9.99)
+    assert out["fp_budget_over_lesion_pixels"] == pytest.approx(0.999)
+
+
+def test_study_table_means_over_slices():
+    df = pd.DataFrame(
+        {
+            "model": ["unet", "unet", "fcn", "fcn"],
+            "iou": [1.0, 0.5, 0.2, 0.4],
+            "sensitivity": [1.0, np.nan, 0.5, 0.7],
+            "specificity": [0.99, 1.0, 0.98, 1.0],
+        }
+    )
+    table = E.study_table(df)
+    assert table.index.tolist() == ["unet", "fcn"]
+    assert table.columns.tolist() == ["IoU", "Sensitivity", "Specificity", "n_slices"]
+    assert table.loc["unet", "IoU"] == pytest.approx(0.75)
+    assert table.loc["unet", "Sensitivity"] == pytest.approx(1.0)  # NaN skipped
+    assert table.loc["fcn", "Sensitivity"] == pytest.approx(0.6)
+    assert table.loc["unet", "n_slices"] == 2
+    with pytest.raises(ValueError, match=r"columns \['model'\] not in the table"):
+        E.study_table(df.drop(columns="model"))
+
+
+# --------------------------------------------------------------------------- figures
+def test_plot_metric_boxes_one_axes_per_figure():
+    df = pd.DataFrame(
+        {"model": ["a"] * 5 + ["b"] * 5, "dice": np.r_[np.linspace(0, 1, 5), [0.2] * 4, np.nan]}
+    )
+    fig = E.plot_metric_boxes(df)
+    assert isinstance(fig, Figure)
+    assert len(fig.axes) == 1
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels == ["a\n(n=5)", "b\n(n=4, 1 skipped)"]
+    with pytest.raises(ValueError, match="column 'hd95' not in the table"):
+        E.plot_metric_boxes(df, metric="hd95")
+
+
+def test_threshold_sweep_plot():
+    truth, prob = sweep_example()
+    sweep = E.threshold_sweep(np.repeat(truth, 2, 0), np.repeat(prob, 2, 0), patient_ids=["p", "q"])
+    fig = E.plot_threshold_sweep(sweep, chosen=E.choose_threshold(sweep))
+    assert isinstance(fig, Figure) and len(fig.axes) == 1
+    assert any("chosen 0.65" in t.get_text() for t in fig.axes[0].get_legend().get_texts())
+
+
+def test_error_overlay_colours_and_plot():
+    image = np.full((4, 4), 0.5, dtype=np.float32)
+    truth = np.zeros((4, 4), dtype=np.uint8)
+    pred = np.zeros((4, 4), dtype=np.uint8)
+    truth[0, 0] = pred[0, 0] = 1  # TP
+    pred[1, 1] = 1  # FP
+    truth[2, 2] = 1  # FN
+    rgb = E.error_overlay(image, truth, pred, alpha=1.0)
+    assert tuple(rgb[0, 0]) == E.ERROR_COLOURS["true positive"]
+    assert tuple(rgb[1, 1]) == E.ERROR_COLOURS["false positive"]
+    assert tuple(rgb[2, 2]) == E.ERROR_COLOURS["false negative"]
+    assert tuple(rgb[3, 3]) == (128, 128, 128)
+
+    images = np.repeat(image[None], 4, 0)
+    truths = np.repeat(truth[None], 4, 0)
+    preds = np.stack([truth, pred, np.zeros_like(pred), np.zeros_like(pred)])
+    truths[3] = 0  # slice 3: empty and correctly empty, never ranked
+    fig = E.plot_error_overlays(images, truths, preds, case_ids=["s0", "s1", "s2", "s3"])
+    assert isinstance(fig, Figure) and len(fig.axes) == 3
+    titles = [ax.get_title() for ax in fig.axes]
+    # Dice per slice: s0 = 1, s1 = 2/4, s2 = 0 → best s0, median s1, worst s2.
+    assert titles[0].startswith("best: case s0") and titles[2].startswith("worst: case s2")
+    assert "median: case s1" in titles[1]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == list(E.ERROR_COLOURS)
+    fig2 = E.plot_error_overlays(
+        images, truths, preds, case_ids=["s0", "s1", "s2", "s3"], which=("s3",)
+    )
+    assert len(fig2.axes) == 1
+    with pytest.raises(ValueError, match="Expected 'best', 'median', 'worst' or a case id"):
+        E.plot_error_overlays(images, truths, preds, which=("nope",))

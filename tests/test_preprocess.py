@@ -1,0 +1,107 @@
+"""HU windows, brain masks, resizing, normalisation, overlays, statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+
+from strokekit import preprocess as pp
+from strokekit.dataset import SliceDataset
+
+
+def head(size=64, bleed=True):
+    """Air, skull ring, brain at 35 HU with a 60 HU bleed and a CSF hole."""
+    yy, xx = np.mgrid[:size, :size]
+    r = np.hypot(yy - size / 2, xx - size / 2)
+    image = np.full((size, size), -1000.0, np.float32)
+    image[r < 0.45 * size] = 40.0  # scalp
+    image[r < 0.42 * size] = 1200.0  # skull
+    image[r < 0.36 * size] = 35.0
+    image[(r < 0.06 * size)] = 5.0
+    truth_brain = r < 0.36 * size
+    if bleed:
+        image[(yy - size / 2) ** 2 + (xx - size * 0.65) ** 2 < (0.08 * size) ** 2] = 65.0
+    return image, truth_brain
+
+
+def test_window_hu_maps_level_and_width():
+    x = np.array([-1000, 0, 40, 80, 1000], np.float32)
+    assert pp.window_hu(x, "brain").tolist() == pytest.approx([0, 0, 0.5, 1, 1])
+    assert pp.window_hu(x, (0, 200)).tolist() == pytest.approx([0, 0.5, 0.7, 0.9, 1])
+    with pytest.raises(ValueError, match="Received: window='lung'"):
+        pp.window_hu(x, "lung")
+    with pytest.raises(ValueError, match="width must be positive"):
+        pp.window_hu(x, (40, 0))
+
+
+def test_brain_mask_excludes_skull_and_scalp_and_keeps_holes():
+    image, truth = head()
+    mask = pp.brain_mask(image)
+    iou = (mask & truth).sum() / (mask | truth).sum()
+    assert iou > 0.95
+    assert not mask[image > 300].any()  # no bone
+    stripped = pp.skull_strip(image)
+    assert stripped.max() < 100 and (stripped == -1000).sum() == (~mask).sum()
+    # display units (brain window 0..255) give the same mask
+    display = pp.window_hu(image, (40, 120)) * 255
+    mask_display = pp.brain_mask(display, unit="display")
+    assert (mask_display & truth).sum() / (mask_display | truth).sum() > 0.9
+    assert not pp.brain_mask(np.full((32, 32), -1000.0)).any()
+
+
+def test_resize_keeps_labels_and_rescales_spacing():
+    mask = np.zeros((10, 10), np.uint8)
+    mask[2:5, 2:5] = 2
+    mask[6:9, 6:9] = 1
+    small = pp.resize_mask(mask, 5)
+    assert set(np.unique(small)) == {0, 1, 2}
+    big = pp.resize_mask(mask, 40)
+    assert set(np.unique(big)) == {0, 1, 2} and (big == 2).sum() == 9 * 16
+    image, _ = head(32)
+    d = SliceDataset(image[None], np.zeros((1, 32, 32), np.uint8), ["a"], spacing=(0.5, 0.5))
+    r = pp.resize_dataset(d, 16)
+    assert r.image_shape == (16, 16) and r.spacing == (1.0, 1.0)
+    assert d.image_shape == (32, 32)  # source untouched
+
+
+def test_normalize_methods_and_mask():
+    x = np.array([[0.0, 10.0], [20.0, 30.0]])
+    assert pp.normalize(x) == pytest.approx(np.array([[0, 1 / 3], [2 / 3, 1]]))
+    z = pp.normalize(x, "zscore")
+    assert z.mean() == pytest.approx(0, abs=1e-6) and z.std() == pytest.approx(1)
+    m = np.array([[0, 1], [1, 0]], bool)
+    assert pp.normalize(x, "minmax", mask=m)[0, 1] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="Received: method='l2'"):
+        pp.normalize(x, "l2")
+
+
+def test_overlay_colours_only_labelled_pixels():
+    image = np.full((4, 4), 0.5, np.float32)
+    mask = np.zeros((4, 4), np.uint8)
+    mask[0, 0], mask[3, 3] = 1, 2
+    rgb = pp.overlay_mask(image, mask, alpha=1.0)
+    assert rgb.dtype == np.uint8 and rgb.shape == (4, 4, 3)
+    assert rgb[0, 0].tolist() == [255, 0, 0] and rgb[3, 3].tolist() == [0, 255, 0]
+    assert rgb[1, 1].tolist() == [128, 128, 128]
+
+
+def test_prepare_inputs_stacks_windows_as_channels():
+    image, _ = head(32)
+    d = SliceDataset(np.stack([image, image]), np.zeros((2, 32, 32), np.uint8), ["a", "b"])
+    x, y = pp.prepare_inputs(d, image_size=16, windows=("brain", "subdural", "bone"))
+    assert x.shape == (2, 16, 16, 3) and y.shape == (2, 16, 16)
+    assert 0 <= x.min() and x.max() <= 1
+    assert not np.allclose(x[..., 0], x[..., 2])
+
+
+def test_statistics_table_and_figure():
+    image, _ = head(32)
+    masks = np.zeros((3, 32, 32), np.uint8)
+    masks[0, :2, :2] = 1
+    d = SliceDataset(np.stack([image] * 3), masks, ["a", "b", "c"], ["p", "p", "q"], spacing=(0.5, 2.0))
+    table = pp.dataset_statistics(d)
+    assert table["lesion_mm2"].tolist() == [4.0, 0.0, 0.0]
+    assert table["has_lesion"].tolist() == [True, False, False]
+    fig = pp.plot_statistics(d)
+    assert isinstance(fig, Figure) and len(fig.axes) >= 3
