@@ -37,8 +37,8 @@ from IPython.display import display
 
 import strokekit
 from strokekit import io, paths, preprocess
-from strokekit.config import get_profile
-from strokekit.phantom import PhantomConfig, generate_phantom
+from strokekit.config import get_profile, phantom_config
+from strokekit.phantom import generate_phantom
 
 print(f"strokekit {strokekit.__version__} · numpy {np.__version__}")
 
@@ -48,13 +48,7 @@ print(f"strokekit {strokekit.__version__} · numpy {np.__version__}")
 
 # %% tags=["parameters"]
 PROFILE = get_profile()
-PHANTOM = PhantomConfig(
-    n_patients=PROFILE.phantom_patients,
-    slices_per_patient=PROFILE.phantom_slices_per_patient,
-    empty_slices_per_patient=1,
-    image_size=PROFILE.phantom_size,
-    seed=0,
-)
+PHANTOM = phantom_config(PROFILE)      # the course's standard phantom (same in every notebook)
 WINDOW = "brain"            # one of strokekit.preprocess.WINDOWS or a (level, width) pair
 IMAGE_SIZE = PROFILE.image_size
 OUT_DIR = paths.data_dir() / "phantom"

@@ -51,6 +51,7 @@ PHANTOM = PhantomConfig(
     slices_per_patient=PROFILE.phantom_slices_per_patient,
     image_size=PROFILE.phantom_size,
     multiclass=True,
+    lesion_types=("ischemic", "ischemic", "ischemic", "hemorrhagic"),   # drawn per patient: hemorrhage is rarer
     seed=0,
 )
 AUGMENT = dataclasses.replace(
@@ -71,7 +72,8 @@ print(PROFILE.name, AUGMENT)
 # %%
 data = generate_phantom(PHANTOM, progress=False)
 x, y = preprocess.prepare_inputs(data, image_size=IMAGE_SIZE, windows=("brain",))
-image, mask = x[0, ..., 0], y[0]
+example = int(np.argmax(data.lesion_area()))      # the slice with the largest lesion
+image, mask = x[example, ..., 0], y[example]
 print(f"{len(data)} slices, inputs {x.shape}, labels {sorted(np.unique(y).tolist())}")
 assert x.dtype == np.float32 and set(np.unique(y)) <= {0, 1, 2}
 
@@ -138,7 +140,7 @@ def agreement(images, masks):
 aligned = agreement(moved_images, moved_brains)
 broken = agreement(moved_images[:, :, ::-1], moved_brains)   # the bug: image flipped, mask not
 print(f"brain-mask agreement after augmentation: {aligned:.3f}; with the image flipped alone: {broken:.3f}")
-assert aligned > 0.85 and broken < aligned
+assert aligned > 0.8 and broken < aligned - 0.2
 
 # %% [markdown]
 # ## 5. Feeding Keras

@@ -40,9 +40,9 @@ from IPython.display import display
 from strokekit import models, paths, train
 from strokekit import split as splitting
 from strokekit.augment import STUDY_AUGMENT
-from strokekit.config import get_profile
+from strokekit.config import get_profile, phantom_config
 from strokekit.evaluation import plot_metric_boxes
-from strokekit.phantom import PhantomConfig, generate_phantom
+from strokekit.phantom import generate_phantom
 
 print(f"keras {keras.__version__} · backend {keras.backend.backend()}")
 
@@ -51,12 +51,7 @@ print(f"keras {keras.__version__} · backend {keras.backend.backend()}")
 
 # %% tags=["parameters"]
 PROFILE = get_profile()
-PHANTOM = PhantomConfig(
-    n_patients=PROFILE.phantom_patients,
-    slices_per_patient=PROFILE.phantom_slices_per_patient,
-    image_size=PROFILE.phantom_size,
-    seed=0,
-)
+PHANTOM = phantom_config(PROFILE)      # the course's standard phantom (same in every notebook)
 BASE = train.TrainConfig(
     arch="unet",
     filters=PROFILE.filters,

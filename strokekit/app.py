@@ -24,8 +24,9 @@ import struct
 import tempfile
 import time
 import zlib
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -33,24 +34,24 @@ from .dataset import SliceDataset
 from .errors import DataError
 
 __all__ = [
+    "ALLOWED",
     "MAX_UPLOAD_BYTES",
     "MAX_VOXELS",
-    "ALLOWED",
     "UploadError",
     "default_work_dir",
-    "read_upload",
-    "read_uploads",
+    "describe_result",
+    "handle_upload",
     "list_models",
     "load_model_for_app",
-    "segment",
-    "describe_result",
-    "mask_to_png_bytes",
     "mask_to_nifti_bytes",
-    "handle_upload",
+    "mask_to_png_bytes",
+    "read_upload",
+    "read_uploads",
+    "segment",
 ]
 
 #: Largest upload accepted, per file and for all files of one upload together.
-MAX_UPLOAD_BYTES = 200 * 1024 * 1024
+MAX_UPLOAD_BYTES = 200_000_000
 #: Largest image or volume accepted (voxels), checked from the header before pixel data is
 #: decoded, so a small compressed file cannot expand into many gigabytes.
 MAX_VOXELS = 512 * 512 * 512
@@ -62,7 +63,12 @@ ALLOWED: dict[str, tuple[str, tuple[str, ...]]] = {
     "dicom": ("DICOM file or series (.dcm or no extension)", (".dcm", ".dicom", "")),
     "nifti": ("NIfTI volume", (".nii", ".nii.gz")),
 }
-_KIND_TEXT = {"png": "PNG image", "jpeg": "JPEG image", "dicom": "DICOM file", "nifti": "NIfTI volume"}
+_KIND_TEXT = {
+    "png": "PNG image",
+    "jpeg": "JPEG image",
+    "dicom": "DICOM file",
+    "nifti": "NIfTI volume",
+}
 _ALLOWED_TEXT = "PNG or JPEG (one slice), DICOM (.dcm or no extension; one file or a series), NIfTI (.nii, .nii.gz)"
 _MASK_WORDS = re.compile(r"(^|[^a-z])(mask|label|labels|seg|segmentation)([^a-z]|$)", re.IGNORECASE)
 
@@ -110,7 +116,9 @@ def _safe_name(name: Any) -> str:
         raise UploadError(f"{shown}: unsafe file name (control characters)")
     parts = re.split(r"[\\/]", name)
     if ".." in parts or name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
-        raise UploadError(f"{shown}: unsafe file name (it contains a path such as '../' or '/'); upload the file itself")
+        raise UploadError(
+            f"{shown}: unsafe file name (it contains a path such as '../' or '/'); upload the file itself"
+        )
     base = parts[-1].strip()
     if base in ("", ".", ".."):
         raise UploadError(f"{shown}: unsafe file name")
@@ -178,7 +186,11 @@ def _check_file(name: str, content: bytes) -> tuple[str, str]:
     kind = _kind_by_name(safe)
     seen = _kind_by_content(content)
     if kind is None:
-        hint = f" (its content looks like a {_KIND_TEXT[seen]}; rename it)" if seen in _KIND_TEXT else ""
+        hint = (
+            f" (its content looks like a {_KIND_TEXT[seen]}; rename it)"
+            if seen in _KIND_TEXT
+            else ""
+        )
         raise UploadError(
             f"{shown}: unsupported file type {Path(safe).suffix or '(none)'!r}{hint}; allowed: {_ALLOWED_TEXT}"
         )
@@ -186,20 +198,38 @@ def _check_file(name: str, content: bytes) -> tuple[str, str]:
         return kind, safe
     looks = f"; it looks like a {_KIND_TEXT[seen]}" if seen in _KIND_TEXT else ""
     if kind == "png":
-        raise UploadError(f"{shown}: not a PNG image ({_starts_with(content)}, not b'\\x89PNG'){looks}")
+        raise UploadError(
+            f"{shown}: not a PNG image ({_starts_with(content)}, not b'\\x89PNG'){looks}"
+        )
     if kind == "jpeg":
-        raise UploadError(f"{shown}: not a JPEG image ({_starts_with(content)}, not b'\\xff\\xd8'){looks}")
+        raise UploadError(
+            f"{shown}: not a JPEG image ({_starts_with(content)}, not b'\\xff\\xd8'){looks}"
+        )
     if kind == "dicom":
-        what = "no 'DICM' marker at byte 128" if len(content) >= 132 else f"only {len(content)} bytes"
-        extra = "" if Path(safe).suffix else f"; files without an extension are read as DICOM, allowed: {_ALLOWED_TEXT}"
-        raise UploadError(f"{shown}: not a DICOM file ({what}; {_starts_with(content)}){looks}{extra}")
+        what = (
+            "no 'DICM' marker at byte 128" if len(content) >= 132 else f"only {len(content)} bytes"
+        )
+        extra = (
+            ""
+            if Path(safe).suffix
+            else f"; files without an extension are read as DICOM, allowed: {_ALLOWED_TEXT}"
+        )
+        raise UploadError(
+            f"{shown}: not a DICOM file ({what}; {_starts_with(content)}){looks}{extra}"
+        )
     if safe.lower().endswith(".nii.gz"):
         if not content.startswith(b"\x1f\x8b"):
-            raise UploadError(f"{shown}: not a gzip-compressed NIfTI file ({_starts_with(content)}, not b'\\x1f\\x8b'){looks}")
+            raise UploadError(
+                f"{shown}: not a gzip-compressed NIfTI file ({_starts_with(content)}, not b'\\x1f\\x8b'){looks}"
+            )
         if seen == "gzip" and _gunzip_head(content) is None:
-            raise UploadError(f"{shown}: damaged gzip data (cannot decompress the start of the file)")
+            raise UploadError(
+                f"{shown}: damaged gzip data (cannot decompress the start of the file)"
+            )
         raise UploadError(f"{shown}: not a NIfTI volume (the decompressed header size is not 348)")
-    raise UploadError(f"{shown}: not a NIfTI volume (the header size field is not 348; {_starts_with(content)}){looks}")
+    raise UploadError(
+        f"{shown}: not a NIfTI volume (the header size field is not 348; {_starts_with(content)}){looks}"
+    )
 
 
 def _write_private(folder: Path, filename: str, content: bytes) -> Path:
@@ -211,18 +241,25 @@ def _write_private(folder: Path, filename: str, content: bytes) -> Path:
     return path
 
 
-def _translate(error: DataError, names: Mapping[str, str], folder: Path) -> UploadError:
+def _scrub(
+    text: str, names: Mapping[str, str], folder: Path, folder_label: str = "the upload"
+) -> str:
+    """A message with the temporary copies' paths replaced by the uploaded file names."""
+    for tmp in sorted(names, key=len, reverse=True):  # full paths before bare names
+        text = text.replace(tmp, names[tmp])
+    return text.replace(str(folder) + os.sep, "").replace(str(folder), folder_label)
+
+
+def _translate(
+    error: DataError, names: Mapping[str, str], folder: Path, folder_label: str = "the upload"
+) -> UploadError:
     """An UploadError naming the uploaded file instead of its temporary copy."""
-    problem = getattr(error, "problem", str(error))
-    text = problem
-    for tmp, original in names.items():
-        text = text.replace(tmp, original)
-    text = text.replace(str(folder) + os.sep, "").replace(str(folder), "the upload")
+    text = _scrub(getattr(error, "problem", str(error)), names, folder, folder_label)
     where = None
     if error.path is not None:
         where = names.get(error.path) or names.get(Path(error.path).name)
-        if where is None and Path(error.path).resolve() == folder:
-            where = "the upload"
+        if where is None and Path(error.path).resolve() == folder.resolve():
+            where = folder_label
     return UploadError(f"{where}: {text}" if where else text)
 
 
@@ -244,11 +281,11 @@ def _read_images(items: list[tuple[str, Path]]) -> SliceDataset:
     for name, path in items:
         try:
             with Image.open(path) as im:
-                _check_image_pixels(im.size[::-1], name)
-        except UploadError:
-            raise
+                size = im.size
         except Exception:  # noqa: BLE001 - read_image below gives the precise message
-            pass
+            size = None
+        if size is not None:
+            _check_image_pixels(size[::-1], name)
         try:
             image = read_image(path)
         except DataError as exc:
@@ -278,7 +315,9 @@ def _read_images(items: list[tuple[str, Path]]) -> SliceDataset:
 def _unique_stems(names: Sequence[str]) -> list[str]:
     stems, seen = [], {}
     for name in names:
-        stem = name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem or name
+        stem = (
+            name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem or name
+        )
         seen[stem] = seen.get(stem, 0) + 1
         stems.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
     return stems
@@ -290,9 +329,9 @@ def _read_dicom(items: list[tuple[str, Path]], folder: Path) -> SliceDataset:
     series_dir = items[0][1].parent
     names = {str(p): n for n, p in items} | {p.name: n for n, p in items}
     try:
-        data = read_dicom_series(series_dir, patient_id="upload")
+        data = read_dicom_series(series_dir, patient_id="upload", progress=False)
     except DataError as exc:
-        raise _translate(exc, names, series_dir) from None
+        raise _translate(exc, names, series_dir, "the DICOM series") from None
     _check_image_pixels(data.images.shape, "the DICOM series")
     return data.replace(source_paths=[names.get(p, p) for p in data.source_paths])
 
@@ -319,7 +358,9 @@ def _read_nifti(items: list[tuple[str, Path]], folder: Path) -> SliceDataset:
         header_img = nib.load(str(image_path))
         shape = tuple(int(s) for s in header_img.shape)
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types on bad headers
-        raise UploadError(f"{image_name}: cannot read the NIfTI header ({type(exc).__name__}: {exc})") from None
+        raise UploadError(
+            f"{image_name}: cannot read the NIfTI header ({type(exc).__name__}: {exc})"
+        ) from None
     _check_image_pixels(shape, image_name)
     if len(shape) != 3:
         raise UploadError(f"{image_name}: expected a 3-D volume, got shape {shape}")
@@ -353,7 +394,8 @@ def _as_file_list(files: Any) -> list[tuple[str, bytes]]:
     else:
         items = files or []
     for item in items:
-        if isinstance(item, Mapping):  # ipywidgets 8: {"name", "type", "size", "content": memoryview}
+        # ipywidgets 8 gives dicts: {"name", "type", "size", "content": memoryview}
+        if isinstance(item, Mapping):
             name, content = item.get("name"), item.get("content")
         else:
             try:
@@ -422,17 +464,26 @@ def read_uploads(
             ending = {"png": ".png", "jpeg": ".jpg", "dicom": ".dcm", "nifti": ".nii"}[k]
             if k == "nifti" and content.startswith(b"\x1f\x8b"):
                 ending = ".nii.gz"  # nibabel decides by the ending whether to gunzip
-            items.append((_display_name(name), _write_private(folder, f"f{index:04d}{ending}", content)))
-        if kind == "image":
-            return _read_images(items)
-        if kind == "dicom":
-            return _read_dicom(items, folder)
-        return _read_nifti(items, folder)
+            items.append(
+                (_display_name(name), _write_private(folder, f"f{index:04d}{ending}", content))
+            )
+        try:
+            if kind == "image":
+                return _read_images(items)
+            if kind == "dicom":
+                return _read_dicom(items, folder)
+            return _read_nifti(items, folder)
+        except UploadError as exc:
+            # Readers quote file paths; the user knows only the names they uploaded.
+            names = {str(p): n for n, p in items} | {p.name: n for n, p in items}
+            raise UploadError(_scrub(str(exc), names, folder)) from None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def read_upload(name: str, content: bytes, work_dir: str | os.PathLike | None = None) -> SliceDataset:
+def read_upload(
+    name: str, content: bytes, work_dir: str | os.PathLike | None = None
+) -> SliceDataset:
     """Check and read one uploaded file; see :func:`read_uploads`.
 
     Raises:
@@ -503,7 +554,9 @@ def load_model_for_app(folder: str | os.PathLike, runs_root: str | os.PathLike |
     root = _runs_root(runs_root).resolve()
     target = Path(folder).resolve()
     if not target.is_relative_to(root):
-        raise UploadError(f"{folder}: refused, the app only loads models from inside the runs folder {root}")
+        raise UploadError(
+            f"{folder}: refused, the app only loads models from inside the runs folder {root}"
+        )
     if not (target / "model.keras").is_file() or not (target / "config.json").is_file():
         raise UploadError(f"{folder}: not a run folder (it needs model.keras and config.json)")
     try:
@@ -513,7 +566,9 @@ def load_model_for_app(folder: str | os.PathLike, runs_root: str | os.PathLike |
     try:
         model = load_model(target)
     except Exception as exc:  # noqa: BLE001 - Keras raises many types for bad or unsafe files
-        raise UploadError(f"{folder}: cannot load model.keras in safe mode ({type(exc).__name__}: {exc})") from None
+        raise UploadError(
+            f"{folder}: cannot load model.keras in safe mode ({type(exc).__name__}: {exc})"
+        ) from None
     return model, config
 
 
@@ -573,7 +628,11 @@ def segment(
             names = ("background",) + tuple(f"class_{k}" for k in range(1, prob.shape[-1]))
         lesion_prob = 1.0 - prob[..., 0]
     n = len(dataset)
-    area_px = {name: (mask == label).reshape(n, -1).sum(axis=1) for label, name in enumerate(names) if label}
+    area_px = {
+        name: (mask == label).reshape(n, -1).sum(axis=1)
+        for label, name in enumerate(names)
+        if label
+    }
     spacing = dataset.spacing
     area_mm2 = None
     if spacing is not None:
@@ -618,7 +677,9 @@ def describe_result(result: Mapping[str, Any], name: str = "upload") -> str:
         if result["volume_ml"] is not None:
             parts.append(f"{cls} volume {result['volume_ml'][cls]:.2f} mL")
         elif result["area_mm2"] is not None:
-            parts.append(f"{cls} {int(px.sum())} px ({float(result['area_mm2'][cls].sum()):.1f} mm²)")
+            parts.append(
+                f"{cls} {int(px.sum())} px ({float(result['area_mm2'][cls].sum()):.1f} mm²)"
+            )
         else:
             parts.append(f"{cls} {int(px.sum())} px")
     if result.get("dice") is not None:
@@ -646,8 +707,10 @@ def mask_to_png_bytes(mask: np.ndarray) -> bytes:
     if arr.ndim == 3 and arr.shape[0] == 1:
         arr = arr[0]
     if arr.ndim != 2:
-        raise ValueError(f"expected one (H, W) mask slice, got shape {arr.shape}; use mask_to_nifti_bytes for volumes")
-    labels = arr.astype(np.int64) if arr.dtype != bool else arr.astype(np.int64)
+        raise ValueError(
+            f"expected one (H, W) mask slice, got shape {arr.shape}; use mask_to_nifti_bytes for volumes"
+        )
+    labels = arr.astype(np.int64)
     if labels.size and (labels.min() < 0 or labels.max() > 255):
         raise ValueError("mask labels must lie in 0..255")
     if labels.size == 0 or labels.max() <= 1:
@@ -733,7 +796,12 @@ def handle_upload(
         return None, str(exc)
     except DataError as exc:  # a reader problem not already translated
         return None, f"the upload could not be read: {exc.problem}"
-    label = ", ".join(dict.fromkeys(dataset.source_paths)) or "upload"
+    sources = list(dict.fromkeys(dataset.source_paths))
+    label = (
+        ", ".join(sources)
+        if len(sources) <= 3
+        else f"{sources[0]} ... {sources[-1]} ({len(sources)} files)"
+    )
     try:
         result = segment(model, config, dataset, threshold=threshold)
     except (UploadError, DataError) as exc:

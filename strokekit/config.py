@@ -133,3 +133,25 @@ def from_dict(cls: type, data: dict[str, Any]):
     if unknown:
         raise ValueError(f"{cls.__name__} has no field(s) {unknown}")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def phantom_config(profile: Profile | str | None = None, **changes: Any):
+    """The course's standard phantom for a profile: every notebook builds the same dataset from it,
+    so a split saved by one notebook matches the case ids of the next.
+
+    Args:
+        profile: a Profile, a profile name, or None for :func:`get_profile`.
+        **changes: fields of ``strokekit.phantom.PhantomConfig`` to override.
+    """
+    from .phantom import PhantomConfig
+
+    if not isinstance(profile, Profile):
+        profile = get_profile(profile)
+    base = PhantomConfig(
+        n_patients=profile.phantom_patients,
+        slices_per_patient=profile.phantom_slices_per_patient,
+        empty_slices_per_patient=1,
+        image_size=profile.phantom_size,
+        seed=0,
+    )
+    return dataclasses.replace(base, **changes)

@@ -5,8 +5,8 @@ skull base to the vertex (scalp, skull with sinuses, mastoids and orbits at the 
 a folded cortical ribbon, white matter, deep grey nuclei, CSF in sulci, fissures, cisterns and
 ventricles) with one lesion: an ischemic infarct (hypodense, shaped as an arterial territory) or a
 hemorrhage (hyperdense, with a hypodense edema halo that is not part of the mask). Axial slices are
-labelled by level (``"skull_base"``, ``"ventricles"``, ``"vertex"``), the three groups that the study
-found with VGG16 features and k-means.
+labelled by level (``"skull_base"``, ``"ventricles"``, ``"vertex"``), the three groups that the
+study found with VGG16 features and k-means.
 
 Anatomy is modelled with approximate signed distance functions in a canonical head frame (mm) and
 smooth random fields built from a few random plane waves, so a phantom at 64 px is a coarser picture
@@ -24,9 +24,9 @@ Introduced in notebooks/01_preprocessing.ipynb.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -54,8 +54,6 @@ HEAD_HEIGHT_MM = 120.0
 SPACING_AT_256 = 0.9
 # Normalised heights (0 = first slice, 1 = last) where the levels change.
 _LEVEL_EDGES = (0.275, 0.68)
-# Smallest lesion cross-section counted as a lesion-bearing slice: 20 px at 256 px.
-_MIN_LESION_MM2 = 20 * SPACING_AT_256**2
 _BIG = np.float32(1e3)  # "far outside" for signed distances of absent structures
 
 
@@ -131,8 +129,9 @@ class PhantomConfig:
                 f"Received: lesion_types={self.lesion_types!r}"
             )
         need(isinstance(self.multiclass, (bool, np.bool_)), "multiclass", "True or False")
-        need(len(self.lesion_size) == 2 and 1.0 <= self.lesion_size[0] <= self.lesion_size[1] <= 60.0,
-             "lesion_size", "a (low, high) radius range in mm with 1 <= low <= high <= 60")
+        low_high = self.lesion_size
+        need(len(low_high) == 2 and 1.0 <= low_high[0] <= low_high[1] <= 60.0, "lesion_size",
+             "a (low, high) radius range in mm with 1 <= low <= high <= 60")
         need(0.0 < self.ischemic_contrast <= 40.0, "ischemic_contrast", "in (0, 40] HU")
         need(len(self.hemorrhage_hu) == 2
              and 20.0 <= self.hemorrhage_hu[0] <= self.hemorrhage_hu[1] <= 200.0,
@@ -144,7 +143,7 @@ class PhantomConfig:
 
     @property
     def spacing(self) -> tuple[float, float]:
-        """Pixel spacing (row, col) in mm: 0.9 mm at 256 px, the same field of view at other sizes."""
+        """Pixel spacing (row, col) in mm: 0.9 mm at 256 px, same field of view at other sizes."""
         s = SPACING_AT_256 * 256.0 / self.image_size
         return (s, s)
 
@@ -172,6 +171,8 @@ class PhantomVolume:
         intracranial: (D, H, W) bool, everything inside the inner table (brain and CSF).
         side: hemisphere of the lesion, ``"left"`` or ``"right"`` (patient's side; radiological
             display puts the patient's left on the image right).
+        selected: the slices :func:`generate_phantom` takes from this patient (lesion slices
+            spread over the lesion, then any empty ones), sorted.
     """
 
     hu: np.ndarray
@@ -185,6 +186,7 @@ class PhantomVolume:
     slice_thickness: float
     intracranial: np.ndarray | None = None
     side: str = ""
+    selected: np.ndarray | None = None
 
     @property
     def lesion_area(self) -> np.ndarray:
@@ -234,7 +236,7 @@ def _profile(t: np.ndarray, centre: float, half: float) -> np.ndarray:
 
 
 def _supra_profile(t: np.ndarray) -> np.ndarray:
-    """Scale of the supratentorial cross-section with height: widest at 0.42, small at the vertex."""
+    """Scale of the supratentorial cross-section with height: widest at 0.42, small at the top."""
     return np.where(t >= 0.42, _profile(t, 0.42, 0.64), _profile(t, 0.42, 0.6)).astype(np.float32)
 
 
@@ -275,24 +277,22 @@ class _Canvas:
         self.z = self.t * np.float32(HEAD_HEIGHT_MM)
 
     def paste(self, arr: np.ndarray, fill) -> np.ndarray:
-        """A (D, size, size) array holding ``arr`` (computed on the window) and ``fill`` around it."""
+        """A (D, size, size) array with ``arr`` (computed on the window) and ``fill`` around it."""
         full = np.full((arr.shape[0], self.size, self.size), fill, dtype=arr.dtype)
-        full[(slice(None),) + self.window] = arr
+        full[(slice(None), *self.window)] = arr
         return full
 
     def slab(self, prof: np.ndarray) -> slice:
         idx = np.flatnonzero(prof > 0)
         return slice(0, 0) if len(idx) == 0 else slice(int(idx[0]), int(idx[-1]) + 1)
 
-    def ellipsoid(self, cx, cy, a, b, tc, th, angle=0.0, scale=None, coords=None):
-        """(slab, signed distance on the slab) of an ellipsoid; scale replaces the profile and
-        coords the in-plane head coordinates."""
+    def ellipsoid(self, cx, cy, a, b, tc, th, angle=0.0, scale=None):
+        """(slab, signed distance on the slab) of an ellipsoid; scale replaces its profile."""
         prof = _profile(self.t, tc, th) if scale is None else np.asarray(scale, np.float32)
         sl = self.slab(prof)
-        if sl.stop == sl.start:
-            return sl, None
-        X, Y = (self.X, self.Y) if coords is None else coords
-        rho, inv = _ellipse(X, Y, cx, cy, a, b, angle)
+        if sl.stop == sl.start:  # absent from these slices: an empty slab
+            return sl, np.empty((0, self.H, self.W), np.float32)
+        rho, inv = _ellipse(self.X, self.Y, cx, cy, a, b, angle)
         p = prof[sl][:, None, None]
         sdf = (rho[None] - p) * inv[None]
         sdf[np.broadcast_to(p <= 0, sdf.shape)] = _BIG
@@ -311,35 +311,41 @@ class _Fields:
         self.c = canvas
         self.rng = rng
 
-    def _waves(self, n_waves, lam_xy, lam_z, anisotropy=(1.0, 1.0)):
+    def _waves(self, n_waves, lam_xy, lam_z):
         rng = self.rng
         lam = rng.uniform(*lam_xy, n_waves)
         ang = rng.uniform(0.0, np.pi, n_waves)
-        ku = (2 * np.pi / lam) * np.cos(ang) / anisotropy[0]
-        kv = (2 * np.pi / lam) * np.sin(ang) / anisotropy[1]
+        ku = (2 * np.pi / lam) * np.cos(ang)
+        kv = (2 * np.pi / lam) * np.sin(ang)
         kz = (2 * np.pi / rng.uniform(*lam_z, n_waves)) * rng.choice([-1.0, 1.0], n_waves)
         phase = rng.uniform(0.0, 2 * np.pi, n_waves)
         return ku, kv, kz, phase
 
     @staticmethod
-    def _separable(ku, kv, kz, phase, z, row0, drow, col0, dcol, n_rows, n_cols):
-        """sum_k sqrt(2/K) cos(ku U + kv V + kz z + phase) on a grid where (U, V) = (row0 + i drow
-        + j dcol); returns (len(z), n_rows, n_cols) float32."""
+    def _separable(ku, kv, kz, phase, z, row0, drow, dcol, n_rows, n_cols):
+        """sum_k sqrt(2/K) cos(ku U + kv V + kz z + phase) on a grid where (U, V) = row0 + i drow
+        + j dcol; returns (len(z), n_rows, n_cols) float32.
+
+        cos(A_i + B_j + e) = cos(A_i) cos(B_j + e) - sin(A_i) sin(B_j + e): the row factor is the
+        same for every slice and the slice's phase e goes into the column factor.
+        """
         a = ku * drow[0] + kv * drow[1]  # phase step per row
         b = ku * dcol[0] + kv * dcol[1]  # phase step per column
         c = ku * row0[0] + kv * row0[1]
-        rows = np.arange(n_rows)[:, None] * a[None, :]  # (R, K)
-        cols = np.arange(n_cols)[:, None] * b[None, :]  # (C, K)
-        right = np.ascontiguousarray(np.concatenate([np.cos(cols), np.sin(cols)], axis=1).T,
-                                     dtype=np.float32)  # (2K, C)
         amp = math.sqrt(2.0 / len(ku))
+        rows = np.arange(n_rows)[:, None] * a[None, :]  # (R, K)
+        left = np.ascontiguousarray(np.concatenate([np.cos(rows), -np.sin(rows)], axis=1) * amp,
+                                    dtype=np.float32)  # (R, 2K)
+        cols = np.arange(n_cols)[None, :] * b[:, None]  # (K, C)
+        cos_b, sin_b = np.cos(cols), np.sin(cols)
         out = np.empty((len(z), n_rows, n_cols), np.float32)
         # One product per slice, so that a slice comes out bit-identical whichever other slices
         # are rendered with it.
         for d in range(len(z)):
-            arg = rows + (c + phase + z[d] * kz)[None, :]
-            left = np.concatenate([np.cos(arg), -np.sin(arg)], axis=1) * amp
-            out[d] = np.ascontiguousarray(left, dtype=np.float32) @ right
+            e = (c + phase + z[d] * kz)[:, None]
+            ce, se = np.cos(e), np.sin(e)
+            right = np.concatenate([ce * cos_b - se * sin_b, se * cos_b + ce * sin_b])
+            out[d] = left @ right.astype(np.float32)
         return out
 
     def make(self, n_waves, lam_xy, lam_z, rows):
@@ -353,7 +359,7 @@ class _Fields:
         row0 = (X[0, 0], Y[0, 0])
         drow = (X[1, 0] - X[0, 0], Y[1, 0] - Y[0, 0])
         dcol = (X[0, 1] - X[0, 0], Y[0, 1] - Y[0, 0])
-        return self._separable(*waves, z, row0, drow, (0.0, 0.0), dcol, cv.H, cv.W)
+        return self._separable(*waves, z, row0, drow, dcol, cv.H, cv.W)
 
     def make_polar(self, n_waves, lam_arc, lam_rad, lam_z, rows, phi, radial, radius):
         """Field in (arc length, radial) coordinates around the brain centre, periodic in angle.
@@ -373,12 +379,12 @@ class _Fields:
         z = cv.z[rows].astype(np.float64)
         if len(z) == 0:
             return np.zeros((0, cv.H, cv.W), np.float32)
-        n_arc = int(math.ceil(circumference))
+        n_arc = math.ceil(circumference)
         step = circumference / n_arc
         r_max = float(np.max(radial)) + 2.0
-        n_rad = int(math.ceil(r_max)) + 2
+        n_rad = math.ceil(r_max) + 2
         grid = self._separable(ku, kv, kz, phase, z, (-np.pi * radius, 0.0), (step, 0.0),
-                               (0.0, 0.0), (0.0, 1.0), n_arc, n_rad)
+                               (0.0, 1.0), n_arc, n_rad)
         fa = ((phi + np.pi) * radius / step).ravel()
         fr = np.clip(radial.ravel(), 0.0, n_rad - 2.001)
         ia = np.floor(fa).astype(np.int64)
@@ -417,8 +423,8 @@ def _draw_anatomy(rng: np.random.Generator) -> dict:
     a["wm"] = rng.uniform(26.0, 31.0)
     a["csf"] = rng.uniform(3.0, 10.0)
     a["soft"] = rng.uniform(36.0, 46.0)
-    a["table"] = rng.uniform(1350.0, 1750.0)
-    a["diploe"] = rng.uniform(450.0, 750.0)
+    a["table"] = rng.uniform(1150.0, 1450.0)
+    a["diploe"] = rng.uniform(450.0, 700.0)
     a["ribbon"] = rng.uniform(2.6, 3.6)
     return a
 
@@ -435,9 +441,11 @@ def _render_anatomy(canvas: _Canvas, a: dict, rng: np.random.Generator) -> dict:
     allrows = slice(0, D)
     shape3 = (D, H, W)
 
-    # Supratentorial compartment: an egg-shaped ellipse (narrower in front) that shrinks towards
-    # the vertex, cut from below by the floors of the anterior fossa (orbital roofs), the middle
-    # fossae (temporal lobes) and the tentorium.
+    # The skull's inner outline: an egg-shaped ellipse (narrower in front) that shrinks towards
+    # the vertex. Above the floors of the anterior fossa (orbital roofs), the middle fossae
+    # (temporal lobes) and the tentorium lies the supratentorial compartment; below the
+    # tentorium and behind the petrous ridges, the posterior fossa. Both share the outline, so
+    # only the tentorium separates the occipital lobes from the cerebellum.
     Xe = X / (1.0 - 0.06 * Y / 80.0)
     rho, inv = _ellipse(Xe, Y, 0.0, -4.0, 64.0, 80.0)
     phi = np.arctan2(X, Y + 4.0)  # 0 = anterior, +-pi = posterior midline
@@ -451,32 +459,45 @@ def _render_anatomy(canvas: _Canvas, a: dict, rng: np.random.Generator) -> dict:
     def gauss(x, y):
         return np.exp(-0.5 * (x * x + y * y))
 
-    floor = (0.275
+    def below_sdf(height):
+        """In-plane signed distance (mm) to where a floor of this height meets each slice,
+        positive below it. Where the floor is flat the distance is large (tiny slope floor)."""
+        gy, gx = np.gradient(height, cv.sp_head)
+        slope = np.maximum(np.hypot(gx, gy), 2e-4).astype(f32)  # height per mm
+        return (height[None] - t[:, None, None]) / slope[None]
+
+    # The tentorium slopes down from the incisura towards the occipital bone.
+    tent = (0.275 - 0.07 * np.clip((np.hypot(X, 0.8 * (Y + 5.0)) - 25.0) / 55.0, 0.0, 1.0)
+            * np.clip(-(Y + 5.0) / 15.0, 0.0, 1.0)).astype(f32)  # continuous: no crease
+    floor = (tent
              - 0.20 * (gauss((X - 38) / 16, (Y - 6) / 25) + gauss((X + 38) / 16, (Y - 6) / 25))
              - 0.07 * gauss(X / 20, (Y - 42) / 22)).astype(f32)
-    gy, gx = np.gradient(floor, cv.sp_head)
-    # Where the floor is flat the in-plane distance to its edge is large: a tiny slope floor.
-    slope = np.maximum(np.hypot(gx, gy), 2e-4).astype(f32)  # height per mm
-    floor_sdf = (floor[None] - t[:, None, None]) / slope[None]
-    np.maximum(s_sdf, floor_sdf, out=s_sdf)
-    del floor_sdf
-
-    # Posterior fossa below the tentorium, bounded in front by the petrous ridges and clivus;
-    # below the tentorium the temporal lobes stay in front of the ridges, so bone separates them.
-    p_sl, p_sdf = cv.ellipsoid(0.0, -32.0, 50.0, 38.0, 0.12, 0.175)
     plane = ((Y - 6.0 + 0.62 * np.abs(X)) / math.sqrt(1.0 + 0.62**2)).astype(f32)
-    p_sdf = np.maximum(p_sdf, plane[None])
-    below = t < 0.255
-    s_sdf[below] = np.maximum(s_sdf[below], (4.0 - plane)[None])
+    under_tent = below_sdf(tent)
+    # Above the floor and, behind the petrous ridges, above the tentorium as well; low down the
+    # ridges are a thick bony wall, higher up only the tentorium.
+    ridge = np.interp(t, [0.0, 0.2, 0.235, 1.0], [4.0, 4.0, 0.0, 0.0]).astype(f32)
+    np.maximum(s_sdf, below_sdf(floor), out=s_sdf)
+    np.maximum(s_sdf, np.minimum(ridge[:, None, None] - plane[None], under_tent), out=s_sdf)
+
+    # Posterior fossa: the same outline, narrowing at the foramen magnum, below the tentorium,
+    # behind the petrous ridges and clivus.
+    prof_p = prof_s * np.where(t < 0.17, _profile(t, 0.17, 0.19), 1.0).astype(f32)
+    p_sl = cv.slab(prof_p * (t < 0.3))
+    p_sdf = (rho[None] - prof_p[p_sl, None, None]) * inv[None]
+    np.maximum(p_sdf, plane[None], out=p_sdf)
+    np.maximum(p_sdf, -under_tent[p_sl], out=p_sdf)
+    tentorium = np.zeros(shape3, bool)
+    tentorium[p_sl] = (np.abs(under_tent[p_sl]) < 0.6) & (plane < 0)[None]
+    del under_tent
     cavity = s_sdf.copy()
-    cavity[p_sl] = _smin(s_sdf[p_sl], p_sdf, 4.0)
+    cavity[p_sl] = _smin(s_sdf[p_sl], p_sdf, 2.0)
     in_p = np.zeros(shape3, bool)
     in_p[p_sl] = p_sdf < s_sdf[p_sl]
 
     # The suprasellar cistern belongs to the intracranial space too.
     sup_sl, sup = cv.ellipsoid(0.0, 12.0, 10.0, 8.0, 0.25, 0.045)
-    if sup is not None:
-        cavity[sup_sl] = np.minimum(cavity[sup_sl], sup)
+    cavity[sup_sl] = np.minimum(cavity[sup_sl], sup)
 
     intracranial = cavity < 0
     depth = -cavity  # mm below the inner table (negative outside)
@@ -493,12 +514,13 @@ def _render_anatomy(canvas: _Canvas, a: dict, rng: np.random.Generator) -> dict:
     sulcal_depth = (9.0 + 7.0 * atrophy) * (1.0 + 0.3 * fields.make(8, (30.0, 60.0), (30.0, 60.0),
                                                                       allrows))
     w_sulcus = np.full(shape3, 0.3 + 0.6 * atrophy, f32)
-    if p_sl.stop > p_sl.start:  # cerebellar folia: finer, shallower, thinner
-        folia = _line_distance(fields.make(16, (6.0, 10.0), (10.0, 20.0), p_sl), cv.sp_head)
-        ip = in_p[p_sl]
-        line[p_sl] = np.where(ip, folia, line[p_sl])
-        sulcal_depth[p_sl][ip] = 7.0
-        w_sulcus[p_sl][ip] = 0.25
+    # Cerebellar folia: finer, shallower, thinner. (Every field is drawn even when its slab is
+    # empty, so that the random stream, and thus each slice, is the same for any set of slices.)
+    folia = _line_distance(fields.make(16, (6.0, 10.0), (10.0, 20.0), p_sl), cv.sp_head)
+    ip = in_p[p_sl]
+    line[p_sl] = np.where(ip, folia, line[p_sl])
+    sulcal_depth[p_sl][ip] = 7.0
+    w_sulcus[p_sl][ip] = 0.25
     sulcus = np.maximum(line - w_sulcus, depth - sulcal_depth)
     # No sulci near the centre, where the polar pattern would converge into spokes.
     core = (0.5 - rho[None] / np.maximum(prof_s, 0.05)[:, None, None]) * f32(40.0)
@@ -523,8 +545,8 @@ def _render_anatomy(canvas: _Canvas, a: dict, rng: np.random.Generator) -> dict:
         for (cx, cy, aa, bb, ang) in ((50.0, 10.0, 15.0, 0.9 + 1.4 * atrophy, -sgn * 0.12),
                                       (36.5, 6.0, 0.7 + 1.0 * atrophy, 17.0, sgn * 0.08)):
             sl, d = cv.ellipsoid(sgn * cx, cy, aa, bb, 0, 0, ang, scale=prof_syl)
-            if d is not None:
-                np.minimum(sylvian[sl], d, out=sylvian[sl])
+            np.minimum(sylvian[sl], d, out=sylvian[sl])
+    sylvian += 1.2 * fields.make(10, (8.0, 20.0), (20.0, 40.0), allrows)  # ragged, not straight
 
     # Cortical ribbon: grey matter within a few mm of any CSF space except the ventricles.
     ribbon_field = fields.make(10, (15.0, 35.0), (30.0, 60.0), allrows)
@@ -538,17 +560,16 @@ def _render_anatomy(canvas: _Canvas, a: dict, rng: np.random.Generator) -> dict:
     # ------------------------------------------------------------------ ventricles and deep nuclei
     def add(mask_vol, cx, cy, aa, bb, tc, th, ang=0.0):
         sl, d = cv.ellipsoid(cx, cy, aa, bb, tc, th, ang)
-        if d is not None:
-            if mask_vol.dtype == bool:
-                mask_vol[sl] |= d < 0
-            else:  # a signed distance: union
-                np.minimum(mask_vol[sl], d, out=mask_vol[sl])
+        if mask_vol.dtype == bool:
+            mask_vol[sl] |= d < 0
+        else:  # a signed distance: union
+            np.minimum(mask_vol[sl], d, out=mask_vol[sl])
 
     vent = np.zeros(shape3, bool)
     for sgn in (-1.0, 1.0):
         add(vent, sgn * (4.4 + 2.4 * v), 20.0, 4.0 * v, 12.0, 0.45, 0.11, -sgn * 0.42)  # frontal
         add(vent, sgn * (6.0 + 5.0 * v), -2.0, 3.8 * v, 24.0, 0.60, 0.085, -sgn * 0.08)  # bodies
-        add(vent, sgn * (8.5 + 4.0 * v), -8.0, 2.4 * v, 14.0, 0.46, 0.07, sgn * 0.25)  # trigone link
+        add(vent, sgn * (8.5 + 4.0 * v), -8.0, 2.4 * v, 14.0, 0.46, 0.07, sgn * 0.25)  # to atria
         add(vent, sgn * (14.0 + 6.0 * v), -26.0, 4.6 * v, 10.0, 0.45, 0.10, sgn * 0.45)  # atria
         add(vent, sgn * 31.0, 0.0, 2.0 * v, 7.0, 0.22, 0.06, sgn * 0.3)  # temporal horns
     add(vent, 0.0, -6.0, 1.1 + 1.0 * v, 11.0, 0.37, 0.07)  # third ventricle
@@ -575,10 +596,11 @@ def _render_anatomy(canvas: _Canvas, a: dict, rng: np.random.Generator) -> dict:
         else:  # prepontine cistern in front of the pons
             ring &= Y > bs_cy[k] - 2.0
         cistern[k] = ring
-    if sup is not None:
-        cistern[sup_sl] |= sup < 0
+    cistern[sup_sl] |= sup < 0
     csf_mask |= vent | cistern
-    brain = intracranial & ~csf_mask
+    brain = intracranial & ~csf_mask & ~tentorium
+    # Where a hematoma may spread: brain and the sulci, fissures and rim it would efface.
+    fillable = intracranial & ~vent & ~cistern
     del vent, cistern, csf_mask
 
     # ------------------------------------------------------------------ skull, sinuses, scalp
@@ -595,11 +617,13 @@ def _render_anatomy(canvas: _Canvas, a: dict, rng: np.random.Generator) -> dict:
     add(base_sdf, 0.0, 44.0, 46.0, 32.0, -0.02, 0.12)  # maxilla
     for sgn in (-1.0, 1.0):
         add(base_sdf, sgn * 45.0, -18.0, 11.0, 13.0, 0.12, 0.085)  # mastoid processes
-        add(base_sdf, sgn * 28.0, 58.0, 17.5, 23.5, 0.16, 0.095, sgn * 0.3)  # orbital walls
+        add(base_sdf, sgn * 28.0, 58.0, 17.5, 23.5, 0.155, 0.085, sgn * 0.3)  # orbital walls
     petrous = ((np.abs(plane - 1.5) < 5.0) & (np.abs(X) > 8.0) & (np.abs(X) < 56.0))
-    p_prof = _profile(t, 0.15, 0.11)
+    p_prof = _profile(t, 0.135, 0.085)
     base = base_sdf < 0
-    base[p_prof > 0] |= petrous[None]
+    psl = cv.slab(p_prof)
+    within = (rho[None] - prof_s[psl, None, None]) * inv[None] < 5.0  # not beyond the skull
+    base[psl] |= petrous[None] & within
     base &= ~intracranial
     bone |= base
 
@@ -628,11 +652,10 @@ def _render_anatomy(canvas: _Canvas, a: dict, rng: np.random.Generator) -> dict:
     bone_hu += 120.0 * skull_field
     del q, skull_field
     bsl = cv.slab(base.any(axis=(1, 2)).astype(f32))
-    if bsl.stop > bsl.start:
-        tex = fields.make(14, (6.0, 20.0), (10.0, 30.0), bsl)
-        dense = (np.exp(-((plane / 6.0) ** 2)) * (np.abs(X) > 8) * (Y < 10)).astype(f32)
-        base_hu = 850.0 + 260.0 * tex + 650.0 * dense[None]
-        bone_hu[bsl] = np.where(base[bsl] & (out[bsl] > thick[bsl]), base_hu, bone_hu[bsl])
+    tex = fields.make(14, (6.0, 20.0), (10.0, 30.0), bsl)
+    dense = (np.exp(-((plane / 6.0) ** 2)) * (np.abs(X) > 8) * (Y < 10)).astype(f32)
+    base_hu = 850.0 + 260.0 * tex + 650.0 * dense[None]
+    bone_hu[bsl] = np.where(base[bsl] & (out[bsl] > thick[bsl]), base_hu, bone_hu[bsl])
     np.copyto(hu, np.clip(bone_hu, 300.0, 1900.0), where=bone)
     del bone_hu, thick
 
@@ -648,9 +671,8 @@ def _render_anatomy(canvas: _Canvas, a: dict, rng: np.random.Generator) -> dict:
     for sgn in (-1.0, 1.0):
         add(mast, sgn * 45.5, -18.0, 8.5, 10.5, 0.12, 0.075)
     msl = cv.slab(mast.any(axis=(1, 2)).astype(f32))
-    if msl.stop > msl.start:
-        cells = fields.make(12, (4.0, 7.0), (6.0, 12.0), msl)
-        mast[msl] &= cells > -0.3  # honeycomb of air cells with thin bony septa
+    cells = fields.make(12, (4.0, 7.0), (6.0, 12.0), msl)
+    mast[msl] &= cells > -0.3  # honeycomb of air cells with thin bony septa
     air |= mast
     air &= ~intracranial
     hu[air] = -1000.0
@@ -660,9 +682,9 @@ def _render_anatomy(canvas: _Canvas, a: dict, rng: np.random.Generator) -> dict:
     globe = np.zeros(shape3, bool)
     lens = np.zeros(shape3, bool)
     for sgn in (-1.0, 1.0):
-        add(orbit, sgn * 28.0, 58.0, 14.0, 20.0, 0.16, 0.085, sgn * 0.3)
-        add(globe, sgn * 30.0, 66.0, 11.5, 11.5, 0.16, 0.075)
-        add(lens, sgn * 30.0, 76.5, 4.0, 1.4, 0.16, 0.03)
+        add(orbit, sgn * 28.0, 58.0, 14.0, 20.0, 0.155, 0.08, sgn * 0.3)
+        add(globe, sgn * 30.0, 66.0, 11.5, 11.5, 0.155, 0.07)
+        add(lens, sgn * 30.0, 76.5, 4.0, 1.4, 0.155, 0.03)
     orbit &= ~intracranial
     hu[orbit] = -90.0
     hu[globe & ~intracranial] = 12.0
@@ -677,11 +699,13 @@ def _render_anatomy(canvas: _Canvas, a: dict, rng: np.random.Generator) -> dict:
     np.copyto(hu, f32(a["csf"]), where=intracranial)
     np.copyto(hu, tissue, where=brain)
     hu[falx] = 70.0
+    hu[tentorium & intracranial] = 50.0
     return {
         "hu": hu,
         "brain": brain,
         "intracranial": intracranial,
         "in_s": in_s,
+        "fillable": fillable,
     }
 
 
@@ -712,7 +736,12 @@ def _draw_lesion(rng: np.random.Generator, config: PhantomConfig, patient_index:
     side = float(rng.choice([-1.0, 1.0]))
     r = float(rng.uniform(*config.lesion_size))
     u = rng.uniform(size=8)
-    near = lambda edge: edge + (u[0] - 0.5) * 0.08  # noqa: E731
+
+    def near(edge: float) -> float:
+        return edge + (u[0] - 0.5) * 0.08
+
+    # Inside the ventricle level but close to one of its edges, so that it reaches a neighbour.
+    mid = 0.345 + 0.02 * u[0] if u[2] < 0.5 else 0.595 + 0.02 * u[0]
     les = {"type": kind, "side": side, "r": r, "u": u}
     if kind == "ischemic":
         if target == "skull_base":  # only the temporal lobes reach below the tentorium
@@ -722,15 +751,14 @@ def _draw_lesion(rng: np.random.Generator, config: PhantomConfig, patient_index:
         else:
             terr = "MCA" if u[1] < 0.5 else "ACA"
         if terr == "MCA":
-            les["t0"] = {"skull_base": near(0.28), "ventricles": 0.40 + 0.15 * u[2],
-                         "vertex": near(0.68)}[target]
+            les["t0"] = {"skull_base": near(0.28), "ventricles": mid, "vertex": near(0.68)}[target]
             les["phi"] = math.radians(-35.0 + 80.0 * u[3])
         elif terr == "PCA":
-            les["t0"] = 0.38 + 0.1 * u[2]
+            les["t0"] = 0.56 + 0.04 * u[2]  # the occipital lobe up to the parieto-occipital level
             les["phi"] = math.radians(5.0 + 30.0 * u[3])
         else:
-            les["t0"] = {"ventricles": 0.58 + 0.06 * u[2]}.get(target, near(0.70))
-            les["y0"] = -10.0 + 50.0 * u[3]
+            les["t0"] = {"ventricles": 0.60 + 0.03 * u[2]}.get(target, near(0.70))
+            les["y0"] = 10.0 + 40.0 * u[3]
     else:
         if target == "skull_base":
             terr = "deep" if u[1] < 0.6 else "cerebellar"
@@ -739,7 +767,7 @@ def _draw_lesion(rng: np.random.Generator, config: PhantomConfig, patient_index:
         else:
             terr = "lobar"
         if terr == "deep":
-            les["t0"] = near(0.29) if target == "skull_base" else 0.36 + 0.08 * u[2]
+            les["t0"] = near(0.29) if target == "skull_base" else 0.33 + 0.04 * u[2]
             thal = u[3] < 0.4
             les["centre"] = (side * (11.0 if thal else 24.0) + 3 * (u[4] - 0.5),
                              (-13.0 if thal else 1.0) + 6 * (u[5] - 0.5))
@@ -747,25 +775,32 @@ def _draw_lesion(rng: np.random.Generator, config: PhantomConfig, patient_index:
             les["t0"] = 0.15 + 0.05 * u[2]
             les["centre"] = (side * (20.0 + 6.0 * u[4]), -44.0 + 8.0 * (u[5] - 0.5))
         else:
-            les["t0"] = near(0.68) if target == "vertex" else 0.42 + 0.14 * u[2]
+            les["t0"] = near(0.68) if target == "vertex" else mid
             les["phi"] = 2 * math.pi * u[3]
     les["territory"] = terr
     les["contrast"] = config.ischemic_contrast * rng.uniform(0.85, 1.15)
     les["hem_hu"] = rng.uniform(*config.hemorrhage_hu)
-    les["edema"] = rng.uniform(4.0, 8.0)
+    les["edema"] = rng.uniform(5.0, 10.0)
     les["axes"] = rng.uniform(0.75, 1.15, 2)
     les["angle"] = rng.uniform(0.0, math.pi)
     return les
 
 
-def _lesion_region(canvas: _Canvas, anat: dict, les: dict, hz_mm: float, edge: np.ndarray):
-    """(mask of the lesion before clipping to the brain, signed distance for hemorrhages or None)."""
+def _lesion_slab(t: np.ndarray, les: dict) -> np.ndarray:
+    """Vertical profile of the lesion at heights t (0 where the lesion cannot reach)."""
+    hz = les["hz"] / HEAD_HEIGHT_MM
+    t0 = float(np.clip(les["t0"], hz * 0.3, 1.0 - hz * 0.3))
+    return _profile(t, t0, hz)
+
+
+def _lesion_region(canvas: _Canvas, anat: dict, les: dict, edge: np.ndarray):
+    """(lesion mask before clipping to the brain, signed distance for hemorrhages or None)."""
     cv = canvas
     X, Y, t = cv.X, cv.Y, cv.t
     r, side, terr = les["r"], les["side"], les["territory"]
-    hz = hz_mm / HEAD_HEIGHT_MM
+    hz = les["hz"] / HEAD_HEIGHT_MM
     t0 = float(np.clip(les["t0"], hz * 0.3, 1.0 - hz * 0.3))
-    prof = _profile(t, t0, hz)
+    prof = _lesion_slab(t, les)
     if les["type"] == "ischemic":
         # A wedge (a cone in 3-D) whose base lies on the cortex and whose apex points inwards.
         scale = max(float(_supra_profile(np.array([t0]))[0]), 0.55)
@@ -808,3 +843,304 @@ def _lesion_region(canvas: _Canvas, anat: dict, les: dict, hz_mm: float, edge: n
     return sdf < 0, sdf.astype(np.float32)
 
 
+# --------------------------------------------------------------------------------- planning
+# The lesion geometry and the choice of slices come from a coarse pass at this size, so that they
+# do not depend on image_size and so that generate_phantom renders only the slices it keeps.
+_PLAN_SIZE = 64
+# Area a slice's lesion must have at the coarse size to be counted as lesion-bearing (3 coarse
+# pixels); at 256 px that is 60 px or more, well above the 20 px asked for.
+_PLAN_MIN_MM2 = 3 * (SPACING_AT_256 * 256.0 / _PLAN_SIZE) ** 2
+
+
+def _plan(patient_index: int, config: PhantomConfig) -> dict:
+    """Random anatomy and lesion of one patient, the lesion's final size, and the slices to keep."""
+    if not isinstance(patient_index, (int, np.integer)) or isinstance(patient_index, bool) \
+            or patient_index < 0:
+        raise ValueError(f"patient_index must be an integer >= 0; got {patient_index!r}")
+    rng_anat, rng_lesion, _, rng_pick = _rngs(config.seed, patient_index)
+    anatomy = _draw_anatomy(rng_anat)
+    lesion = _draw_lesion(rng_lesion, config, patient_index)
+    # Each rendering pass rebuilds its random fields from these seeds: same waves at any size.
+    seeds = (int(rng_anat.integers(2**62)), int(rng_lesion.integers(2**62)))
+
+    coarse = dataclasses.replace(config, image_size=_PLAN_SIZE)
+    canvas = _Canvas(coarse, anatomy["pose"])
+    anat = _render_anatomy(canvas, anatomy, np.random.default_rng(seeds[0]))
+    edge = _lesion_edge(canvas, seeds[1])
+    thickness = config.slice_thickness
+    need = max(config.slices_per_patient, 1)
+    px_mm2 = coarse.spacing[0] ** 2
+    lesion["hz"] = max(lesion["r"], (need / 2.0 + 1.0) * thickness)
+    for _ in range(80):
+        region, _ = _lesion_region(canvas, anat, lesion, edge)
+        area = _lesion_mask(region, anat, lesion).reshape(canvas.D, -1).sum(axis=1) * px_mm2
+        eligible = np.flatnonzero(area >= _PLAN_MIN_MM2)
+        if len(eligible) >= need:
+            break
+        # Too few slices: stretch the lesion vertically (a small lesion may still be tall) and,
+        # once it is as tall as the brain, grow it in plane too.
+        if lesion["hz"] < 0.6 * HEAD_HEIGHT_MM:
+            lesion["hz"] += 0.5 * thickness
+        else:
+            lesion["r"] *= 1.15
+    else:  # pragma: no cover - the geometry converges long before
+        raise RuntimeError(f"could not place a lesion on {need} slices of patient {patient_index}")
+
+    n_les = config.slices_per_patient
+    chosen = eligible[np.round(np.linspace(0, len(eligible) - 1, n_les)).astype(int)]
+    empty = np.zeros(0, np.int64)
+    if config.empty_slices_per_patient:
+        # Outside the lesion's vertical extent the mask is empty at any size; keep one slice of
+        # margin, and prefer slices with a fair amount of brain.
+        touched = np.flatnonzero(_lesion_slab(canvas.t, lesion) > 0)
+        far = np.ones(canvas.D, bool)
+        for k in touched:
+            far[max(0, k - 1): k + 2] = False
+        brain_area = anat["brain"].reshape(canvas.D, -1).sum(axis=1)
+        candidates = np.flatnonzero(far & (brain_area >= 0.25 * brain_area.max()))
+        if len(candidates) < config.empty_slices_per_patient:
+            candidates = np.flatnonzero(_lesion_slab(canvas.t, lesion) == 0)
+        if len(candidates) < config.empty_slices_per_patient:
+            raise ValueError(
+                f"patient {_patient_id(patient_index)} has {len(candidates)} lesion-free slices, "
+                f"fewer than empty_slices_per_patient={config.empty_slices_per_patient}; lower it "
+                "or raise n_slices"
+            )
+        empty = rng_pick.choice(candidates, size=config.empty_slices_per_patient, replace=False)
+    selected = np.sort(np.concatenate([chosen.astype(np.int64), empty.astype(np.int64)]))
+    return {"anatomy": anatomy, "lesion": lesion, "seeds": seeds, "selected": selected,
+            "lesion_slices": chosen.astype(np.int64)}
+
+
+def _lesion_mask(region: np.ndarray, anat: dict, les: dict) -> np.ndarray:
+    """The labelled lesion: an infarct is brain tissue; a hematoma also fills the sulci it hides."""
+    return region & (anat["fillable"] if les["type"] == "hemorrhagic" else anat["brain"])
+
+
+def _lesion_edge(canvas: _Canvas, seed: int) -> np.ndarray:
+    """Smooth field that roughens the lesion outline and its density."""
+    return _Fields(canvas, np.random.default_rng(seed)).make(12, (12.0, 30.0), (20.0, 50.0),
+                                                             slice(0, canvas.D))
+
+
+def _render(plan: dict, config: PhantomConfig, patient_index: int, slices: np.ndarray) -> dict:
+    """HU (blurred, with noise), labels and masks of the given slices of a planned patient."""
+    slices = np.asarray(slices, np.int64)
+    canvas = _Canvas(config, plan["anatomy"]["pose"], slices)
+    anat = _render_anatomy(canvas, plan["anatomy"], np.random.default_rng(plan["seeds"][0]))
+    edge = _lesion_edge(canvas, plan["seeds"][1])
+    les = plan["lesion"]
+    region, sdf = _lesion_region(canvas, anat, les, edge)
+    brain = anat["brain"]
+    mask = _lesion_mask(region, anat, les)
+    if les["type"] == "hemorrhagic":
+        brain = brain | mask  # the hematoma displaces the CSF it covers
+    hu = anat["hu"]
+    if les["type"] == "ischemic":
+        drop = np.float32(les["contrast"]) * (1.0 + 0.12 * edge)
+        hu -= np.where(mask, drop, np.float32(0.0))
+    else:
+        halo_w = 3.0 + 0.3 * les["r"]
+        halo = brain & ~mask & (sdf >= 0) & (sdf < halo_w)
+        hu[halo] -= (les["edema"] * (1.0 - sdf[halo] / halo_w) ** 0.5).astype(np.float32)
+        np.copyto(hu, np.float32(les["hem_hu"]) + 3.0 * edge, where=mask)
+    labels = np.zeros(hu.shape, np.uint8)
+    labels[mask] = LABELS[les["type"]]
+    hu = canvas.paste(hu, -1000.0)
+    if config.blur_sigma > 0:
+        hu = ndimage.gaussian_filter(hu, (0.0, config.blur_sigma, config.blur_sigma))
+    if config.noise_sd > 0:
+        hu += np.float32(config.noise_sd) * _noise(hu.shape, slices, config, patient_index)
+    np.clip(hu, -1024.0, 3071.0, out=hu)
+    return {
+        "hu": hu,
+        "labels": canvas.paste(labels, 0),
+        "brain": canvas.paste(brain, False),
+        "intracranial": canvas.paste(anat["intracranial"], False),
+        "levels": _level_of(canvas.t),
+    }
+
+
+def _noise(shape, slices, config: PhantomConfig, patient_index: int) -> np.ndarray:
+    """Unit-variance, slightly correlated Gaussian noise; slice k has its own stream."""
+    root = np.random.SeedSequence([int(config.seed), int(patient_index)])
+    noise = np.empty(shape, np.float32)
+    for i, k in enumerate(slices):
+        ss = np.random.SeedSequence(root.entropy, spawn_key=(4, int(k)))
+        noise[i] = np.random.default_rng(ss).standard_normal(shape[1:], dtype=np.float32)
+    if config.noise_correlation > 0:
+        s = config.noise_correlation
+        noise = ndimage.gaussian_filter(noise, (0.0, s, s))
+        noise *= np.float32(1.0 / _white_noise_gain(s))
+    return noise
+
+
+def _one_blas_thread():
+    """Run the many thin matrix products on one BLAS thread: threaded OpenBLAS is several times
+    slower for them, worst on a busy machine. Scoped: the previous limits come back on exit."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _white_noise_gain(sigma: float) -> float:
+    """Standard deviation of unit white noise after scipy's 2-D Gaussian filter of this sigma."""
+    radius = int(4.0 * sigma + 0.5)
+    x = np.arange(-radius, radius + 1)
+    w = np.exp(-0.5 * (x / sigma) ** 2)
+    w /= w.sum()
+    return float((w**2).sum())  # separable kernel: sqrt((sum w^2)^2)
+
+
+# --------------------------------------------------------------------------------- public API
+def make_volume(patient_index: int, config: PhantomConfig = PhantomConfig()) -> PhantomVolume:
+    """Generate the whole 3-D volume of one synthetic patient.
+
+    Args:
+        patient_index: 0-based index; the patient id is ``P{index + 1:02d}``. The volume depends
+            only on ``(config.seed, patient_index)`` and the config, not on how many patients are
+            made.
+        config: the phantom settings.
+
+    Returns:
+        A :class:`PhantomVolume`. Its ``selected`` slices are the ones :func:`generate_phantom`
+        takes (bit-identical): ``config.slices_per_patient`` lesion slices spread over the
+        lesion's extent, each with a lesion of at least 20 px at 256 px, plus
+        ``config.empty_slices_per_patient`` slices away from the lesion.
+
+    Raises:
+        ValueError: for a patient index that is not an integer >= 0.
+    """
+    with _one_blas_thread():
+        plan = _plan(patient_index, config)
+        out = _render(plan, config, patient_index, np.arange(config.n_slices))
+    return _volume(patient_index, config, plan, out)
+
+
+def _volume(patient_index: int, config: PhantomConfig, plan: dict, out: dict,
+            n_patients: int | None = None) -> PhantomVolume:
+    les = plan["lesion"]
+    return PhantomVolume(
+        hu=out["hu"],
+        labels=out["labels"],
+        brain=out["brain"],
+        levels=out["levels"],
+        patient_id=_patient_id(patient_index, n_patients),
+        lesion_type=les["type"],
+        territory=les["territory"],
+        spacing=config.spacing,
+        slice_thickness=config.slice_thickness,
+        intracranial=out["intracranial"],
+        side="left" if les["side"] > 0 else "right",
+        selected=plan["selected"],
+    )
+
+
+def volume_to_dataset(volume: PhantomVolume, multiclass: bool = False) -> SliceDataset:
+    """All slices of one patient as a :class:`SliceDataset` in HU.
+
+    Args:
+        volume: a volume from :func:`make_volume`.
+        multiclass: keep labels 1 hemorrhagic / 2 ischemic; otherwise masks are 0/1.
+
+    Returns:
+        A dataset with case ids ``"P01_s00"`` ..., extra columns ``level``, ``lesion_type`` and
+        ``territory`` (``"none"`` on slices without lesion).
+    """
+    n = len(volume.hu)
+    return _to_dataset(volume.patient_id, volume, np.arange(n), np.arange(n), multiclass)
+
+
+def _to_dataset(patient_id: str, volume: PhantomVolume, index: np.ndarray, rows: np.ndarray,
+                multiclass: bool) -> SliceDataset:
+    """Slices ``index`` (positions in the patient's volume) held at ``rows`` of the arrays."""
+    labels = volume.labels[rows]
+    masks = labels if multiclass else (labels > 0).astype(np.uint8)
+    present = labels.reshape(len(rows), -1).any(axis=1)
+    width = max(2, len(str(len(volume.levels) - 1)))
+    n = len(index)
+    return SliceDataset(
+        images=volume.hu[rows],
+        masks=masks,
+        case_ids=[f"{patient_id}_s{k:0{width}d}" for k in index],
+        patient_ids=[patient_id] * n,
+        slice_indices=np.asarray(index, np.int64),
+        source_paths=[""] * n,
+        unit="HU",
+        class_names=MULTICLASS_NAMES if multiclass else BINARY_NAMES,
+        spacing=tuple(volume.spacing),
+        slice_thickness=float(volume.slice_thickness),
+        extra={
+            "level": np.asarray(volume.levels)[index].astype(str),
+            "lesion_type": np.where(present, volume.lesion_type, "none").astype(str),
+            "territory": np.where(present, volume.territory, "none").astype(str),
+        },
+    )
+
+
+def generate_phantom(
+    config: PhantomConfig = PhantomConfig(), progress: bool = True
+) -> SliceDataset:
+    """The few-shot phantom set: ``slices_per_patient`` lesion slices (+ empty ones) per patient.
+
+    Only the kept slices are rendered at full size, so this is much faster than building whole
+    volumes; slice k of patient p equals ``make_volume(p, config).hu[k]`` exactly.
+
+    Args:
+        config: the phantom settings (:class:`PhantomConfig`).
+        progress: show a progress bar over patients.
+
+    Returns:
+        A :class:`SliceDataset` in HU (``unit="HU"``) with case ids like ``"P01_s07"``, patient ids,
+        slice indices, spacing, slice thickness and extra columns ``level``, ``lesion_type`` and
+        ``territory`` (``"none"`` on empty slices). Masks are 0/1 (class names "background",
+        "lesion") or, with ``config.multiclass``, 0 / 1 hemorrhagic / 2 ischemic.
+    """
+    from tqdm.auto import tqdm
+
+    parts = []
+    for k in tqdm(range(config.n_patients), desc="phantom patients", disable=not progress):
+        with _one_blas_thread():
+            plan = _plan(k, config)
+            selected = plan["selected"]
+            out = _render(plan, config, k, selected)
+        # Levels of the whole volume, so that the dataset can index them by slice position.
+        levels = np.empty(config.n_slices, dtype=object)
+        levels[selected] = out["levels"]
+        volume = _volume(k, config, plan, dict(out, levels=levels))
+        lesion_rows = np.searchsorted(selected, plan["lesion_slices"])
+        if not volume.labels[lesion_rows].reshape(len(lesion_rows), -1).any(axis=1).all():
+            # Cannot happen with the margin the coarse plan keeps; a loud failure if it ever does.
+            raise RuntimeError(f"a planned lesion slice of patient {k} came out empty")
+        pid = _patient_id(k, config.n_patients)
+        rows = np.arange(len(selected))
+        parts.append(_to_dataset(pid, volume, selected, rows, config.multiclass))
+    return concat(parts)
+
+
+def level_counts(dataset: SliceDataset, lesion_only: bool = True) -> dict[str, int]:
+    """Slices per level (lesion slices only by default), in :data:`LEVELS` order."""
+    levels = np.asarray(dataset.extra["level"])
+    if lesion_only:
+        levels = levels[dataset.has_lesion()]
+    return {name: int((levels == name).sum()) for name in LEVELS}
+
+
+def describe(config: PhantomConfig) -> list[str]:
+    """Lines that describe a phantom config in words (for notebook printouts)."""
+    sp = config.spacing[0]
+    size = (
+        f"{config.n_patients} patients x ({config.slices_per_patient} lesion + "
+        f"{config.empty_slices_per_patient} empty) slices of {config.image_size} px "
+        f"({sp:.2f} mm pixels, {config.slice_thickness:.1f} mm slices)"
+    )
+    lesions = (
+        f"lesions: {', '.join(config.lesion_types)}; radius {config.lesion_size[0]:g}-"
+        f"{config.lesion_size[1]:g} mm; infarct -{config.ischemic_contrast:g} HU; "
+        f"hemorrhage {config.hemorrhage_hu[0]:g}-{config.hemorrhage_hu[1]:g} HU"
+    )
+    image = (f"noise sd {config.noise_sd:g} HU, blur sigma {config.blur_sigma:g} px, "
+             f"seed {config.seed}")
+    return [size, lesions, image]

@@ -11,7 +11,8 @@ Introduced in notebooks/09_3d_reconstruction.ipynb.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -20,14 +21,14 @@ from .dataset import SliceDataset
 from .errors import DataError
 
 __all__ = [
-    "predict_volume",
     "clean_mask",
     "lesion_volume_ml",
-    "stack_slices",
-    "surface_mesh",
-    "skull_from_hu",
     "plot_3d",
     "plot_volume_slice",
+    "predict_volume",
+    "skull_from_hu",
+    "stack_slices",
+    "surface_mesh",
     "volume_report",
 ]
 
@@ -57,7 +58,9 @@ def _as_volume(mask: Any, what: str = "mask") -> np.ndarray:
     if arr.ndim == 2:
         arr = arr[None]
     if arr.ndim != 3:
-        raise ValueError(f"{what} must be a (D, H, W) volume or one (H, W) slice, got shape {arr.shape}")
+        raise ValueError(
+            f"{what} must be a (D, H, W) volume or one (H, W) slice, got shape {arr.shape}"
+        )
     return arr
 
 
@@ -69,6 +72,25 @@ def _foreground(mask: Any, what: str = "mask") -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- prediction
+def _resize_linear(prob: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of (S, S, C) probabilities to (height, width, C).
+
+    Pillow's float resampling matches skimage's linear resize except in the outermost two pixels
+    and is about four times faster, which matters for 40 slices at 512 x 512.
+    """
+    from PIL import Image
+
+    channels = [
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(prob[..., c], dtype=np.float32)).resize(
+                (width, height), Image.Resampling.BILINEAR
+            )
+        )
+        for c in range(prob.shape[-1])
+    ]
+    return np.stack(channels, axis=-1)
+
+
 def predict_volume(
     model: Any,
     volume_hu_or_dataset: np.ndarray | SliceDataset,
@@ -103,10 +125,13 @@ def predict_volume(
     """
     from tqdm.auto import tqdm
 
-    from .preprocess import resize_image
     from .train import to_arrays
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, (int, np.integer))
+        or batch_size < 1
+    ):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if isinstance(volume_hu_or_dataset, SliceDataset):
         dataset = volume_hu_or_dataset
@@ -115,7 +140,9 @@ def predict_volume(
         if volume.ndim == 2:
             volume = volume[None]
         if volume.ndim != 3:
-            raise ValueError(f"expected a (D, H, W) volume or a SliceDataset, got an array of shape {volume.shape}")
+            raise ValueError(
+                f"expected a (D, H, W) volume or a SliceDataset, got an array of shape {volume.shape}"
+            )
         dataset = SliceDataset(
             images=volume,
             masks=np.zeros(volume.shape, np.uint8),
@@ -130,12 +157,14 @@ def predict_volume(
     starts = range(0, len(x), int(batch_size))
     for start in tqdm(starts, desc="predicting slices", disable=not progress, unit="batch"):
         # predict_on_batch avoids building a new predict loop per batch on every backend.
-        outputs.append(np.asarray(model.predict_on_batch(x[start : start + batch_size]), dtype=np.float32))
+        outputs.append(
+            np.asarray(model.predict_on_batch(x[start : start + batch_size]), dtype=np.float32)
+        )
     prob = np.concatenate(outputs)
     if prob.ndim == 3:
         prob = prob[..., None]
     if prob.shape[1:3] != (height, width):
-        prob = np.stack([resize_image(p, (height, width)) for p in prob])
+        prob = np.stack([_resize_linear(p, height, width) for p in prob])
     prob = np.clip(prob, 0.0, 1.0).astype(np.float32, copy=False)
     return prob[..., 0] if prob.shape[-1] == 1 else prob
 
@@ -205,8 +234,13 @@ def clean_mask(
         if min_size_ml < 0:
             raise ValueError(f"min_size_ml must be >= 0, got {min_size_ml}")
         dz, dy, dx = _spacing3(spacing)
-        min_size = max(min_size, int(math.ceil(min_size_ml * 1000.0 / (dz * dy * dx) - 1e-9)))
-    if np.issubdtype(vol.dtype, np.integer) and vol.dtype != bool and vol.size and int(vol.max()) > 1:
+        min_size = max(min_size, math.ceil(min_size_ml * 1000.0 / (dz * dy * dx) - 1e-9))
+    if (
+        np.issubdtype(vol.dtype, np.integer)
+        and vol.dtype != bool
+        and vol.size
+        and int(vol.max()) > 1
+    ):
         out = np.zeros(vol.shape, np.uint8)
         for label in np.unique(vol):
             if label == 0:
@@ -219,7 +253,9 @@ def clean_mask(
 
 
 # --------------------------------------------------------------------------- volumes
-def lesion_volume_ml(mask3d: Any, spacing_row_col: Sequence[float], slice_thickness: float) -> float:
+def lesion_volume_ml(
+    mask3d: Any, spacing_row_col: Sequence[float], slice_thickness: float
+) -> float:
     """Lesion volume in mL: foreground voxel count x (row x col x slice spacing in mm) / 1000.
 
     Args:
@@ -246,7 +282,9 @@ def lesion_volume_ml(mask3d: Any, spacing_row_col: Sequence[float], slice_thickn
     return float(np.count_nonzero(as_binary(mask3d))) * voxel
 
 
-def _patient_spacing(data: SliceDataset, patient_id: str) -> tuple[float | None, float | None, float | None]:
+def _patient_spacing(
+    data: SliceDataset, patient_id: str
+) -> tuple[float | None, float | None, float | None]:
     """(dz, dy, dx) from the dataset, or from per-slice NIfTI columns when they agree."""
     dz = data.slice_thickness
     dy, dx = data.spacing if data.spacing is not None else (None, None)
@@ -291,13 +329,19 @@ def stack_slices(
     patient_id = str(patient_id)
     index = np.flatnonzero(np.asarray(dataset.patient_ids) == patient_id)
     if len(index) == 0:
-        raise DataError(f"unknown patient {patient_id!r}; patients are e.g. {dataset.patients()[:5]}")
+        raise DataError(
+            f"unknown patient {patient_id!r}; patients are e.g. {dataset.patients()[:5]}"
+        )
     order = np.asarray(dataset.slice_indices)[index]
     if np.any(order < 0):
-        raise DataError(f"patient {patient_id!r} has slices without a slice index (-1); cannot order them")
+        raise DataError(
+            f"patient {patient_id!r} has slices without a slice index (-1); cannot order them"
+        )
     if len(np.unique(order)) != len(order):
         values, counts = np.unique(order, return_counts=True)
-        raise DataError(f"patient {patient_id!r} has repeated slice indices {values[counts > 1][:5].tolist()}")
+        raise DataError(
+            f"patient {patient_id!r} has repeated slice indices {values[counts > 1][:5].tolist()}"
+        )
     index = index[np.argsort(order, kind="stable")]
     order = np.sort(order)
     missing = sorted(set(range(int(order[0]), int(order[-1]) + 1)) - set(order.tolist()))
@@ -389,7 +433,7 @@ def _downsampled(mask: np.ndarray, spacing: tuple[float, float, float], side: in
     from skimage.measure import block_reduce
 
     fg = _foreground(mask).astype(np.float32)
-    factor = max(1, int(math.ceil(max(fg.shape[1:]) / float(side))))
+    factor = max(1, math.ceil(max(fg.shape[1:]) / float(side)))
     if factor == 1:
         return fg, spacing, np.zeros(3)
     small = block_reduce(fg, (1, factor, factor), np.mean)
@@ -447,9 +491,15 @@ def plot_3d(
     spacing3 = _spacing3(spacing)
     lesion = _foreground(lesion_mask, "lesion_mask")
     shape = lesion.shape
-    for name, other in (("brain_mask", brain_mask), ("skull_mask", skull_mask), ("truth_mask", truth_mask)):
+    for name, other in (
+        ("brain_mask", brain_mask),
+        ("skull_mask", skull_mask),
+        ("truth_mask", truth_mask),
+    ):
         if other is not None and _as_volume(other, name).shape != shape:
-            raise ValueError(f"{name} shape {_as_volume(other, name).shape} differs from lesion_mask shape {shape}")
+            raise ValueError(
+                f"{name} shape {_as_volume(other, name).shape} differs from lesion_mask shape {shape}"
+            )
 
     fig = Figure(figsize=figsize, layout="constrained")
     ax = fig.add_subplot(projection="3d")
@@ -556,8 +606,12 @@ def plot_volume_slice(
     fig = Figure(figsize=figsize, layout="constrained")
     ax = fig.add_subplot()
     pred = masks.get("pred_mask")
-    ax.imshow(overlay_mask(image01, pred.astype(np.uint8), alpha=0.35) if pred is not None else image01,
-              cmap="gray", vmin=0, vmax=1)
+    ax.imshow(
+        overlay_mask(image01, pred.astype(np.uint8), alpha=0.35) if pred is not None else image01,
+        cmap="gray",
+        vmin=0,
+        vmax=1,
+    )
     handles = []
     parts = [f"slice {index + 1}/{depth}"]
     if pred is not None:
@@ -568,7 +622,13 @@ def plot_volume_slice(
     truth = masks.get("truth_mask")
     if truth is not None:
         if truth.any():
-            ax.contour(truth.astype(np.float32), levels=[0.5], colors=["lime"], linewidths=1.0, linestyles="--")
+            ax.contour(
+                truth.astype(np.float32),
+                levels=[0.5],
+                colors=["lime"],
+                linewidths=1.0,
+                linestyles="--",
+            )
         handles.append(Line2D([], [], color="lime", linestyle="--", label="reference"))
         parts.append(f"reference {int(truth.sum())} px")
     if handles:
@@ -605,13 +665,20 @@ def volume_report(
     spacing = tuple(float(s) for s in spacing)
     if slice_thickness is None:
         if len(spacing) != 3:
-            raise ValueError("pass spacing=(row, col) with slice_thickness, or spacing=(dz, dy, dx)")
+            raise ValueError(
+                "pass spacing=(row, col) with slice_thickness, or spacing=(dz, dy, dx)"
+            )
         slice_thickness, spacing = spacing[0], spacing[1:]
     pred = _foreground(pred_mask, "pred_mask")
     predicted = lesion_volume_ml(pred, spacing, slice_thickness)
     if truth_mask is None:
-        return {"predicted_ml": predicted, "true_ml": float("nan"), "difference_ml": float("nan"),
-                "relative_difference": float("nan"), "dice_3d": float("nan")}
+        return {
+            "predicted_ml": predicted,
+            "true_ml": float("nan"),
+            "difference_ml": float("nan"),
+            "relative_difference": float("nan"),
+            "dice_3d": float("nan"),
+        }
     truth = _foreground(truth_mask, "truth_mask")
     if truth.shape != pred.shape:
         raise ValueError(f"pred_mask shape {pred.shape} and truth_mask shape {truth.shape} differ")

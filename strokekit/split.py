@@ -45,7 +45,7 @@ _CSV_HEADER = "# strokekit-split "
 
 # Cost weights of the grouped search, largest first: a hard constraint is worth more than any
 # number of softer ones could add up to on realistic data (a few thousand slices).
-_COST_EMPTY = 1e9  # an requested subset left without slices
+_COST_EMPTY = 1e9  # a requested subset left without slices
 _COST_TOLERANCE = 1e6  # per slice beyond the documented size tolerance
 _COST_MISSING = {"test": 1e4, "train": 3e3, "val": 1e3}  # per eligible cluster absent
 
@@ -190,9 +190,9 @@ def embed_vgg16(
     The ImageNet weights are never downloaded: ``weights="imagenet"`` uses the file in the Keras
     cache (``$KERAS_HOME/models/`` or ``~/.keras/models/``, name :data:`VGG16_NOTOP_FILE`) when it
     is there; otherwise it warns once and falls back to VGG16 with random weights drawn under
-    ``seed`` (He-uniform, zero bias). Random convolutional features still carry coarse shape and
-    intensity structure, so clusters remain meaningful, only less semantic. Check which was used
-    with ``return_info=True``.
+    ``seed`` (He-uniform, zero bias; the lookup is ``strokekit.models.resolve_imagenet_weights``).
+    Random convolutional features still carry coarse shape and intensity structure, so clusters
+    remain meaningful, only less semantic. Check which was used with ``return_info=True``.
 
     Args:
         dataset_or_images: a SliceDataset, or an array (N, H, W) / (N, H, W, 3) in [0, 1] or 0..255.
@@ -247,8 +247,14 @@ def embed_vgg16(
             if batch.ndim == 3:
                 batch = np.repeat(batch[..., None], 3, axis=-1)
             batch = preprocess(batch * 255.0)
-            features[start : start + len(batch)] = np.asarray(model.predict_on_batch(batch))
-            bar.update(len(batch))
+            count = len(batch)
+            if count < batch_size and start > 0:
+                # pad the last batch to the usual shape: a new shape means a new trace/compile
+                pad = np.zeros((batch_size - count, *batch.shape[1:]), dtype=batch.dtype)
+                batch = np.concatenate([batch, pad])
+            out = np.asarray(model.predict_on_batch(batch))
+            features[start : start + count] = out[:count]
+            bar.update(count)
     if not return_info:
         return features
     info = {
@@ -1454,3 +1460,61 @@ def plot_balance(frame, metric: str = "tv_distance") -> Figure:
     )
     ax.legend()
     return fig
+
+
+#: The course's default split recipe (notebook 02's parameters); load_or_make_split uses it.
+DEFAULT_SPLIT: dict[str, Any] = {"embedding": "vgg16", "image_size": 64, "use_overlay": True, "k": 8,
+                                 "test": 0.25, "val": 0.15}
+
+
+def load_or_make_split(
+    dataset: SliceDataset,
+    path: str | os.PathLike | None,
+    seed: int = 0,
+    **recipe: Any,
+) -> Split:
+    """The split saved at ``path`` if it covers exactly this dataset's slices; else a new one.
+
+    Later notebooks call this so they can also run on their own: when notebook 02 has not saved
+    a split yet, the same recipe (:data:`DEFAULT_SPLIT`: embed, KMeans, cluster-stratified and
+    patient-grouped split) is applied and saved at ``path``. A saved split for a different set of
+    slices is never overwritten: a warning says so and a fresh split is returned unsaved.
+
+    Introduced in notebooks/04_unet_vs_resunet.ipynb.
+
+    Args:
+        dataset: the slices to split (needs patient ids).
+        path: the split file (JSON or CSV), or None to make a split without saving it.
+        seed: seed of the embedding, clustering and split.
+        **recipe: overrides of :data:`DEFAULT_SPLIT`.
+    """
+    import warnings
+
+    unknown = sorted(set(recipe) - set(DEFAULT_SPLIT))
+    if unknown:
+        raise ValueError(f"Expected keys among {sorted(DEFAULT_SPLIT)}. Received: {unknown}")
+    settings = {**DEFAULT_SPLIT, **recipe}
+    target = None if path is None else Path(path)
+    if target is not None and target.is_file():
+        saved = Split.load(target)
+        if sorted(saved.case_ids) == sorted(dataset.case_ids):
+            return saved
+        warnings.warn(
+            f"{target}: this split lists other slices than the dataset ({len(saved)} vs {len(dataset)}); "
+            "making a new split for this dataset without overwriting the file.",
+            UserWarning,
+            stacklevel=2,
+        )
+        target = None
+    if settings["embedding"] == "vgg16":
+        features = embed_vgg16(dataset, use_overlay=settings["use_overlay"], image_size=settings["image_size"],
+                               seed=seed, progress=False)
+    else:
+        features = embed(dataset, settings["embedding"])
+    k = min(int(settings["k"]), len(dataset) - 1)
+    clusters = cluster(features, k, seed=seed)
+    split = cluster_split(dataset, clusters, test=settings["test"], val=settings["val"], seed=seed)
+    split.params["recipe"] = settings
+    if target is not None:
+        split.save(target)
+    return split

@@ -43,14 +43,18 @@ def _constant_model(size: int = 32, channels: int = 1, weight: float = 10.0, bia
     """sigmoid(weight * x + bias) per pixel: predictions that can be computed by hand."""
     import keras
 
-    return keras.Sequential([
-        keras.Input((size, size, channels)),
-        keras.layers.Conv2D(
-            1, 1, activation="sigmoid",
-            kernel_initializer=keras.initializers.Constant(weight),
-            bias_initializer=keras.initializers.Constant(bias),
-        ),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((size, size, channels)),
+            keras.layers.Conv2D(
+                1,
+                1,
+                activation="sigmoid",
+                kernel_initializer=keras.initializers.Constant(weight),
+                bias_initializer=keras.initializers.Constant(bias),
+            ),
+        ]
+    )
 
 
 def _config(**kw):
@@ -67,7 +71,9 @@ def test_sphere_volume_in_ml_with_anisotropic_spacing():
     got = lesion_volume_ml(sphere, spacing, thickness)
     assert got == pytest.approx(expected, rel=0.03)
     # The same voxels counted as 1 mm cubes give a different number: spacing really matters.
-    assert lesion_volume_ml(sphere, (1.0, 1.0), 1.0) == pytest.approx(np.count_nonzero(sphere) / 1000.0)
+    assert lesion_volume_ml(sphere, (1.0, 1.0), 1.0) == pytest.approx(
+        np.count_nonzero(sphere) / 1000.0
+    )
 
 
 def test_box_volume_is_exact_and_labels_count_as_lesion():
@@ -254,7 +260,7 @@ def test_predict_volume_returns_original_size_and_probabilities():
     prob = predict_volume(model, volume, _config(), batch_size=2, progress=False)
     assert prob.shape == (3, 48, 40) and prob.dtype == np.float32
     assert prob.min() >= 0.0 and prob.max() <= 1.0
-    sig = lambda v: 1.0 / (1.0 + math.exp(-v))  # noqa: E731
+    sig = lambda v: 1.0 / (1.0 + math.exp(-v))
     np.testing.assert_allclose(prob[:, :, :14], sig(5.0), atol=1e-3)  # left half stays left
     np.testing.assert_allclose(prob[:, :, 26:], sig(-5.0), atol=1e-3)
 

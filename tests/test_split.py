@@ -127,6 +127,7 @@ def test_overlay_needs_a_dataset():
 
 
 @pytest.mark.backend
+@pytest.mark.slow
 def test_vgg16_offline_fallback_warns_and_is_deterministic(tmp_path, monkeypatch, ds40):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # an empty cache: no ImageNet file
     images = ds40.images[:4]
@@ -134,7 +135,7 @@ def test_vgg16_offline_fallback_warns_and_is_deterministic(tmp_path, monkeypatch
         UserWarning, match=r"ImageNet weights for (?i:vgg16) were not found"
     ) as record:
         feats, info = sk.embed_vgg16(
-            images, image_size=32, batch_size=3, progress=False, return_info=True
+            images, image_size=32, batch_size=2, progress=False, return_info=True
         )
     assert len([w for w in record if "ImageNet" in str(w.message)]) == 1  # once, not once per batch
     assert str(tmp_path / "models") in str(record[0].message)
@@ -147,7 +148,7 @@ def test_vgg16_offline_fallback_warns_and_is_deterministic(tmp_path, monkeypatch
         # weights=None is a choice, not a fallback: no warning
         warnings.simplefilter("error", UserWarning)
         again, info2 = sk.embed_vgg16(
-            images, weights=None, image_size=32, batch_size=3, progress=False, return_info=True
+            images, weights=None, image_size=32, batch_size=2, progress=False, return_info=True
         )
     assert info2["weights"] == "random"
     np.testing.assert_array_equal(feats, again)

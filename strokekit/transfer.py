@@ -1,0 +1,1075 @@
+"""Transfer learning: freeze and unfreeze encoder blocks, fine-tuning schedules, few-shot curves.
+
+Introduced in notebooks/05_transfer_learning.ipynb.
+
+Two ideas from the stroke literature are reproduced here. A U-Net pretrained on a large source
+set (a tumour set in one study; here a larger phantom set of a *different* lesion type, or any
+set you load) is fine-tuned on a small target set at a low learning rate. And a pretrained
+encoder is kept frozen, fully unfrozen, or unfrozen gradually, deepest block first
+(:class:`FineTuneSchedule`). :func:`learning_curve` then asks the only question that matters
+for few-shot work: with k annotated target slices, does the pretrained start beat training
+from scratch, and by more than the spread between seeds?
+
+Keras 3 facts the code relies on (tested in ``tests/test_transfer.py``):
+
+* ``layer.trainable = False`` on a ``BatchNormalization`` layer also puts it in inference
+  mode: it normalises with its moving mean and variance and no longer updates them. A frozen
+  block therefore keeps the source set's statistics, as the keras.io transfer-learning guide
+  recommends for fine-tuning.
+* The set of trainable weights is fixed when a model is compiled (the traced training step
+  and the optimizer's slots are built for it). Changing ``trainable`` flags needs a new
+  ``compile``; :func:`recompile` does it, and gradual unfreezing is therefore a loop of short
+  ``fit`` phases, one compile per phase, rather than a callback that flips flags mid-``fit``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import os
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import seed_everything, to_dict
+from .dataset import SliceDataset
+from .errors import DataError
+from .train import RunResult, TrainConfig
+
+MODES: tuple[str, ...] = ("frozen", "unfrozen", "gradual")
+"""Fine-tuning modes of :class:`FineTuneSchedule`."""
+
+CURVE_COLUMNS: tuple[str, ...] = (
+    "method", "shots", "seed", "dice", "iou", "sensitivity", "specificity", "epochs", "seconds",
+)
+"""Columns :func:`learning_curve` always returns (it adds ``patients`` and ``best_epoch``)."""
+
+
+def _expected(value: Any, choices: Sequence[Any], arg: str) -> ValueError:
+    return ValueError(f"Expected one of {list(choices)}. Received: {arg}={value!r}")
+
+
+# --------------------------------------------------------------------------- freezing
+
+
+def encoder_layers(model) -> list[str]:
+    """Names of the layers that make up the model's encoder, shallow to deep.
+
+    Introduced in notebooks/05_transfer_learning.ipynb.
+
+    Args:
+        model: a model from :mod:`strokekit.models` (``enc1_*``…``bottleneck_*`` layers) or a
+            :func:`strokekit.models.pretrained_unet` (``block1_*``… or ``conv1_*``… layers).
+
+    Returns:
+        The layer names of every block of :func:`strokekit.models.encoder_blocks`, in order.
+    """
+    from .models import encoder_blocks
+
+    return [name for _, names in encoder_blocks(model) for name in names]
+
+
+def _block_names(model) -> list[str]:
+    from .models import encoder_blocks
+
+    return [name for name, _ in encoder_blocks(model)]
+
+
+def _matches(name: str, pattern: str) -> bool:
+    # "enc1" must not pick up "enc10_conv1": a prefix ends at an underscore.
+    if any(ch in pattern for ch in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return name == pattern or name.startswith(pattern if pattern.endswith("_") else pattern + "_")
+
+
+def _as_list(value: str | Sequence[str] | None, arg: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    items = list(value)
+    if not all(isinstance(v, str) for v in items):
+        raise ValueError(f"{arg} must be a string or a sequence of strings. Received: {arg}={value!r}")
+    return items
+
+
+def _select_layers(model, names_or_prefixes, blocks) -> list:
+    """The model's layers picked by names/prefixes/patterns and encoder blocks, in graph order."""
+    from .models import encoder_blocks
+
+    patterns = _as_list(names_or_prefixes, "names_or_prefixes")
+    wanted_blocks = _as_list(blocks, "blocks")
+    if not patterns and not wanted_blocks:
+        wanted_blocks = [name for name, _ in encoder_blocks(model)]
+        if not wanted_blocks:
+            raise ValueError(
+                "this model has no encoder blocks recognised by strokekit.models.encoder_blocks "
+                "(layer names enc1_*, bottleneck_*, block1_* or conv1_*); name the layers to "
+                "freeze with names_or_prefixes"
+            )
+    chosen: set[str] = set()
+    names = [layer.name for layer in model.layers]
+    for pattern in patterns:
+        hits = [n for n in names if _matches(n, pattern)]
+        if not hits:
+            raise ValueError(
+                f"no layer of model {model.name!r} matches {pattern!r} (a full name, a prefix "
+                f"ending at '_' or a glob pattern). Layer names look like {names[1:6]}"
+            )
+        chosen.update(hits)
+    known = dict(encoder_blocks(model))
+    for block in wanted_blocks:
+        if block not in known:
+            raise _expected(block, list(known), "block")
+        chosen.update(known[block])
+    return [layer for layer in model.layers if layer.name in chosen]
+
+
+def _is_batchnorm(layer) -> bool:
+    import keras
+
+    return isinstance(layer, keras.layers.BatchNormalization)
+
+
+def _ensure_model_trainable(model) -> None:
+    # Layer flags only count while the model itself is trainable; `model.trainable = True`
+    # would unfreeze every layer, so the per-layer flags are put back afterwards.
+    if not model.trainable:
+        flags = [(layer, layer.trainable) for layer in model.layers]
+        model.trainable = True
+        for layer, flag in flags:
+            layer.trainable = flag
+
+
+def freeze(model, names_or_prefixes: str | Sequence[str] | None = None,
+           blocks: str | Sequence[str] | None = None) -> list[str]:
+    """Freezes layers: their weights stop changing and their batch norm runs in inference mode.
+
+    Recompile afterwards (:func:`recompile`): Keras fixes the trainable weights at compile
+    time.
+
+    Introduced in notebooks/05_transfer_learning.ipynb.
+
+    Args:
+        model: a Keras model.
+        names_or_prefixes: layer names, prefixes (``"enc1"`` picks ``enc1_conv1``… but not
+            ``enc10_*``; ``"dec"``-style partial words need a glob: ``"dec*"``) or glob
+            patterns.
+        blocks: encoder blocks as listed by :func:`strokekit.models.encoder_blocks`
+            (``"enc1"``…``"bottleneck"``; ``"block1"``… for VGG16, ``"conv1"``… for ResNet50).
+            With neither argument the whole encoder is frozen.
+
+    Returns:
+        The names of the layers frozen, in graph order.
+
+    Raises:
+        ValueError: a name that matches no layer, an unknown block, or a model without
+            recognisable encoder blocks when nothing was named.
+    """
+    layers = _select_layers(model, names_or_prefixes, blocks)
+    _ensure_model_trainable(model)
+    for layer in layers:
+        layer.trainable = False
+    return [layer.name for layer in layers]
+
+
+def unfreeze(model, names_or_prefixes: str | Sequence[str] | None = None,
+             blocks: str | Sequence[str] | None = None,
+             keep_batchnorm_frozen: bool = False) -> list[str]:
+    """Makes layers trainable again (the counterpart of :func:`freeze`); then :func:`recompile`.
+
+    Introduced in notebooks/05_transfer_learning.ipynb.
+
+    Args:
+        model: a Keras model.
+        names_or_prefixes: as in :func:`freeze`.
+        blocks: as in :func:`freeze`; with neither argument the whole encoder is unfrozen.
+        keep_batchnorm_frozen: leave the batch-norm layers among them frozen (inference mode,
+            fixed scale and offset), as advised when fine-tuning a pretrained encoder on a
+            small set whose few batches give noisy statistics.
+
+    Returns:
+        The names of the layers made trainable, in graph order.
+
+    Raises:
+        ValueError: as :func:`freeze`.
+    """
+    layers = _select_layers(model, names_or_prefixes, blocks)
+    _ensure_model_trainable(model)
+    changed = []
+    for layer in layers:
+        if keep_batchnorm_frozen and _is_batchnorm(layer):
+            layer.trainable = False
+            continue
+        layer.trainable = True
+        changed.append(layer.name)
+    return changed
+
+
+def trainable_blocks(model) -> tuple[str, ...]:
+    """Encoder blocks with at least one trainable weight, shallow to deep.
+
+    A block whose convolutions train while its batch norm is kept frozen counts as trainable.
+
+    Introduced in notebooks/05_transfer_learning.ipynb.
+
+    Args:
+        model: a Keras model with encoder blocks (:func:`strokekit.models.encoder_blocks`).
+
+    Returns:
+        The trainable blocks' names, e.g. ``("enc3", "bottleneck")``.
+    """
+    from .models import encoder_blocks
+
+    if not model.trainable:
+        return ()
+    by_name = {layer.name: layer for layer in model.layers}
+    out = []
+    for block, names in encoder_blocks(model):
+        if any(by_name[n].trainable and by_name[n].weights for n in names):
+            out.append(block)
+    return tuple(out)
+
+
+def _trainable_mask(model) -> tuple:
+    return (bool(model.trainable),) + tuple((layer.name, bool(layer.trainable)) for layer in model.layers)
+
+
+def recompile(model, config: TrainConfig, learning_rate: float | None = None):
+    """Makes a model ready to train after its trainable flags changed: fresh Adam at a rate.
+
+    Uses :func:`strokekit.train.compile_model` (the config's loss and lesion metrics). When
+    the model was last compiled here with exactly the same trainable layers and the same
+    loss, the existing compiled step is kept and only the optimizer is reset (slots and
+    step count to zero, new learning rate): the same state a new compile gives, without
+    tracing the training step again (seconds per call on a CPU).
+
+    Introduced in notebooks/05_transfer_learning.ipynb.
+
+    Args:
+        model: a Keras model.
+        config: the TrainConfig (loss, number of classes, threshold).
+        learning_rate: Adam learning rate; None means ``config.learning_rate``.
+
+    Returns:
+        The model (compiled in place).
+
+    Raises:
+        ValueError: a learning rate that is not positive.
+    """
+    from .train import compile_model
+
+    lr = float(config.learning_rate if learning_rate is None else learning_rate)
+    if not lr > 0:
+        raise ValueError(f"learning_rate must be > 0. Received: learning_rate={learning_rate!r}")
+    optimizer = getattr(model, "optimizer", None)
+    key = (_trainable_mask(model), config.loss, config.num_classes, float(config.threshold),
+           id(optimizer))
+    if optimizer is not None and getattr(model, "_strokekit_compile_key", None) == key:
+        _reset_optimizer(optimizer, lr)
+        return model
+    compile_model(model, config, lr)
+    key = key[:-1] + (id(model.optimizer),)
+    # Set past Keras' attribute tracking: a plain marker, not model state.
+    object.__setattr__(model, "_strokekit_compile_key", key)
+    return model
+
+
+def _reset_optimizer(optimizer, learning_rate: float) -> None:
+    import keras
+
+    # compile_model always builds Adam, whose step count and moment slots all start at 0.
+    for variable in optimizer.variables:
+        variable.assign(keras.ops.zeros(variable.shape, dtype=variable.dtype))
+    optimizer.learning_rate = learning_rate
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One stretch of fine-tuning with fixed trainable blocks (see :meth:`FineTuneSchedule.phases`).
+
+    Attributes:
+        index: 0 for the first phase.
+        start_epoch: first epoch of the phase, counted from 0 (Keras' ``initial_epoch``).
+        end_epoch: the epoch after its last (Keras' ``epochs``).
+        blocks: encoder blocks trainable in this phase, shallow to deep.
+        lr_factor: multiplies ``config.learning_rate``.
+    """
+
+    index: int
+    start_epoch: int
+    end_epoch: int
+    blocks: tuple[str, ...]
+    lr_factor: float
+
+
+@dataclasses.dataclass(frozen=True)
+class FineTuneSchedule:
+    """How the encoder of a pretrained network is treated during fine-tuning.
+
+    The decoder and head always train. Modes:
+
+    * ``"frozen"``: the encoder never changes; the decoder trains at ``config.learning_rate``.
+    * ``"unfrozen"``: everything trains from the first epoch at
+      ``config.learning_rate * lr_scale`` (the study's "fine-tune at 1e-5").
+    * ``"gradual"``: the first ``unfreeze_every`` epochs train the decoder only at
+      ``config.learning_rate``; then every ``unfreeze_every`` epochs one more encoder block
+      joins, deepest first (``bottleneck``, ``encN``, …, ``enc1``), and the rate drops to
+      ``config.learning_rate * lr_scale``. Once all blocks train, training goes on to
+      ``config.num_epochs``; blocks not reached by then stay frozen.
+
+    Introduced in notebooks/05_transfer_learning.ipynb.
+
+    Attributes:
+        mode: one of :data:`MODES`.
+        unfreeze_every: epochs between two unfreezing steps (gradual mode).
+        lr_scale: learning-rate factor whenever encoder blocks train.
+        keep_batchnorm_frozen: batch norm inside unfrozen encoder blocks stays in inference
+            mode with fixed scale and offset (the keras.io advice for small target sets).
+    """
+
+    mode: str = "unfrozen"
+    unfreeze_every: int = 1
+    lr_scale: float = 0.1
+    keep_batchnorm_frozen: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise _expected(self.mode, MODES, "mode")
+        if (not isinstance(self.unfreeze_every, (int, np.integer)) or isinstance(self.unfreeze_every, bool)
+                or self.unfreeze_every < 1):
+            raise ValueError(
+                f"unfreeze_every must be an int >= 1 (epochs). Received: unfreeze_every={self.unfreeze_every!r}"
+            )
+        if not (isinstance(self.lr_scale, (int, float)) and 0 < float(self.lr_scale) <= 1):
+            raise ValueError(f"lr_scale must be in (0, 1]. Received: lr_scale={self.lr_scale!r}")
+
+    def phases(self, blocks: Sequence[str], num_epochs: int) -> list[Phase]:
+        """The phases of a run of ``num_epochs`` epochs over encoder ``blocks`` (shallow to deep).
+
+        Args:
+            blocks: the encoder's blocks, shallow to deep (``enc1``, …, ``bottleneck``).
+            num_epochs: epochs in all.
+
+        Returns:
+            Non-empty phases covering epochs ``0 .. num_epochs`` without gaps.
+
+        Raises:
+            ValueError: ``num_epochs`` < 1, or a frozen/gradual schedule for a model without
+                encoder blocks.
+        """
+        blocks = tuple(blocks)
+        if not isinstance(num_epochs, (int, np.integer)) or num_epochs < 1:
+            raise ValueError(f"num_epochs must be an int >= 1. Received: num_epochs={num_epochs!r}")
+        num_epochs = int(num_epochs)
+        if self.mode != "unfrozen" and not blocks:
+            raise ValueError(
+                f"mode={self.mode!r} needs encoder blocks to freeze, and the model has none "
+                "recognised by strokekit.models.encoder_blocks"
+            )
+        if self.mode == "unfrozen":
+            return [Phase(0, 0, num_epochs, blocks, float(self.lr_scale))]
+        if self.mode == "frozen":
+            return [Phase(0, 0, num_epochs, (), 1.0)]
+        out = []
+        deepest_first = blocks[::-1]
+        for k in range(len(blocks) + 1):
+            start = k * self.unfreeze_every
+            if start >= num_epochs:
+                break
+            end = num_epochs if k == len(blocks) else min(num_epochs, start + self.unfreeze_every)
+            open_blocks = tuple(b for b in blocks if b in deepest_first[:k])
+            out.append(Phase(k, start, end, open_blocks, 1.0 if k == 0 else float(self.lr_scale)))
+        return out
+
+
+SCRATCH = FineTuneSchedule(mode="unfrozen", lr_scale=1.0, keep_batchnorm_frozen=False)
+"""Training from scratch expressed as a schedule: everything trains at the config's rate."""
+
+
+def _apply_phase(model, phase: Phase, blocks: Sequence[str], keep_batchnorm_frozen: bool) -> None:
+    """Sets every layer's flag for a phase: decoder and head train, encoder blocks as listed."""
+    from .models import encoder_blocks
+
+    _ensure_model_trainable(model)
+    in_encoder = {name for _, names in encoder_blocks(model) for name in names}
+    for layer in model.layers:
+        if layer.name not in in_encoder:
+            layer.trainable = True
+    if blocks:
+        freeze(model, blocks=list(blocks))
+        if phase.blocks:
+            unfreeze(model, blocks=list(phase.blocks), keep_batchnorm_frozen=keep_batchnorm_frozen)
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+
+def _phase_tracker(patience: int, restore_best: bool, bar=None):
+    """A callback that lives through all phases: history rows, best weights, early stopping."""
+    import keras
+
+    class _Tracker(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.rows: list[dict[str, Any]] = []
+            self.best = np.inf
+            self.best_epoch = 0
+            self.best_weights = None
+            self.wait = 0
+            self.stopped = False
+            self.phase: Phase | None = None
+            self.blocks: tuple[str, ...] = ()
+            self.trainable_params = 0
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = dict(logs or {})
+            logs.pop("learning_rate", None)
+            lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            self.rows.append({"epoch": epoch + 1, "phase": self.phase.index, "learning_rate": lr,
+                              "trainable_blocks": self.blocks,
+                              "trainable_params": self.trainable_params,
+                              **{k: float(v) for k, v in logs.items()}})
+            if bar is not None:
+                bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k in ("loss", "val_loss", "val_dice")})
+                bar.update(1)
+            current = logs.get("val_loss", np.nan)
+            if np.isfinite(current) and current < self.best:
+                self.best, self.best_epoch, self.wait = float(current), epoch + 1, 0
+                if restore_best:
+                    self.best_weights = self.model.get_weights()
+            else:
+                self.wait += 1
+                if patience and self.wait >= patience:
+                    self.stopped = True
+                    self.model.stop_training = True
+
+    return _Tracker()
+
+
+def _check_input(model, config: TrainConfig) -> None:
+    expected = (config.image_size, config.image_size, len(config.windows))
+    shape = tuple(model.input_shape[1:]) if not isinstance(model.input_shape, dict) else None
+    if shape is None or len(shape) != 3 or any(
+        s is not None and s != e for s, e in zip(shape, expected)
+    ):
+        raise ValueError(
+            f"the model takes inputs of shape {model.input_shape} but the config gives images "
+            f"of shape (None, {expected[0]}, {expected[1]}, {expected[2]}) "
+            f"(image_size={config.image_size}, windows={config.windows}); build or pretrain "
+            "the model with the same image_size and windows"
+        )
+
+
+def fine_tune(
+    model,
+    config: TrainConfig,
+    train_data: SliceDataset,
+    val_data: SliceDataset,
+    schedule: FineTuneSchedule = FineTuneSchedule(),
+    run_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+    restore_best: bool = True,
+) -> RunResult:
+    """Fine-tunes a (pretrained) model on target data following a schedule.
+
+    Uses the machinery of :func:`strokekit.train.train`: the same inputs (:func:`to_arrays`),
+    seeded augmenting loader, loss, lesion metrics, learning-rate halving on plateaus (per
+    phase) and seeding (``config.seed``). Early stopping counts epochs without a better
+    validation loss across phases. The model is changed in place.
+
+    Introduced in notebooks/05_transfer_learning.ipynb.
+
+    Args:
+        model: the model to train (e.g. from :func:`load_pretrained`); its input must match
+            ``config.image_size`` and ``config.windows``.
+        config: the TrainConfig (``num_epochs`` counts all phases).
+        train_data: target training slices.
+        val_data: validation slices (best epoch, early stopping, metrics).
+        schedule: the :class:`FineTuneSchedule`; :data:`SCRATCH` trains everything at the
+            config's rate.
+        run_dir: a folder to write ``config.json``, ``schedule.json``, ``history.csv``,
+            ``model.keras`` and ``metrics.json`` to; None writes nothing.
+        progress: a progress bar over epochs.
+        restore_best: end with the weights of the epoch with the lowest validation loss
+            (as :func:`strokekit.train.train` does when it writes a run folder).
+
+    Returns:
+        :class:`strokekit.train.RunResult`; its ``history`` has one row per epoch with
+        ``epoch``, ``phase``, ``learning_rate``, ``trainable_blocks`` (a tuple, shallow to
+        deep), ``trainable_params`` and Keras' logs (``loss``, ``val_loss``, ``val_dice``…);
+        ``metrics`` holds validation Dice, IoU, sensitivity, specificity, precision,
+        ``best_epoch`` and ``epochs_run``.
+
+    Raises:
+        DataError: empty training or validation data.
+        ValueError: a model whose input does not match the config, or a schedule that needs
+            encoder blocks the model lacks.
+    """
+    import keras
+    import pandas as pd
+
+    from .augment import SegmentationLoader
+    from tqdm.auto import tqdm
+
+    from .train import evaluate_arrays, to_arrays
+
+    if len(train_data) == 0 or len(val_data) == 0:
+        raise DataError("training and validation sets must not be empty")
+    if not isinstance(schedule, FineTuneSchedule):
+        raise ValueError(f"schedule must be a FineTuneSchedule. Received: schedule={schedule!r}")
+    _check_input(model, config)
+    blocks = _block_names(model)
+    phases = schedule.phases(blocks, config.num_epochs)
+    seed_everything(config.seed)
+    x_train, y_train = to_arrays(config, train_data)
+    x_val, y_val = to_arrays(config, val_data)
+    loader = SegmentationLoader(
+        x_train, y_train, batch_size=config.batch_size, augment=config.augment, shuffle=True,
+        seed=config.seed, num_classes=config.num_classes, workers=config.workers,
+    )
+    val_loader = SegmentationLoader(
+        x_val, y_val, batch_size=config.batch_size, augment=None, shuffle=False,
+        seed=config.seed, num_classes=config.num_classes, workers=1,
+    )
+    bar = tqdm(total=config.num_epochs, desc=f"fine-tune ({schedule.mode})", unit="epoch",
+               leave=False, disable=not progress)
+    tracker = _phase_tracker(config.early_stopping_patience, restore_best, bar)
+
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        # Each phase recompiles on purpose; Keras' "trainable state changed" note is moot.
+        warnings.filterwarnings("ignore", message=".*trainable.*state has changed.*")
+        for phase in phases:
+            _apply_phase(model, phase, blocks, schedule.keep_batchnorm_frozen)
+            recompile(model, config, config.learning_rate * phase.lr_factor)
+            tracker.phase = phase
+            tracker.blocks = trainable_blocks(model)
+            tracker.trainable_params = int(sum(int(np.prod(w.shape)) for w in model.trainable_weights))
+            callbacks: list[Any] = [tracker]
+            if config.reduce_lr_patience:
+                callbacks.append(keras.callbacks.ReduceLROnPlateau(
+                    monitor="val_loss", factor=0.5, patience=config.reduce_lr_patience, min_lr=1e-7))
+            # fit() advances the loader once before its first epoch, so phases continue the
+            # loader's epoch numbering (and augmentation draws) where the last one stopped.
+            loader.set_epoch(phase.start_epoch)
+            model.fit(loader, validation_data=val_loader, initial_epoch=phase.start_epoch,
+                      epochs=phase.end_epoch, verbose=0, callbacks=callbacks)
+            if tracker.stopped:
+                break
+    bar.close()
+    seconds = time.perf_counter() - start
+    if restore_best and tracker.best_weights is not None:
+        model.set_weights(tracker.best_weights)
+
+    history = pd.DataFrame(tracker.rows)
+    if config.num_classes == 1:
+        metrics = evaluate_arrays(model, x_val, y_val, config.threshold, config.batch_size)
+    else:
+        metrics = {"val_loss": float(history["val_loss"].min())}
+    metrics["best_epoch"] = int(tracker.best_epoch) if tracker.best_epoch else len(history)
+    metrics["epochs_run"] = len(history)
+    images_per_second = len(x_train) * len(history) / seconds if seconds else float("nan")
+
+    folder = None
+    if run_dir is not None and run_dir is not False:
+        folder = Path(run_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+        (folder / "schedule.json").write_text(json.dumps(to_dict(schedule), indent=2))
+        saved = history.copy()
+        saved["trainable_blocks"] = ["+".join(b) for b in saved["trainable_blocks"]]
+        saved.to_csv(folder / "history.csv", index=False)
+        model.save(folder / "model.keras")
+        (folder / "metrics.json").write_text(json.dumps(
+            {**metrics, "seconds": round(seconds, 2), "images_per_second": round(images_per_second, 2)},
+            indent=2, default=float))
+    return RunResult(model, history, metrics, folder, config, seconds, images_per_second)
+
+
+# --------------------------------------------------------------------------- source tasks
+
+
+def phantom_source(
+    n_patients: int = 40,
+    lesion_types: Sequence[str] = ("hemorrhagic",),
+    seed: int = 1000,
+    image_size: int | None = None,
+    slices_per_patient: int = 5,
+    empty_slices_per_patient: int = 1,
+    target=None,
+    prefix: str = "S",
+    progress: bool = False,
+) -> SliceDataset:
+    """A larger phantom set of another lesion type, to pretrain on (the "source task").
+
+    The patients come from a different phantom seed than the target's and their ids carry
+    another prefix (``"S01"``… instead of ``"P01"``…), so no source patient is a target
+    patient and none can leak into a target split.
+
+    Introduced in notebooks/05_transfer_learning.ipynb.
+
+    Args:
+        n_patients: synthetic source patients.
+        lesion_types: lesion types drawn from (default hemorrhage, for an ischemic target).
+        seed: the source phantom's seed; must differ from the target's.
+        image_size: slice side in pixels; None takes the target's (else 128).
+        slices_per_patient: lesion slices per patient.
+        empty_slices_per_patient: lesion-free slices per patient.
+        target: the target's :class:`strokekit.phantom.PhantomConfig`; the source copies its
+            imaging settings (noise, blur, contrast, size) and must not share its seed.
+        prefix: patient-id prefix, letters only, not ``"P"`` (the target's).
+        progress: a progress bar over patients.
+
+    Returns:
+        A :class:`SliceDataset` (HU) with patient ids ``f"{prefix}01"``… and case ids
+        ``f"{prefix}01_s07"``…
+
+    Raises:
+        ValueError: the target's seed, a bad prefix or bad phantom settings.
+    """
+    from .phantom import PhantomConfig, generate_phantom
+
+    if not (isinstance(prefix, str) and prefix.isalpha() and prefix != "P"):
+        raise ValueError(
+            f"prefix must be letters other than 'P' (the target phantom's). Received: prefix={prefix!r}"
+        )
+    base = target if target is not None else PhantomConfig()
+    if target is not None and int(seed) == int(target.seed):
+        raise ValueError(
+            f"the source phantom must use another seed than the target (seed={target.seed}): "
+            "with the same seed patient k has the same anatomy in both sets. "
+            f"Received: seed={seed!r}"
+        )
+    size = image_size if image_size is not None else (target.image_size if target is not None else 128)
+    config = dataclasses.replace(
+        base, n_patients=int(n_patients), lesion_types=tuple(lesion_types), seed=int(seed),
+        image_size=int(size), slices_per_patient=int(slices_per_patient),
+        empty_slices_per_patient=int(empty_slices_per_patient), multiclass=False,
+    )
+    data = generate_phantom(config, progress=progress)
+    renamed = {p: f"{prefix}{i + 1:02d}" for i, p in enumerate(data.patients())}
+    case_ids = []
+    for case, patient in zip(data.case_ids, data.patient_ids):
+        suffix = case[len(patient):] if case.startswith(patient) else f"_{case}"
+        case_ids.append(renamed[patient] + suffix)
+    return data.replace(case_ids=case_ids, patient_ids=[renamed[p] for p in data.patient_ids])
+
+
+def pretrain_on_source(
+    config: TrainConfig,
+    source_data: SliceDataset,
+    val_data: SliceDataset,
+    run_dir: str | os.PathLike | None = None,
+    model=None,
+    progress: bool = False,
+) -> Path:
+    """Trains a network on the source task with :func:`strokekit.train.train` and saves it.
+
+    Introduced in notebooks/05_transfer_learning.ipynb.
+
+    Args:
+        config: the TrainConfig of the source run (same ``image_size`` and ``windows`` as the
+            target runs that will load it).
+        source_data: source training slices.
+        val_data: source validation slices (best-epoch checkpoint).
+        run_dir: the run folder; None creates ``<runs>/pretrain-<timestamp>``.
+        model: a pre-built model instead of one built from the config.
+        progress: a progress bar over epochs.
+
+    Returns:
+        Path of the saved ``model.keras`` (best validation loss), for :func:`load_pretrained`.
+
+    Raises:
+        DataError: empty data, or training that never produced a checkpoint (non-finite loss).
+        ValueError: ``run_dir=False`` (the model has to be saved).
+    """
+    from .train import train
+
+    if run_dir is False:
+        raise ValueError("pretrain_on_source saves the model: give a run_dir or None, not False")
+    result = train(config, source_data, val_data, run_dir=run_dir, model=model,
+                   name=f"pretrain-{config.arch}-s{config.seed}", progress=progress, previews=False)
+    path = result.run_dir / "model.keras"
+    if not path.is_file():
+        raise DataError("source training saved no checkpoint (was the validation loss finite?)", path)
+    return path
+
+
+def load_pretrained(path: str | os.PathLike):
+    """Loads a saved model (a ``.keras`` file or a run folder) in Keras safe mode.
+
+    Introduced in notebooks/05_transfer_learning.ipynb.
+
+    Args:
+        path: the ``.keras`` file, or a run folder holding ``model.keras``.
+
+    Returns:
+        The model, ready for :func:`fine_tune`.
+
+    Raises:
+        DataError: no saved model at ``path``.
+    """
+    from . import models  # noqa: F401  (registers EncoderPreprocess for pretrained encoders)
+    from .train import load_model
+
+    return load_model(path)
+
+
+def load_source_dataset(name: str = "ctich", image_size: int = 128, lesion_only: bool = False,
+                        progress: bool = False) -> SliceDataset:
+    """Loads a real source set by name; today ``"ctich"`` (CT-ICH, traumatic hemorrhage).
+
+    Introduced in notebooks/05_transfer_learning.ipynb.
+
+    Args:
+        name: ``"ctich"``.
+        image_size: slice side after resizing.
+        lesion_only: only slices with a lesion.
+        progress: a progress bar.
+
+    Returns:
+        The dataset (``unit="display"``), patient ids as in ``slices.csv``.
+
+    Raises:
+        ValueError: an unknown name.
+        DataError: the data are absent (the message says where to put them).
+    """
+    from .io import load_ctich
+
+    if name != "ctich":
+        raise _expected(name, ["ctich"], "name")
+    return load_ctich(image_size=image_size, lesion_only=lesion_only, progress=progress)
+
+
+# --------------------------------------------------------------------------- ImageNet encoders
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderWeights:
+    """What :func:`imagenet_unet` found.
+
+    Attributes:
+        encoder: ``"vgg16"`` or ``"resnet50"``.
+        weights_found: True when ImageNet weights were loaded.
+        weights_path: the file loaded, or None.
+        message: one sentence for the notebook: where the weights came from, or the fallback.
+    """
+
+    encoder: str
+    weights_found: bool
+    weights_path: str | None
+    message: str
+
+
+def imagenet_unet(encoder: str = "vgg16", input_shape: tuple = (128, 128, 1),
+                  weights: str | os.PathLike | None = "imagenet", **kwargs: Any):
+    """A U-Net on an ImageNet encoder that says whether the ImageNet weights were there.
+
+    Nothing is downloaded (:func:`strokekit.models.resolve_imagenet_weights`): without the file
+    in the Keras cache the encoder starts from random weights, one ``UserWarning`` says so and
+    the returned :class:`EncoderWeights` carries the same message.
+
+    Introduced in notebooks/05_transfer_learning.ipynb.
+
+    Args:
+        encoder: one of :data:`strokekit.models.ENCODERS`.
+        input_shape: (height, width, 1 or 3).
+        weights: ``"imagenet"``, None (random on purpose) or a path to the weights file.
+        **kwargs: other :func:`strokekit.models.pretrained_unet` arguments (``seed``,
+            ``decoder_filters``, ...).
+
+    Returns:
+        ``(model, EncoderWeights)``.
+
+    Raises:
+        ValueError: an unknown encoder or bad shape.
+        DataError: a weights path that does not exist.
+    """
+    from .models import pretrained_unet, resolve_imagenet_weights
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = resolve_imagenet_weights(encoder, weights)
+    fallback = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    model = pretrained_unet(input_shape=input_shape, encoder=encoder, weights=path, **kwargs)
+    if path is not None:
+        message = f"ImageNet weights for {encoder} loaded from {path}."
+    elif weights is None:
+        message = f"weights=None: the {encoder} encoder starts from random weights, as asked."
+    else:
+        message = fallback[0] if fallback else f"the {encoder} encoder starts from random weights."
+        warnings.warn(message, UserWarning, stacklevel=2)
+    return model, EncoderWeights(encoder, path is not None, path, message)
+
+
+# --------------------------------------------------------------------------- learning curves
+
+
+def few_shot_subset(data: SliceDataset, shots: int | str | None, seed: int) -> SliceDataset:
+    """``shots`` training slices drawn by patient: as few patients as possible, seeded.
+
+    Patients are taken in a seeded random order, each with its slices in a seeded order, and
+    the first ``shots`` slices of that sequence are kept: whole patients first, part of the
+    last one. The subsets of one seed are nested (5 shots are the first 5 of the 10).
+
+    Introduced in notebooks/05_transfer_learning.ipynb.
+
+    Args:
+        data: the target training set.
+        shots: number of slices, or ``"all"``/None for the whole set.
+        seed: the draw's seed.
+
+    Returns:
+        The subset, in the drawn order.
+
+    Raises:
+        ValueError: ``shots`` < 1 or more than the set holds.
+    """
+    n = len(data)
+    if shots is None or (isinstance(shots, str) and shots == "all"):
+        shots = n
+    if isinstance(shots, bool) or not isinstance(shots, (int, np.integer)) or not 1 <= shots <= n:
+        raise ValueError(
+            f"shots must be an int from 1 to {n} (the training slices) or 'all'. Received: shots={shots!r}"
+        )
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 5]))
+    if data.patient_ids is None:
+        order = rng.permutation(n)
+    else:
+        patients = data.patients()
+        members = {p: [] for p in patients}
+        for i, p in enumerate(data.patient_ids):
+            members[p].append(i)
+        order = np.concatenate([
+            np.asarray(members[patients[k]])[rng.permutation(len(members[patients[k]]))]
+            for k in rng.permutation(len(patients))
+        ])
+    return data.subset(order[: int(shots)])
+
+
+def _variable_values(model) -> list[list[np.ndarray]]:
+    import keras
+
+    return [[keras.ops.convert_to_numpy(v) for v in layer.variables] for layer in model.layers]
+
+
+def _assign_values(model, values: list[list[np.ndarray]], source: str) -> None:
+    if len(values) != len(model.layers):
+        raise ValueError(f"{source} does not have the architecture of the method's first model")
+    for layer, layer_values in zip(model.layers, values):
+        if len(layer.variables) != len(layer_values):
+            raise ValueError(f"{source}: layer {layer.name!r} differs from the method's first model")
+        for variable, value in zip(layer.variables, layer_values):
+            if tuple(variable.shape) != tuple(np.shape(value)):
+                raise ValueError(f"{source}: layer {layer.name!r} differs in shape")
+            variable.assign(value)
+
+
+def _parse_method(name: str, spec: Any, schedule: FineTuneSchedule):
+    import keras
+
+    if isinstance(spec, tuple):
+        if len(spec) != 2 or not isinstance(spec[1], FineTuneSchedule):
+            raise ValueError(
+                f"method {name!r}: a tuple must be (start, FineTuneSchedule). Received: {spec!r}"
+            )
+        start, own = spec
+    else:
+        start, own = spec, None
+    if start is None or (isinstance(start, str) and start == "scratch"):
+        return "scratch", None, own or SCRATCH
+    if isinstance(start, (str, os.PathLike)):
+        return "path", Path(os.fspath(start)), own or schedule
+    if isinstance(start, keras.Model):
+        return "model", start, own or schedule
+    if callable(start):
+        return "callable", start, own or schedule
+    raise ValueError(
+        f"method {name!r} must be None/'scratch', a saved model path, a keras.Model, a callable "
+        f"seed -> model, or a (start, FineTuneSchedule) tuple. Received: {spec!r}"
+    )
+
+
+def learning_curve(
+    base_config: TrainConfig,
+    target_train: SliceDataset,
+    target_val: SliceDataset,
+    shots: Sequence[int | str] = (5, 10, "all"),
+    seeds: Sequence[int] = (0, 1),
+    methods: Mapping[str, Any] | None = None,
+    schedule: FineTuneSchedule = FineTuneSchedule(),
+    eval_data: SliceDataset | None = None,
+    progress: bool = True,
+):
+    """Trains every method on k target slices for every k and seed: one tidy row per run.
+
+    Every run goes through :func:`fine_tune` on ``few_shot_subset(target_train, k, seed)`` with
+    ``dataclasses.replace(base_config, seed=seed)``, so methods see the same slices, loader
+    order and augmentation for a given seed and differ only in their start and schedule.
+    Each method keeps one compiled model and loads its start into it before every run
+    (the result is that of a fresh model; it saves re-tracing the training step).
+
+    Introduced in notebooks/05_transfer_learning.ipynb.
+
+    Args:
+        base_config: the TrainConfig (epochs, rate, loss, size...); its seed is replaced.
+        target_train: target training slices to draw from.
+        target_val: validation slices (best epoch, early stopping; metrics unless
+            ``eval_data``).
+        shots: numbers of training slices; ``"all"`` for the whole set.
+        seeds: seeds; each gives its own draw and training randomness.
+        methods: name → start. A start is None or ``"scratch"`` (a new model from the config
+            and seed, trained with :data:`SCRATCH`), a saved ``.keras`` path (or run folder), a
+            ``keras.Model`` (its weights are copied; it is not changed), or a callable
+            ``seed -> keras.Model``; or a tuple ``(start, FineTuneSchedule)`` to give that
+            method its own schedule. Default ``{"scratch": None}``.
+        schedule: the schedule of methods that do not name their own.
+        eval_data: slices to measure on instead of ``target_val`` (e.g. a test set).
+        progress: a progress bar over runs.
+
+    Returns:
+        pandas DataFrame with columns :data:`CURVE_COLUMNS` plus ``patients`` (in the draw)
+        and ``best_epoch``; ``shots`` holds the number of slices (``"all"`` resolved).
+
+    Raises:
+        ValueError: no methods or seeds, bad shots, a method that cannot be read.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from .models import build_model
+    from .train import evaluate_arrays, to_arrays
+
+    methods = {"scratch": None} if methods is None else dict(methods)
+    if not methods:
+        raise ValueError("methods must name at least one method, e.g. {'scratch': None}")
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds must hold at least one seed")
+    counts = []
+    for k in shots:
+        n = len(target_train) if (k is None or (isinstance(k, str) and k == "all")) else k
+        few_shot_subset(target_train, n, 0)  # validates k
+        counts.append(int(n))
+    counts = list(dict.fromkeys(counts))
+    parsed = {name: _parse_method(name, spec, schedule) for name, spec in methods.items()}
+    eval_arrays = to_arrays(base_config, eval_data) if eval_data is not None else None
+
+    workers: dict[str, Any] = {}
+    starts: dict[str, list] = {}
+    rows = []
+    jobs = [(name, k, seed) for name in methods for k in counts for seed in seeds]
+    for name, k, seed in tqdm(jobs, desc="learning curve", disable=not progress):
+        kind, start, method_schedule = parsed[name]
+        config = dataclasses.replace(base_config, seed=seed)
+        if kind == "scratch":
+            seed_everything(seed)
+            fresh = build_model(config.arch, **config.model_kwargs())
+            values = _variable_values(fresh)
+        elif kind == "callable":
+            fresh = start(seed)
+            values = _variable_values(fresh)
+        else:
+            fresh = None
+            if name not in starts:
+                template = load_pretrained(start) if kind == "path" else start
+                starts[name] = _variable_values(template)
+                if kind == "path":
+                    fresh = template  # a model of its own: becomes the worker
+            values = starts[name]
+        if name not in workers:
+            if fresh is None:
+                import keras
+
+                fresh = keras.models.clone_model(start)
+            workers[name] = fresh
+        worker = workers[name]
+        _assign_values(worker, values, f"method {name!r}")
+        subset = few_shot_subset(target_train, k, seed)
+        result = fine_tune(worker, config, subset, target_val, method_schedule, progress=False)
+        metrics = result.metrics
+        if eval_arrays is not None:
+            metrics = {**metrics, **evaluate_arrays(worker, *eval_arrays, config.threshold,
+                                                    config.batch_size)}
+        rows.append({
+            "method": name, "shots": k, "seed": seed,
+            **{m: float(metrics.get(m, np.nan)) for m in ("dice", "iou", "sensitivity", "specificity")},
+            "epochs": int(metrics["epochs_run"]), "seconds": round(result.seconds, 2),
+            "patients": len(subset.patients()) if subset.patient_ids is not None else np.nan,
+            "best_epoch": int(metrics["best_epoch"]),
+        })
+    return pd.DataFrame(rows)
+
+
+def summarize_curve(table, metric: str = "dice"):
+    """Mean, sd and number of seeds per method and number of shots.
+
+    Introduced in notebooks/05_transfer_learning.ipynb.
+
+    Args:
+        table: a :func:`learning_curve` table.
+        metric: the column to summarise.
+
+    Returns:
+        DataFrame with columns ``method``, ``shots``, ``mean``, ``sd`` (0 for one seed),
+        ``seeds``.
+    """
+    if metric not in table.columns:
+        raise _expected(metric, [c for c in table.columns if c not in ("method", "shots", "seed")], "metric")
+    grouped = table.groupby(["method", "shots"], sort=False)[metric]
+    out = grouped.agg(mean="mean", sd=lambda s: float(np.std(s, ddof=1)) if len(s) > 1 else 0.0,
+                      seeds="size").reset_index()
+    return out
+
+
+def plot_learning_curve(table, metric: str = "dice", ax=None):
+    """Metric against the number of training slices: mean ± sd band per method, seeds as dots.
+
+    Introduced in notebooks/05_transfer_learning.ipynb.
+
+    Args:
+        table: a :func:`learning_curve` table.
+        metric: the column to plot.
+        ax: an existing Axes to draw in (its Figure is returned); None makes a new Figure.
+
+    Returns:
+        The matplotlib Figure.
+    """
+    from matplotlib.figure import Figure
+
+    summary = summarize_curve(table, metric)
+    if ax is None:
+        fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+        ax = fig.add_subplot()
+    else:
+        fig = ax.figure
+    colours = ["#1b6ca8", "#d1495b", "#2e933c", "#edae49", "#6a4c93", "#555555"]
+    for i, (name, part) in enumerate(summary.groupby("method", sort=False)):
+        colour = colours[i % len(colours)]
+        part = part.sort_values("shots")
+        x = part["shots"].to_numpy(float)
+        mean, sd = part["mean"].to_numpy(float), part["sd"].to_numpy(float)
+        ax.plot(x, mean, marker="o", color=colour, label=f"{name} (mean ± sd)")
+        ax.fill_between(x, mean - sd, mean + sd, color=colour, alpha=0.18, linewidth=0)
+        runs = table[table["method"] == name]
+        # Small sideways offsets so the seeds of different methods do not hide each other.
+        jitter = (i - (summary["method"].nunique() - 1) / 2) * 0.012 * max(1.0, float(x.max()))
+        ax.scatter(runs["shots"].to_numpy(float) + jitter, runs[metric], s=12, color=colour, alpha=0.6)
+    seeds = int(table["seed"].nunique())
+    ax.set(xlabel="target training slices (shots)", ylabel=metric,
+           title=f"{metric} vs training slices ({seeds} seed{'s' if seeds != 1 else ''} per point)")
+    if metric in ("dice", "iou", "sensitivity", "specificity"):
+        ax.set_ylim(-0.02, 1.02)
+    ax.set_xticks(sorted(table["shots"].unique()))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return fig

@@ -1,0 +1,300 @@
+"""strokekit.transfer: freezing, fine-tuning schedules, pretraining, few-shot learning curves."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import numpy as np
+import pytest
+
+from strokekit import models, transfer
+from strokekit.augment import NO_AUGMENT
+from strokekit.dataset import SliceDataset
+from strokekit.train import TrainConfig
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def tiny_data(n=8, size=32, seed=0):
+    """Bright squares on noise; two slices per patient."""
+    rng = np.random.default_rng(seed)
+    images = rng.normal(30.0, 8.0, (n, size, size)).astype(np.float32)
+    masks = np.zeros((n, size, size), np.uint8)
+    for i in range(n):
+        r, c = 4 + 2 * (i % 4), 6 + (i % 3) * 3
+        masks[i, r:r + 10, c:c + 10] = 1
+    images[masks > 0] += 45.0
+    return SliceDataset(images, masks, [f"c{i}" for i in range(n)], [f"p{i // 2}" for i in range(n)])
+
+
+CONFIG = TrainConfig(
+    filters=(4, 8, 16), image_size=32, num_epochs=1, batch_size=4, batch_norm=True,
+    augment=NO_AUGMENT, workers=1, early_stopping_patience=0, reduce_lr_patience=0,
+    learning_rate=1e-2, loss="bce_dice",
+)
+
+
+def tiny_model(seed=0):
+    return models.build_model("unet", seed=seed, **CONFIG.model_kwargs())
+
+
+def values(model, name):
+    import keras
+
+    return [keras.ops.convert_to_numpy(v).copy() for v in model.get_layer(name).variables]
+
+
+def same(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+# --------------------------------------------------------------------------- selection (no training)
+
+
+@pytest.mark.backend
+def test_freeze_and_unfreeze_select_by_name_prefix_glob_and_block():
+    model = tiny_model()
+    assert [b for b, _ in models.encoder_blocks(model)] == ["enc1", "enc2", "bottleneck"]
+    frozen = transfer.freeze(model, "enc1")
+    assert frozen == ["enc1_conv1", "enc1_bn1", "enc1_act1", "enc1_conv2", "enc1_bn2", "enc1_act2",
+                      "enc1_pool"]
+    assert transfer.trainable_blocks(model) == ("enc2", "bottleneck")
+    assert transfer.freeze(model, "dec*")[:2] == ["dec2_up", "dec2_concat"]
+    assert not model.get_layer("dec1_conv2").trainable and model.get_layer("head").trainable
+    # No arguments: the whole encoder.
+    assert transfer.freeze(model) == transfer.encoder_layers(model)
+    assert transfer.trainable_blocks(model) == ()
+    opened = transfer.unfreeze(model, blocks=["bottleneck"], keep_batchnorm_frozen=True)
+    assert "bottleneck_conv1" in opened and "bottleneck_bn1" not in opened
+    assert not model.get_layer("bottleneck_bn1").trainable
+    assert transfer.trainable_blocks(model) == ("bottleneck",)
+    with pytest.raises(ValueError, match=r"Expected one of \['enc1', 'enc2', 'bottleneck'\]\. "
+                                         r"Received: block='enc9'"):
+        transfer.freeze(model, blocks="enc9")
+    with pytest.raises(ValueError, match="no layer of model 'unet' matches 'decoder'"):
+        transfer.freeze(model, "decoder")
+    # A frozen model can still be unfrozen part by part.
+    model.trainable = False
+    assert transfer.unfreeze(model, "head") == ["head"]
+    assert model.trainable and not model.get_layer("enc2_conv1").trainable
+
+
+@pytest.mark.backend
+def test_schedule_phases_follow_the_stated_order_and_epochs():
+    blocks = ("enc1", "enc2", "bottleneck")
+    phases = transfer.FineTuneSchedule("gradual", unfreeze_every=2, lr_scale=0.1).phases(blocks, 7)
+    assert [(p.start_epoch, p.end_epoch, p.blocks, p.lr_factor) for p in phases] == [
+        (0, 2, (), 1.0),
+        (2, 4, ("bottleneck",), 0.1),
+        (4, 6, ("enc2", "bottleneck"), 0.1),
+        (6, 7, ("enc1", "enc2", "bottleneck"), 0.1),
+    ]
+    # Too few epochs: the shallow blocks are never reached.
+    short = transfer.FineTuneSchedule("gradual", unfreeze_every=3).phases(blocks, 5)
+    assert [(p.start_epoch, p.end_epoch, p.blocks) for p in short] == [(0, 3, ()), (3, 5, ("bottleneck",))]
+    assert transfer.FineTuneSchedule("frozen").phases(blocks, 4)[0].blocks == ()
+    unfrozen = transfer.FineTuneSchedule("unfrozen", lr_scale=0.01).phases(blocks, 4)
+    assert len(unfrozen) == 1 and unfrozen[0].blocks == blocks and unfrozen[0].lr_factor == 0.01
+    with pytest.raises(ValueError, match=r"Expected one of \['frozen', 'unfrozen', 'gradual'\]"):
+        transfer.FineTuneSchedule("thawed")
+    with pytest.raises(ValueError, match="unfreeze_every must be an int >= 1"):
+        transfer.FineTuneSchedule("gradual", unfreeze_every=0)
+    with pytest.raises(ValueError, match=r"lr_scale must be in \(0, 1\]"):
+        transfer.FineTuneSchedule(lr_scale=2.0)
+    with pytest.raises(ValueError, match="needs encoder blocks"):
+        transfer.FineTuneSchedule("frozen").phases((), 3)
+
+
+# --------------------------------------------------------------------------- training
+
+
+@pytest.mark.backend
+def test_frozen_layers_and_their_batchnorm_statistics_do_not_move():
+    data = tiny_data()
+    model = tiny_model()
+    transfer.freeze(model, blocks=["enc1", "bottleneck"])
+    transfer.recompile(model, CONFIG)
+    before = {n: values(model, n) for n in ("enc1_conv1", "enc1_bn1", "bottleneck_conv2",
+                                           "bottleneck_bn2", "enc2_conv1", "enc2_bn1", "head")}
+    x = np.clip((data.images[:4] - 0.0) / 80.0, 0, 1)[..., None]
+    y = data.masks[:4, ..., None].astype(np.float32)
+    model.train_on_batch(x, y)
+    after = {n: values(model, n) for n in before}
+    for frozen in ("enc1_conv1", "enc1_bn1", "bottleneck_conv2", "bottleneck_bn2"):
+        assert same(before[frozen], after[frozen]), frozen  # kernels, gamma/beta and moving stats
+    for trained in ("enc2_conv1", "head"):
+        assert not np.array_equal(before[trained][0], after[trained][0]), trained
+    # enc2_bn1 trains: gamma moves and so does its moving mean (batch statistics were used).
+    gamma, beta, mean, var = range(4)
+    assert not np.array_equal(before["enc2_bn1"][gamma], after["enc2_bn1"][gamma])
+    assert not np.array_equal(before["enc2_bn1"][mean], after["enc2_bn1"][mean])
+
+    # Same flags again: the compiled step is kept and only the optimizer is reset.
+    optimizer = model.optimizer
+    transfer.recompile(model, CONFIG, learning_rate=1e-4)
+    assert model.optimizer is optimizer
+    assert int(np.asarray(optimizer.iterations)) == 0
+    assert np.isclose(float(np.asarray(optimizer.learning_rate)), 1e-4)
+    # Other flags: a real compile, with a new optimizer.
+    transfer.unfreeze(model, blocks="enc1")
+    transfer.recompile(model, CONFIG)
+    assert model.optimizer is not optimizer
+
+
+@pytest.mark.backend
+def test_gradual_unfreezing_opens_blocks_deepest_first_at_the_stated_epochs():
+    data = tiny_data()
+    model = tiny_model()
+    config = dataclasses.replace(CONFIG, num_epochs=3)
+    schedule = transfer.FineTuneSchedule("gradual", unfreeze_every=1, lr_scale=0.1,
+                                         keep_batchnorm_frozen=False)
+    enc1_before, bottleneck_before = values(model, "enc1_conv1"), values(model, "bottleneck_conv1")
+    result = transfer.fine_tune(model, config, data, data, schedule, restore_best=False)
+    history = result.history
+    assert list(history["epoch"]) == [1, 2, 3]
+    assert list(history["trainable_blocks"]) == [(), ("bottleneck",), ("enc2", "bottleneck")]
+    assert np.allclose(history["learning_rate"], [1e-2, 1e-3, 1e-3])
+    params = list(history["trainable_params"])
+    assert params[0] < params[1] < params[2]
+    # enc1 was never unfrozen within 3 epochs; the bottleneck trained for two.
+    assert same(enc1_before, values(model, "enc1_conv1"))
+    assert not np.array_equal(bottleneck_before[0], values(model, "bottleneck_conv1")[0])
+    assert np.isfinite(history["loss"]).all() and 0.0 <= result.metrics["dice"] <= 1.0
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny U-Net pretrained for one epoch, saved as .keras."""
+    folder = tmp_path_factory.mktemp("pretrain")
+    data = tiny_data(seed=1)
+    return transfer.pretrain_on_source(CONFIG, data, data, run_dir=folder)
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(pretrained):
+    """The run learning_curve does for (transfer, all shots, seed 0), done by hand."""
+    model = transfer.load_pretrained(pretrained)
+    loaded = values(model, "enc1_conv1")
+    data = tiny_data()
+    result = transfer.fine_tune(model, CONFIG, transfer.few_shot_subset(data, "all", 0), data,
+                                transfer.FineTuneSchedule("unfrozen", lr_scale=0.5))
+    return loaded, result
+
+
+@pytest.mark.backend
+def test_saved_pretrained_model_reloads_in_safe_mode_and_fine_tunes(pretrained, fine_tuned):
+    assert pretrained.name == "model.keras" and pretrained.is_file()
+    assert (pretrained.parent / "history.csv").is_file()
+    reloaded = transfer.load_pretrained(pretrained.parent)  # a run folder works too
+    loaded, result = fine_tuned
+    assert same(loaded, values(reloaded, "enc1_conv1"))
+    assert np.isfinite(result.history["loss"]).all()
+    assert not np.array_equal(loaded[0], values(result.model, "enc1_conv1")[0])
+    assert result.history["trainable_blocks"].iloc[0] == ("enc1", "enc2", "bottleneck")
+    assert np.isclose(result.history["learning_rate"].iloc[0], CONFIG.learning_rate * 0.5)
+
+
+@pytest.mark.backend
+def test_learning_curve_has_one_row_per_method_shots_and_seed(pretrained, fine_tuned):
+    data = tiny_data()
+    table = transfer.learning_curve(
+        CONFIG, data, data, shots=(2, "all"), seeds=(0, 1),
+        methods={"scratch": None, "transfer": pretrained},
+        schedule=transfer.FineTuneSchedule("unfrozen", lr_scale=0.5), progress=False,
+    )
+    assert list(table.columns[:9]) == list(transfer.CURVE_COLUMNS)
+    assert len(table) == 2 * 2 * 2
+    assert sorted(zip(table.method, table.shots, table.seed)) == sorted(
+        (m, k, s) for m in ("scratch", "transfer") for k in (2, 8) for s in (0, 1))
+    assert set(table.loc[table.shots == 2, "patients"]) == {1}  # two slices = one whole patient
+    assert table["dice"].between(0, 1).all() and (table["epochs"] == 1).all()
+    # Reusing one compiled model per method gives the result of a fresh model.
+    row = table[(table.method == "transfer") & (table.shots == 8) & (table.seed == 0)].iloc[0]
+    assert row["dice"] == pytest.approx(fine_tuned[1].metrics["dice"], abs=1e-5)
+    with pytest.raises(ValueError, match=r"shots must be an int from 1 to 8"):
+        transfer.learning_curve(CONFIG, data, data, shots=(9,), progress=False)
+
+
+# --------------------------------------------------------------------------- data and plots
+
+
+@pytest.mark.backend
+def test_few_shot_subsets_are_seeded_nested_and_take_whole_patients_first():
+    data = tiny_data(n=10)
+    five = transfer.few_shot_subset(data, 5, seed=3)
+    assert five.case_ids == transfer.few_shot_subset(data, 5, seed=3).case_ids
+    assert five.case_ids == transfer.few_shot_subset(data, 9, seed=3).case_ids[:5]
+    counts = sorted(np.unique(five.patient_ids, return_counts=True)[1])
+    assert counts == [1, 2, 2]  # two whole patients and one slice of a third
+    assert len(transfer.few_shot_subset(data, "all", 0)) == 10
+    assert transfer.few_shot_subset(data, 5, seed=4).case_ids != five.case_ids
+    with pytest.raises(ValueError, match=r"shots must be an int from 1 to 10 .*Received: shots=0"):
+        transfer.few_shot_subset(data, 0, 0)
+
+
+def test_phantom_source_shares_no_patient_with_the_target():
+    from strokekit.phantom import PhantomConfig, generate_phantom
+
+    target_config = PhantomConfig(n_patients=2, slices_per_patient=2, image_size=32, seed=0,
+                                  lesion_types=("ischemic",))
+    target = generate_phantom(target_config, progress=False)
+    source = transfer.phantom_source(n_patients=3, slices_per_patient=2, empty_slices_per_patient=1,
+                                     seed=7, target=target_config)
+    assert source.patients() == ["S01", "S02", "S03"]
+    assert not set(source.patients()) & set(target.patients())
+    assert not set(source.case_ids) & set(target.case_ids)
+    assert source.case_ids[0].startswith("S01_s")
+    assert set(source.extra["lesion_type"]) == {"hemorrhagic", "none"}
+    assert len(source) == 3 * 3 and source.image_shape == (32, 32)
+    # Different seed, different heads: no source slice equals a target slice.
+    assert not any(np.array_equal(a, b) for a in source.images for b in target.images)
+    with pytest.raises(ValueError, match="another seed than the target"):
+        transfer.phantom_source(n_patients=2, seed=0, target=target_config)
+    with pytest.raises(ValueError, match="prefix must be letters other than 'P'"):
+        transfer.phantom_source(n_patients=2, prefix="P")
+
+
+@pytest.mark.backend
+def test_imagenet_unet_reports_the_offline_fallback_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # an empty cache: no weights anywhere
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, report = transfer.imagenet_unet("vgg16", input_shape=(32, 32, 1), seed=0)
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert len(messages) == 1 and "random weights" in messages[0]
+    assert report.weights_found is False and report.weights_path is None
+    assert report.message == messages[0]
+    assert model.output_shape == (None, 32, 32, 1)
+    assert [b for b, _ in models.encoder_blocks(model)][0] == "block1"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, report = transfer.imagenet_unet("vgg16", input_shape=(32, 32, 1), weights=None)
+    assert not [w for w in caught if issubclass(w.category, UserWarning)]
+    assert "as asked" in report.message
+
+
+def test_summary_and_plot_show_mean_and_sd_per_method():
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    table = pd.DataFrame({
+        "method": ["scratch"] * 4 + ["transfer"] * 4,
+        "shots": [2, 2, 8, 8] * 2,
+        "seed": [0, 1] * 4,
+        "dice": [0.1, 0.3, 0.5, 0.7, 0.4, 0.4, 0.6, 0.8],
+    })
+    summary = transfer.summarize_curve(table)
+    row = summary[(summary.method == "scratch") & (summary.shots == 2)].iloc[0]
+    assert row["mean"] == pytest.approx(0.2) and row["sd"] == pytest.approx(np.sqrt(0.02))
+    assert summary.loc[(summary.method == "transfer") & (summary.shots == 2), "sd"].item() == 0.0
+    fig = transfer.plot_learning_curve(table)
+    assert isinstance(fig, Figure)
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {"scratch (mean ± sd)", "transfer (mean ± sd)"}
+    assert np.allclose(lines["transfer (mean ± sd)"].get_ydata(), [0.4, 0.7])
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert band.min() == pytest.approx(0.2 - np.sqrt(0.02)) and band.max() == pytest.approx(0.6 + np.sqrt(0.02))
+    with pytest.raises(ValueError, match="Expected one of"):
+        transfer.summarize_curve(table, metric="auc")
