@@ -134,16 +134,16 @@ class MulticlassConfig:
 
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`strokekit.models.unet`."""
-        return dict(
-            input_shape=(self.image_size, self.image_size, len(self.windows)),
-            num_classes=self.num_classes,
-            filters=self.filters,
-            activation=self.activation,
-            dropout=self.dropout,
-            batch_norm=self.batch_norm,
-            kernel_size=self.kernel_size,
-            dilation_rate=self.dilation_rate,
-        )
+        return {
+            "input_shape": (self.image_size, self.image_size, len(self.windows)),
+            "num_classes": self.num_classes,
+            "filters": self.filters,
+            "activation": self.activation,
+            "dropout": self.dropout,
+            "batch_norm": self.batch_norm,
+            "kernel_size": self.kernel_size,
+            "dilation_rate": self.dilation_rate,
+        }
 
     def train_config(self):
         """The equivalent :class:`strokekit.train.TrainConfig` (without kernel size, dilation
@@ -304,7 +304,8 @@ def plot_history(history, class_names: Sequence[str] = CLASS_NAMES):
     """
     from matplotlib.figure import Figure
 
-    epochs = history["epoch"] if "epoch" in history else np.arange(1, len(history) + 1)
+    # Keras' CSVLogger counts epochs from 0, the returned history from 1: plot them from 1.
+    epochs = np.arange(1, len(history) + 1)
     fig = Figure(figsize=(10, 3.4), layout="constrained")
     ax_loss, ax_dice = fig.subplots(1, 2)
     ax_loss.plot(epochs, history["loss"], marker="o", label="train")
@@ -324,6 +325,49 @@ def plot_history(history, class_names: Sequence[str] = CLASS_NAMES):
     ax_dice.set(title="Dice per class", xlabel="epoch", ylim=(0, 1))
     ax_dice.legend(fontsize=8)
     return fig
+
+
+def save_preview(images: np.ndarray, masks: np.ndarray, prob: np.ndarray, path: str | os.PathLike,
+                 title: str = "") -> Path:
+    """Write a PNG grid: each slice with its true labels (top) and predicted labels (bottom).
+
+    Colours are :data:`strokekit.preprocess.DEFAULT_COLOURS` (red = hemorrhagic, green =
+    ischemic). Drawn on a bare ``matplotlib.figure.Figure``: the pyplot backend of a notebook
+    is left alone, so its inline plots keep working during training.
+    """
+    from matplotlib.figure import Figure
+
+    from .preprocess import overlay_mask
+
+    path = Path(path)
+    n = len(images)
+    fig = Figure(figsize=(2.2 * n, 4.6))
+    axes = fig.subplots(2, n, squeeze=False)
+    pred = np.argmax(prob, axis=-1).astype(np.uint8)
+    for i in range(n):
+        grey = np.clip(images[i][..., 0], 0.0, 1.0)
+        axes[0, i].imshow(overlay_mask(grey, masks[i]))
+        axes[1, i].imshow(overlay_mask(grey, pred[i]))
+        axes[0, i].set_axis_off()
+        axes[1, i].set_axis_off()
+    axes[0, 0].set_title("truth", fontsize=8, loc="left")
+    axes[1, 0].set_title("prediction", fontsize=8, loc="left")
+    fig.suptitle(title, fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    return path
+
+
+def _preview_callback(images: np.ndarray, masks: np.ndarray, folder: Path):
+    import keras
+
+    class _Preview(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            prob = np.asarray(self.model.predict(images, verbose=0))
+            save_preview(images, masks, prob, folder / f"epoch_{epoch + 1:03d}.png",
+                         title=f"epoch {epoch + 1}")
+
+    return _Preview()
 
 
 def train_multiclass(
@@ -361,7 +405,7 @@ def train_multiclass(
 
     from .augment import SegmentationLoader
     from .config import seed_everything, to_dict
-    from .train import PreviewCallback, RunResult, TqdmCallback, _preview_indices, make_run_dir
+    from .train import RunResult, TqdmCallback, _preview_indices, make_run_dir
 
     if len(train_data) == 0 or len(val_data) == 0:
         raise DataError("training and validation sets must not be empty")
@@ -397,7 +441,7 @@ def train_multiclass(
         callbacks.append(keras.callbacks.CSVLogger(str(folder / "history.csv")))
         if previews and config.preview_slices:
             chosen = _preview_indices(y_val, config.preview_slices)
-            callbacks.append(PreviewCallback(x_val[chosen], y_val[chosen], folder / "previews"))
+            callbacks.append(_preview_callback(x_val[chosen], y_val[chosen], folder / "previews"))
     if progress:
         callbacks.append(TqdmCallback(config.num_epochs, desc=name or "multiclass"))
 

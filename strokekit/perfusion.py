@@ -870,11 +870,12 @@ class PerfusionTrainConfig:
         beta: focal Tversky weight of false positives.
         gamma: focal Tversky exponent.
         class_weights: one weight per class of :data:`CLASS_NAMES` (None: all 1).
-        learning_rate: Adam learning rate for training from scratch and for frozen-encoder stages.
-        fine_tune_learning_rate: learning rate once a pretrained encoder is trainable.
+        learning_rate: Adam learning rate (from scratch, and while the encoder is frozen).
+        lr_scale: factor on the learning rate whenever pretrained encoder blocks train.
+        unfreeze_every: epochs between two unfreezing steps of the gradual schedule.
         batch_size: slices per batch.
-        num_epochs: epochs of a fine-tuning (or scratch) run.
-        augment: geometric augmentation (or None).
+        num_epochs: epochs of a run.
+        augment: geometric augmentation (``strokekit.augment.AugmentConfig``) or None.
         seed: weights, shuffling and augmentation.
         workers: loader threads.
     """
@@ -888,7 +889,8 @@ class PerfusionTrainConfig:
     gamma: float = 0.75
     class_weights: tuple[float, ...] | None = (0.2, 0.5, 1.5, 2.0)
     learning_rate: float = 1e-3
-    fine_tune_learning_rate: float = 3e-4
+    lr_scale: float = 0.3
+    unfreeze_every: int = 1
     batch_size: int = 8
     num_epochs: int = 20
     augment: Any = None
@@ -904,17 +906,29 @@ class PerfusionTrainConfig:
                     f"PerfusionTrainConfig.class_weights needs {len(CLASS_NAMES)} non-negative "
                     f"numbers, one per class {list(CLASS_NAMES)}; got {self.class_weights!r}"
                 )
-        for name in ("learning_rate", "fine_tune_learning_rate"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"PerfusionTrainConfig.{name} must be > 0; got {getattr(self, name)!r}")
-        if isinstance(self.num_epochs, bool) or int(self.num_epochs) != self.num_epochs or self.num_epochs < 1:
-            raise ValueError(f"PerfusionTrainConfig.num_epochs must be an int >= 1; got {self.num_epochs!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"PerfusionTrainConfig.learning_rate must be > 0; got {self.learning_rate!r}")
+        if not 0 < self.lr_scale <= 1:
+            raise ValueError(f"PerfusionTrainConfig.lr_scale must be in (0, 1]; got {self.lr_scale!r}")
+        for name in ("num_epochs", "unfreeze_every", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value or value < 1:
+                raise ValueError(f"PerfusionTrainConfig.{name} must be an int >= 1; got {value!r}")
 
 
 def build_perfusion_model(config: PerfusionTrainConfig, image_size: int, seed: int | None = None):
     """The multi-input U-Net: one input per map (early fusion), optionally the clinical input.
 
     Introduced in notebooks/08_ctp_core_penumbra.ipynb.
+
+    Args:
+        config: filters, activation, dropout, ``use_clinical`` and (default) seed.
+        image_size: side of the square maps.
+        seed: weight initialisation seed; None uses ``config.seed``.
+
+    Returns:
+        An uncompiled ``keras.Model`` with inputs ``cbf``, ``cbv``, ``tmax``, ``ttp``, ``mip``
+        (each (S, S, 1)) and ``clinical`` (1 value) when used, and a 4-class softmax head.
     """
     from .models import multi_input_unet
 
@@ -930,7 +944,7 @@ def build_perfusion_model(config: PerfusionTrainConfig, image_size: int, seed: i
 
 
 def copy_model(model):
-    """A new model with the same architecture and a copy of the weights (for fine-tuning runs)."""
+    """A new model with the same architecture and a copy of the weights (one per fine-tuning run)."""
     import keras
 
     clone = keras.models.clone_model(model)
@@ -938,66 +952,78 @@ def copy_model(model):
     return clone
 
 
-def set_encoder_trainable(model, trainable_blocks: int | str) -> list[str]:
-    """Freeze the encoder except its deepest ``trainable_blocks`` blocks.
+def make_schedule(schedule: Any, config: PerfusionTrainConfig):
+    """A :class:`strokekit.transfer.FineTuneSchedule` from a name of :data:`SCHEDULES` (or as is).
 
-    The blocks are :func:`strokekit.models.encoder_blocks` (``enc1``…``encN``, ``bottleneck``);
-    decoder and head always stay trainable. Recompile afterwards: Keras reads ``trainable`` at
-    compile time.
-
-    Args:
-        model: a model built by :mod:`strokekit.models`.
-        trainable_blocks: how many of the deepest encoder blocks train, ``"all"`` or ``"none"``.
-
-    Returns:
-        The names of the frozen blocks, shallow to deep.
+    ``"scratch"`` trains everything at the full rate; the others are notebook 05's modes with
+    the config's ``lr_scale`` and ``unfreeze_every``.
     """
-    from .models import encoder_blocks
+    from .transfer import SCRATCH, FineTuneSchedule
 
-    blocks = encoder_blocks(model)
-    if trainable_blocks == "all":
-        k = len(blocks)
-    elif trainable_blocks == "none":
-        k = 0
-    elif isinstance(trainable_blocks, (int, np.integer)) and not isinstance(trainable_blocks, bool) \
-            and trainable_blocks >= 0:
-        k = min(int(trainable_blocks), len(blocks))
-    else:
-        raise ValueError(
-            "trainable_blocks must be an int >= 0, 'all' or 'none'. "
-            f"Received: trainable_blocks={trainable_blocks!r}"
-        )
-    frozen = blocks[: len(blocks) - k]
-    frozen_names = {name for _, names in frozen for name in names}
-    for layer in model.layers:
-        layer.trainable = layer.name not in frozen_names
-    return [prefix for prefix, _ in frozen]
-
-
-def schedule_stages(schedule: str, num_epochs: int, num_blocks: int) -> list[tuple[int, int, bool]]:
-    """The stages of a schedule: ``(epochs, trainable encoder blocks, fine-tuning lr?)``.
-
-    * ``scratch``: everything trains at the full learning rate (no pretrained weights).
-    * ``frozen``: the encoder stays frozen; decoder and head train at the full learning rate.
-    * ``unfrozen``: everything trains from the start at the fine-tuning learning rate.
-    * ``gradual``: frozen first, then the blocks are unfrozen from the deepest to the shallowest
-      over the epochs (fine-tuning learning rate once any block trains).
-    """
+    if isinstance(schedule, FineTuneSchedule):
+        return schedule
     if schedule not in SCHEDULES:
         raise _expected(schedule, SCHEDULES, "schedule")
     if schedule == "scratch":
-        return [(num_epochs, num_blocks, False)]
-    if schedule == "frozen":
-        return [(num_epochs, 0, False)]
-    if schedule == "unfrozen":
-        return [(num_epochs, num_blocks, True)]
-    n_stages = max(1, min(num_epochs, num_blocks + 1))
-    edges = np.round(np.linspace(0, num_epochs, n_stages + 1)).astype(int)
-    stages = []
-    for s in range(n_stages):
-        blocks = int(round(num_blocks * s / (n_stages - 1))) if n_stages > 1 else num_blocks
-        stages.append((int(edges[s + 1] - edges[s]), blocks, blocks > 0))
-    return [st for st in stages if st[0] > 0]
+        return SCRATCH
+    # No batch norm in these models; keep_batchnorm_frozen would change nothing.
+    return FineTuneSchedule(mode=schedule, unfreeze_every=int(config.unfreeze_every),
+                            lr_scale=float(config.lr_scale), keep_batchnorm_frozen=True)
+
+
+class ModelPool:
+    """Compiled copies of one architecture, reused across runs that share trainable blocks and loss.
+
+    Compiling a Keras model and tracing its training step takes seconds on a CPU, every time,
+    and a schedule comparison (several schedules × seeds × phases) compiles dozens of times for
+    only a handful of distinct settings. The pool keeps one compiled copy per (trainable blocks,
+    loss) and, for each phase, loads the run's weights into it and resets Adam (step count and
+    moments to zero, the phase's learning rate) — the state a new ``compile`` gives. Results are
+    the same as compiling afresh; only the waiting goes.
+
+    Introduced in notebooks/08_ctp_core_penumbra.ipynb.
+    """
+
+    def __init__(self):
+        self._compiled: dict[Any, Any] = {}
+        self._predictor = None
+        self.compiles = 0
+
+    @staticmethod
+    def _mask(model) -> tuple:
+        return tuple((layer.name, bool(layer.trainable)) for layer in model.layers)
+
+    def compiled(self, model, config: PerfusionTrainConfig, learning_rate: float):
+        """A compiled copy of ``model`` with its trainable flags, holding its weights, at a rate."""
+        import keras
+
+        key = (model.name, tuple(tuple(w.shape) for w in model.weights), self._mask(model),
+               config.class_weights, config.alpha, config.beta, config.gamma)
+        twin = self._compiled.get(key)
+        if twin is None:
+            twin = keras.models.clone_model(model)
+            flags = dict(key[2])
+            for layer in twin.layers:
+                layer.trainable = flags[layer.name]
+            _compile(twin, config, learning_rate)
+            self._compiled[key] = twin
+            self.compiles += 1
+        else:
+            for variable in twin.optimizer.variables:
+                variable.assign(keras.ops.zeros(variable.shape, dtype=variable.dtype))
+            twin.optimizer.learning_rate = learning_rate
+        twin.set_weights(model.get_weights())
+        return twin
+
+    def predict(self, model, inputs, batch_size: int = 8) -> np.ndarray:
+        """``model.predict`` through one shared copy (one traced prediction step for all runs)."""
+        import keras
+
+        if self._predictor is None or [tuple(w.shape) for w in self._predictor.weights] != \
+                [tuple(w.shape) for w in model.weights]:
+            self._predictor = keras.models.clone_model(model)
+        self._predictor.set_weights(model.get_weights())
+        return np.asarray(self._predictor.predict(inputs, batch_size=batch_size, verbose=0))
 
 
 @dataclasses.dataclass
@@ -1005,11 +1031,12 @@ class PerfusionRun:
     """What :func:`train_perfusion` returns."""
 
     model: Any
-    history: Any  # pandas DataFrame, one row per epoch with its stage's trainable blocks
+    history: Any  # pandas DataFrame, one row per epoch with its phase and trainable blocks
     schedule: str
     config: PerfusionTrainConfig
     run_dir: Path | None
     seconds: float
+    best_epoch: int
 
 
 def _compile(model, config: PerfusionTrainConfig, learning_rate: float) -> None:
@@ -1028,7 +1055,8 @@ def _compile(model, config: PerfusionTrainConfig, learning_rate: float) -> None:
 
 
 def loader_for(dataset: SliceDataset, config: PerfusionTrainConfig, training: bool):
-    """A :class:`MultiInputLoader` over a perfusion dataset for a config."""
+    """A :class:`MultiInputLoader` over a perfusion dataset for a config (shuffled and
+    augmented when ``training``)."""
     cls = __getattr__("MultiInputLoader")
     return cls(
         dataset.images, dataset.masks, MAP_NAMES,
@@ -1044,78 +1072,119 @@ def train_perfusion(
     train_data: SliceDataset,
     val_data: SliceDataset,
     config: PerfusionTrainConfig,
-    schedule: str = "scratch",
+    schedule: Any = "scratch",
     num_epochs: int | None = None,
     run_dir: str | os.PathLike | None = None,
+    restore_best: bool = True,
+    pool: ModelPool | None = None,
 ) -> PerfusionRun:
-    """Train (or fine-tune) a multi-input model with a freezing schedule.
+    """Train (or fine-tune) a multi-input model following a freezing schedule.
 
-    Each stage of :func:`schedule_stages` sets ``layer.trainable`` on the encoder blocks and
-    recompiles (which also restarts Adam's moments: the unfrozen weights start with a fresh,
-    small step size), then trains its epochs. The last epoch's weights are kept.
+    The schedules are notebook 05's (:class:`strokekit.transfer.FineTuneSchedule`): each phase
+    sets the encoder blocks' ``trainable`` flags with :func:`strokekit.transfer.freeze` /
+    :func:`strokekit.transfer.unfreeze`, recompiles (Keras fixes the trainable weights at compile
+    time; Adam starts afresh at ``learning_rate * phase.lr_factor``) and trains its epochs. This
+    function exists beside :func:`strokekit.transfer.fine_tune` because the perfusion model takes
+    a dict of inputs (:class:`MultiInputLoader`) and a class-weighted focal Tversky loss.
 
     Introduced in notebooks/08_ctp_core_penumbra.ipynb.
 
     Args:
-        model: from :func:`build_perfusion_model` (or :func:`copy_model` of a pretrained one).
+        model: from :func:`build_perfusion_model` (or :func:`copy_model` of a pretrained one);
+            changed in place.
         train_data: training slices from :func:`synthesize_perfusion`.
-        val_data: validation slices.
-        config: the training settings (seed, loss, learning rates, ...).
-        schedule: one of :data:`SCHEDULES`.
-        num_epochs: overrides ``config.num_epochs`` (e.g. for a short pretraining).
+        val_data: validation slices (best epoch).
+        config: the training settings (seed, loss, learning rate, ...).
+        schedule: a name of :data:`SCHEDULES` or a FineTuneSchedule.
+        num_epochs: overrides ``config.num_epochs`` (e.g. for pretraining).
         run_dir: when given, ``config.json``, ``history.csv`` and ``model.keras`` are written there.
+        restore_best: end with the weights of the epoch with the lowest validation loss.
+        pool: a :class:`ModelPool` to reuse compiled copies across calls (much faster for many
+            runs of one architecture); None compiles ``model`` itself.
 
     Returns:
-        :class:`PerfusionRun`.
+        :class:`PerfusionRun`; ``history`` has ``epoch``, ``phase``, ``trainable_blocks``,
+        ``learning_rate`` and Keras' logs (``loss``, ``val_loss``, ``val_dice_core``, ...).
     """
+    import keras
     import pandas as pd
 
     from .config import seed_everything, to_dict
     from .models import encoder_blocks
+    from .transfer import freeze, trainable_blocks, unfreeze
 
     if len(train_data) == 0 or len(val_data) == 0:
         raise DataError("training and validation sets must not be empty")
+    plan = make_schedule(schedule, config)
+    name = schedule if isinstance(schedule, str) else plan.mode
     epochs = int(num_epochs or config.num_epochs)
-    stages = schedule_stages(schedule, epochs, len(encoder_blocks(model)))
+    blocks = [b for b, _ in encoder_blocks(model)]
+    phases = plan.phases(blocks, epochs)
     seed_everything(config.seed)
     loader = loader_for(train_data, config, training=True)
     val_loader = loader_for(val_data, config, training=False)
-    frames = []
-    done = 0
+    rows: list[dict[str, Any]] = []
+    best = {"loss": np.inf, "epoch": 0, "weights": None}
+
+    class _Track(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs = {k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"}
+            rows.append({"epoch": epoch + 1, "phase": current["phase"], "learning_rate": current["lr"],
+                         "trainable_blocks": "+".join(current["blocks"]), **logs})
+            if restore_best and logs.get("val_loss", np.inf) < best["loss"]:
+                best.update(loss=logs["val_loss"], epoch=epoch + 1, weights=self.model.get_weights())
+
+    current: dict[str, Any] = {}
     start = time.perf_counter()
-    for n_epochs, blocks, fine in stages:
-        set_encoder_trainable(model, blocks)
-        _compile(model, config, config.fine_tune_learning_rate if fine else config.learning_rate)
-        fit = model.fit(loader, validation_data=val_loader, initial_epoch=done,
-                        epochs=done + n_epochs, verbose=0)
-        frame = pd.DataFrame(fit.history)
-        frame.insert(0, "epoch", np.arange(done + 1, done + len(frame) + 1))
-        frame["trainable_blocks"] = blocks
-        frames.append(frame)
-        done += n_epochs
+    for phase in phases:
+        for layer in model.layers:
+            layer.trainable = True
+        if blocks:
+            freeze(model, blocks=blocks)
+            if phase.blocks:
+                unfreeze(model, blocks=list(phase.blocks))
+        lr = config.learning_rate * phase.lr_factor
+        current.update(phase=phase.index, lr=lr, blocks=trainable_blocks(model))
+        if pool is None:
+            _compile(model, config, lr)
+            runner = model
+        else:
+            runner = pool.compiled(model, config, lr)
+        # fit() advances the loader once before its first epoch: keep the epoch numbering.
+        loader.inner.set_epoch(phase.start_epoch)
+        runner.fit(loader, validation_data=val_loader, initial_epoch=phase.start_epoch,
+                   epochs=phase.end_epoch, verbose=0, callbacks=[_Track()])
+        if runner is not model:
+            model.set_weights(runner.get_weights())
     seconds = time.perf_counter() - start
-    set_encoder_trainable(model, "all")
-    history = pd.concat(frames, ignore_index=True)
+    for layer in model.layers:
+        layer.trainable = True
+    if restore_best and best["weights"] is not None:
+        model.set_weights(best["weights"])
+    history = pd.DataFrame(rows)
     folder = None
     if run_dir is not None:
         folder = Path(run_dir)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(
-            {**to_dict(dataclasses.replace(config, augment=None)), "schedule": schedule,
-             "augment": to_dict(config.augment) if config.augment is not None else None}, indent=2))
+            {**to_dict(config), "schedule": name, "epochs": epochs}, indent=2, default=str))
         history.to_csv(folder / "history.csv", index=False)
         model.save(folder / "model.keras")
-    return PerfusionRun(model, history, schedule, config, folder, seconds)
+    best_epoch = int(best["epoch"]) if best["epoch"] else len(history)
+    return PerfusionRun(model, history, name, config, folder, seconds, best_epoch)
 
 
 def predict_labels(model, dataset: SliceDataset, use_clinical: bool | None = None,
-                   batch_size: int = 8) -> np.ndarray:
+                   batch_size: int = 8, pool: ModelPool | None = None) -> np.ndarray:
     """Arg-max labels (N, H, W) uint8 of a multi-input model on a perfusion dataset."""
     if use_clinical is None:
         use_clinical = "clinical" in [t.name for t in model.inputs] if hasattr(model, "inputs") else False
     inputs = split_inputs(dataset.images, MAP_NAMES,
                           clinical_features(dataset) if use_clinical else None)
-    prob = np.asarray(model.predict(inputs, batch_size=batch_size, verbose=0))
+    if pool is not None:
+        prob = pool.predict(model, inputs, batch_size)
+    else:
+        prob = np.asarray(model.predict(inputs, batch_size=batch_size, verbose=0))
     return np.argmax(prob, axis=-1).astype(np.uint8)
 
 
@@ -1148,7 +1217,7 @@ def group_scores(dataset: SliceDataset, pred: np.ndarray, group_column: str = "o
         by = table.set_index("class_name")["dice"]
         pids = np.asarray(dataset.patient_ids)[sel] if dataset.patient_ids else []
         rows.append({"group": g, "core_f1": float(by["core"]), "penumbra_f1": float(by["penumbra"]),
-                     "slices": int(sel.sum()), "patients": int(len(set(pids)))})
+                     "slices": int(sel.sum()), "patients": len(set(pids))})
     return pd.DataFrame(rows)
 
 

@@ -185,6 +185,29 @@ class PreviewCallback:
         return _Preview()
 
 
+class BestWeights:
+    """Factory for a Keras callback that keeps the weights of the best epoch (lowest monitored
+    value) in memory and puts them back when training ends — no reload from disk needed."""
+
+    def __new__(cls, monitor: str = "val_loss"):
+        import keras
+
+        class _Best(keras.callbacks.Callback):
+            best = float("inf")
+            weights = None
+
+            def on_epoch_end(self, epoch, logs=None):
+                value = (logs or {}).get(monitor)
+                if value is not None and value < self.best:
+                    self.best, self.weights = float(value), self.model.get_weights()
+
+            def on_train_end(self, logs=None):
+                if self.weights is not None:
+                    self.model.set_weights(self.weights)
+
+        return _Best()
+
+
 class TqdmCallback:
     """Factory for a Keras callback showing one tqdm bar over epochs with the latest losses."""
 
@@ -264,8 +287,7 @@ def train(
         config: the TrainConfig.
         train_data: training slices.
         val_data: validation slices (checkpointing, early stopping, learning-rate schedule).
-        run_dir: the run folder; None creates ``<runs>/<name>-<timestamp>``; False writes nothing
-            (no checkpoint: the last epoch's weights are kept).
+        run_dir: the run folder; None creates ``<runs>/<name>-<timestamp>``; False writes nothing.
         split: a ``strokekit.split.Split`` (anything with ``save(path)``) saved as ``split.json``.
         name: run name prefix (default ``<arch>-<activation>-s<seed>``).
         model: a pre-built (e.g. pretrained) model to train instead of building one from the config.
@@ -273,7 +295,7 @@ def train(
         previews: save per-epoch prediction previews in the run folder.
 
     Returns:
-        RunResult with the model (best validation-loss weights when a run folder is written),
+        RunResult with the model (weights of the epoch with the lowest validation loss),
         history, final validation metrics, run folder, timing.
     """
     import keras
@@ -308,10 +330,9 @@ def train(
         x_val, y_val, batch_size=config.batch_size, augment=None, shuffle=False,
         seed=config.seed, num_classes=config.num_classes, workers=1,
     )
-    callbacks: list[Any] = []
+    callbacks: list[Any] = [BestWeights("val_loss")]
     if config.early_stopping_patience:
-        callbacks.append(keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=config.early_stopping_patience, restore_best_weights=True))
+        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience))
     if config.reduce_lr_patience:
         callbacks.append(keras.callbacks.ReduceLROnPlateau(
             monitor="val_loss", factor=0.5, patience=config.reduce_lr_patience, min_lr=1e-6))
@@ -333,8 +354,6 @@ def train(
     seconds = time.perf_counter() - start
     history = pd.DataFrame(fit.history)
     history.insert(0, "epoch", np.arange(1, len(history) + 1))
-    if folder is not None and (folder / "model.keras").exists():
-        model = keras.saving.load_model(folder / "model.keras", safe_mode=True)
     if config.num_classes == 1:
         metrics = evaluate_arrays(model, x_val, y_val, config.threshold, config.batch_size)
     else:
@@ -407,8 +426,8 @@ def train_grid(
         config = dataclasses.replace(base, seed=seed, **changes)
         label = "-".join(str(v) for v in changes.values()) or "base"
         run_dir = make_run_dir(f"{label}-s{seed}", root) if root is not None else None
-        result = train(config, train_data, val_data, run_dir=run_dir if root is not None else None,
-                       split=split, name=f"{label}-s{seed}", progress=False)
+        result = train(config, train_data, val_data, run_dir=run_dir, split=split,
+                       name=f"{label}-s{seed}", progress=False, previews=False)
         rows.append({**changes, "seed": seed, **result.metrics, "seconds": round(result.seconds, 1),
                      "run_dir": str(result.run_dir) if result.run_dir else ""})
     return pd.DataFrame(rows)

@@ -5,6 +5,10 @@ import re
 import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Under JAX, XLA's optimising CPU compiler dominates these tiny tests (seconds to tens of
+# seconds for each new shape on 2 busy cores, against ~1 s unoptimised). It only takes effect
+# if nothing has started JAX before this module is collected.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

@@ -5,14 +5,14 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import pytest
+from PIL import Image
 
-from strokekit import io  # noqa: E402
-from strokekit import multiclass as mc  # noqa: E402
-from strokekit.dataset import SliceDataset  # noqa: E402
-from strokekit.errors import DataError  # noqa: E402
+from strokekit import io
+from strokekit import multiclass as mc
+from strokekit.dataset import SliceDataset
+from strokekit.errors import DataError
 
 pytestmark = pytest.mark.backend
 

@@ -4,19 +4,19 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import dataclasses  # noqa: E402
+import dataclasses
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
-from scipy import ndimage  # noqa: E402
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import ndimage
 
-from strokekit import losses  # noqa: E402
-from strokekit import perfusion as pf  # noqa: E402
-from strokekit.dataset import SliceDataset  # noqa: E402
-from strokekit.errors import DataError  # noqa: E402
-from strokekit.phantom import PhantomConfig, make_volume  # noqa: E402
+from strokekit import losses
+from strokekit import perfusion as pf
+from strokekit.dataset import SliceDataset
+from strokekit.errors import DataError
+from strokekit.phantom import PhantomConfig, make_volume
 
 PHANTOM = PhantomConfig(n_patients=3, image_size=64, lesion_types=("ischemic",), seed=0)
 
@@ -236,13 +236,21 @@ def test_loader_yields_named_inputs_with_matching_clinical_rows():
 
 
 @pytest.mark.backend
-@pytest.mark.parametrize("use_clinical", [False, True])
-def test_multi_input_model_builds_and_trains_one_step(use_clinical):
+def test_multi_input_model_builds_with_and_without_clinical():
+    for use_clinical in (False, True):
+        cfg = pf.PerfusionTrainConfig(filters=(4, 8), use_clinical=use_clinical)
+        model = pf.build_perfusion_model(cfg, image_size=32)
+        names = sorted(t.name.split(":")[0] for t in model.inputs)
+        assert names == sorted([*pf.MAP_NAMES] + (["clinical"] if use_clinical else []))
+        assert model.output_shape == (None, 32, 32, 4)
+        assert ("bottleneck_clinical_concat" in [layer.name for layer in model.layers]) == use_clinical
+
+
+@pytest.mark.backend
+def test_multi_input_model_trains_one_step_from_the_loader():
+    use_clinical = True
     cfg = pf.PerfusionTrainConfig(filters=(4, 8), use_clinical=use_clinical, batch_size=2)
     model = pf.build_perfusion_model(cfg, image_size=32)
-    names = sorted(t.name.split(":")[0] for t in model.inputs)
-    assert names == sorted([*pf.MAP_NAMES] + (["clinical"] if use_clinical else []))
-    assert model.output_shape == (None, 32, 32, 4)
     data = _tiny_data()
     pf._compile(model, cfg, 1e-2)
     loader = pf.loader_for(data, cfg, training=True)
@@ -256,23 +264,39 @@ def test_multi_input_model_builds_and_trains_one_step(use_clinical):
 
 
 @pytest.mark.backend
-def test_freezing_and_schedules():
-    cfg = pf.PerfusionTrainConfig(filters=(4, 8, 16), use_clinical=False)
+def test_frozen_schedule_keeps_the_encoder_and_trains_the_decoder(tmp_path):
+    data = _tiny_data(n=4)
+    cfg = pf.PerfusionTrainConfig(filters=(4, 8), use_clinical=False, batch_size=2, num_epochs=1,
+                                  learning_rate=1e-2)
     model = pf.build_perfusion_model(cfg, image_size=32)
-    frozen = pf.set_encoder_trainable(model, 1)
-    assert frozen == ["enc1", "enc2"]
-    assert not model.get_layer("enc1_conv1").trainable and model.get_layer("bottleneck_conv1").trainable
-    assert model.get_layer("head").trainable
-    assert pf.set_encoder_trainable(model, "all") == []
-    assert all(layer.trainable for layer in model.layers)
-    assert pf.schedule_stages("gradual", 3, 4) == [(1, 0, False), (1, 2, True), (1, 4, True)]
-    assert pf.schedule_stages("frozen", 5, 4) == [(5, 0, False)]
-    assert pf.schedule_stages("unfrozen", 5, 4) == [(5, 4, True)]
-    assert sum(s[0] for s in pf.schedule_stages("gradual", 10, 3)) == 10
+    enc = [keras.ops.convert_to_numpy(w).copy() for w in model.get_layer("enc1_conv1").weights]
+    dec = [keras.ops.convert_to_numpy(w).copy() for w in model.get_layer("head").weights]
+    run = pf.train_perfusion(model, data.subset([0, 1, 2]), data.subset([3]), cfg, "frozen",
+                             run_dir=tmp_path / "run")
+    for a, b in zip(enc, model.get_layer("enc1_conv1").weights):
+        np.testing.assert_array_equal(a, keras.ops.convert_to_numpy(b))
+    assert any(not np.allclose(a, keras.ops.convert_to_numpy(b))
+               for a, b in zip(dec, model.get_layer("head").weights))
+    assert list(run.history["trainable_blocks"]) == [""] and run.schedule == "frozen"
+    assert {"loss", "val_loss", "val_dice_core", "val_dice_penumbra"} <= set(run.history.columns)
+    assert (tmp_path / "run" / "history.csv").is_file() and (tmp_path / "run" / "model.keras").is_file()
+    assert all(layer.trainable for layer in model.layers)  # flags restored after training
+
+
+@pytest.mark.backend
+def test_schedules_come_from_notebook_05():
+    from strokekit.transfer import SCRATCH
+
+    cfg = pf.PerfusionTrainConfig(lr_scale=0.5, unfreeze_every=2)
+    assert pf.make_schedule("scratch", cfg) == SCRATCH
+    gradual = pf.make_schedule("gradual", cfg)
+    assert (gradual.mode, gradual.unfreeze_every, gradual.lr_scale) == ("gradual", 2, 0.5)
+    phases = gradual.phases(["enc1", "enc2", "bottleneck"], 6)
+    assert [p.blocks for p in phases] == [(), ("bottleneck",), ("enc2", "bottleneck")]
     with pytest.raises(ValueError, match=r"Expected one of \['scratch', 'frozen', 'unfrozen', 'gradual'\]"):
-        pf.schedule_stages("warm", 3, 4)
-    with pytest.raises(ValueError, match="trainable_blocks must be an int >= 0"):
-        pf.set_encoder_trainable(model, -1)
+        pf.make_schedule("warm", cfg)
+    with pytest.raises(ValueError, match=r"lr_scale must be in \(0, 1\]"):
+        pf.PerfusionTrainConfig(lr_scale=2.0)
 
 
 @pytest.mark.backend

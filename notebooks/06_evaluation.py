@@ -1,0 +1,502 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 06 · Evaluation a reviewer would trust
+# The same predictions can score 0.99 or 0.40 depending on how you count: count per patient, say how, and choose on validation only.
+#
+# **Learning goals**
+# - Compute Dice, IoU, sensitivity, specificity, HD95/ASSD in mm, volume error in mL and lesion-wise F1 with explicit rules for empty masks, and summarise them per patient with bootstrap intervals.
+# - Compare two models on the same test cases (paired test, effect size, interval) after choosing the models and the threshold on validation data.
+# - Recognise numbers that cannot be compared: specificity ≈ 0.999, a Dice that includes background, a Dice with the wrong formula.
+#
+# **Runtime**: about 1–2 minutes on a laptop CPU (quick profile) when notebook 04 has saved its runs;
+# about 3 minutes when run alone (it then trains 2 small configurations × 2 seeds itself). The full
+# profile only evaluates (256 px): a few minutes on a GPU.
+
+# %% [markdown]
+# ## Setup
+
+# %%
+# %matplotlib inline
+import logging
+import re
+import time
+
+import ipywidgets as widgets
+import keras
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from IPython.display import display
+from scipy import ndimage
+
+from strokekit import evaluation, metrics, paths, train
+from strokekit import split as splitting
+from strokekit.augment import STUDY_AUGMENT
+from strokekit.config import get_profile, phantom_config
+from strokekit.dataset import concat
+from strokekit.phantom import generate_phantom, make_volume, volume_to_dataset
+from strokekit.preprocess import window_hu
+from strokekit.recon3d import predict_volume
+
+logging.getLogger("tensorflow").setLevel(logging.ERROR)  # many small models: retracing notes are noise
+print(f"keras {keras.__version__} · backend {keras.backend.backend()} · pandas {pd.__version__}")
+
+# %% [markdown]
+# ## Parameters
+
+# %% tags=["parameters"]
+PROFILE = get_profile()
+PHANTOM = phantom_config(PROFILE)      # the course's standard phantom (same in every notebook)
+SPLIT_FILE = paths.data_dir() / "splits" / "phantom_split.json"
+RUN_SOURCES = {                        # where earlier notebooks saved their runs
+    "04": paths.runs_dir() / "04_unet_vs_resunet" / "grid",
+    "05": paths.runs_dir() / "05_transfer_learning",
+}
+OUT = paths.runs_dir() / "06_evaluation"
+# Used only when no earlier run is found (this notebook run on its own): a small grid trained here.
+FALLBACK_BASE = train.TrainConfig(
+    arch="unet", filters=PROFILE.filters, activation="leaky_relu", loss="bce",
+    batch_size=PROFILE.batch_size, num_epochs=PROFILE.num_epochs, image_size=PROFILE.image_size,
+    augment=STUDY_AUGMENT,
+)
+FALLBACK_VARIANTS = [{"arch": "unet", "activation": "leaky_relu"}, {"arch": "resunet", "activation": "leaky_relu"}]
+SEEDS = tuple(range(PROFILE.num_seeds))
+THRESHOLD = 0.5                        # the usual cut-off, until step 8 chooses one on validation
+THRESHOLDS = np.round(np.linspace(0.05, 0.95, 19), 2)
+N_BOOT = 2000                          # bootstrap replicates
+CI = 0.95
+SEED = 0                               # seed of every bootstrap and jitter
+print(PROFILE.name, "·", PHANTOM.image_size, "px phantom ·", len(SEEDS), "seeds")
+
+# %% [markdown]
+# ## 1. The test set, and what it is
+# We read the split saved by notebook 02 (or make the same one): models were trained on `train`,
+# chosen on `val`, and `test` has not been looked at. Every model below is evaluated on exactly
+# these slices, so their numbers can be paired case by case. Predictions are made at the model's
+# input size and resized back, so every metric is computed on the phantom's own pixels (whatever
+# resolution a model was trained at) and distances come out in millimetres.
+
+# %%
+data = generate_phantom(PHANTOM, progress=False)
+split = splitting.load_or_make_split(data, SPLIT_FILE, seed=0)
+splitting.check_leakage(split)
+val_data, test_data = split.dataset(data, "val"), split.dataset(data, "test")
+TEST_CASES = sorted(test_data.case_ids)
+n_empty_test = int((~test_data.has_lesion()).sum())
+print(f"val: {len(val_data)} slices of {len(val_data.patients())} patients · "
+      f"test: {len(test_data)} slices of {len(test_data.patients())} patients "
+      f"({n_empty_test} without lesion) · pixel {test_data.spacing[0]} mm · slices {test_data.slice_thickness} mm apart")
+assert set(test_data.patients()).isdisjoint(split.dataset(data, "train").patients())
+assert set(test_data.patients()).isdisjoint(val_data.patients())
+
+# %% [markdown]
+# ## 2. Which models: the runs of notebooks 04 and 05 — or, alone, a few trained here
+# This is the one cell that decides what gets evaluated, with four rules:
+# 1. a run is a finished run folder (`model.keras`, `config.json` and `metrics.json`) under
+#    `runs/04_unet_vs_resunet/grid` or `runs/05_transfer_learning`;
+# 2. when it saved a `split.json`, its test slices must be ours — otherwise its training set may
+#    contain our test slices and its score would be flattered; runs without `split.json` (e.g.
+#    notebook 05's fine-tuning folders) are kept, but flagged `split_checked=False`;
+# 3. if the same configuration and seed were trained twice (notebook 04 run twice), the newest
+#    folder counts — never the better one;
+# 4. if nothing is found (this notebook run on its own), it trains a small grid itself into
+#    `runs/06_evaluation/runs` (2 configurations × the profile's seeds), or reuses that grid when
+#    an earlier run of this notebook left it there. This is the only training in the notebook.
+
+# %%
+SEED_SUFFIX = re.compile(r"-s\d+(-\d{8}-\d{6}(-\d+)?)?$")  # "<label>-s<seed>-<timestamp>" → "<label>"
+
+
+def find_runs(root, source):
+    rows = []
+    for model_file in sorted(root.rglob("model.keras")) if root.is_dir() else []:
+        folder = model_file.parent
+        try:
+            run = train.load_run(folder)
+        except ValueError as err:  # DataError, or a config this kit cannot read
+            print(f"skipped {folder.name}: {err}")
+            continue
+        if not run["metrics"]:
+            print(f"skipped {folder.name}: unfinished (no metrics.json yet)")
+            continue
+        if run["config"].num_classes != 1:
+            print(f"skipped {folder.name}: a {run['config'].num_classes}-class model (this notebook is binary)")
+            continue
+        checked = run["split_path"] is not None
+        if checked and sorted(splitting.Split.load(run["split_path"]).cases("test")) != TEST_CASES:
+            print(f"skipped {folder.name}: trained on another split")
+            continue
+        rel = folder.relative_to(root)
+        name = "/".join([*rel.parts[:-1], SEED_SUFFIX.sub("", rel.name)])
+        rows.append({"model": name if source != "05" else f"05:{name}", "seed": run["config"].seed,
+                     "source": source, "split_checked": checked, "folder": folder,
+                     "config": run["config"], "mtime": model_file.stat().st_mtime})
+    table = pd.DataFrame(rows, columns=["model", "seed", "source", "split_checked", "folder", "config", "mtime"])
+    table = table.sort_values("mtime").drop_duplicates(["model", "seed"], keep="last")
+    return table.sort_values(["model", "seed"]).reset_index(drop=True)
+
+
+start = time.perf_counter()
+runs = pd.concat([find_runs(root, source) for source, root in RUN_SOURCES.items()], ignore_index=True)
+if runs.empty:
+    runs = find_runs(OUT / "runs", "06")
+if runs.empty:
+    print("No runs from notebooks 04/05: training", len(FALLBACK_VARIANTS), "configurations ×",
+          len(SEEDS), "seeds here (quick profile: a few minutes) …")
+    train.train_grid(FALLBACK_BASE, FALLBACK_VARIANTS, SEEDS, split.dataset(data, "train"), val_data,
+                     root=OUT / "runs", split=split, progress=False)
+    runs = find_runs(OUT / "runs", "06")
+print(f"{len(runs)} runs of {runs['model'].nunique()} configurations from notebook(s) "
+      f"{sorted(runs['source'].unique())} ({time.perf_counter() - start:.0f} s)")
+display(runs[["model", "seed", "source", "split_checked"]])
+assert len(runs) >= 2 and runs["model"].nunique() >= 2
+assert not runs.duplicated(["model", "seed"]).any()
+
+# %% [markdown]
+# ## 3. Predict once, measure everything
+# Each model predicts probabilities for the validation and test slices once. From the test
+# probabilities, `metrics.segmentation_report` writes one row per slice with the confusion counts
+# and every metric, under one documented rule for empty masks (see the top of
+# `strokekit/metrics.py`): Dice/IoU are 1 when truth and prediction are both empty, sensitivity is
+# NaN on a lesion-free slice (nothing to find), HD95 is infinite when one mask is empty.
+
+# %%
+start = time.perf_counter()
+prob_val, prob_test, rows = {}, {}, []
+for i, run in runs.iterrows():
+    model = train.load_model(run["folder"])
+    prob_val[i] = predict_volume(model, val_data, run["config"], progress=False)
+    prob_test[i] = predict_volume(model, test_data, run["config"], progress=False)
+    report = metrics.segmentation_report(
+        test_data.masks, prob_test[i], case_ids=test_data.case_ids, patient_ids=test_data.patient_ids,
+        spacing=test_data.spacing, slice_thickness=test_data.slice_thickness, threshold=THRESHOLD,
+        progress=False)
+    rows.append(report.assign(model=run["model"], seed=run["seed"], run=i))
+    runs.loc[i, "val_dice"] = metrics.metrics_from_counts(
+        *metrics.confusion(val_data.masks, prob_val[i] >= THRESHOLD))["dice"]
+    keras.backend.clear_session()
+slices = pd.concat(rows, ignore_index=True)
+print(f"{len(runs)} models × {len(test_data)} test slices predicted and measured in {time.perf_counter() - start:.0f} s")
+display(slices.head(3))
+assert len(slices) == len(runs) * len(test_data)
+assert np.all((slices[["dice", "iou", "specificity"]] >= 0) & (slices[["dice", "iou", "specificity"]] <= 1))
+assert (slices.loc[slices["truth_pixels"] == 0, "sensitivity"].isna()).all()  # nothing to find: NaN, not 1
+
+# %% [markdown]
+# ## 4. Choose on validation: the two best configurations and one run
+# Which models to compare — and, in step 8, which threshold — is decided on the validation
+# patients only. Choosing on test and then reporting test is the commonest leak in the field: the
+# "best of N" on test is an optimistic number even when no single model is better.
+# A configuration's score is the mean over its seeds of the validation Dice (all validation pixels
+# pooled); for pictures and thresholds we use that configuration's best-on-validation seed.
+
+# %%
+by_config = runs.groupby("model")["val_dice"].agg(["mean", "std", "count"]).sort_values("mean", ascending=False)
+display(by_config.round(3))
+BEST, RUNNER_UP = by_config.index[:2]
+best_run = int(runs[runs["model"] == BEST]["val_dice"].idxmax())
+print(f"chosen on validation: {BEST} (val Dice {by_config.loc[BEST, 'mean']:.3f}) vs "
+      f"{RUNNER_UP} ({by_config.loc[RUNNER_UP, 'mean']:.3f}); pictures use run {best_run} "
+      f"(seed {runs.loc[best_run, 'seed']})")
+assert by_config.loc[BEST, "mean"] >= by_config.loc[RUNNER_UP, "mean"] and BEST != RUNNER_UP
+assert runs["val_dice"].between(0, 1).all()
+
+# %% [markdown]
+# ## 5. The study's table — and what it leaves out
+# The study reports, per model, IoU, sensitivity and specificity as **means over test slices**,
+# one number each. Next to it: the same models summarised **per patient** (each patient's pixels
+# pooled, then averaged over patients) with 95 % bootstrap intervals that resample *patients*, not
+# slices — slices of one head are not independent. With only a few test patients the intervals are
+# wide, and that width is the honest answer to "how sure are we?".
+
+# %%
+study = evaluation.study_table(slices, by="model")
+patient_rows = []
+for model_name, g in slices.groupby("model", sort=False):
+    counts = g.groupby(["seed", "patient_id"])[["tp", "fp", "fn", "tn"]].sum()
+    per_patient = pd.DataFrame(metrics.metrics_from_counts(*counts.to_numpy().T), index=counts.index)
+    dice_pp = per_patient["dice"].groupby("patient_id").mean()  # mean over seeds
+    dice_ci = evaluation.bootstrap_ci(dice_pp.to_numpy(), n_boot=N_BOOT, ci=CI, seed=SEED)
+    iou_ci = evaluation.bootstrap_ci(g["iou"], groups=g["patient_id"], n_boot=N_BOOT, ci=CI, seed=SEED)
+    patient_rows.append({"model": model_name,
+                         "Dice, mean of patients [95% CI]": f"{dice_ci.estimate:.3f} [{dice_ci.low:.3f}, {dice_ci.high:.3f}]",
+                         "IoU, mean of slices [95% CI, patients resampled]": f"{iou_ci.estimate:.3f} [{iou_ci.low:.3f}, {iou_ci.high:.3f}]",
+                         "patients": dice_ci.n, "_dice": dice_ci.estimate, "_low": dice_ci.low, "_high": dice_ci.high})
+    assert 0 <= dice_ci.low <= dice_ci.high <= 1 and 0 <= iou_ci.low <= iou_ci.high <= 1
+per_patient_view = pd.DataFrame(patient_rows).set_index("model")
+side_by_side = study.round(4).join(per_patient_view.drop(columns=["_dice", "_low", "_high"]))
+display(side_by_side)
+widest = per_patient_view.eval("_high - _low").max()
+print(f"Widest patient-level interval: {widest:.2f} Dice points wide, from {per_patient_view['patients'].iloc[0]} "
+      f"test patients — the study's 4-decimal table hides an uncertainty of this size.")
+assert np.all((study[["IoU", "Sensitivity", "Specificity"]] >= 0) & (study[["IoU", "Sensitivity", "Specificity"]] <= 1))
+assert (study["n_slices"] == len(test_data) * runs.groupby("model").size()[study.index]).all()
+
+# %% [markdown]
+# ## 6. Pooled, mean of slices, mean of patients: three numbers from one set of predictions
+# `metrics.aggregate` summarises the *same* thresholded predictions (the chosen run) four ways:
+# all pixels pooled (large lesions dominate), mean over slices (every lesion-free slice with an
+# empty prediction adds a free 1.0 to Dice), mean over lesion slices only, and mean over patients.
+# A paper must say which one it reports; numbers from different rows cannot be compared.
+
+# %%
+levels = metrics.aggregate(test_data.masks, prob_test[best_run], patient_ids=test_data.patient_ids,
+                           threshold=THRESHOLD)
+display(levels.round(3))
+d = levels.loc["dice", ["pooled", "mean_of_slices", "mean_of_lesion_slices", "mean_of_patients"]]
+spread = d.max() - d.min()
+empty_correct = d["mean_of_slices"] * len(test_data) - d["mean_of_lesion_slices"] * (len(test_data) - n_empty_test)
+print(f"On the same predictions, Dice is {d['pooled']:.3f} pooled, {d['mean_of_slices']:.3f} as a mean over "
+      f"slices, {d['mean_of_lesion_slices']:.3f} over lesion slices only and {d['mean_of_patients']:.3f} over "
+      f"patients: {100 * spread:.1f} points apart. {round(empty_correct)} of the {n_empty_test} lesion-free "
+      f"slices were predicted empty and each added a Dice of 1.0 to the mean over slices.")
+assert d.between(0, 1).all()
+assert levels.loc["dice", "mean_of_slices_n"] == len(test_data)                       # Dice is never NaN
+assert levels.loc["sensitivity", "mean_of_slices_skipped"] == n_empty_test            # NaN on empty truth
+assert abs(empty_correct - round(empty_correct)) < 1e-6 and 0 <= round(empty_correct) <= n_empty_test
+
+# %% [markdown]
+# ## 7. Per patient in 3-D: surface distance in mm, volume in mL, lesions found
+# Overlap says nothing about *where* the errors are. HD95 (95th percentile of the distances
+# between the two lesion surfaces) and ASSD (their mean) do, in millimetres, and the volume error
+# in mL is what a clinician reads. Both need the **whole head**: the test set holds a few sampled
+# slices per patient, so we rebuild each test patient's full volume (every slice, 5 mm apart —
+# with real data you would load the full series) and let the two chosen models predict all of it.
+# Distances use the anisotropic voxel (slice thickness × pixel spacing). Lesion-wise detection
+# counts 3-D connected components: a true lesion is found if the prediction touches it; a
+# predicted component touching no lesion is a false-positive lesion.
+
+# %%
+volumes = concat([volume_to_dataset(make_volume(int(p[1:]) - 1, PHANTOM)) for p in test_data.patients()])
+assert np.array_equal(volumes.select_cases(test_data.case_ids).images, test_data.images)  # same patients
+chosen = {BEST: best_run, RUNNER_UP: int(runs[runs["model"] == RUNNER_UP]["val_dice"].idxmax())}
+patients3d = []
+for model_name, i in chosen.items():
+    prob = predict_volume(train.load_model(runs.loc[i, "folder"]), volumes, runs.loc[i, "config"], progress=False)
+    table = metrics.per_patient_metrics(
+        volumes.masks, prob, volumes.patient_ids, spacing=volumes.spacing,
+        slice_thickness=volumes.slice_thickness, slice_indices=volumes.slice_indices,
+        threshold=THRESHOLD, progress=False)
+    patients3d.append(table.assign(model=model_name, seed=runs.loc[i, "seed"], run=i))
+patients3d = pd.concat(patients3d, ignore_index=True)
+cols = ["model", "patient_id", "n_slices", "dice", "hd95", "assd", "truth_volume", "pred_volume",
+        "volume_difference", "n_true_lesions", "n_pred_lesions", "lesion_f1"]
+display(patients3d[cols].round(2))
+print(f"distances in {table.attrs['distance_unit']}, volumes in {table.attrs['volume_unit']}; "
+      f"voxel {volumes.slice_thickness} × {volumes.spacing[0]} × {volumes.spacing[1]} mm")
+assert table.attrs["distance_unit"] == "mm" and table.attrs["volume_unit"] == "mL"
+assert (patients3d["truth_volume"] > 0).all() and (patients3d["n_true_lesions"] >= 1).all()
+assert np.allclose(patients3d["volume_difference"], patients3d["pred_volume"] - patients3d["truth_volume"])
+assert (patients3d["hd95"] >= 0).all() and patients3d["lesion_f1"].between(0, 1).all()
+
+# %% [markdown]
+# ## 8. Two models on the same cases: a paired comparison
+# The two configurations chosen on validation in step 4 are compared on the **same** test slices
+# (each configuration's Dice per slice, averaged over its seeds): the Wilcoxon signed-rank test on
+# the per-slice differences, an effect size (rank-biserial correlation, −1…1), and a bootstrap
+# interval of the mean difference. Slices of one patient are correlated, so the slice-level p-value
+# is optimistic; the interval that resamples whole patients is the honest one. With 3 test
+# patients no test on patients can reach p < 0.05 at all (the smallest two-sided Wilcoxon p-value
+# for 3 pairs is 0.25).
+
+# %%
+lesion_slices = slices[slices["truth_pixels"] > 0]
+paired = lesion_slices.groupby(["model", "case_id"])["dice"].mean().unstack("model")
+cmp = evaluation.paired_comparison(paired[BEST], paired[RUNNER_UP], names=(BEST, RUNNER_UP),
+                                   n_boot=N_BOOT, ci=CI, seed=SEED)
+patient_of = dict(zip(test_data.case_ids, test_data.patient_ids))
+by_patient = evaluation.bootstrap_ci((paired[BEST] - paired[RUNNER_UP]).to_numpy(), n_boot=N_BOOT, ci=CI,
+                                     seed=SEED, groups=[patient_of[c] for c in paired.index])
+print(f"{BEST} − {RUNNER_UP} on {cmp['n']} test lesion slices: mean Dice difference {cmp['mean_difference']:+.3f} "
+      f"(95% CI over slices [{cmp['ci_low']:+.3f}, {cmp['ci_high']:+.3f}], over patients "
+      f"[{by_patient.low:+.3f}, {by_patient.high:+.3f}]); Wilcoxon p = {cmp['p_value']:.3f}, "
+      f"rank-biserial r = {cmp['rank_biserial']:+.2f}, Cohen's dz = {cmp['cohens_dz']:+.2f}")
+assert cmp["n"] == len(test_data) - n_empty_test and cmp["n_skipped"] == 0
+assert np.isclose(cmp["mean_difference"], cmp["mean_a"] - cmp["mean_b"])
+assert 0 <= cmp["p_value"] <= 1 and -1 <= cmp["rank_biserial"] <= 1
+assert by_patient.low <= by_patient.high and np.isclose(by_patient.estimate, cmp["mean_difference"])
+
+# %% [markdown]
+# ## 9. Look at the errors
+# Numbers hide *how* a model fails. The chosen run's best, median and worst test slices (among
+# slices with a lesion or a prediction), with true positives yellow, false positives red and
+# false negatives blue.
+
+# %%
+fig = evaluation.plot_error_overlays(window_hu(test_data.images, "brain"), test_data.masks, prob_test[best_run],
+                                     case_ids=test_data.case_ids, threshold=THRESHOLD)
+display(fig)
+assert len(fig.axes) == 3
+
+# %% [markdown]
+# ## 10. The threshold is a hyperparameter: choose it on validation
+# A sigmoid output becomes a mask at a threshold, and 0.5 is a habit, not a law. Sweep thresholds
+# on the **validation** patients, pick the best mean Dice, and apply that one number unchanged to
+# test. Sweeping on test and reporting the best is another way of grading your own exam.
+
+# %%
+sweep = evaluation.threshold_sweep(val_data.masks, prob_val[best_run], THRESHOLDS, patient_ids=val_data.patient_ids)
+chosen_threshold = evaluation.choose_threshold(sweep)
+display(evaluation.plot_threshold_sweep(sweep, chosen=chosen_threshold))
+at = {t: metrics.aggregate(test_data.masks, prob_test[best_run], test_data.patient_ids, threshold=t)
+      .loc["dice", "mean_of_patients"] for t in (THRESHOLD, chosen_threshold)}
+print(f"threshold chosen on validation: {chosen_threshold:.2f}; test Dice (mean of patients) "
+      f"{at[THRESHOLD]:.3f} at {THRESHOLD} → {at[chosen_threshold]:.3f} at {chosen_threshold:.2f}")
+assert chosen_threshold in THRESHOLDS and all(0 <= v <= 1 for v in at.values())
+
+# %% [markdown]
+# Move the threshold on the validation set: the point on the Dice curve and the overlay of the
+# validation slice with the largest lesion follow it.
+
+# %%
+val_curve = sweep.groupby("threshold")["dice"].mean()
+show_case = int(np.argmax(val_data.lesion_area()))
+val_image = window_hu(val_data.images[show_case], "brain")
+
+
+def show_threshold(threshold=chosen_threshold):
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(val_curve.index, val_curve.to_numpy(), marker="o", ms=3)
+    dice_here = metrics.aggregate(val_data.masks, prob_val[best_run], val_data.patient_ids,
+                                  threshold=threshold).loc["dice", "mean_of_patients"]
+    ax1.plot([threshold], [dice_here], "o", color="C3", ms=9)
+    ax1.set(xlabel="threshold", ylabel="validation Dice (mean of patients)", ylim=(0, 1.02), xlim=(0, 1))
+    ax2.imshow(evaluation.error_overlay(val_image, val_data.masks[show_case],
+                                       prob_val[best_run][show_case] >= threshold))
+    ax2.set_title(f"{val_data.case_ids[show_case]} at threshold {threshold:.2f}")
+    ax2.set_axis_off()
+    plt.show()
+
+
+display(widgets.interactive(show_threshold, threshold=widgets.FloatSlider(
+    value=chosen_threshold, min=0.05, max=0.95, step=0.05, continuous_update=False)))
+
+# %% [markdown]
+# ## 11. Why "specificity 0.9987" says little
+# On a CT slice almost every pixel is background, so specificity = TN / (TN + FP) is close to 1
+# for *any* model that does not paint the whole head — including one that finds nothing at all.
+# We compute how far that goes on our test slices.
+
+# %%
+truth_test, pred_test = test_data.masks > 0, prob_test[best_run] >= THRESHOLD
+illusion = evaluation.specificity_illusion(truth_test, pred_test)
+print(f"background is {100 * illusion['background_fraction']:.2f} % of the test pixels.\n"
+      f"A model that predicts nothing: specificity {illusion['all_background_specificity']:.4f}, "
+      f"Dice {illusion['all_background_dice']:.3f}.\n"
+      f"Our chosen model: specificity {illusion['model_specificity']:.4f}, Dice {illusion['model_dice']:.3f}.\n"
+      f"Specificity stays ≥ 0.999 with up to {illusion['fp_budget_at_0999']:.0f} false-positive pixels: "
+      f"{illusion['fp_budget_over_lesion_pixels']:.2f} × all the lesion pixels in the test set.")
+assert illusion["all_background_specificity"] == 1.0 and illusion["all_background_dice"] == 0.0
+assert np.isclose(illusion["fp_budget_at_0999"], 0.001 * (illusion["pixels"] - illusion["lesion_pixels"]))
+
+# %% [markdown]
+# Make that concrete: the perfect mask plus exactly that many false-positive pixels (the
+# background pixels nearest the lesions, so they look like over-segmentation).
+
+# %%
+budget = int(illusion["fp_budget_at_0999"])
+distance = ndimage.distance_transform_edt(~truth_test, sampling=(1e6, 1, 1))  # nearest, within a slice
+inflated = truth_test.copy()
+inflated.flat[np.argsort(distance, axis=None, kind="stable")[truth_test.sum(): truth_test.sum() + budget]] = True
+m = metrics.metrics_from_counts(*metrics.confusion(truth_test, inflated))
+print(f"perfect mask + {budget} false-positive pixels: specificity {m['specificity']:.4f}, "
+      f"sensitivity {m['sensitivity']:.3f}, Dice {m['dice']:.3f}, precision {m['precision']:.3f}")
+assert m["specificity"] >= 0.999 and m["sensitivity"] == 1.0
+assert np.isclose(m["dice"], 2 * truth_test.sum() / (2 * truth_test.sum() + budget))
+
+# %% [markdown]
+# Two more numbers that cannot be compared with a Dice:
+# - **The wrong formula.** One study printed Dice = TP / (2·TP + FN + FP). That is exactly half
+#   the real Dice 2·TP / (2·TP + FP + FN): a perfect mask scores 0.5.
+# - **Background counted as a class.** A "multiclass Dice" that averages over classes *including
+#   background* is lifted by the background's Dice of ≈ 1; averaged over pixels (micro-averaged) it
+#   is simply pixel accuracy — which is how a 0.99 appears.
+
+# %%
+right, wrong = metrics.dice(truth_test, pred_test), metrics.dice_wrong_formula(truth_test, pred_test)
+classes = metrics.per_class_metrics(truth_test.astype(np.uint8), pred_test.astype(np.uint8), num_classes=2,
+                                    class_names=("background", "lesion"), include_background=True)
+display(classes[["class_name", "truth_pixels", "pred_pixels", "dice", "iou"]].round(4))
+tp_all, fp_all, fn_all = classes["tp"].sum(), classes["fp"].sum(), classes["fn"].sum()
+micro = 2 * tp_all / (2 * tp_all + fp_all + fn_all)
+accuracy = (truth_test == pred_test).mean()
+print(f"Dice {right:.3f} · the wrong formula gives {wrong:.3f} · a perfect mask would score "
+      f"{metrics.dice_wrong_formula(truth_test, truth_test):.2f} with it.\n"
+      f"lesion Dice {classes['dice'].iloc[1]:.3f} · mean over classes with background {classes['dice'].mean():.3f} · "
+      f"micro-averaged over pixels {micro:.4f} = pixel accuracy {accuracy:.4f}")
+assert np.isclose(wrong, right / 2) and metrics.dice_wrong_formula(truth_test, truth_test) == 0.5
+assert np.isclose(classes["dice"].iloc[1], right) and np.isclose(micro, accuracy)
+
+# %% [markdown]
+# ## 12. Keep everything: a tidy table and the figures
+# One row per model run × case × metric (slices and 3-D patients), so anyone can recompute any
+# summary — including ones we did not think of. The figures show every case, not only a mean.
+
+# %%
+OUT.mkdir(parents=True, exist_ok=True)
+slice_metrics = ["dice", "iou", "sensitivity", "specificity", "precision", "hd95", "assd", "volume_difference"]
+patient_metrics = ["dice", "iou", "sensitivity", "precision", "hd95", "assd", "truth_volume", "pred_volume",
+                   "volume_difference", "lesion_precision", "lesion_recall", "lesion_f1"]
+long = pd.concat([
+    slices.melt(id_vars=["model", "seed", "run", "patient_id", "case_id"], value_vars=slice_metrics,
+                var_name="metric").assign(level="slice", unit=lambda t: t["metric"].map(
+                    {"hd95": "mm", "assd": "mm", "volume_difference": "mL"}).fillna("")),
+    patients3d.assign(case_id=patients3d["patient_id"]).melt(
+        id_vars=["model", "seed", "run", "patient_id", "case_id"], value_vars=patient_metrics,
+        var_name="metric").assign(level="patient_3d", unit=lambda t: t["metric"].map(
+            {"hd95": "mm", "assd": "mm", "truth_volume": "mL", "pred_volume": "mL",
+             "volume_difference": "mL"}).fillna("")),
+], ignore_index=True)
+long["threshold"] = THRESHOLD
+long["folder"] = long["run"].map(runs["folder"].astype(str))
+long.to_csv(OUT / "report.csv", index=False)
+back = pd.read_csv(OUT / "report.csv")
+print(f"{len(back)} rows → {OUT / 'report.csv'}")
+assert len(back) == len(slices) * len(slice_metrics) + len(patients3d) * len(patient_metrics)
+assert set(back["level"]) == {"slice", "patient_3d"}
+
+# %%
+figures = {
+    "dice_per_lesion_slice": evaluation.plot_metric_boxes(lesion_slices, "dice", by="model", seed=SEED),
+    "hd95_per_lesion_slice": evaluation.plot_metric_boxes(lesion_slices, "hd95", by="model", seed=SEED),
+    "dice_per_patient_3d": evaluation.plot_metric_boxes(patients3d, "dice", by="model", seed=SEED),
+}
+figures["hd95_per_lesion_slice"].axes[0].set_ylabel("HD95 per slice (mm; infinite = lesion missed)")
+(OUT / "figures").mkdir(exist_ok=True)
+for name, fig in figures.items():
+    fig.savefig(OUT / "figures" / f"{name}.png", dpi=100)
+    display(fig)
+assert all((OUT / "figures" / f"{name}.png").is_file() for name in figures)
+
+# %% [markdown]
+# ## Exercises
+# 1. Re-run step 5 with `slices[slices.truth_pixels > 0]`: how much of the study-style IoU came from
+#    lesion-free slices?
+# 2. In step 8, compare the best configuration with the *worst* on validation. Does the slice-level
+#    Wilcoxon test call the difference significant? Does the patient-level interval exclude 0?
+# 3. Choose the threshold on the test set instead of validation (step 10) and report test Dice. By
+#    how much does it flatter the model, and why is that number not publishable?
+# 4. Evaluate a run from the command line: `python -m strokekit evaluate --model runs/04_unet_vs_resunet/grid/<run> --data data/phantom --csv /tmp/report.csv`
+#    (the phantom folder is written by notebook 01). Which of the numbers above does it print?
+#
+# ## Summary
+# - Say how you aggregate: pooled, mean of slices and mean of patients differ by many points on the
+#   same predictions; lesion-free slices add free 1.0s to a mean over slices.
+# - Report per patient, with intervals that resample patients; add distances in mm, volumes in mL
+#   and lesion-wise F1 — and look at the worst case.
+# - Choose models and thresholds on validation, compare on paired test cases with an effect size;
+#   never trust specificity ≈ 0.999 or a Dice that counts background.
+#
+# **Next →** [07 · Multiclass](07_multiclass.ipynb)

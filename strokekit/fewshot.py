@@ -1,0 +1,756 @@
+"""Few-shot segmentation that has to work on *new* patients: a fixed protocol, baselines, a recipe.
+
+The study trained a 31M-parameter U-Net on the lesion slices of three patients and scored it on
+slices of the same kind. On the real CT-ICH slices (traumatic intracranial haemorrhage, not
+stroke) under the protocol ``fewshot-ctich-v1`` — train on patients 49, 50, 51, validate on 66,
+test on the lesion slices of the 32 other lesion patients — that recipe reaches a per-patient Dice
+of about 0.04: the network learns *where* the three training patients bled (the front rim of the
+skull) instead of *what* blood looks like, and a specificity of 0.996 hides it.
+
+This module holds what notebooks/10 and ``benchmarks/bench_fewshot_ctich.py`` share:
+
+* :data:`PROTOCOLS`, :func:`protocol_split`, :func:`load_protocol` — the fixed patient split;
+* :func:`threshold_in_brain`, :func:`fit_threshold` — the classical baseline (bright pixels
+  inside the brain), :func:`all_background` — the trivial one;
+* :class:`FewShotRecipe`, :data:`FEWSHOT_DEFAULT`, :data:`STUDY_RECIPE`, :func:`fit_recipe`,
+  :func:`predict_recipe` — a trained network plus everything around it (lesion-free slices,
+  test-time flips, brain-mask restriction, threshold chosen on validation);
+* :func:`evaluate_protocol` — the protocol's figures (per-patient Dice first).
+
+The defaults of :data:`FEWSHOT_DEFAULT` were chosen by measurement on the validation patient and
+by leave-one-training-patient-out cross-validation, never on the test patients; the log of those
+experiments is ``benchmarks/fewshot_log.md``.
+
+Introduced in notebooks/10_what_generalizes.ipynb.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from .augment import STUDY_AUGMENT, AugmentConfig
+from .dataset import SliceDataset, concat
+from .errors import DataError
+from .train import TrainConfig
+
+#: Fixed few-shot protocols: training and validation patients (all their lesion slices), input
+#: size and the probability threshold of the reference figures. The test set is the lesion
+#: slices of every *other* patient that has a lesion.
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "fewshot-ctich-v1": dict(train=["49", "50", "51"], val=["66"], image_size=128, threshold=0.5),
+}
+
+
+# ----------------------------------------------------------------------------- protocol
+def _check_protocol(name: str) -> dict[str, Any]:
+    if name not in PROTOCOLS:
+        raise ValueError(f"Expected one of {sorted(PROTOCOLS)}. Received: name={name!r}")
+    return PROTOCOLS[name]
+
+
+def lesion_flags(dataset: SliceDataset) -> np.ndarray:
+    """Which slices carry a lesion: ``extra["has_mask"]`` when present, else a non-empty mask.
+
+    The CT-ICH ``has_mask`` column is the truth at full resolution; after shrinking to 64 px two
+    small masks vanish, so the resized mask alone would drop those slices from the protocol.
+
+    Introduced in notebooks/10_what_generalizes.ipynb.
+    """
+    if "has_mask" in dataset.extra:
+        return np.asarray(dataset.extra["has_mask"]).astype(int) == 1
+    return dataset.has_lesion()
+
+
+def protocol_split(dataset: SliceDataset, name: str = "fewshot-ctich-v1", empty_slices: bool = False):
+    """The protocol's split of a dataset: named train/val patients, every other lesion patient tests.
+
+    Train holds the lesion slices of the protocol's training patients (and, with
+    ``empty_slices=True``, their lesion-free slices too, so a model can learn what absence looks
+    like); val holds the lesion slices of the validation patients; test holds the lesion slices
+    of every other patient that has at least one lesion slice. Lesion-free slices of validation
+    and test patients and all slices of lesion-free patients are left out of the split.
+
+    Introduced in notebooks/10_what_generalizes.ipynb.
+
+    Args:
+        dataset: slices with patient ids (e.g. from :func:`strokekit.io.load_ctich`).
+        name: a key of :data:`PROTOCOLS`.
+        empty_slices: add the training patients' lesion-free slices to train.
+
+    Returns:
+        :class:`strokekit.split.Split` with method ``"protocol"`` and the protocol in ``params``.
+
+    Raises:
+        ValueError: unknown protocol name.
+        DataError: no patient ids, or a protocol patient without lesion slices in the dataset.
+    """
+    from .split import Split, check_leakage
+
+    proto = _check_protocol(name)
+    if dataset.patient_ids is None:
+        raise DataError(f"protocol {name!r} needs patient ids; this dataset has none")
+    pids = np.asarray(dataset.patient_ids, dtype=object).astype(str)
+    lesion = lesion_flags(dataset)
+    train_p, val_p = [str(p) for p in proto["train"]], [str(p) for p in proto["val"]]
+    lesion_patients = set(pids[lesion].tolist())
+    missing = [p for p in train_p + val_p if p not in lesion_patients]
+    if missing:
+        raise DataError(
+            f"protocol {name!r}: patient(s) {missing} have no lesion slices in this dataset "
+            f"(train={train_p}, val={val_p}); load them, e.g. with strokekit.fewshot.load_protocol"
+        )
+    subsets = np.full(len(dataset), "", dtype=object)
+    is_train = np.isin(pids, train_p)
+    is_val = np.isin(pids, val_p)
+    subsets[is_train & (lesion | bool(empty_slices))] = "train"
+    subsets[is_val & lesion] = "val"
+    test_patients = lesion_patients - set(train_p) - set(val_p)
+    subsets[np.isin(pids, sorted(test_patients)) & lesion] = "test"
+    keep = np.flatnonzero(subsets != "")
+    split = Split(
+        case_ids=[dataset.case_ids[i] for i in keep],
+        subsets=[str(subsets[i]) for i in keep],
+        patient_ids=[str(pids[i]) for i in keep],
+        method="protocol",
+        params=dict(protocol=name, empty_slices=bool(empty_slices), **proto),
+    )
+    check_leakage(split)
+    return split
+
+
+def load_protocol(
+    name: str = "fewshot-ctich-v1",
+    path: str | os.PathLike | None = None,
+    image_size: int | None = None,
+    empty_slices: bool = True,
+    progress: bool = True,
+):
+    """Read only the CT-ICH slices a protocol uses and split them.
+
+    Reads every slice of the training and validation patients and the lesion slices of the
+    others (about 420 of the 2814 slices), so 256 px inputs fit in memory.
+
+    Introduced in notebooks/10_what_generalizes.ipynb.
+
+    Args:
+        name: a key of :data:`PROTOCOLS`.
+        path: the ``ct-ich`` folder; default :func:`strokekit.paths.ctich_dir`.
+        image_size: side in pixels; default the protocol's.
+        empty_slices: passed to :func:`protocol_split`.
+        progress: progress bars while reading.
+
+    Returns:
+        (dataset, split): the slices read and their :func:`protocol_split`.
+
+    Raises:
+        DataError: the folder is absent or malformed (see :func:`strokekit.io.load_ctich`).
+    """
+    import pandas as pd
+
+    from .io import load_ctich
+    from .paths import ctich_dir
+
+    proto = _check_protocol(name)
+    folder = path if path is not None else ctich_dir()
+    if folder is None:
+        load_ctich(None)  # raises the DataError that says where to put the data
+    csv = os.path.join(folder, "slices.csv")
+    if not os.path.isfile(csv):
+        raise DataError("no slices.csv (file, patient_id, has_mask, ...)", folder)
+    table = pd.read_csv(csv, dtype={"file": str, "patient_id": str})
+    size = int(image_size or proto["image_size"])
+    named = [str(p) for p in proto["train"] + proto["val"]]
+    others = sorted(set(table.loc[table["has_mask"] == 1, "patient_id"]) - set(named), key=_natural)
+    parts = [load_ctich(folder, image_size=size, patients=named, progress=progress)]
+    if others:
+        parts.append(load_ctich(folder, image_size=size, lesion_only=True, patients=others,
+                                progress=progress))
+    data = concat(parts)
+    return data, protocol_split(data, name, empty_slices=empty_slices)
+
+
+def _natural(text: str):
+    return (0, int(text), "") if str(text).isdigit() else (1, 0, str(text))
+
+
+# ----------------------------------------------------------------------------- baselines
+def _stack(images: np.ndarray) -> tuple[np.ndarray, bool]:
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if images.ndim == 2:
+        return images[None], True
+    if images.ndim != 3:
+        raise ValueError(f"expected one slice (H, W) or a stack (N, H, W), got shape {images.shape}")
+    return images, False
+
+
+def _levels(images: np.ndarray, unit: str) -> np.ndarray:
+    """Intensities on the scale the thresholds use: 0..255 display levels, or HU."""
+    if unit == "HU":
+        return images
+    if unit == "display":
+        # display images come as 0..255 or as 0..1; decide once per stack, not per slice, so a
+        # dark slice is not rescaled differently from its neighbours.
+        scale = 255.0 if images.size and float(images.max()) <= 1.0 else 1.0
+        return images * scale
+    raise ValueError(f"Expected one of ['HU', 'display']. Received: unit={unit!r}")
+
+
+def robust_brain_masks(images: np.ndarray, unit: str = "display", min_fraction: float = 0.02) -> np.ndarray:
+    """:func:`strokekit.preprocess.brain_mask` of every slice, with a fallback for its failures.
+
+    On slices where the skull ring is open (skull base, orbits) the brain mask can come back
+    empty or a few pixels large; such a slice falls back to the whole image, so restricting
+    predictions to the brain never deletes a lesion just because skull stripping failed.
+
+    Introduced in notebooks/10_what_generalizes.ipynb.
+
+    Args:
+        images: (H, W) or (N, H, W) slices.
+        unit: ``"display"`` or ``"HU"``.
+        min_fraction: a mask smaller than this fraction of the image counts as a failure.
+
+    Returns:
+        bool array of the images' shape.
+    """
+    from .preprocess import brain_mask
+
+    stack, single = _stack(images)
+    unit_images = stack / 255.0 if unit == "display" and stack.size and stack.max() > 1.0 else stack
+    out = np.zeros(stack.shape, dtype=bool)
+    for i, image in enumerate(unit_images):
+        mask = brain_mask(image, unit=unit)
+        out[i] = mask if mask.mean() >= min_fraction else True
+    return out[0] if single else out
+
+
+def _shift_and(mask: np.ndarray, fill: bool) -> np.ndarray:
+    """Erosion (fill=True→False border) or dilation helper: the 4 neighbours of every pixel."""
+    padded = np.pad(mask, ((0, 0), (1, 1), (1, 1)), constant_values=fill)
+    return padded[:, :-2, 1:-1], padded[:, 2:, 1:-1], padded[:, 1:-1, :-2], padded[:, 1:-1, 2:]
+
+
+def _erode_cross(mask: np.ndarray) -> np.ndarray:
+    up, down, left, right = _shift_and(mask, False)
+    return mask & up & down & left & right
+
+
+def _dilate_cross(mask: np.ndarray) -> np.ndarray:
+    up, down, left, right = _shift_and(mask, False)
+    return mask | up | down | left | right
+
+
+def _clean(candidate: np.ndarray, opening: int, min_size: int) -> np.ndarray:
+    """Opening with a 4-connected cross and small-component removal, slice by slice (N, H, W).
+
+    NumPy shifts instead of scipy's n-d morphology: the whole stack in one pass, nothing
+    connecting across slices, and several times faster on a busy CPU.
+    """
+    for _ in range(opening):
+        candidate = _erode_cross(candidate)
+    for _ in range(opening):
+        candidate = _dilate_cross(candidate)
+    if min_size > 1 and candidate.any():
+        square = np.zeros((3, 3, 3), dtype=bool)
+        square[1] = True
+        labels, count = ndimage.label(candidate, structure=square)
+        sizes = np.bincount(labels.ravel(), minlength=count + 1)
+        small = sizes < min_size
+        small[0] = True
+        candidate = ~small[labels]
+    return candidate
+
+
+def _eroded(brains: np.ndarray, erosion: int) -> np.ndarray:
+    """Erode each mask by ``erosion`` pixels (4-connected); all-True fallback masks stay whole."""
+    if not erosion:
+        return brains
+    whole = brains.reshape(len(brains), -1).all(axis=1)
+    out = brains
+    for _ in range(erosion):
+        out = _erode_cross(out)
+    out[whole] = True
+    return out
+
+
+def threshold_in_brain(
+    images: np.ndarray,
+    brain_masks: np.ndarray | None = None,
+    unit: str = "display",
+    low: float = 150.0,
+    high: float = 230.0,
+    erosion: int = 1,
+    opening: int = 1,
+    min_size: int = 4,
+) -> np.ndarray:
+    """The classical baseline: hyperdense pixels inside the brain, lightly cleaned up.
+
+    Fresh blood is brighter than brain (about 50–90 HU against 20–40 HU; in the 8-bit
+    brain-windowed CT-ICH PNGs blood lies around 150–200, brain around 100–130) and darker than
+    bone, so a band of intensities inside the brain finds much of it without any training.
+    The brain mask is eroded first because the skull's inner edge, blurred by the pixel size,
+    passes through the same band all around the head; then a morphological opening and a
+    minimum component size remove isolated speckle.
+
+    Introduced in notebooks/10_what_generalizes.ipynb.
+
+    Args:
+        images: (H, W) or (N, H, W) slices (a trailing channel axis of 1 is allowed).
+        brain_masks: bool masks of the same shape; default :func:`robust_brain_masks`.
+        unit: ``"display"`` (thresholds in 0..255 levels; 0..1 images are scaled up) or ``"HU"``.
+        low: lowest intensity counted as blood (inclusive).
+        high: highest intensity counted as blood (inclusive); bone lies above.
+        erosion: pixels removed from the brain mask's border (0 keeps it).
+        opening: iterations of binary opening with a 4-connected cross (0 skips it).
+        min_size: connected regions smaller than this many pixels are dropped.
+
+    Returns:
+        uint8 masks (0/1) of the images' shape (without channel axis).
+
+    Raises:
+        ValueError: bad shapes, ``low > high``, negative sizes or an unknown unit.
+    """
+    stack, single = _stack(images)
+    if low > high:
+        raise ValueError(f"low must not exceed high, got low={low!r}, high={high!r}")
+    if min(erosion, opening, min_size) < 0:
+        raise ValueError(f"erosion, opening and min_size must be >= 0, got {erosion}, {opening}, {min_size}")
+    levels = _levels(stack, unit)
+    if brain_masks is None:
+        brains = robust_brain_masks(stack, unit=unit)
+    else:
+        brains, _ = _stack(np.asarray(brain_masks, dtype=np.float32))
+        brains = brains > 0
+        if brains.shape != stack.shape:
+            raise ValueError(f"brain_masks shape {brains.shape} does not match images shape {stack.shape}")
+    brains = _eroded(brains, int(erosion))
+    band = (levels >= low) & (levels <= high) & brains
+    out = _clean(band, int(opening), int(min_size)).astype(np.uint8)
+    return out[0] if single else out
+
+
+def fit_threshold(
+    train_images: np.ndarray,
+    train_masks: np.ndarray,
+    brain_masks: np.ndarray | None = None,
+    unit: str = "display",
+    lows: Sequence[float] | None = None,
+    highs: Sequence[float] | None = None,
+    erosions: Sequence[int] = (0, 1, 2, 3),
+    opening: int = 1,
+    min_size: int = 4,
+    patient_ids: Sequence[Any] | None = None,
+) -> dict[str, float]:
+    """Choose the band (and brain-mask erosion) of :func:`threshold_in_brain` by grid search.
+
+    Give it training or validation slices only: a band chosen on the test patients would make
+    the baseline look better than it is.
+
+    Introduced in notebooks/10_what_generalizes.ipynb.
+
+    Args:
+        train_images: (N, H, W) slices.
+        train_masks: (N, H, W) true masks (non-zero = lesion).
+        brain_masks: precomputed brain masks; default :func:`robust_brain_masks`.
+        unit: ``"display"`` or ``"HU"``.
+        lows: candidate lower bounds; default 110..200 (display) or 30..80 HU in steps.
+        highs: candidate upper bounds; default 190..255 (display) or 80..130 HU.
+        erosions: candidate brain-mask erosions in pixels.
+        opening: passed to :func:`threshold_in_brain`.
+        min_size: passed to :func:`threshold_in_brain`.
+        patient_ids: when given, maximise the mean of per-patient Dice (each patient's pixels
+            pooled) instead of the pooled Dice of all slices.
+
+    Returns:
+        ``{"low", "high", "erosion", "dice"}``: the best band and its Dice on these slices (ties
+        go to the first in grid order: lowest erosion, lowest low, lowest high).
+
+    Raises:
+        ValueError: shapes differ, or no candidate has ``low <= high``.
+    """
+    from .metrics import slice_confusion
+
+    stack, _ = _stack(train_images)
+    truth = np.asarray(train_masks)
+    if truth.ndim == 2:
+        truth = truth[None]
+    if truth.shape != stack.shape:
+        raise ValueError(f"train_masks shape {truth.shape} does not match images shape {stack.shape}")
+    if lows is None:
+        lows = np.arange(110, 201, 5) if unit == "display" else np.arange(30, 81, 5)
+    if highs is None:
+        highs = (190, 205, 220, 235, 255) if unit == "display" else (80, 90, 100, 115, 130)
+    brains = robust_brain_masks(stack, unit=unit) if brain_masks is None else np.asarray(brain_masks) > 0
+    if patient_ids is not None:
+        uniq, inverse = np.unique(np.asarray(patient_ids, dtype=object).astype(str), return_inverse=True)
+    best: dict[str, float] | None = None
+    for erosion in erosions:
+        eroded = _eroded(brains, int(erosion))
+        for low in lows:
+            for high in highs:
+                if low > high:
+                    continue
+                pred = threshold_in_brain(stack, eroded, unit=unit, low=float(low), high=float(high),
+                                          erosion=0, opening=opening, min_size=min_size)
+                counts = slice_confusion(truth > 0, pred > 0)
+                if patient_ids is None:
+                    score = _dice_of(counts.sum(axis=0))
+                else:
+                    per = np.zeros((len(uniq), 4), dtype=np.int64)
+                    np.add.at(per, inverse, counts)
+                    score = float(np.mean([_dice_of(c) for c in per]))
+                if best is None or score > best["dice"] + 1e-12:
+                    best = dict(low=float(low), high=float(high), erosion=int(erosion), dice=score)
+    if best is None:
+        raise ValueError("no candidate band with low <= high; widen lows/highs")
+    return best
+
+
+def _dice_of(counts: np.ndarray) -> float:
+    tp, fp, fn, _ = (int(c) for c in counts)
+    return 1.0 if tp + fp + fn == 0 else 2.0 * tp / (2.0 * tp + fp + fn)
+
+
+def all_background(images: np.ndarray) -> np.ndarray:
+    """The trivial baseline: no lesion anywhere (Dice 0 on every lesion slice, specificity 1).
+
+    Introduced in notebooks/10_what_generalizes.ipynb.
+
+    Args:
+        images: (N, H, W), (N, H, W, C) or one (H, W) slice.
+
+    Returns:
+        uint8 zeros of shape (N, H, W) (or (H, W)).
+    """
+    images = np.asarray(images)
+    if images.ndim == 4:
+        images = images[..., 0]
+    if images.ndim not in (2, 3):
+        raise ValueError(f"expected (H, W), (N, H, W) or (N, H, W, C), got shape {images.shape}")
+    return np.zeros(images.shape, dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------- evaluation
+def evaluate_protocol(pred: np.ndarray, data: SliceDataset, threshold: float = 0.5) -> dict[str, float]:
+    """The protocol's figures for predictions on a dataset's slices.
+
+    Introduced in notebooks/10_what_generalizes.ipynb.
+
+    Args:
+        pred: predicted masks or probabilities (N, H, W) in the dataset's order and size.
+        data: the evaluated slices (with patient ids).
+        threshold: probability cut-off for float predictions.
+
+    Returns:
+        ``per_patient_dice`` (each patient's pixels pooled, then the mean over patients — the
+        headline), ``per_patient_dice_sd`` (spread over patients), ``per_slice_dice`` (mean over
+        slices), ``pooled_dice``, ``sensitivity``, ``specificity`` (pooled over all pixels),
+        ``n_patients``, ``n_slices``.
+
+    Raises:
+        ValueError: shapes differ or patient ids are missing.
+    """
+    from .metrics import aggregate, slice_confusion
+
+    pred = np.asarray(pred)
+    if pred.ndim == 4 and pred.shape[-1] == 1:
+        pred = pred[..., 0]
+    if pred.shape != data.masks.shape:
+        raise ValueError(f"pred shape {pred.shape} does not match the masks' {data.masks.shape}")
+    if data.patient_ids is None:
+        raise ValueError("evaluate_protocol needs patient ids (per-patient Dice)")
+    table = aggregate(data.masks > 0, pred, data.patient_ids, threshold=threshold,
+                      metrics=("dice", "sensitivity", "specificity"))
+    counts = slice_confusion(data.masks > 0, pred, threshold)
+    pids = np.asarray(data.patient_ids, dtype=object).astype(str)
+    uniq, inverse = np.unique(pids, return_inverse=True)
+    per = np.zeros((len(uniq), 4), dtype=np.int64)
+    np.add.at(per, inverse, counts)
+    per_dice = np.array([_dice_of(c) for c in per])
+    return dict(
+        per_patient_dice=float(table.loc["dice", "mean_of_patients"]),
+        per_patient_dice_sd=float(per_dice.std(ddof=1)) if len(per_dice) > 1 else 0.0,
+        per_slice_dice=float(table.loc["dice", "mean_of_slices"]),
+        pooled_dice=float(table.loc["dice", "pooled"]),
+        sensitivity=float(table.loc["sensitivity", "pooled"]),
+        specificity=float(table.loc["specificity", "pooled"]),
+        n_patients=int(len(uniq)),
+        n_slices=int(len(pred)),
+    )
+
+
+def patient_dice(pred: np.ndarray, data: SliceDataset, threshold: float = 0.5) -> dict[str, float]:
+    """Dice of each patient's pooled pixels, ``{patient_id: dice}`` (order of first appearance).
+
+    Introduced in notebooks/10_what_generalizes.ipynb.
+    """
+    from .metrics import slice_confusion
+
+    counts = slice_confusion(data.masks > 0, np.asarray(pred), threshold)
+    pids = [str(p) for p in data.patient_ids]
+    out: dict[str, np.ndarray] = {}
+    for pid, c in zip(pids, counts):
+        out[pid] = out.get(pid, 0) + c
+    return {p: _dice_of(c) for p, c in out.items()}
+
+
+# ----------------------------------------------------------------------------- the recipe
+@dataclasses.dataclass(frozen=True)
+class FewShotRecipe:
+    """A network's training config plus what happens around training. Variants by ``replace``.
+
+    Attributes:
+        config: the :class:`strokekit.train.TrainConfig` of the network.
+        preset: a :data:`strokekit.models.PRESETS` name that builds the network instead of
+            ``config.arch``/``filters``/... (the study's U-Net); None builds from the config.
+        empty_ratio: lesion-free slices of the training patients added per lesion slice
+            (0: lesion slices only; the study's choice). Capped by what the patients have.
+        strip_skull: multiply the input by the (dilated) brain mask, so bone and scalp are gone
+            before the network sees them.
+        restrict_to_brain: set predictions outside the dilated brain mask to 0.
+        brain_dilation: pixels added around the brain mask for both of the above (bleeds
+            between skull and brain — epidural, subdural — lie on the mask's edge).
+        tta_flip: average the prediction with that of the left-right mirrored slice.
+        tune_threshold: choose the probability threshold on the validation slices
+            (maximising per-patient Dice) instead of using ``config.threshold``.
+        thresholds: candidates for ``tune_threshold``.
+    """
+
+    config: TrainConfig = TrainConfig()
+    preset: str | None = None
+    empty_ratio: float = 0.0
+    strip_skull: bool = False
+    restrict_to_brain: bool = False
+    brain_dilation: int = 3
+    tta_flip: bool = False
+    tune_threshold: bool = False
+    thresholds: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+    def __post_init__(self) -> None:
+        if not np.isfinite(self.empty_ratio) or self.empty_ratio < 0:
+            raise ValueError(f"empty_ratio must be a finite number >= 0, got {self.empty_ratio!r}")
+        if self.brain_dilation < 0:
+            raise ValueError(f"brain_dilation must be >= 0, got {self.brain_dilation!r}")
+        if not self.thresholds or not all(0.0 < t < 1.0 for t in self.thresholds):
+            raise ValueError(f"thresholds must be values in (0, 1), got {self.thresholds!r}")
+
+
+#: The study's original configuration rebuilt with the kit: its 31M-parameter U-Net preset
+#: (leaky ReLU, dropout 0.5), BCE, its augmentation, 50 epochs, the best epoch by validation
+#: loss (patience 50 never stops early; the best weights are restored), threshold 0.5.
+STUDY_RECIPE = FewShotRecipe(
+    config=TrainConfig(
+        arch="unet", filters=(64, 128, 256, 512, 1024), activation="leaky_relu", dropout=0.5,
+        batch_norm=False, loss="bce", learning_rate=1e-3, batch_size=8, num_epochs=50,
+        image_size=128, augment=STUDY_AUGMENT, early_stopping_patience=50, reduce_lr_patience=0,
+    ),
+    preset="study_unet",
+)
+
+#: Geometry and intensity augmentation strong enough to break a position prior.
+STRONG_AUGMENT = AugmentConfig(
+    rotation=30.0, shift=0.2, shear=0.1, zoom=0.2, hflip=True, vflip=True,
+    contrast=0.15, gamma=0.15, noise=0.01, fill_mode="constant",
+)
+
+#: The kit's few-shot default, chosen by measurement on the validation patient and by
+#: leave-one-training-patient-out cross-validation (see ``benchmarks/fewshot_log.md``).
+FEWSHOT_DEFAULT = FewShotRecipe(
+    config=TrainConfig(
+        arch="unet", filters=(16, 32, 64, 128), activation="relu", dropout=0.0, batch_norm=True,
+        loss="bce_dice", learning_rate=1e-3, batch_size=8, num_epochs=60, image_size=128,
+        augment=STRONG_AUGMENT, early_stopping_patience=60, reduce_lr_patience=0,
+    ),
+    empty_ratio=1.0,
+    strip_skull=False,
+    restrict_to_brain=True,
+    tta_flip=True,
+    tune_threshold=True,
+)
+
+
+@dataclasses.dataclass
+class FittedRecipe:
+    """What :func:`fit_recipe` returns: a trained model and the recipe's decisions.
+
+    Attributes:
+        model: the trained Keras model.
+        recipe: the recipe (with the seed actually used).
+        threshold: the probability threshold to apply (tuned on validation or the config's).
+        history: per-epoch training history (pandas DataFrame).
+        seconds: training wall time.
+        images_per_second: training throughput (slices × epochs / seconds).
+        n_train: training slices used (lesion + lesion-free).
+        val_dice: per-patient Dice on the validation slices at ``threshold``.
+    """
+
+    model: Any
+    recipe: FewShotRecipe
+    threshold: float
+    history: Any
+    seconds: float
+    images_per_second: float
+    n_train: int
+    val_dice: float
+
+
+def _choose_slices(data: SliceDataset, ratio: float, seed: int) -> SliceDataset:
+    lesion = lesion_flags(data)
+    keep = np.flatnonzero(lesion)
+    empty = np.flatnonzero(~lesion)
+    n_empty = min(len(empty), int(round(ratio * len(keep))))
+    if n_empty:
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7]))
+        keep = np.sort(np.concatenate([keep, rng.choice(empty, n_empty, replace=False)]))
+    return data.subset(keep)
+
+
+def _model_inputs(recipe: FewShotRecipe, data: SliceDataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Model inputs (N, S, S, C), masks (N, S, S) and dilated brain masks (N, S, S) for a recipe."""
+    from .preprocess import resize_dataset
+    from .train import to_arrays
+
+    config = recipe.config
+    x, y = to_arrays(config, data)
+    need_brain = recipe.strip_skull or recipe.restrict_to_brain
+    if need_brain:
+        small = resize_dataset(data, config.image_size) if data.image_shape[:2] != x.shape[1:3] else data
+        images = small.images if small.images.ndim == 3 else small.images[..., 0]
+        brains = robust_brain_masks(images, unit=small.unit)
+        for _ in range(recipe.brain_dilation):
+            brains = _dilate_cross(brains)
+    else:
+        brains = np.ones(x.shape[:3], dtype=bool)
+    if recipe.strip_skull:
+        x = x * brains[..., None]
+    return x.astype(np.float32), y, brains
+
+
+def _as_input_dataset(data: SliceDataset, x: np.ndarray, y: np.ndarray) -> SliceDataset:
+    # train() takes 4-D images as ready model inputs (its multi-channel path), so the recipe's
+    # own preprocessing (skull stripping) reaches the network unchanged.
+    return SliceDataset(images=x, masks=y, case_ids=list(data.case_ids), patient_ids=data.patient_ids,
+                        unit="display", class_names=data.class_names)
+
+
+def _predict_prob(model, recipe: FewShotRecipe, x: np.ndarray, brains: np.ndarray,
+                  batch_size: int = 8) -> np.ndarray:
+    prob = np.asarray(model.predict(x, batch_size=batch_size, verbose=0))[..., 0]
+    if recipe.tta_flip:
+        flipped = np.asarray(model.predict(x[:, :, ::-1], batch_size=batch_size, verbose=0))[..., 0]
+        prob = 0.5 * (prob + flipped[:, :, ::-1])
+    if recipe.restrict_to_brain:
+        prob = prob * brains
+    return prob.astype(np.float32)
+
+
+def _pp_dice(prob: np.ndarray, truth: np.ndarray, pids: Sequence[Any], threshold: float) -> float:
+    from .metrics import slice_confusion
+
+    counts = slice_confusion(truth > 0, prob >= threshold)
+    uniq, inverse = np.unique(np.asarray(pids, dtype=object).astype(str), return_inverse=True)
+    per = np.zeros((len(uniq), 4), dtype=np.int64)
+    np.add.at(per, inverse, counts)
+    return float(np.mean([_dice_of(c) for c in per]))
+
+
+def fit_recipe(
+    recipe: FewShotRecipe,
+    train_data: SliceDataset,
+    val_data: SliceDataset,
+    seed: int | None = None,
+    progress: bool = False,
+    model: Any = None,
+) -> FittedRecipe:
+    """Train a recipe's network on few-shot data and make its decisions on the validation slices.
+
+    Lesion-free slices in ``train_data`` are used at ``recipe.empty_ratio`` per lesion slice
+    (a seeded draw); ``val_data`` should hold lesion slices of other patients (it picks the best
+    epoch by validation loss and, with ``tune_threshold``, the threshold). Test patients must
+    not appear in either.
+
+    Introduced in notebooks/10_what_generalizes.ipynb.
+
+    Args:
+        recipe: the :class:`FewShotRecipe`.
+        train_data: training slices (display or HU, any size; resized to the config's).
+        val_data: validation slices.
+        seed: replaces ``recipe.config.seed`` (weights, sampling, augmentation).
+        progress: a progress bar over epochs.
+        model: a pre-built (e.g. pretrained) model instead of the recipe's.
+
+    Returns:
+        :class:`FittedRecipe`.
+
+    Raises:
+        DataError: no lesion slice to train on, or empty validation data.
+    """
+    from .models import build_preset
+    from .train import train
+
+    config = recipe.config if seed is None else dataclasses.replace(recipe.config, seed=int(seed))
+    recipe = dataclasses.replace(recipe, config=config)
+    if not lesion_flags(train_data).any():
+        raise DataError("fit_recipe: the training slices hold no lesion")
+    if len(val_data) == 0:
+        raise DataError("fit_recipe: no validation slices")
+    chosen = _choose_slices(train_data, recipe.empty_ratio, config.seed)
+    x_train, y_train, _ = _model_inputs(recipe, chosen)
+    x_val, y_val, brains_val = _model_inputs(recipe, val_data)
+    if model is None and recipe.preset is not None:
+        from .config import seed_everything
+
+        seed_everything(config.seed)
+        model = build_preset(recipe.preset, input_shape=x_train.shape[1:], seed=config.seed)
+    result = train(config, _as_input_dataset(chosen, x_train, y_train), _as_input_dataset(val_data, x_val, y_val),
+                   run_dir=False, model=model, progress=progress, previews=False)
+    prob = _predict_prob(result.model, recipe, x_val, brains_val, config.batch_size)
+    pids = val_data.patient_ids or ["val"] * len(val_data)
+    threshold = float(config.threshold)
+    if recipe.tune_threshold:
+        scores = [_pp_dice(prob, y_val, pids, t) for t in recipe.thresholds]
+        threshold = float(recipe.thresholds[int(np.argmax(scores))])
+    val_dice = _pp_dice(prob, y_val, pids, threshold)
+    return FittedRecipe(result.model, recipe, threshold, result.history, result.seconds,
+                        result.images_per_second, len(chosen), val_dice)
+
+
+def predict_recipe(
+    fitted: FittedRecipe,
+    data: SliceDataset,
+    probabilities: bool = False,
+    output_size: int | None = None,
+    batch_size: int = 8,
+) -> np.ndarray:
+    """Predict lesion masks with a fitted recipe (flips, brain restriction and threshold applied).
+
+    Introduced in notebooks/10_what_generalizes.ipynb.
+
+    Args:
+        fitted: from :func:`fit_recipe`.
+        data: slices to segment.
+        probabilities: return probabilities instead of thresholded masks.
+        output_size: resize the probabilities to this side (linear) before thresholding, e.g. to
+            score a 256 px model on the protocol's 128 px masks; default the model's size.
+        batch_size: prediction batch size.
+
+    Returns:
+        float32 probabilities or uint8 0/1 masks, (N, S, S).
+    """
+    x, _, brains = _model_inputs(fitted.recipe, data)
+    prob = _predict_prob(fitted.model, fitted.recipe, x, brains, batch_size)
+    if output_size is not None and output_size != prob.shape[1]:
+        from .preprocess import resize_image
+
+        prob = np.stack([resize_image(p, int(output_size)) for p in prob]) if len(prob) else prob
+    if probabilities:
+        return prob
+    return (prob >= fitted.threshold).astype(np.uint8)

@@ -1,0 +1,105 @@
+"""Training on a config: run folders, determinism, reload, best-epoch weights, grids."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from strokekit import train
+from strokekit.augment import NO_AUGMENT, STUDY_AUGMENT
+from strokekit.dataset import SliceDataset
+
+pytestmark = pytest.mark.backend
+
+
+def blobs(n=12, size=32, seed=0):
+    """Bright discs (the lesion) on a darker head-like background, in HU."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    images = np.full((n, size, size), 30.0, np.float32) + rng.normal(0, 2, (n, size, size)).astype(np.float32)
+    masks = np.zeros((n, size, size), np.uint8)
+    for i in range(n):
+        cy, cx, r = rng.integers(8, size - 8), rng.integers(8, size - 8), rng.integers(3, 6)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        images[i][disc] = 70.0
+        masks[i][disc] = 1
+    return SliceDataset(images, masks, [f"c{i}" for i in range(n)], [f"p{i // 2}" for i in range(n)])
+
+
+CONFIG = train.TrainConfig(image_size=32, filters=(4, 8, 16), num_epochs=2, batch_size=4,
+                           augment=NO_AUGMENT, early_stopping_patience=0, reduce_lr_patience=0,
+                           preview_slices=2, workers=1)
+
+
+def test_run_folder_holds_everything_and_reloads(tmp_path):
+    data = blobs()
+    result = train.train(CONFIG, data.subset(range(8)), data.subset(range(8, 12)), run_dir=tmp_path / "run",
+                         progress=False)
+    folder = result.run_dir
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "history.csv", "metrics.json",
+                                                        "model.keras", "previews"]
+    assert sorted(p.name for p in (folder / "previews").iterdir()) == ["epoch_001.png", "epoch_002.png"]
+    history = pd.read_csv(folder / "history.csv")
+    assert len(history) == 2 and {"loss", "val_loss", "val_dice"} <= set(history.columns)
+    run = train.load_run(folder)
+    assert run["config"] == CONFIG
+    assert set(json.loads((folder / "metrics.json").read_text())) >= {"dice", "iou", "sensitivity", "specificity",
+                                                                      "seconds", "images_per_second"}
+    x, _ = train.to_arrays(CONFIG, data)
+    reloaded = train.load_model(folder)
+    assert np.array_equal(np.asarray(reloaded.predict(x, verbose=0)), np.asarray(result.model.predict(x, verbose=0)))
+    assert 0.0 <= result.metrics["dice"] <= 1.0 and result.metrics["epochs_run"] == 2
+
+
+def test_same_seed_same_losses_and_other_seed_differs():
+    data = blobs()
+    config = dataclasses.replace(CONFIG, augment=STUDY_AUGMENT)
+    a = train.train(config, data.subset(range(8)), data.subset(range(8, 12)), run_dir=False, progress=False)
+    b = train.train(config, data.subset(range(8)), data.subset(range(8, 12)), run_dir=False, progress=False)
+    c = train.train(dataclasses.replace(config, seed=1), data.subset(range(8)), data.subset(range(8, 12)),
+                    run_dir=False, progress=False)
+    assert a.history["loss"].tolist() == b.history["loss"].tolist()
+    assert a.history["loss"].tolist() != c.history["loss"].tolist()
+
+
+def test_best_epoch_weights_are_kept():
+    data = blobs()
+    config = dataclasses.replace(CONFIG, num_epochs=3, learning_rate=0.05)  # a rate that overshoots
+    result = train.train(config, data.subset(range(8)), data.subset(range(8, 12)), run_dir=False, progress=False)
+    x, y = train.to_arrays(config, data.subset(range(8, 12)))
+    import keras
+
+    loss = result.model.compute_loss(x=keras.ops.convert_to_tensor(x),
+                                     y=keras.ops.convert_to_tensor(y[..., None].astype("float32")),
+                                     y_pred=result.model(x))
+    assert float(keras.ops.convert_to_numpy(loss)) == pytest.approx(result.history["val_loss"].min(), rel=1e-3)
+    assert result.metrics["best_epoch"] == int(result.history["val_loss"].idxmin()) + 1
+
+
+def test_config_dict_round_trip_and_unknown_field():
+    data = {**json.loads(json.dumps(__import__("strokekit").config.to_dict(CONFIG)))}
+    assert train.config_from_dict(data) == CONFIG
+    with pytest.raises(ValueError, match=r"TrainConfig has no field\(s\) \['bogus'\]"):
+        train.config_from_dict({**data, "bogus": 1})
+
+
+def test_grid_rows_and_mean_sd_summary(tmp_path):
+    data = blobs()
+    base = dataclasses.replace(CONFIG, num_epochs=1)
+    table = train.train_grid(base, [{"activation": "relu"}, {"activation": "elu"}], [0, 1],
+                             data.subset(range(8)), data.subset(range(8, 12)), root=tmp_path, progress=False)
+    assert len(table) == 4 and table["seed"].tolist() == [0, 1, 0, 1]
+    summary = train.summarize(table, by=["activation"])
+    assert summary["seeds"].tolist() == [2, 2]
+    relu = table[table.activation == "relu"]["dice"]
+    assert summary.loc[0, "dice"] == f"{relu.mean():.3f} ± {relu.std(ddof=1):.3f}"
+
+
+def test_empty_training_set_is_refused():
+    data = blobs()
+    with pytest.raises(ValueError, match="must not be empty"):
+        train.train(CONFIG, data.subset([]), data, run_dir=False, progress=False)
