@@ -23,6 +23,11 @@
 # **Runtime**: about 1–2 minutes on a laptop CPU (quick profile) when notebook 04 has saved its runs;
 # about 3 minutes when run alone (it then trains 2 small configurations × 2 seeds itself). The full
 # profile only evaluates (256 px): a few minutes on a GPU.
+#
+# *Quick profile:* 3 epochs are far too few for a U-Net to find lesions, so the quick-profile models
+# of notebook 04 predict no lesion at all. That is still worth evaluating (watch what the study's
+# table makes of such a model), and a one-line HU-threshold baseline (step 3) gives non-trivial
+# numbers for every section. With the full profile, the trained U-Nets take over.
 
 # %% [markdown]
 # ## Setup
@@ -40,6 +45,7 @@ import numpy as np
 import pandas as pd
 from IPython.display import display
 from scipy import ndimage
+from scipy.special import expit
 
 from strokekit import evaluation, metrics, paths, train
 from strokekit import split as splitting
@@ -47,7 +53,7 @@ from strokekit.augment import STUDY_AUGMENT
 from strokekit.config import get_profile, phantom_config
 from strokekit.dataset import concat
 from strokekit.phantom import generate_phantom, make_volume, volume_to_dataset
-from strokekit.preprocess import window_hu
+from strokekit.preprocess import brain_mask, window_hu
 from strokekit.recon3d import predict_volume
 
 logging.getLogger("tensorflow").setLevel(logging.ERROR)  # many small models: retracing notes are noise
@@ -73,7 +79,9 @@ FALLBACK_BASE = train.TrainConfig(
 )
 FALLBACK_VARIANTS = [{"arch": "unet", "activation": "leaky_relu"}, {"arch": "resunet", "activation": "leaky_relu"}]
 SEEDS = tuple(range(PROFILE.num_seeds))
-THRESHOLD = 0.5                        # the usual cut-off, until step 8 chooses one on validation
+BASELINE_CUTOFFS = np.arange(40.0, 85.0, 5.0)  # HU cut-offs the threshold baseline may choose (on train)
+BASELINE_SOFTNESS = 4.0                # HU over which the baseline's "probability" rises around its cut-off
+THRESHOLD = 0.5                        # the usual cut-off, until step 11 chooses one on validation
 THRESHOLDS = np.round(np.linspace(0.05, 0.95, 19), 2)
 N_BOOT = 2000                          # bootstrap replicates
 CI = 0.95
@@ -141,9 +149,10 @@ def find_runs(root, source):
         rel = folder.relative_to(root)
         name = "/".join([*rel.parts[:-1], SEED_SUFFIX.sub("", rel.name)])
         rows.append({"model": name if source != "05" else f"05:{name}", "seed": run["config"].seed,
-                     "source": source, "split_checked": checked, "folder": folder,
-                     "config": run["config"], "mtime": model_file.stat().st_mtime})
-    table = pd.DataFrame(rows, columns=["model", "seed", "source", "split_checked", "folder", "config", "mtime"])
+                     "source": source, "split_checked": checked, "folder": folder, "config": run["config"],
+                     "saved_val_dice": run["metrics"].get("dice", np.nan), "mtime": model_file.stat().st_mtime})
+    table = pd.DataFrame(rows, columns=["model", "seed", "source", "split_checked", "folder", "config",
+                                        "saved_val_dice", "mtime"])
     table = table.sort_values("mtime").drop_duplicates(["model", "seed"], keep="last")
     return table.sort_values(["model", "seed"]).reset_index(drop=True)
 
@@ -160,12 +169,55 @@ if runs.empty:
     runs = find_runs(OUT / "runs", "06")
 print(f"{len(runs)} runs of {runs['model'].nunique()} configurations from notebook(s) "
       f"{sorted(runs['source'].unique())} ({time.perf_counter() - start:.0f} s)")
-display(runs[["model", "seed", "source", "split_checked"]])
-assert len(runs) >= 2 and runs["model"].nunique() >= 2
-assert not runs.duplicated(["model", "seed"]).any()
+display(runs[["model", "seed", "source", "split_checked", "saved_val_dice"]])
+found_nothing = int((runs["saved_val_dice"] == 0).sum())
+print(f"{found_nothing} of {len(runs)} runs found no lesion pixel on validation (their own metrics.json)")
+assert len(runs) >= 1 and not runs.duplicated(["model", "seed"]).any()
+assert runs["saved_val_dice"].dropna().between(0, 1).all()
 
 # %% [markdown]
-# ## 3. Predict once, measure everything
+# ## 3. A baseline every model must beat
+# Fresh blood is brighter than brain (about 50–90 HU against 20–45 HU). The simplest "model" marks
+# brain pixels above a HU cut-off, after a light smoothing against noise; its one parameter, the
+# cut-off, is fitted on the **training** slices. It cannot see an infarct (darker than brain), and
+# it marks bright pixels next to the skull. A deep model that does not beat it has learned nothing
+# worth its parameters — report the baseline next to it. Its "probability" rises smoothly around
+# the cut-off, so it can be thresholded and swept like a network's output.
+
+# %%
+def hu_evidence(dataset):
+    smooth = ndimage.gaussian_filter(dataset.images, sigma=(0, 1, 1))  # in-plane only
+    brain = np.stack([brain_mask(image, dataset.unit) for image in dataset.images])
+    return smooth, brain
+
+
+def baseline_probability(dataset, cutoff):
+    smooth, brain = hu_evidence(dataset)
+    return (brain * expit((smooth - cutoff) / BASELINE_SOFTNESS)).astype(np.float32)
+
+
+train_data = split.dataset(data, "train")
+smooth, brain = hu_evidence(train_data)
+fit = pd.Series({c: metrics.dice(train_data.masks, brain & (smooth >= c)) for c in BASELINE_CUTOFFS})
+CUTOFF = float(fit.idxmax())
+runs = pd.concat([runs, pd.DataFrame([{
+    "model": f"baseline: HU ≥ {CUTOFF:.0f}", "seed": 0, "source": "baseline", "split_checked": True,
+    "folder": None, "config": None, "saved_val_dice": np.nan}])], ignore_index=True)
+print(f"training Dice by cut-off: {fit.round(3).to_dict()} → cut-off {CUTOFF:.0f} HU")
+assert CUTOFF in BASELINE_CUTOFFS and fit.between(0, 1).all() and runs["model"].nunique() >= 2
+
+
+def predict(i, *datasets):
+    """Probabilities of run ``i`` on each dataset, at the dataset's own pixel size."""
+    if runs.loc[i, "source"] == "baseline":
+        return [baseline_probability(ds, CUTOFF) for ds in datasets]
+    model = train.load_model(runs.loc[i, "folder"])
+    probs = [predict_volume(model, ds, runs.loc[i, "config"], progress=False) for ds in datasets]
+    keras.backend.clear_session()
+    return probs
+
+# %% [markdown]
+# ## 4. Predict once, measure everything
 # Each model predicts probabilities for the validation and test slices once. From the test
 # probabilities, `metrics.segmentation_report` writes one row per slice with the confusion counts
 # and every metric, under one documented rule for empty masks (see the top of
@@ -176,9 +228,7 @@ assert not runs.duplicated(["model", "seed"]).any()
 start = time.perf_counter()
 prob_val, prob_test, rows = {}, {}, []
 for i, run in runs.iterrows():
-    model = train.load_model(run["folder"])
-    prob_val[i] = predict_volume(model, val_data, run["config"], progress=False)
-    prob_test[i] = predict_volume(model, test_data, run["config"], progress=False)
+    prob_val[i], prob_test[i] = predict(i, val_data, test_data)
     report = metrics.segmentation_report(
         test_data.masks, prob_test[i], case_ids=test_data.case_ids, patient_ids=test_data.patient_ids,
         spacing=test_data.spacing, slice_thickness=test_data.slice_thickness, threshold=THRESHOLD,
@@ -186,7 +236,6 @@ for i, run in runs.iterrows():
     rows.append(report.assign(model=run["model"], seed=run["seed"], run=i))
     runs.loc[i, "val_dice"] = metrics.metrics_from_counts(
         *metrics.confusion(val_data.masks, prob_val[i] >= THRESHOLD))["dice"]
-    keras.backend.clear_session()
 slices = pd.concat(rows, ignore_index=True)
 print(f"{len(runs)} models × {len(test_data)} test slices predicted and measured in {time.perf_counter() - start:.0f} s")
 display(slices.head(3))
@@ -195,12 +244,12 @@ assert np.all((slices[["dice", "iou", "specificity"]] >= 0) & (slices[["dice", "
 assert (slices.loc[slices["truth_pixels"] == 0, "sensitivity"].isna()).all()  # nothing to find: NaN, not 1
 
 # %% [markdown]
-# ## 4. Choose on validation: the two best configurations and one run
-# Which models to compare — and, in step 8, which threshold — is decided on the validation
+# ## 5. Choose on validation: the two best configurations and one run
+# Which models to compare — and, in step 11, which threshold — is decided on the validation
 # patients only. Choosing on test and then reporting test is the commonest leak in the field: the
 # "best of N" on test is an optimistic number even when no single model is better.
 # A configuration's score is the mean over its seeds of the validation Dice (all validation pixels
-# pooled); for pictures and thresholds we use that configuration's best-on-validation seed.
+# pooled, at threshold 0.5); for pictures and thresholds we use its best-on-validation seed.
 
 # %%
 by_config = runs.groupby("model")["val_dice"].agg(["mean", "std", "count"]).sort_values("mean", ascending=False)
@@ -214,7 +263,7 @@ assert by_config.loc[BEST, "mean"] >= by_config.loc[RUNNER_UP, "mean"] and BEST 
 assert runs["val_dice"].between(0, 1).all()
 
 # %% [markdown]
-# ## 5. The study's table — and what it leaves out
+# ## 6. The study's table — and what it leaves out
 # The study reports, per model, IoU, sensitivity and specificity as **means over test slices**,
 # one number each. Next to it: the same models summarised **per patient** (each patient's pixels
 # pooled, then averaged over patients) with 95 % bootstrap intervals that resample *patients*, not
@@ -245,7 +294,21 @@ assert np.all((study[["IoU", "Sensitivity", "Specificity"]] >= 0) & (study[["IoU
 assert (study["n_slices"] == len(test_data) * runs.groupby("model").size()[study.index]).all()
 
 # %% [markdown]
-# ## 6. Pooled, mean of slices, mean of patients: three numbers from one set of predictions
+# A model that finds nothing at all is the acid test of a results table:
+
+# %%
+predicted = slices.groupby("model")["pred_pixels"].sum()
+for name in predicted.index[predicted == 0]:
+    print(f"{name} predicts no lesion pixel on any test slice, yet the study's table gives it specificity "
+          f"{study.loc[name, 'Specificity']:.4f} and IoU {study.loc[name, 'IoU']:.4f} — the IoU is the "
+          f"{n_empty_test} lesion-free slices out of {len(test_data)}, each scoring 1 for agreeing on nothing.")
+    assert study.loc[name, "Specificity"] == 1.0 and study.loc[name, "Sensitivity"] == 0.0
+    assert np.isclose(study.loc[name, "IoU"], n_empty_test / len(test_data))
+print(f"{(predicted == 0).sum()} of {len(predicted)} models predict no lesion on the test slices")
+assert (predicted > 0).sum() >= 1  # the baseline always marks something
+
+# %% [markdown]
+# ## 7. Pooled, mean of slices, mean of patients: three numbers from one set of predictions
 # `metrics.aggregate` summarises the *same* thresholded predictions (the chosen run) four ways:
 # all pixels pooled (large lesions dominate), mean over slices (every lesion-free slice with an
 # empty prediction adds a free 1.0 to Dice), mean over lesion slices only, and mean over patients.
@@ -268,7 +331,7 @@ assert levels.loc["sensitivity", "mean_of_slices_skipped"] == n_empty_test      
 assert abs(empty_correct - round(empty_correct)) < 1e-6 and 0 <= round(empty_correct) <= n_empty_test
 
 # %% [markdown]
-# ## 7. Per patient in 3-D: surface distance in mm, volume in mL, lesions found
+# ## 8. Per patient in 3-D: surface distance in mm, volume in mL, lesions found
 # Overlap says nothing about *where* the errors are. HD95 (95th percentile of the distances
 # between the two lesion surfaces) and ASSD (their mean) do, in millimetres, and the volume error
 # in mL is what a clinician reads. Both need the **whole head**: the test set holds a few sampled
@@ -284,7 +347,7 @@ assert np.array_equal(volumes.select_cases(test_data.case_ids).images, test_data
 chosen = {BEST: best_run, RUNNER_UP: int(runs[runs["model"] == RUNNER_UP]["val_dice"].idxmax())}
 patients3d = []
 for model_name, i in chosen.items():
-    prob = predict_volume(train.load_model(runs.loc[i, "folder"]), volumes, runs.loc[i, "config"], progress=False)
+    (prob,) = predict(i, volumes)
     table = metrics.per_patient_metrics(
         volumes.masks, prob, volumes.patient_ids, spacing=volumes.spacing,
         slice_thickness=volumes.slice_thickness, slice_indices=volumes.slice_indices,
@@ -302,8 +365,8 @@ assert np.allclose(patients3d["volume_difference"], patients3d["pred_volume"] - 
 assert (patients3d["hd95"] >= 0).all() and patients3d["lesion_f1"].between(0, 1).all()
 
 # %% [markdown]
-# ## 8. Two models on the same cases: a paired comparison
-# The two configurations chosen on validation in step 4 are compared on the **same** test slices
+# ## 9. Two models on the same cases: a paired comparison
+# The two configurations chosen on validation in step 5 are compared on the **same** test slices
 # (each configuration's Dice per slice, averaged over its seeds): the Wilcoxon signed-rank test on
 # the per-slice differences, an effect size (rank-biserial correlation, −1…1), and a bootstrap
 # interval of the mean difference. Slices of one patient are correlated, so the slice-level p-value
@@ -329,7 +392,7 @@ assert 0 <= cmp["p_value"] <= 1 and -1 <= cmp["rank_biserial"] <= 1
 assert by_patient.low <= by_patient.high and np.isclose(by_patient.estimate, cmp["mean_difference"])
 
 # %% [markdown]
-# ## 9. Look at the errors
+# ## 10. Look at the errors
 # Numbers hide *how* a model fails. The chosen run's best, median and worst test slices (among
 # slices with a lesion or a prediction), with true positives yellow, false positives red and
 # false negatives blue.
@@ -341,7 +404,7 @@ display(fig)
 assert len(fig.axes) == 3
 
 # %% [markdown]
-# ## 10. The threshold is a hyperparameter: choose it on validation
+# ## 11. The threshold is a hyperparameter: choose it on validation
 # A sigmoid output becomes a mask at a threshold, and 0.5 is a habit, not a law. Sweep thresholds
 # on the **validation** patients, pick the best mean Dice, and apply that one number unchanged to
 # test. Sweeping on test and reporting the best is another way of grading your own exam.
@@ -384,7 +447,7 @@ display(widgets.interactive(show_threshold, threshold=widgets.FloatSlider(
     value=chosen_threshold, min=0.05, max=0.95, step=0.05, continuous_update=False)))
 
 # %% [markdown]
-# ## 11. Why "specificity 0.9987" says little
+# ## 12. Why "specificity 0.9987" says little
 # On a CT slice almost every pixel is background, so specificity = TN / (TN + FP) is close to 1
 # for *any* model that does not paint the whole head — including one that finds nothing at all.
 # We compute how far that goes on our test slices.
@@ -440,7 +503,7 @@ assert np.isclose(wrong, right / 2) and metrics.dice_wrong_formula(truth_test, t
 assert np.isclose(classes["dice"].iloc[1], right) and np.isclose(micro, accuracy)
 
 # %% [markdown]
-# ## 12. Keep everything: a tidy table and the figures
+# ## 13. Keep everything: a tidy table and the figures
 # One row per model run × case × metric (slices and 3-D patients), so anyone can recompute any
 # summary — including ones we did not think of. The figures show every case, not only a mean.
 
@@ -482,11 +545,11 @@ assert all((OUT / "figures" / f"{name}.png").is_file() for name in figures)
 
 # %% [markdown]
 # ## Exercises
-# 1. Re-run step 5 with `slices[slices.truth_pixels > 0]`: how much of the study-style IoU came from
+# 1. Re-run step 6 with `slices[slices.truth_pixels > 0]`: how much of the study-style IoU came from
 #    lesion-free slices?
-# 2. In step 8, compare the best configuration with the *worst* on validation. Does the slice-level
+# 2. In step 9, compare the best configuration with the *worst* on validation. Does the slice-level
 #    Wilcoxon test call the difference significant? Does the patient-level interval exclude 0?
-# 3. Choose the threshold on the test set instead of validation (step 10) and report test Dice. By
+# 3. Choose the threshold on the test set instead of validation (step 11) and report test Dice. By
 #    how much does it flatter the model, and why is that number not publishable?
 # 4. Evaluate a run from the command line: `python -m strokekit evaluate --model runs/04_unet_vs_resunet/grid/<run> --data data/phantom --csv /tmp/report.csv`
 #    (the phantom folder is written by notebook 01). Which of the numbers above does it print?

@@ -99,7 +99,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     from .io import load_dataset
     from .metrics import aggregate, segmentation_report
-    from .train import load_model, load_run, to_arrays
+    from .train import load_model, load_run, predict_numpy, to_arrays
 
     run = load_run(args.model) if Path(args.model).is_dir() else None
     model = load_model(args.model)
@@ -111,7 +111,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         config = TrainConfig(image_size=int(shape[1]), windows=("brain",) * int(shape[-1]))
     data = load_dataset(args.data, progress=False)
     x, y = to_arrays(config, data)
-    prob = np.asarray(model.predict(x, batch_size=8, verbose=0))[..., 0]
+    prob = predict_numpy(model, x)[..., 0]
     threshold = args.threshold if args.threshold is not None else config.threshold
     report = segmentation_report(y, prob, case_ids=data.case_ids, patient_ids=data.patient_ids,
                                  threshold=threshold, surface=False, progress=False)

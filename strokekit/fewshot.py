@@ -662,6 +662,28 @@ def _pp_dice(prob: np.ndarray, truth: np.ndarray, pids: Sequence[Any], threshold
     return float(np.mean([_dice_of(c) for c in per]))
 
 
+def best_threshold(prob: np.ndarray, truth: np.ndarray, patient_ids: Sequence[Any],
+                   thresholds: Sequence[float]) -> tuple[float, float]:
+    """The candidate threshold with the highest per-patient Dice (ties: the first candidate).
+
+    Introduced in notebooks/10_what_generalizes.ipynb.
+
+    Args:
+        prob: probabilities (N, H, W).
+        truth: true masks (N, H, W).
+        patient_ids: patient of each slice.
+        thresholds: candidates, tried in order.
+
+    Returns:
+        (threshold, its per-patient Dice).
+    """
+    if not len(thresholds):
+        raise ValueError("thresholds must hold at least one candidate")
+    scores = [_pp_dice(prob, truth, patient_ids, float(t)) for t in thresholds]
+    k = int(np.argmax(scores))
+    return float(thresholds[k]), float(scores[k])
+
+
 def fit_recipe(
     recipe: FewShotRecipe,
     train_data: SliceDataset,
@@ -714,11 +736,11 @@ def fit_recipe(
                    run_dir=False, model=model, progress=progress, previews=False)
     prob = _predict_prob(result.model, recipe, x_val, brains_val, config.batch_size)
     pids = val_data.patient_ids or ["val"] * len(val_data)
-    threshold = float(config.threshold)
     if recipe.tune_threshold:
-        scores = [_pp_dice(prob, y_val, pids, t) for t in recipe.thresholds]
-        threshold = float(recipe.thresholds[int(np.argmax(scores))])
-    val_dice = _pp_dice(prob, y_val, pids, threshold)
+        threshold, val_dice = best_threshold(prob, y_val, pids, recipe.thresholds)
+    else:
+        threshold = float(config.threshold)
+        val_dice = _pp_dice(prob, y_val, pids, threshold)
     return FittedRecipe(result.model, recipe, threshold, result.history, result.seconds,
                         result.images_per_second, len(chosen), val_dice)
 

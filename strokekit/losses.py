@@ -136,8 +136,13 @@ class _StrokeLoss(keras.losses.Loss):
 
     default_name = "loss"
 
-    def __init__(self, per_image: bool = False, name: str | None = None,
-                 reduction: str = "sum_over_batch_size", dtype=None):
+    def __init__(
+        self,
+        per_image: bool = False,
+        name: str | None = None,
+        reduction: str = "sum_over_batch_size",
+        dtype=None,
+    ):
         super().__init__(name=name or self.default_name, reduction=reduction, dtype=dtype)
         self.per_image = bool(per_image)
         self.__name__ = self.name
@@ -405,8 +410,14 @@ class FocalTverskyLoss(TverskyLoss):
 
     default_name = "focal_tversky_loss"
 
-    def __init__(self, alpha: float = 0.7, beta: float = 0.3, gamma: float = 0.75,
-                 smooth: float = 1.0, **kwargs):
+    def __init__(
+        self,
+        alpha: float = 0.7,
+        beta: float = 0.3,
+        gamma: float = 0.75,
+        smooth: float = 1.0,
+        **kwargs,
+    ):
         super().__init__(alpha=alpha, beta=beta, smooth=smooth, **kwargs)
         _check_positive(gamma=gamma)
         self.gamma = float(gamma)
@@ -448,8 +459,16 @@ class CategoricalCEDiceLoss(_StrokeLoss):
 
     default_name = "categorical_ce_dice_loss"
 
-    def __init__(self, num_classes: int, exclude_background: bool = True, class_weights=None,
-                 w_ce: float = 1.0, w_dice: float = 1.0, smooth: float = 1.0, **kwargs):
+    def __init__(
+        self,
+        num_classes: int,
+        exclude_background: bool = True,
+        class_weights=None,
+        w_ce: float = 1.0,
+        w_dice: float = 1.0,
+        smooth: float = 1.0,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(
@@ -488,9 +507,7 @@ class CategoricalCEDiceLoss(_StrokeLoss):
         start = 1 if self.exclude_background else 0
         dice = _dice_per_channel(y_true, y_pred, self.smooth, self.per_image)[..., start:]
         dice_weights = weights[start:]
-        mean_dice = ops.sum(dice * dice_weights, axis=-1) / ops.maximum(
-            ops.sum(dice_weights), eps
-        )
+        mean_dice = ops.sum(dice * dice_weights, axis=-1) / ops.maximum(ops.sum(dice_weights), eps)
         return self.w_ce * ce + self.w_dice * (1.0 - mean_dice)
 
     def _extra_config(self):
@@ -505,60 +522,203 @@ class CategoricalCEDiceLoss(_StrokeLoss):
 
 
 # --------------------------------------------------------------------------- factories
+# Thin constructors with the names configs use; the classes document the maths.
 
 
 def bce(per_image: bool = False, name: str = "bce") -> BCELoss:
-    """Binary cross-entropy (:class:`BCELoss`). Introduced in notebooks/04_unet_vs_resunet.ipynb."""
+    """Binary cross-entropy.
+
+    Introduced in notebooks/04_unet_vs_resunet.ipynb.
+
+    Args:
+        per_image: one value per image instead of one for the batch.
+        name: the loss name shown in training logs.
+
+    Returns:
+        A :class:`BCELoss`.
+    """
     return BCELoss(per_image=per_image, name=name)
 
 
-def soft_dice_loss(smooth: float = 1.0, per_image: bool = False,
-                   name: str = "soft_dice_loss") -> SoftDiceLoss:
-    """Soft Dice loss (:class:`SoftDiceLoss`). Introduced in notebooks/04_unet_vs_resunet.ipynb."""
+def soft_dice_loss(
+    smooth: float = 1.0, per_image: bool = False, name: str = "soft_dice_loss"
+) -> SoftDiceLoss:
+    """Soft Dice loss ``1 - Dice``.
+
+    Introduced in notebooks/04_unet_vs_resunet.ipynb.
+
+    Args:
+        smooth: additive smoothing (empty truth predicted empty scores 0).
+        per_image: one value per image instead of batch-pooled sums.
+        name: the loss name shown in training logs.
+
+    Returns:
+        A :class:`SoftDiceLoss`.
+    """
     return SoftDiceLoss(smooth=smooth, per_image=per_image, name=name)
 
 
-def bce_dice_loss(w_bce: float = 1.0, w_dice: float = 1.0, smooth: float = 1.0,
-                  per_image: bool = False, name: str = "bce_dice_loss") -> BCEDiceLoss:
-    """BCE + Dice (:class:`BCEDiceLoss`). Introduced in notebooks/04_unet_vs_resunet.ipynb."""
+def bce_dice_loss(
+    w_bce: float = 1.0,
+    w_dice: float = 1.0,
+    smooth: float = 1.0,
+    per_image: bool = False,
+    name: str = "bce_dice_loss",
+) -> BCEDiceLoss:
+    """Weighted sum of binary cross-entropy and soft Dice loss.
+
+    Introduced in notebooks/04_unet_vs_resunet.ipynb.
+
+    Args:
+        w_bce: weight of the cross-entropy.
+        w_dice: weight of the Dice loss.
+        smooth: Dice smoothing.
+        per_image: one value per image instead of batch-pooled sums.
+        name: the loss name shown in training logs.
+
+    Returns:
+        A :class:`BCEDiceLoss`.
+    """
     return BCEDiceLoss(w_bce=w_bce, w_dice=w_dice, smooth=smooth, per_image=per_image, name=name)
 
 
-def log_dice_loss(exponent: float = 0.3, smooth: float = 1.0, per_image: bool = False,
-                  name: str = "log_dice_loss") -> LogDiceLoss:
-    """(−ln Dice)^γ (:class:`LogDiceLoss`). Introduced in notebooks/04_unet_vs_resunet.ipynb."""
+def log_dice_loss(
+    exponent: float = 0.3, smooth: float = 1.0, per_image: bool = False, name: str = "log_dice_loss"
+) -> LogDiceLoss:
+    """``(−ln Dice)^γ``, the Dice part of Wong et al.'s exponential logarithmic loss.
+
+    Introduced in notebooks/04_unet_vs_resunet.ipynb.
+
+    Args:
+        exponent: γ (0.3 in Wong et al., 2018).
+        smooth: Dice smoothing.
+        per_image: one value per image instead of batch-pooled sums.
+        name: the loss name shown in training logs.
+
+    Returns:
+        A :class:`LogDiceLoss`.
+    """
     return LogDiceLoss(exponent=exponent, smooth=smooth, per_image=per_image, name=name)
 
 
-def weighted_dice_loss(weight_map: str | Callable = "channel", smooth: float = 1.0,
-                       per_image: bool = False,
-                       name: str = "weighted_dice_loss") -> WeightedDiceLoss:
-    """Pixel-weighted Dice (:class:`WeightedDiceLoss`). Introduced in notebooks/04_unet_vs_resunet.ipynb."""
+def weighted_dice_loss(
+    weight_map: str | Callable = "channel",
+    smooth: float = 1.0,
+    per_image: bool = False,
+    name: str = "weighted_dice_loss",
+) -> WeightedDiceLoss:
+    """Soft Dice loss with per-pixel weights.
+
+    Introduced in notebooks/04_unet_vs_resunet.ipynb.
+
+    Args:
+        weight_map: ``"channel"`` (weights are ``y_true``'s extra last channel) or a callable
+            ``y_true -> weights`` such as :class:`BorderWeights`.
+        smooth: Dice smoothing.
+        per_image: one value per image instead of batch-pooled sums.
+        name: the loss name shown in training logs.
+
+    Returns:
+        A :class:`WeightedDiceLoss`.
+
+    Raises:
+        ValueError: ``weight_map`` neither ``"channel"`` nor callable.
+    """
     return WeightedDiceLoss(weight_map=weight_map, smooth=smooth, per_image=per_image, name=name)
 
 
-def tversky_loss(alpha: float = 0.7, beta: float = 0.3, smooth: float = 1.0,
-                 per_image: bool = False, name: str = "tversky_loss") -> TverskyLoss:
-    """Tversky loss (:class:`TverskyLoss`). Introduced in notebooks/04_unet_vs_resunet.ipynb."""
+def tversky_loss(
+    alpha: float = 0.7,
+    beta: float = 0.3,
+    smooth: float = 1.0,
+    per_image: bool = False,
+    name: str = "tversky_loss",
+) -> TverskyLoss:
+    """Tversky loss ``1 - TP / (TP + α·FN + β·FP)`` (smoothed).
+
+    Introduced in notebooks/04_unet_vs_resunet.ipynb.
+
+    Args:
+        alpha: weight of false negatives.
+        beta: weight of false positives.
+        smooth: additive smoothing.
+        per_image: one value per image instead of batch-pooled sums.
+        name: the loss name shown in training logs.
+
+    Returns:
+        A :class:`TverskyLoss`.
+    """
     return TverskyLoss(alpha=alpha, beta=beta, smooth=smooth, per_image=per_image, name=name)
 
 
-def focal_tversky_loss(alpha: float = 0.7, beta: float = 0.3, gamma: float = 0.75,
-                       smooth: float = 1.0, per_image: bool = False,
-                       name: str = "focal_tversky_loss") -> FocalTverskyLoss:
-    """Focal Tversky loss (:class:`FocalTverskyLoss`). Introduced in notebooks/04_unet_vs_resunet.ipynb."""
-    return FocalTverskyLoss(alpha=alpha, beta=beta, gamma=gamma, smooth=smooth,
-                            per_image=per_image, name=name)
+def focal_tversky_loss(
+    alpha: float = 0.7,
+    beta: float = 0.3,
+    gamma: float = 0.75,
+    smooth: float = 1.0,
+    per_image: bool = False,
+    name: str = "focal_tversky_loss",
+) -> FocalTverskyLoss:
+    """Focal Tversky loss ``(1 - TI)^gamma``; ``gamma=1`` is the Tversky loss.
+
+    Introduced in notebooks/04_unet_vs_resunet.ipynb.
+
+    Args:
+        alpha: weight of false negatives.
+        beta: weight of false positives.
+        gamma: the exponent (0.75 = Abraham & Khan's 1/γ with γ = 4/3).
+        smooth: additive smoothing.
+        per_image: one value per image instead of batch-pooled sums.
+        name: the loss name shown in training logs.
+
+    Returns:
+        A :class:`FocalTverskyLoss`.
+    """
+    return FocalTverskyLoss(
+        alpha=alpha, beta=beta, gamma=gamma, smooth=smooth, per_image=per_image, name=name
+    )
 
 
-def categorical_ce_dice_loss(num_classes: int, exclude_background: bool = True,
-                             class_weights=None, w_ce: float = 1.0, w_dice: float = 1.0,
-                             smooth: float = 1.0, per_image: bool = False,
-                             name: str = "categorical_ce_dice_loss") -> CategoricalCEDiceLoss:
-    """CCE + multiclass Dice (:class:`CategoricalCEDiceLoss`). Introduced in notebooks/04_unet_vs_resunet.ipynb."""
-    return CategoricalCEDiceLoss(num_classes, exclude_background=exclude_background,
-                                 class_weights=class_weights, w_ce=w_ce, w_dice=w_dice,
-                                 smooth=smooth, per_image=per_image, name=name)
+def categorical_ce_dice_loss(
+    num_classes: int,
+    exclude_background: bool = True,
+    class_weights=None,
+    w_ce: float = 1.0,
+    w_dice: float = 1.0,
+    smooth: float = 1.0,
+    per_image: bool = False,
+    name: str = "categorical_ce_dice_loss",
+) -> CategoricalCEDiceLoss:
+    """Categorical cross-entropy plus multiclass soft Dice (background left out by default).
+
+    Introduced in notebooks/04_unet_vs_resunet.ipynb.
+
+    Args:
+        num_classes: number of classes, background included.
+        exclude_background: leave class 0 out of the Dice term.
+        class_weights: None or one non-negative weight per class.
+        w_ce: weight of the cross-entropy.
+        w_dice: weight of the Dice loss.
+        smooth: Dice smoothing.
+        per_image: one value per image instead of batch-pooled sums.
+        name: the loss name shown in training logs.
+
+    Returns:
+        A :class:`CategoricalCEDiceLoss`.
+
+    Raises:
+        ValueError: fewer than 2 classes or a wrong number of class weights.
+    """
+    return CategoricalCEDiceLoss(
+        num_classes,
+        exclude_background=exclude_background,
+        class_weights=class_weights,
+        w_ce=w_ce,
+        w_dice=w_dice,
+        smooth=smooth,
+        per_image=per_image,
+        name=name,
+    )
 
 
 LOSSES: dict[str, Callable[..., keras.losses.Loss]] = {
@@ -610,13 +770,20 @@ class _ConfusionMetric(keras.metrics.Metric):
 
     default_name = "confusion"
 
-    def __init__(self, threshold: float = 0.5, class_id: int | None = None,
-                 name: str | None = None, dtype=None):
+    def __init__(
+        self,
+        threshold: float = 0.5,
+        class_id: int | None = None,
+        name: str | None = None,
+        dtype=None,
+    ):
         super().__init__(name=name or self.default_name, dtype=dtype)
         if not 0.0 < float(threshold) < 1.0:
             raise ValueError(f"threshold must be in (0, 1). Received: threshold={threshold!r}")
         if class_id is not None and (not isinstance(class_id, int) or class_id < 0):
-            raise ValueError(f"class_id must be None or an int >= 0. Received: class_id={class_id!r}")
+            raise ValueError(
+                f"class_id must be None or an int >= 0. Received: class_id={class_id!r}"
+            )
         self.threshold = float(threshold)
         self.class_id = class_id
         self.tp = self.add_variable(shape=(), initializer="zeros", name="tp")
@@ -634,9 +801,7 @@ class _ConfusionMetric(keras.metrics.Metric):
         true = ops.cast(y_true >= 0.5, self.dtype)
         if self.class_id is not None:
             if channels is not None and self.class_id >= channels:
-                raise ValueError(
-                    f"class_id={self.class_id} but y_pred has {channels} channels."
-                )
+                raise ValueError(f"class_id={self.class_id} but y_pred has {channels} channels.")
             pred = pred[..., self.class_id : self.class_id + 1]
             true = true[..., self.class_id : self.class_id + 1]
         elif channels != 1:

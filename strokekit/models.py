@@ -1,9 +1,9 @@
 """Segmentation networks: U-Net, residual U-Net, U-Net on a pretrained encoder, multi-input U-Net.
 
 Introduced in notebooks/04_unet_vs_resunet.ipynb (``unet``, ``resunet``, ``build_model``,
-``PRESETS``, ``build_preset``, ``count_params``, ``encoder_blocks``); the transfer-learning
-notebook adds ``pretrained_unet`` and ``resolve_imagenet_weights``, the perfusion notebook
-``multi_input_unet``.
+``PRESETS``, ``build_preset``, ``count_params``, ``encoder_blocks``);
+notebooks/05_transfer_learning.ipynb adds ``pretrained_unet`` and ``resolve_imagenet_weights``,
+notebooks/08_ctp_core_penumbra.ipynb ``multi_input_unet``.
 
 Every builder is a Keras 3 functional model and runs on any backend (TensorFlow, JAX,
 PyTorch). Every layer has a fixed, readable name so that a notebook can freeze or inspect it
@@ -223,11 +223,15 @@ def _check_filters(filters: Sequence[int], arg: str = "filters", min_len: int = 
 
 def _check_common(num_classes, dropout, kernel_size, dilation_rate, upsample) -> None:
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int. Received: num_classes={num_classes!r}")
+        raise ValueError(
+            f"num_classes must be a positive int. Received: num_classes={num_classes!r}"
+        )
     if not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"dropout must be in [0, 1). Received: dropout={dropout!r}")
     if not isinstance(kernel_size, int) or kernel_size < 1:
-        raise ValueError(f"kernel_size must be a positive int. Received: kernel_size={kernel_size!r}")
+        raise ValueError(
+            f"kernel_size must be a positive int. Received: kernel_size={kernel_size!r}"
+        )
     if not isinstance(dilation_rate, int) or dilation_rate < 1:
         raise ValueError(
             f"dilation_rate must be a positive int. Received: dilation_rate={dilation_rate!r}"
@@ -257,8 +261,15 @@ def _check_image_shape(input_shape, divisor: int, why: str, arg: str = "input_sh
 # --------------------------------------------------------------------------- U-Net family
 
 
-def _unet_body(x, filters, cfg: _BlockConfig, block, dropout: float, upsample: str,
-               bottleneck_hook: Callable | None = None):
+def _unet_body(
+    x,
+    filters,
+    cfg: _BlockConfig,
+    block,
+    dropout: float,
+    upsample: str,
+    bottleneck_hook: Callable | None = None,
+):
     skips = []
     for level, width in enumerate(filters[:-1], start=1):
         x = block(x, width, f"enc{level}", cfg)
@@ -279,8 +290,20 @@ def _unet_body(x, filters, cfg: _BlockConfig, block, dropout: float, upsample: s
     return x
 
 
-def _build_unet(input_shape, num_classes, filters, activation, dropout, batch_norm, kernel_size,
-                dilation_rate, upsample, seed, name, block):
+def _build_unet(
+    input_shape,
+    num_classes,
+    filters,
+    activation,
+    dropout,
+    batch_norm,
+    kernel_size,
+    dilation_rate,
+    upsample,
+    seed,
+    name,
+    block,
+):
     filters = _check_filters(filters)
     _check_activation(activation, batch_norm)
     _check_common(num_classes, dropout, kernel_size, dilation_rate, upsample)
@@ -332,8 +355,20 @@ def unet(
     Raises:
         ValueError: unknown activation or upsampling mode, selu with batch norm, a bad shape.
     """
-    return _build_unet(input_shape, num_classes, filters, activation, dropout, batch_norm,
-                       kernel_size, dilation_rate, upsample, seed, name, _plain_block)
+    return _build_unet(
+        input_shape,
+        num_classes,
+        filters,
+        activation,
+        dropout,
+        batch_norm,
+        kernel_size,
+        dilation_rate,
+        upsample,
+        seed,
+        name,
+        _plain_block,
+    )
 
 
 def resunet(
@@ -379,8 +414,20 @@ def resunet(
     """
     if batch_norm is None:
         batch_norm = activation != "selu"
-    return _build_unet(input_shape, num_classes, filters, activation, dropout, batch_norm,
-                       kernel_size, dilation_rate, upsample, seed, name, _residual_block)
+    return _build_unet(
+        input_shape,
+        num_classes,
+        filters,
+        activation,
+        dropout,
+        batch_norm,
+        kernel_size,
+        dilation_rate,
+        upsample,
+        seed,
+        name,
+        _residual_block,
+    )
 
 
 # --------------------------------------------------------------------------- pretrained encoders
@@ -396,7 +443,7 @@ def _keras_cache_dir() -> Path:
 def resolve_imagenet_weights(encoder: str, weights: str | os.PathLike | None) -> str | None:
     """Finds ImageNet weights for an encoder on this machine, never downloading anything.
 
-    Introduced in the transfer-learning notebook (after notebooks/04_unet_vs_resunet.ipynb).
+    Introduced in notebooks/05_transfer_learning.ipynb.
 
     Args:
         encoder: one of :data:`ENCODERS`.
@@ -531,7 +578,7 @@ def pretrained_unet(
     Nothing is downloaded: ``weights="imagenet"`` uses the Keras cache when the file is there
     and otherwise warns and starts from random weights (:func:`resolve_imagenet_weights`).
 
-    Introduced in the transfer-learning notebook (after notebooks/04_unet_vs_resunet.ipynb).
+    Introduced in notebooks/05_transfer_learning.ipynb.
 
     Args:
         input_shape: (height, width, 1 or 3); height and width multiples of 16 (VGG16) or 32
@@ -566,7 +613,8 @@ def pretrained_unet(
     shape = _check_image_shape(input_shape, spec.divisor, f"the {encoder} encoder's downsampling")
     if shape[2] not in (1, 3):
         raise ValueError(
-            f"pretrained encoders take grey (1) or RGB (3) channels. Received: input_shape={shape!r}"
+            "pretrained encoders take grey (1) or RGB (3) channels. "
+            f"Received: input_shape={shape!r}"
         )
     if any(side is not None and side < 32 for side in shape[:2]):
         raise ValueError(
@@ -638,7 +686,7 @@ def multi_input_unet(
     bottleneck's grid (``clinical_reshape``, ``clinical_broadcast``) and concatenated to the
     bottleneck features (``bottleneck_clinical_concat``), so the decoder is conditioned on it.
 
-    Introduced in the perfusion notebook (after notebooks/04_unet_vs_resunet.ipynb).
+    Introduced in notebooks/08_ctp_core_penumbra.ipynb.
 
     Args:
         input_shapes: input name → (height, width, channels); names are letters, digits and
@@ -674,7 +722,8 @@ def multi_input_unet(
         )
     if not isinstance(clinical_features, int) or clinical_features < 0:
         raise ValueError(
-            f"clinical_features must be an int >= 0. Received: clinical_features={clinical_features!r}"
+            "clinical_features must be an int >= 0. "
+            f"Received: clinical_features={clinical_features!r}"
         )
     filters = _check_filters(filters)
     _check_activation(activation, batch_norm)
@@ -707,7 +756,11 @@ def multi_input_unet(
     cfg = _BlockConfig(activation, bool(batch_norm), kernel_size, dilation_rate, _Seeds(seed))
     inputs = {key: keras.Input(shape=shape, name=key) for key, shape in shapes.items()}
     tensors = list(inputs.values())
-    x = layers.Concatenate(axis=-1, name="fusion_concat")(tensors) if len(tensors) > 1 else tensors[0]
+    x = (
+        layers.Concatenate(axis=-1, name="fusion_concat")(tensors)
+        if len(tensors) > 1
+        else tensors[0]
+    )
 
     hook = None
     if clinical_features:
@@ -760,44 +813,46 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The study's best model: classic U-Net widths, leaky ReLU, dropout 0.5 after the
     # bottleneck as in Ronneberger et al.; ~31M parameters, ~1.2 images/s training at
     # 128 px on 2 CPU cores, so a GPU job in practice.
-    "study_unet": dict(
-        arch="unet",
-        filters=(64, 128, 256, 512, 1024),
-        activation="leaky_relu",
-        dropout=0.5,
-        batch_norm=False,
-    ),
+    "study_unet": {
+        "arch": "unet",
+        "filters": (64, 128, 256, 512, 1024),
+        "activation": "leaky_relu",
+        "dropout": 0.5,
+        "batch_norm": False,
+    },
     # The same network at a quarter of the width (1/16 of the parameters, ~1.9M): ~13
     # images/s at 128 px on 2 CPU cores, the classroom stand-in. Only the width differs, so
     # the two can be compared directly.
-    "slim_unet": dict(
-        arch="unet",
-        filters=(16, 32, 64, 128, 256),
-        activation="leaky_relu",
-        dropout=0.5,
-        batch_norm=False,
-    ),
+    "slim_unet": {
+        "arch": "unet",
+        "filters": (16, 32, 64, 128, 256),
+        "activation": "leaky_relu",
+        "dropout": 0.5,
+        "batch_norm": False,
+    },
     # ResU-Net as in Zhang et al. (2018): three levels plus bridge, 64-512 wide, ReLU with
     # batch norm throughout; the study trained it with the log-Dice loss.
-    "study_resunet": dict(
-        arch="resunet",
-        filters=(64, 128, 256, 512),
-        activation="relu",
-        dropout=0.0,
-        batch_norm=True,
-    ),
-    "slim_resunet": dict(
-        arch="resunet",
-        filters=(16, 32, 64, 128),
-        activation="relu",
-        dropout=0.0,
-        batch_norm=True,
-    ),
+    "study_resunet": {
+        "arch": "resunet",
+        "filters": (64, 128, 256, 512),
+        "activation": "relu",
+        "dropout": 0.0,
+        "batch_norm": True,
+    },
+    "slim_resunet": {
+        "arch": "resunet",
+        "filters": (16, 32, 64, 128),
+        "activation": "relu",
+        "dropout": 0.0,
+        "batch_norm": True,
+    },
 }
 """Named configurations: ``build_preset(name, input_shape)`` builds one."""
 
 
-def build_preset(preset: str, /, input_shape: tuple = (128, 128, 1), **overrides: Any) -> keras.Model:
+def build_preset(
+    preset: str, /, input_shape: tuple = (128, 128, 1), **overrides: Any
+) -> keras.Model:
     """Builds a named configuration from :data:`PRESETS`, with optional overrides.
 
     Introduced in notebooks/04_unet_vs_resunet.ipynb.
@@ -868,7 +923,7 @@ def encoder_blocks(model: keras.Model) -> list[tuple[str, list[str]]]:
     strokekit builders, ``block1``…``block5`` for a VGG16 encoder and ``conv1``…``conv5`` for
     ResNet50. Freezing schedules use this to set ``layer.trainable`` block by block.
 
-    Introduced in notebooks/04_unet_vs_resunet.ipynb (used by the transfer-learning notebook).
+    Introduced in notebooks/04_unet_vs_resunet.ipynb (used by notebooks/05_transfer_learning.ipynb).
 
     Args:
         model: a model built by this module (or any model using those names).

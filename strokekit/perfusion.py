@@ -569,10 +569,15 @@ def perfusion_phantom(
 
 # ============================================================================ inspection
 def map_statistics(dataset: SliceDataset):
-    """Mean physical value of every map in every region, plus the contralateral reference.
+    """Mean physical value of every map in each region: normal brain, penumbra, core.
 
-    Regions: ``core``, ``penumbra``, ``ipsilateral normal`` is not separated; ``normal`` is brain
-    outside the hypoperfused region. Useful to check the synthesis against the textbook rules.
+    ``normal`` is all brain outside the hypoperfused region (both hemispheres). Useful to check
+    the synthesis against the textbook rules (core CBF < 30 % of normal, penumbra Tmax > 6 s, ...).
+
+    Introduced in notebooks/08_ctp_core_penumbra.ipynb.
+
+    Args:
+        dataset: from :func:`synthesize_perfusion`.
 
     Returns:
         pandas DataFrame indexed by region (``normal``, ``penumbra``, ``core``) with one column
@@ -591,7 +596,8 @@ def map_statistics(dataset: SliceDataset):
 
 
 def patient_table(dataset: SliceDataset):
-    """One row per patient: occlusion group, territory, core and penumbra volumes, NIHSS."""
+    """One row per patient (indexed by patient id): occlusion group, territory, core and
+    penumbra volumes (mL), NIHSS. Introduced in notebooks/08_ctp_core_penumbra.ipynb."""
     frame = dataset.to_frame()
     cols = ["occlusion", "territory", "core_ml", "penumbra_ml", "nihss"]
     return frame.groupby("patient_id", sort=False)[cols].first()
@@ -1197,7 +1203,8 @@ def group_scores(dataset: SliceDataset, pred: np.ndarray, group_column: str = "o
         group_column: extra column that names the groups.
 
     Returns:
-        pandas DataFrame, one row per group (in order of appearance): ``group``, ``core_f1``,
+        pandas DataFrame, one row per group (occlusion groups in :data:`OCCLUSION_GROUPS` order,
+        others in order of appearance): ``group``, ``core_f1``,
         ``penumbra_f1``, ``slices``, ``patients``.
     """
     import pandas as pd
@@ -1210,8 +1217,11 @@ def group_scores(dataset: SliceDataset, pred: np.ndarray, group_column: str = "o
     if group_column not in dataset.extra:
         raise DataError(f"the dataset has no extra column {group_column!r}")
     groups = np.asarray(dataset.extra[group_column]).astype(str)
+    present = list(dict.fromkeys(groups.tolist()))
+    # Occlusion groups in their fixed order (LVO first), so tables and charts line up.
+    order = [g for g in OCCLUSION_GROUPS if g in present] + [g for g in present if g not in OCCLUSION_GROUPS]
     rows = []
-    for g in dict.fromkeys(groups.tolist()):
+    for g in order:
         sel = groups == g
         table = per_class_metrics(dataset.masks[sel], pred[sel], len(CLASS_NAMES), CLASS_NAMES)
         by = table.set_index("class_name")["dice"]

@@ -34,8 +34,8 @@ class TrainConfig:
         arch: a name in ``strokekit.models.MODELS`` (``"unet"``, ``"resunet"``, ...).
         filters: filters per encoder level; the last is the bottleneck.
         activation: relu, leaky_relu, elu, selu, gelu or swish.
-        dropout: dropout rate in the blocks (0 disables).
-        batch_norm: batch normalisation in U-Net blocks (ResU-Net always has it).
+        dropout: dropout rate after the bottleneck, as in the original U-Net (0 disables).
+        batch_norm: batch normalisation in U-Net blocks (ResU-Net has it for every activation but selu).
         loss: a name in ``strokekit.losses.LOSSES``.
         learning_rate: Adam learning rate.
         batch_size: slices per batch.
@@ -148,7 +148,12 @@ def compile_model(model, config: TrainConfig, learning_rate: float | None = None
 
     from .losses import DiceMetric, IoUMetric, Sensitivity, Specificity, get_loss
 
-    loss = get_loss(config.loss, **({"num_classes": config.num_classes} if config.num_classes > 1 else {}))
+    import inspect
+
+    from .losses import LOSSES
+
+    wants_classes = "num_classes" in inspect.signature(LOSSES.get(config.loss, get_loss)).parameters
+    loss = get_loss(config.loss, **({"num_classes": config.num_classes} if config.num_classes > 1 and wants_classes else {}))
     metrics = []
     if config.num_classes == 1:
         metrics = [
@@ -178,7 +183,7 @@ class PreviewCallback:
             def on_epoch_end(self, epoch, logs=None):
                 if (epoch + 1) % every:
                     return
-                prob = np.asarray(self.model.predict(images, verbose=0))
+                prob = predict_numpy(self.model, images)
                 save_preview(images, masks, prob, folder / f"epoch_{epoch + 1:03d}.png",
                              title=f"epoch {epoch + 1}", threshold=threshold)
 
@@ -259,6 +264,19 @@ def save_preview(images, masks, prob, path: Path, title: str = "", threshold: fl
     return path
 
 
+def predict_numpy(model, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Model outputs as a NumPy array, computed eagerly batch by batch.
+
+    For the small arrays of this course an eager call is cheaper than ``model.predict``, which
+    compiles a new function for every model (and warns about retracing when many are trained).
+    """
+    import keras
+
+    out = [keras.ops.convert_to_numpy(model(x[i:i + batch_size], training=False))
+           for i in range(0, len(x), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
 def evaluate_arrays(model, x: np.ndarray, y: np.ndarray, threshold: float = 0.5, batch_size: int = 8) -> dict[str, float]:
     """Pooled Dice, IoU, sensitivity, specificity, precision of a binary model on arrays.
 
@@ -266,7 +284,7 @@ def evaluate_arrays(model, x: np.ndarray, y: np.ndarray, threshold: float = 0.5,
     """
     from .metrics import confusion, metrics_from_counts
 
-    prob = np.asarray(model.predict(x, batch_size=batch_size, verbose=0))[..., 0]
+    prob = predict_numpy(model, x, batch_size)[..., 0]
     return metrics_from_counts(*confusion(y > 0, prob >= threshold))
 
 

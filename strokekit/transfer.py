@@ -413,6 +413,22 @@ def _apply_phase(model, phase: Phase, blocks: Sequence[str], keep_batchnorm_froz
 # --------------------------------------------------------------------------- fine-tuning
 
 
+def _phase_pool(model) -> dict:
+    pool = model.__dict__.get("_strokekit_phase_pool")
+    if pool is None:
+        pool = {}
+        # Set past Keras' attribute tracking: a cache, not part of the model's state.
+        object.__setattr__(model, "_strokekit_phase_pool", pool)
+    return pool
+
+
+def _copy_variables(source, target) -> None:
+    """Every layer variable (weights, batch-norm statistics, seed states) from source to target."""
+    for a, b in zip(source.layers, target.layers):
+        for va, vb in zip(a.variables, b.variables):
+            vb.assign(va.value)
+
+
 def _phase_tracker(patience: int, restore_best: bool, bar=None):
     """A callback that lives through all phases: history rows, best weights, early stopping."""
     import keras
@@ -478,13 +494,20 @@ def fine_tune(
     run_dir: str | os.PathLike | None = None,
     progress: bool = False,
     restore_best: bool = True,
+    callbacks: Sequence[Any] = (),
 ) -> RunResult:
     """Fine-tunes a (pretrained) model on target data following a schedule.
 
     Uses the machinery of :func:`strokekit.train.train`: the same inputs (:func:`to_arrays`),
     seeded augmenting loader, loss, lesion metrics, learning-rate halving on plateaus (per
     phase) and seeding (``config.seed``). Early stopping counts epochs without a better
-    validation loss across phases. The model is changed in place.
+    validation loss across phases. The model is changed in place and ends with the trainable
+    flags of the schedule's last phase.
+
+    Every phase needs its own compiled training step (Keras fixes the trainable weights at
+    compile time) and tracing one takes seconds on a CPU, so the phases before the last
+    train a copy of the model, compiled once and kept with the model for later runs; the
+    weights move from phase to phase and end in ``model``.
 
     Introduced in notebooks/05_transfer_learning.ipynb.
 
@@ -501,6 +524,8 @@ def fine_tune(
         progress: a progress bar over epochs.
         restore_best: end with the weights of the epoch with the lowest validation loss
             (as :func:`strokekit.train.train` does when it writes a run folder).
+        callbacks: more Keras callbacks, passed to every phase's ``fit`` (their ``model`` is
+            the one training in that phase: phases before the last train a compiled copy).
 
     Returns:
         :class:`strokekit.train.RunResult`; its ``history`` has one row per epoch with
@@ -544,29 +569,46 @@ def fine_tune(
                leave=False, disable=not progress)
     tracker = _phase_tracker(config.early_stopping_patience, restore_best, bar)
 
+    pool = _phase_pool(model)
+    current = model  # the model that holds the latest weights
     start = time.perf_counter()
     with warnings.catch_warnings():
         # Each phase recompiles on purpose; Keras' "trainable state changed" note is moot.
         warnings.filterwarnings("ignore", message=".*trainable.*state has changed.*")
-        for phase in phases:
-            _apply_phase(model, phase, blocks, schedule.keep_batchnorm_frozen)
-            recompile(model, config, config.learning_rate * phase.lr_factor)
+        for number, phase in enumerate(phases):
+            # The last phase trains `model` itself; earlier ones train a compiled copy kept
+            # per set of open blocks, so a second run re-traces nothing (see recompile).
+            if number == len(phases) - 1:
+                target = model
+            else:
+                key = (phase.blocks, schedule.keep_batchnorm_frozen)
+                if key not in pool:
+                    pool[key] = keras.models.clone_model(model)
+                target = pool[key]
+            if target is not current:
+                _copy_variables(current, target)
+            _apply_phase(target, phase, blocks, schedule.keep_batchnorm_frozen)
+            recompile(target, config, config.learning_rate * phase.lr_factor)
+            current = target
             tracker.phase = phase
-            tracker.blocks = trainable_blocks(model)
-            tracker.trainable_params = int(sum(int(np.prod(w.shape)) for w in model.trainable_weights))
-            callbacks: list[Any] = [tracker]
+            tracker.blocks = trainable_blocks(target)
+            tracker.trainable_params = int(sum(int(np.prod(w.shape)) for w in target.trainable_weights))
+            phase_callbacks: list[Any] = [tracker, *callbacks]
             if config.reduce_lr_patience:
-                callbacks.append(keras.callbacks.ReduceLROnPlateau(
+                phase_callbacks.append(keras.callbacks.ReduceLROnPlateau(
                     monitor="val_loss", factor=0.5, patience=config.reduce_lr_patience, min_lr=1e-7))
             # fit() advances the loader once before its first epoch, so phases continue the
             # loader's epoch numbering (and augmentation draws) where the last one stopped.
             loader.set_epoch(phase.start_epoch)
-            model.fit(loader, validation_data=val_loader, initial_epoch=phase.start_epoch,
-                      epochs=phase.end_epoch, verbose=0, callbacks=callbacks)
+            target.fit(loader, validation_data=val_loader, initial_epoch=phase.start_epoch,
+                       epochs=phase.end_epoch, verbose=0, callbacks=phase_callbacks)
             if tracker.stopped:
                 break
     bar.close()
     seconds = time.perf_counter() - start
+    if current is not model:  # stopped early, before the last phase
+        _copy_variables(current, model)
+        _apply_phase(model, phases[-1], blocks, schedule.keep_batchnorm_frozen)
     if restore_best and tracker.best_weights is not None:
         model.set_weights(tracker.best_weights)
 
@@ -874,6 +916,10 @@ def _assign_values(model, values: list[list[np.ndarray]], source: str) -> None:
             variable.assign(value)
 
 
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(name)) or "method"
+
+
 def _parse_method(name: str, spec: Any, schedule: FineTuneSchedule):
     import keras
 
@@ -908,6 +954,7 @@ def learning_curve(
     methods: Mapping[str, Any] | None = None,
     schedule: FineTuneSchedule = FineTuneSchedule(),
     eval_data: SliceDataset | None = None,
+    run_root: str | os.PathLike | None = None,
     progress: bool = True,
 ):
     """Trains every method on k target slices for every k and seed: one tidy row per run.
@@ -934,11 +981,14 @@ def learning_curve(
             method its own schedule. Default ``{"scratch": None}``.
         schedule: the schedule of methods that do not name their own.
         eval_data: slices to measure on instead of ``target_val`` (e.g. a test set).
+        run_root: a folder under which every run writes its run folder
+            ``<method>-k<shots>-s<seed>`` (see :func:`fine_tune`); None writes nothing.
         progress: a progress bar over runs.
 
     Returns:
-        pandas DataFrame with columns :data:`CURVE_COLUMNS` plus ``patients`` (in the draw)
-        and ``best_epoch``; ``shots`` holds the number of slices (``"all"`` resolved).
+        pandas DataFrame with columns :data:`CURVE_COLUMNS` plus ``patients`` (in the draw),
+        ``best_epoch`` and ``run_dir`` ("" without ``run_root``); ``shots`` holds the number
+        of slices (``"all"`` resolved).
 
     Raises:
         ValueError: no methods or seeds, bad shots, a method that cannot be read.
@@ -995,7 +1045,9 @@ def learning_curve(
         worker = workers[name]
         _assign_values(worker, values, f"method {name!r}")
         subset = few_shot_subset(target_train, k, seed)
-        result = fine_tune(worker, config, subset, target_val, method_schedule, progress=False)
+        folder = None if run_root is None else Path(run_root) / f"{_safe(name)}-k{k}-s{seed}"
+        result = fine_tune(worker, config, subset, target_val, method_schedule, run_dir=folder,
+                           progress=False)
         metrics = result.metrics
         if eval_arrays is not None:
             metrics = {**metrics, **evaluate_arrays(worker, *eval_arrays, config.threshold,
@@ -1006,6 +1058,7 @@ def learning_curve(
             "epochs": int(metrics["epochs_run"]), "seconds": round(result.seconds, 2),
             "patients": len(subset.patients()) if subset.patient_ids is not None else np.nan,
             "best_epoch": int(metrics["best_epoch"]),
+            "run_dir": "" if folder is None else str(folder),
         })
     return pd.DataFrame(rows)
 
@@ -1029,6 +1082,65 @@ def summarize_curve(table, metric: str = "dice"):
     out = grouped.agg(mean="mean", sd=lambda s: float(np.std(s, ddof=1)) if len(s) > 1 else 0.0,
                       seeds="size").reset_index()
     return out
+
+
+def transfer_effect(table, method: str, baseline: str = "scratch", metric: str = "dice",
+                    min_difference: float = 0.02):
+    """Did ``method`` beat ``baseline``? Paired differences per number of shots, with a verdict.
+
+    Runs with the same seed and shots saw the same slices, loader order and augmentation, so
+    they are compared pairwise: ``d = metric(method) - metric(baseline)`` per seed. The
+    verdict is ``"helped"`` when every seed improved and the mean gain is at least
+    ``min_difference``, ``"hurt"`` in the mirror case, else ``"no clear difference"``; with a
+    single seed it is ``"one seed: cannot tell"``. This is a description of the seeds run
+    here, not a significance test (notebook 06 has those).
+
+    Introduced in notebooks/05_transfer_learning.ipynb.
+
+    Args:
+        table: a :func:`learning_curve` table holding both methods.
+        method: the method to judge.
+        baseline: the reference method.
+        metric: the column compared.
+        min_difference: smallest mean gain (or loss) that counts.
+
+    Returns:
+        DataFrame, one row per shots present for both methods: ``shots``, ``seeds``,
+        ``method_mean``, ``baseline_mean``, ``mean_difference``, ``sd_difference``,
+        ``improved_seeds``, ``verdict``.
+
+    Raises:
+        ValueError: a method missing from the table, or an unknown metric.
+    """
+    import pandas as pd
+
+    present = list(dict.fromkeys(table["method"]))
+    for name in (method, baseline):
+        if name not in present:
+            raise _expected(name, present, "method")
+    if metric not in table.columns:
+        raise _expected(metric, [c for c in table.columns if c not in ("method", "shots", "seed")], "metric")
+    a = table[table["method"] == method].set_index(["shots", "seed"])[metric]
+    b = table[table["method"] == baseline].set_index(["shots", "seed"])[metric]
+    paired = pd.concat({"method": a, "baseline": b}, axis=1).dropna()
+    rows = []
+    for shots, part in paired.groupby(level="shots", sort=True):
+        d = (part["method"] - part["baseline"]).to_numpy(float)
+        n = len(d)
+        mean = float(d.mean())
+        if n < 2:
+            verdict = "one seed: cannot tell"
+        elif (d > 0).all() and mean >= min_difference:
+            verdict = "helped"
+        elif (d < 0).all() and mean <= -min_difference:
+            verdict = "hurt"
+        else:
+            verdict = "no clear difference"
+        rows.append({"shots": int(shots), "seeds": n, "method_mean": float(part["method"].mean()),
+                     "baseline_mean": float(part["baseline"].mean()), "mean_difference": mean,
+                     "sd_difference": float(d.std(ddof=1)) if n > 1 else 0.0,
+                     "improved_seeds": int((d > 0).sum()), "verdict": verdict})
+    return pd.DataFrame(rows)
 
 
 def plot_learning_curve(table, metric: str = "dice", ax=None):

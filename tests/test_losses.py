@@ -10,11 +10,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # if nothing has started JAX before this module is collected.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import keras
+import numpy as np
+import pytest
 
-from strokekit import losses as L  # noqa: E402
+from strokekit import losses as L
 
 pytestmark = pytest.mark.backend
 
@@ -56,7 +56,9 @@ def test_dice_label_forms_agree():
     as_labels = T[..., 0]
     expected = value(L.soft_dice_loss(), T, PARTIAL)
     assert value(L.soft_dice_loss(), as_labels, PARTIAL) == pytest.approx(expected, abs=1e-7)
-    assert value(L.soft_dice_loss(), T.astype("uint8"), PARTIAL) == pytest.approx(expected, abs=1e-7)
+    assert value(L.soft_dice_loss(), T.astype("uint8"), PARTIAL) == pytest.approx(
+        expected, abs=1e-7
+    )
 
 
 def test_dice_pooled_versus_per_image():
@@ -84,7 +86,9 @@ def test_log_dice_hand_values():
     assert value(loss, EMPTY, EMPTY) == 0.0
     assert value(loss, T, PARTIAL) == pytest.approx((-math.log(0.8)) ** 0.3, abs=1e-5)
     assert value(loss, T, DISJOINT) == pytest.approx(math.log(5.0) ** 0.3, abs=1e-5)
-    assert value(L.log_dice_loss(exponent=1.0), T, PARTIAL) == pytest.approx(-math.log(0.8), abs=1e-6)
+    assert value(L.log_dice_loss(exponent=1.0), T, PARTIAL) == pytest.approx(
+        -math.log(0.8), abs=1e-6
+    )
 
 
 def test_weighted_dice_channel_and_border_weights():
@@ -108,7 +112,11 @@ def test_weighted_dice_channel_and_border_weights():
     rng = np.random.default_rng(0)
     y_pred = rng.random((1, 5, 5, 1)).astype("float32")
     by_callable = value(L.weighted_dice_loss(border), mask, y_pred)
-    by_channel = value(L.weighted_dice_loss("channel"), np.concatenate([mask, expected[None, ..., None]], -1), y_pred)
+    by_channel = value(
+        L.weighted_dice_loss("channel"),
+        np.concatenate([mask, expected[None, ..., None]], -1),
+        y_pred,
+    )
     assert by_callable == pytest.approx(by_channel, abs=1e-6)
 
     with pytest.raises(ValueError, match="weight_map must be 'channel'"):
@@ -242,8 +250,14 @@ def test_categorical_errors():
 
 def test_registry_and_unknown_name():
     assert set(L.LOSSES) == {
-        "bce", "soft_dice", "bce_dice", "log_dice", "weighted_dice", "tversky",
-        "focal_tversky", "categorical_ce_dice",
+        "bce",
+        "soft_dice",
+        "bce_dice",
+        "log_dice",
+        "weighted_dice",
+        "tversky",
+        "focal_tversky",
+        "categorical_ce_dice",
     }
     loss = L.get_loss("focal_tversky", gamma=1.0)
     assert isinstance(loss, L.FocalTverskyLoss) and loss.gamma == 1.0
@@ -330,10 +344,20 @@ def test_multiclass_metric_uses_argmax_and_class_id():
     # labels (1, 1, 4): background, class 1, class 2, class 2
     y_true = np.array([[[0, 1, 2, 2]]])
     y_pred = img(
-        [0.8, 0.1, 0.1,  # -> 0
-         0.2, 0.5, 0.3,  # -> 1 (correct)
-         0.1, 0.6, 0.3,  # -> 1 (should be 2)
-         0.1, 0.2, 0.7],  # -> 2 (correct)
+        [
+            0.8,
+            0.1,
+            0.1,  # -> 0
+            0.2,
+            0.5,
+            0.3,  # -> 1 (correct)
+            0.1,
+            0.6,
+            0.3,  # -> 1 (should be 2)
+            0.1,
+            0.2,
+            0.7,
+        ],  # -> 2 (correct)
         (1, 1, 4, 3),
     )
     class2 = L.DiceMetric(class_id=2)

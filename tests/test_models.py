@@ -10,13 +10,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # if nothing has started JAX before this module is collected.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import keras
+import numpy as np
+import pytest
 
-from strokekit import losses as L  # noqa: E402
-from strokekit import models as M  # noqa: E402
-from strokekit.errors import DataError  # noqa: E402
+from strokekit import losses as L
+from strokekit import models as M
+from strokekit.errors import DataError
 
 pytestmark = pytest.mark.backend
 
@@ -61,8 +61,12 @@ SWEEP = [(arch, act) for arch in ("unet", "resunet") for act in M.ACTIVATIONS]
 @pytest.mark.parametrize("arch, activation", SWEEP, ids=[f"{a}-{b}" for a, b in SWEEP])
 def test_architecture_activation_builds_and_trains(arch, activation):
     model = M.build_model(
-        arch, input_shape=(SIZE, SIZE, 1), filters=FILTERS, activation=activation,
-        dropout=0.2, seed=1,
+        arch,
+        input_shape=(SIZE, SIZE, 1),
+        filters=FILTERS,
+        activation=activation,
+        dropout=0.2,
+        seed=1,
     )
     names = layer_names(model)
     assert len(names) == len(set(names))
@@ -100,14 +104,43 @@ def test_unet_layer_names_follow_the_scheme():
     model = M.unet((32, 32, 1), filters=(4, 8, 16), batch_norm=True, dropout=0.1)
     assert layer_names(model) == [
         "image",
-        "enc1_conv1", "enc1_bn1", "enc1_act1", "enc1_conv2", "enc1_bn2", "enc1_act2", "enc1_pool",
-        "enc2_conv1", "enc2_bn1", "enc2_act1", "enc2_conv2", "enc2_bn2", "enc2_act2", "enc2_pool",
-        "bottleneck_conv1", "bottleneck_bn1", "bottleneck_act1",
-        "bottleneck_conv2", "bottleneck_bn2", "bottleneck_act2", "bottleneck_drop",
-        "dec2_up", "dec2_concat",
-        "dec2_conv1", "dec2_bn1", "dec2_act1", "dec2_conv2", "dec2_bn2", "dec2_act2",
-        "dec1_up", "dec1_concat",
-        "dec1_conv1", "dec1_bn1", "dec1_act1", "dec1_conv2", "dec1_bn2", "dec1_act2",
+        "enc1_conv1",
+        "enc1_bn1",
+        "enc1_act1",
+        "enc1_conv2",
+        "enc1_bn2",
+        "enc1_act2",
+        "enc1_pool",
+        "enc2_conv1",
+        "enc2_bn1",
+        "enc2_act1",
+        "enc2_conv2",
+        "enc2_bn2",
+        "enc2_act2",
+        "enc2_pool",
+        "bottleneck_conv1",
+        "bottleneck_bn1",
+        "bottleneck_act1",
+        "bottleneck_conv2",
+        "bottleneck_bn2",
+        "bottleneck_act2",
+        "bottleneck_drop",
+        "dec2_up",
+        "dec2_concat",
+        "dec2_conv1",
+        "dec2_bn1",
+        "dec2_act1",
+        "dec2_conv2",
+        "dec2_bn2",
+        "dec2_act2",
+        "dec1_up",
+        "dec1_concat",
+        "dec1_conv1",
+        "dec1_bn1",
+        "dec1_act1",
+        "dec1_conv2",
+        "dec1_bn2",
+        "dec1_act2",
         "head",
     ]
     assert model.get_layer("dec2_up").output.shape[1:] == (16, 16, 8)
@@ -201,6 +234,7 @@ def expected_unet_params(channels, filters, num_classes, k=3):
     return total + c * num_classes + num_classes  # 1x1 head
 
 
+@pytest.mark.slow
 def test_study_preset_has_the_studys_31m_parameters():
     model = M.build_preset("study_unet", (128, 128, 1))
     n = M.count_params(model)
@@ -228,8 +262,11 @@ def test_count_params_trainable_only():
     model = M.unet((SIZE, SIZE, 1), filters=FILTERS, batch_norm=True)
     total = M.count_params(model)
     # batch norm's moving mean and variance are not trainable: 2 per channel per BN layer
-    bn_stats = sum(2 * layer.gamma.shape[0] for layer in model.layers
-                   if isinstance(layer, keras.layers.BatchNormalization))
+    bn_stats = sum(
+        2 * layer.gamma.shape[0]
+        for layer in model.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    )
     assert M.count_params(model, trainable_only=True) == total - bn_stats
     enc1 = dict(M.encoder_blocks(model))["enc1"]
     for name in enc1:
@@ -272,15 +309,19 @@ def test_resolve_imagenet_weights_finds_cached_and_user_files(empty_keras_home, 
         M.resolve_imagenet_weights("vgg19", None)
 
 
-PRETRAINED = [("vgg16", 32, ["block1", "block2", "block3", "block4", "block5"]),
-              ("resnet50", 64, ["conv1", "conv2", "conv3", "conv4", "conv5"])]
+PRETRAINED = [
+    ("vgg16", 32, ["block1", "block2", "block3", "block4", "block5"]),
+    ("resnet50", 64, ["conv1", "conv2", "conv3", "conv4", "conv5"]),
+]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("encoder, size, blocks", PRETRAINED, ids=[p[0] for p in PRETRAINED])
 def test_pretrained_unet_builds_and_trains_without_weights(encoder, size, blocks):
     levels = len(M._ENCODER_SPECS[encoder].skips)
-    model = M.pretrained_unet((size, size, 1), encoder=encoder, weights=None,
-                              decoder_filters=(8,) * levels, seed=0)
+    model = M.pretrained_unet(
+        (size, size, 1), encoder=encoder, weights=None, decoder_filters=(8,) * levels, seed=0
+    )
     names = layer_names(model)
     assert len(names) == len(set(names))
     assert names[:3] == ["image", "grey_to_rgb", "encoder_preprocess"]
@@ -298,12 +339,38 @@ def test_pretrained_unet_builds_and_trains_without_weights(encoder, size, blocks
 def test_pretrained_unet_falls_back_to_random_weights_with_one_warning(empty_keras_home):
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        model = M.pretrained_unet((32, 32, 3), encoder="vgg16", weights="imagenet",
-                                  num_classes=2, decoder_filters=(8, 8, 8, 8))
+        model = M.pretrained_unet(
+            (32, 32, 3),
+            encoder="vgg16",
+            weights="imagenet",
+            num_classes=2,
+            decoder_filters=(8, 8, 8, 8),
+        )
     ours = [w for w in record if "ImageNet weights" in str(w.message)]
     assert len(ours) == 1 and issubclass(ours[0].category, UserWarning)
     assert "grey_to_rgb" not in layer_names(model)  # RGB input is used as it is
     assert head_activation(model) == "softmax"
+
+
+@pytest.mark.slow
+def test_pretrained_unet_loads_cached_weights_without_downloading(empty_keras_home):
+    legacy = pytest.importorskip("keras.src.legacy.saving.legacy_h5_format")
+    h5py = pytest.importorskip("h5py")
+    # Stand-in for the ImageNet file: a random VGG16 saved in Keras' legacy "notop" format.
+    donor = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
+    cached = empty_keras_home / "models" / M.IMAGENET_WEIGHT_FILES["vgg16"]
+    cached.parent.mkdir()
+    with h5py.File(cached, "w") as f:
+        legacy.save_weights_to_hdf5_group(f, donor)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # found in the cache: no fallback warning
+        model = M.pretrained_unet(
+            (32, 32, 1), encoder="vgg16", weights="imagenet", decoder_filters=(8, 8, 8, 8)
+        )
+    for name in ("block1_conv1", "block5_conv3"):
+        np.testing.assert_array_equal(
+            np.array(model.get_layer(name).kernel), np.array(donor.get_layer(name).kernel)
+        )
 
 
 def test_pretrained_unet_rejects_bad_shapes():
@@ -322,7 +389,9 @@ def test_encoder_preprocess_matches_the_application():
         layer = M.EncoderPreprocess(encoder)
         got = keras.ops.convert_to_numpy(layer(x))
         module = getattr(keras.applications, encoder)
-        np.testing.assert_allclose(got, module.preprocess_input(x.copy() * 255.0), rtol=1e-5, atol=1e-3)
+        np.testing.assert_allclose(
+            got, module.preprocess_input(x.copy() * 255.0), rtol=1e-5, atol=1e-3
+        )
     # BGR order and mean: a mid-grey pixel becomes 127.5 minus the per-channel ImageNet means.
     grey = np.full((1, 1, 1, 3), 0.5, "float32")
     got = keras.ops.convert_to_numpy(M.EncoderPreprocess("vgg16")(grey))[0, 0, 0]
@@ -347,8 +416,13 @@ def test_model_with_encoder_preprocess_reloads_in_safe_mode(tmp_path):
 
 # --------------------------------------------------------------------------- multi-input
 
-PERFUSION = {"cbf": (SIZE, SIZE, 1), "cbv": (SIZE, SIZE, 1), "tmax": (SIZE, SIZE, 1),
-             "ttp": (SIZE, SIZE, 1), "mip": (SIZE, SIZE, 1)}
+PERFUSION = {
+    "cbf": (SIZE, SIZE, 1),
+    "cbv": (SIZE, SIZE, 1),
+    "tmax": (SIZE, SIZE, 1),
+    "ttp": (SIZE, SIZE, 1),
+    "mip": (SIZE, SIZE, 1),
+}
 
 
 def perfusion_batch(n=2, clinical=0, seed=0):
@@ -362,8 +436,9 @@ def perfusion_batch(n=2, clinical=0, seed=0):
 
 @pytest.mark.parametrize("clinical", [0, 2], ids=["maps-only", "with-clinical"])
 def test_multi_input_unet_builds_and_trains(clinical):
-    model = M.multi_input_unet(PERFUSION, num_classes=4, clinical_features=clinical,
-                               filters=FILTERS, seed=0)
+    model = M.multi_input_unet(
+        PERFUSION, num_classes=4, clinical_features=clinical, filters=FILTERS, seed=0
+    )
     names = layer_names(model)
     assert len(names) == len(set(names))
     expected_inputs = set(PERFUSION) | ({"clinical"} if clinical else set())
@@ -386,7 +461,9 @@ def test_multi_input_unet_builds_and_trains(clinical):
 
 
 def test_multi_input_unet_errors():
-    with pytest.raises(ValueError, match=re.escape("Expected one of ['early']. Received: fusion='late'")):
+    with pytest.raises(
+        ValueError, match=re.escape("Expected one of ['early']. Received: fusion='late'")
+    ):
         M.multi_input_unet(PERFUSION, fusion="late")
     with pytest.raises(ValueError, match="must share height and width"):
         M.multi_input_unet({"cbf": (16, 16, 1), "cbv": (32, 32, 1)}, filters=FILTERS)

@@ -28,15 +28,17 @@ def tiny_data(n=8, size=32, seed=0):
     return SliceDataset(images, masks, [f"c{i}" for i in range(n)], [f"p{i // 2}" for i in range(n)])
 
 
+# Two levels and no batch norm keep each compile (a traced training step) short; the
+# freezing test adds batch norm, the selection test a third level.
 CONFIG = TrainConfig(
-    filters=(4, 8, 16), image_size=32, num_epochs=1, batch_size=4, batch_norm=True,
+    filters=(4, 8), image_size=32, num_epochs=1, batch_size=4, batch_norm=False,
     augment=NO_AUGMENT, workers=1, early_stopping_patience=0, reduce_lr_patience=0,
     learning_rate=1e-2, loss="bce_dice",
 )
 
 
-def tiny_model(seed=0):
-    return models.build_model("unet", seed=seed, **CONFIG.model_kwargs())
+def tiny_model(seed=0, **changes):
+    return models.build_model("unet", seed=seed, **dataclasses.replace(CONFIG, **changes).model_kwargs())
 
 
 def values(model, name):
@@ -54,7 +56,7 @@ def same(a, b):
 
 @pytest.mark.backend
 def test_freeze_and_unfreeze_select_by_name_prefix_glob_and_block():
-    model = tiny_model()
+    model = tiny_model(filters=(4, 8, 16), batch_norm=True)
     assert [b for b, _ in models.encoder_blocks(model)] == ["enc1", "enc2", "bottleneck"]
     frozen = transfer.freeze(model, "enc1")
     assert frozen == ["enc1_conv1", "enc1_bn1", "enc1_act1", "enc1_conv2", "enc1_bn2", "enc1_act2",
@@ -112,54 +114,74 @@ def test_schedule_phases_follow_the_stated_order_and_epochs():
 @pytest.mark.backend
 def test_frozen_layers_and_their_batchnorm_statistics_do_not_move():
     data = tiny_data()
-    model = tiny_model()
-    transfer.freeze(model, blocks=["enc1", "bottleneck"])
-    transfer.recompile(model, CONFIG)
-    before = {n: values(model, n) for n in ("enc1_conv1", "enc1_bn1", "bottleneck_conv2",
-                                           "bottleneck_bn2", "enc2_conv1", "enc2_bn1", "head")}
-    x = np.clip((data.images[:4] - 0.0) / 80.0, 0, 1)[..., None]
+    model = tiny_model(batch_norm=True)
+    config = dataclasses.replace(CONFIG, batch_norm=True)
+    transfer.freeze(model, blocks="enc1")
+    transfer.recompile(model, config)
+    names = ("enc1_conv1", "enc1_bn1", "enc1_bn2", "bottleneck_conv1", "bottleneck_bn1", "head")
+    before = {n: values(model, n) for n in names}
+    x = np.clip(data.images[:4] / 80.0, 0, 1)[..., None]
     y = data.masks[:4, ..., None].astype(np.float32)
     model.train_on_batch(x, y)
-    after = {n: values(model, n) for n in before}
-    for frozen in ("enc1_conv1", "enc1_bn1", "bottleneck_conv2", "bottleneck_bn2"):
-        assert same(before[frozen], after[frozen]), frozen  # kernels, gamma/beta and moving stats
-    for trained in ("enc2_conv1", "head"):
+    after = {n: values(model, n) for n in names}
+    for frozen in ("enc1_conv1", "enc1_bn1", "enc1_bn2"):
+        assert same(before[frozen], after[frozen]), frozen  # kernel; gamma, beta, moving stats
+    for trained in ("bottleneck_conv1", "head"):
         assert not np.array_equal(before[trained][0], after[trained][0]), trained
-    # enc2_bn1 trains: gamma moves and so does its moving mean (batch statistics were used).
-    gamma, beta, mean, var = range(4)
-    assert not np.array_equal(before["enc2_bn1"][gamma], after["enc2_bn1"][gamma])
-    assert not np.array_equal(before["enc2_bn1"][mean], after["enc2_bn1"][mean])
+    # A trainable batch norm uses batch statistics: gamma and the moving mean both move.
+    gamma, mean = 0, 2
+    assert not np.array_equal(before["bottleneck_bn1"][gamma], after["bottleneck_bn1"][gamma])
+    assert not np.array_equal(before["bottleneck_bn1"][mean], after["bottleneck_bn1"][mean])
 
     # Same flags again: the compiled step is kept and only the optimizer is reset.
     optimizer = model.optimizer
-    transfer.recompile(model, CONFIG, learning_rate=1e-4)
+    transfer.recompile(model, config, learning_rate=1e-4)
     assert model.optimizer is optimizer
     assert int(np.asarray(optimizer.iterations)) == 0
     assert np.isclose(float(np.asarray(optimizer.learning_rate)), 1e-4)
     # Other flags: a real compile, with a new optimizer.
     transfer.unfreeze(model, blocks="enc1")
-    transfer.recompile(model, CONFIG)
+    transfer.recompile(model, config)
     assert model.optimizer is not optimizer
+    with pytest.raises(ValueError, match="learning_rate must be > 0"):
+        transfer.recompile(model, config, learning_rate=0.0)
 
 
 @pytest.mark.backend
 def test_gradual_unfreezing_opens_blocks_deepest_first_at_the_stated_epochs():
+    import keras
+
+    class Snapshots(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seen.append({n: values(self.model, n)[0] for n in ("enc1_conv1", "bottleneck_conv1")})
+
     data = tiny_data()
     model = tiny_model()
+    start = {n: values(model, n)[0] for n in ("enc1_conv1", "bottleneck_conv1")}
     config = dataclasses.replace(CONFIG, num_epochs=3)
-    schedule = transfer.FineTuneSchedule("gradual", unfreeze_every=1, lr_scale=0.1,
-                                         keep_batchnorm_frozen=False)
-    enc1_before, bottleneck_before = values(model, "enc1_conv1"), values(model, "bottleneck_conv1")
-    result = transfer.fine_tune(model, config, data, data, schedule, restore_best=False)
+    schedule = transfer.FineTuneSchedule("gradual", unfreeze_every=1, lr_scale=0.1)
+    snapshots = Snapshots()
+    result = transfer.fine_tune(model, config, data, data, schedule, restore_best=False,
+                                callbacks=[snapshots])
     history = result.history
     assert list(history["epoch"]) == [1, 2, 3]
-    assert list(history["trainable_blocks"]) == [(), ("bottleneck",), ("enc2", "bottleneck")]
+    assert list(history["trainable_blocks"]) == [(), ("bottleneck",), ("enc1", "bottleneck")]
     assert np.allclose(history["learning_rate"], [1e-2, 1e-3, 1e-3])
     params = list(history["trainable_params"])
     assert params[0] < params[1] < params[2]
-    # enc1 was never unfrozen within 3 epochs; the bottleneck trained for two.
-    assert same(enc1_before, values(model, "enc1_conv1"))
-    assert not np.array_equal(bottleneck_before[0], values(model, "bottleneck_conv1")[0])
+    # The weights agree: the bottleneck first moves in epoch 2, enc1 in epoch 3.
+    e1, e2, e3 = snapshots.seen
+    assert np.array_equal(e1["bottleneck_conv1"], start["bottleneck_conv1"])
+    assert not np.array_equal(e2["bottleneck_conv1"], e1["bottleneck_conv1"])
+    assert np.array_equal(e2["enc1_conv1"], start["enc1_conv1"])
+    assert not np.array_equal(e3["enc1_conv1"], e2["enc1_conv1"])
+    # The model returned holds the last phase's weights and flags.
+    assert np.array_equal(values(result.model, "enc1_conv1")[0], e3["enc1_conv1"])
+    assert transfer.trainable_blocks(result.model) == ("enc1", "bottleneck")
     assert np.isfinite(history["loss"]).all() and 0.0 <= result.metrics["dice"] <= 1.0
 
 
@@ -191,7 +213,7 @@ def test_saved_pretrained_model_reloads_in_safe_mode_and_fine_tunes(pretrained, 
     assert same(loaded, values(reloaded, "enc1_conv1"))
     assert np.isfinite(result.history["loss"]).all()
     assert not np.array_equal(loaded[0], values(result.model, "enc1_conv1")[0])
-    assert result.history["trainable_blocks"].iloc[0] == ("enc1", "enc2", "bottleneck")
+    assert result.history["trainable_blocks"].iloc[0] == ("enc1", "bottleneck")
     assert np.isclose(result.history["learning_rate"].iloc[0], CONFIG.learning_rate * 0.5)
 
 
@@ -199,15 +221,15 @@ def test_saved_pretrained_model_reloads_in_safe_mode_and_fine_tunes(pretrained, 
 def test_learning_curve_has_one_row_per_method_shots_and_seed(pretrained, fine_tuned):
     data = tiny_data()
     table = transfer.learning_curve(
-        CONFIG, data, data, shots=(2, "all"), seeds=(0, 1),
+        CONFIG, data, data, shots=(4, "all"), seeds=(0, 1),
         methods={"scratch": None, "transfer": pretrained},
         schedule=transfer.FineTuneSchedule("unfrozen", lr_scale=0.5), progress=False,
     )
     assert list(table.columns[:9]) == list(transfer.CURVE_COLUMNS)
     assert len(table) == 2 * 2 * 2
     assert sorted(zip(table.method, table.shots, table.seed)) == sorted(
-        (m, k, s) for m in ("scratch", "transfer") for k in (2, 8) for s in (0, 1))
-    assert set(table.loc[table.shots == 2, "patients"]) == {1}  # two slices = one whole patient
+        (m, k, s) for m in ("scratch", "transfer") for k in (4, 8) for s in (0, 1))
+    assert set(table.loc[table.shots == 4, "patients"]) == {2}  # four slices = two whole patients
     assert table["dice"].between(0, 1).all() and (table["epochs"] == 1).all()
     # Reusing one compiled model per method gives the result of a fresh model.
     row = table[(table.method == "transfer") & (table.shots == 8) & (table.seed == 0)].iloc[0]
@@ -298,3 +320,27 @@ def test_summary_and_plot_show_mean_and_sd_per_method():
     assert band.min() == pytest.approx(0.2 - np.sqrt(0.02)) and band.max() == pytest.approx(0.6 + np.sqrt(0.02))
     with pytest.raises(ValueError, match="Expected one of"):
         transfer.summarize_curve(table, metric="auc")
+
+
+def test_transfer_effect_pairs_seeds_and_only_claims_consistent_gains():
+    import pandas as pd
+
+    rows = []
+    for shots, scratch, transfer_ in [(2, (0.10, 0.20, 0.30), (0.20, 0.30, 0.40)),   # +0.1 every seed
+                                      (4, (0.50, 0.50, 0.50), (0.60, 0.45, 0.55)),   # mixed
+                                      (8, (0.60, 0.70, 0.80), (0.59, 0.69, 0.79))]:  # -0.01: too small
+        for seed in range(3):
+            rows.append({"method": "scratch", "shots": shots, "seed": seed, "dice": scratch[seed]})
+            rows.append({"method": "transfer", "shots": shots, "seed": seed, "dice": transfer_[seed]})
+    effect = transfer.transfer_effect(pd.DataFrame(rows), "transfer")
+    assert list(effect["shots"]) == [2, 4, 8]
+    assert list(effect["verdict"]) == ["helped", "no clear difference", "no clear difference"]
+    assert effect["mean_difference"].tolist() == pytest.approx([0.1, 0.0, -0.01])
+    assert effect["sd_difference"].iloc[0] == pytest.approx(0.0, abs=1e-12)
+    assert list(effect["improved_seeds"]) == [3, 2, 0]
+    hurt = transfer.transfer_effect(pd.DataFrame(rows), "scratch", baseline="transfer")
+    assert hurt["verdict"].iloc[0] == "hurt"
+    one = transfer.transfer_effect(pd.DataFrame([r for r in rows if r["seed"] == 0]), "transfer")
+    assert set(one["verdict"]) == {"one seed: cannot tell"}
+    with pytest.raises(ValueError, match=r"Expected one of \['scratch', 'transfer'\]"):
+        transfer.transfer_effect(pd.DataFrame(rows), "imagenet")

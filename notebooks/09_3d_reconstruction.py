@@ -1,0 +1,304 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 09 · 3-D reconstruction
+# A slice model sees one slice at a time; a clinician wants the lesion's volume in millilitres.
+#
+# **Learning goals**
+# - Predict every slice of a scan and stack the masks with the real voxel size (5 mm slices, ~1 mm pixels).
+# - Clean a 3-D mask (specks, holes) and measure the lesion volume in mL against the reference.
+# - Draw the lesion surface (marching cubes) inside the brain and skull, and scroll through the slices.
+#
+# **Runtime**: about 2 minutes on a laptop CPU (quick profile: a 64 px U-Net trained here for a few
+# epochs — a weak model, so the 3-D numbers are illustrative); the full profile (256 px, the study's
+# U-Net) needs a GPU (~15 minutes).
+
+# %% [markdown]
+# ## Setup
+
+# %%
+# %matplotlib inline
+from io import BytesIO
+
+import ipywidgets as widgets
+import keras
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from IPython.display import display
+from scipy import ndimage
+
+from strokekit import io, metrics, paths, recon3d, train
+from strokekit import split as splitting
+from strokekit.augment import NO_AUGMENT
+from strokekit.config import get_profile, phantom_config
+from strokekit.phantom import generate_phantom, make_volume, volume_to_dataset
+
+print(f"keras {keras.__version__} · backend {keras.backend.backend()}")
+
+# %% [markdown]
+# ## Parameters
+
+# %% tags=["parameters"]
+PROFILE = get_profile()
+PHANTOM = phantom_config(PROFILE)      # the course's standard phantom (same in every notebook)
+TRAIN = train.TrainConfig(
+    arch="unet",
+    filters=PROFILE.filters,
+    loss="soft_dice",                # small lesions: a Dice loss does not settle for "no lesion anywhere"
+    learning_rate=3e-3,              # few epochs: larger steps than notebook 04's 1e-3
+    batch_size=PROFILE.batch_size,
+    num_epochs=5 * PROFILE.num_epochs,   # a 3-D view needs a model that predicts something
+    image_size=PROFILE.image_size,
+    augment=NO_AUGMENT,
+    preview_slices=0,
+)
+MODEL_RUN = None                       # or a run folder, e.g. paths.runs_dir() / "04_unet_vs_resunet" / "single"
+PATIENT_INDEX = PHANTOM.n_patients     # the first patient the course's phantom never contains: held out
+THRESHOLD = 0.5                        # probability above which a voxel is lesion
+MIN_LESION_ML = 0.05                   # connected components smaller than this are specks
+KEEP_LARGEST = 1                       # each phantom patient has one lesion
+NOISE_SEED = 0                         # for the controlled-error example in step 4
+CTICH_PATIENT = None                   # None: the CT-ICH patient with the largest hemorrhage
+CTICH_PIXEL_MM = 0.45                  # an assumption: the PNGs do not record the pixel size
+CTICH_SLICE_MM = 5.0                   # from the data's SOURCE.md
+SPLIT_FILE = paths.data_dir() / "splits" / "phantom_split.json"
+RUNS = paths.runs_dir() / "09_3d_reconstruction"
+print(PROFILE.name, TRAIN)
+
+# %% [markdown]
+# ## 1. A slice model
+# Everything in this notebook works with any slice model. `MODEL_RUN = None` trains one here on the
+# split saved by notebook 02, so this notebook runs on its own; set `MODEL_RUN` to a run folder
+# (e.g. notebook 04's `runs/04_unet_vs_resunet/single`, trained on the same split) to reuse a model
+# instead. In the quick profile a few epochs at 64 px give a **weak** model: expect too small,
+# too large or missing lesions, and read the numbers below as an illustration of the method.
+# The run folder written here is also offered by the app (`notebooks/app.ipynb`).
+
+# %%
+if MODEL_RUN is not None:
+    model, config = train.load_model(MODEL_RUN), train.load_run(MODEL_RUN)["config"]
+else:
+    data = generate_phantom(PHANTOM, progress=False)
+    split = splitting.load_or_make_split(data, SPLIT_FILE, seed=0)
+    result = train.train(TRAIN, split.dataset(data, "train"), split.dataset(data, "val"),
+                         run_dir=RUNS / "model", split=split, progress=False, previews=False)
+    model, config = result.model, TRAIN
+    print({k: round(v, 3) for k, v in result.metrics.items()})
+    assert 0.0 <= result.metrics["dice"] <= 1.0
+assert model.output_shape[-1] == 1 and config.num_classes == 1
+
+# %% [markdown]
+# ## 2. A whole scan of a new patient
+# The phantom generates whole head volumes. Patient `PATIENT_INDEX` is not among the course's
+# patients, so the model has never seen any slice of it. A voxel is a box of
+# *pixel spacing × pixel spacing × slice thickness*: the slices are several times thicker than the
+# pixels are wide, so a voxel count means nothing without the spacing. The reference volume is
+# simply voxel count × voxel volume.
+
+# %%
+volume = make_volume(PATIENT_INDEX, PHANTOM)
+spacing = (volume.slice_thickness, *volume.spacing)            # (dz, dy, dx) in mm
+truth = volume.labels > 0
+voxel_ml = np.prod(spacing) / 1000.0
+true_ml = recon3d.lesion_volume_ml(truth, volume.spacing, volume.slice_thickness)
+print(f"{volume.patient_id}: {volume.hu.shape[0]} slices of {volume.hu.shape[1]}×{volume.hu.shape[2]} px, "
+      f"voxel {spacing[0]:.1f}×{spacing[1]:.2f}×{spacing[2]:.2f} mm = {voxel_ml * 1000:.1f} mm³; "
+      f"{volume.lesion_type} lesion ({volume.territory}, {volume.side}), {true_ml:.2f} mL")
+assert np.isclose(true_ml, np.count_nonzero(truth) * voxel_ml)
+assert spacing[0] > spacing[1] and volume.hu.shape == truth.shape == volume.brain.shape
+
+# %% [markdown]
+# The volume is the sum over slices of *area × thickness*; the lesion spans only some slices.
+
+# %%
+area_mm2 = truth.reshape(len(truth), -1).sum(axis=1) * np.prod(volume.spacing)
+fig, ax = plt.subplots(figsize=(8, 2.8))
+ax.bar(np.arange(len(area_mm2)), area_mm2, color="tab:green", alpha=0.6, label="reference")
+ax.set(xlabel="slice (skull base → vertex)", ylabel="lesion area (mm²)",
+       title=f"{volume.patient_id}: Σ area × {volume.slice_thickness:.0f} mm = {area_mm2.sum() * volume.slice_thickness / 1000:.2f} mL")
+ax.legend()
+plt.show()
+assert np.isclose(area_mm2.sum() * volume.slice_thickness / 1000, true_ml)
+
+# %% [markdown]
+# ## 3. Predict every slice and stack
+# Slices must be stacked in scan order, which a dataset records as `slice_indices`, not as the
+# order of its rows. `stack_slices` sorts by that index, refuses gaps and repeated slices, and
+# returns the spacing with the volume; shuffled slices come back as the original scan.
+
+# %%
+slices = volume_to_dataset(volume)                              # all slices, as a dataset
+shuffled = slices.subset(np.random.default_rng(NOISE_SEED).permutation(len(slices)))
+stacked_hu, stacked_truth, stacked_spacing = recon3d.stack_slices(shuffled, volume.patient_id)
+assert np.array_equal(stacked_hu, volume.hu) and np.array_equal(stacked_truth > 0, truth)
+assert np.allclose(stacked_spacing, spacing)
+
+probability = recon3d.predict_volume(model, stacked_hu, config, progress=False)
+predicted = probability >= THRESHOLD
+print(f"probabilities {probability.shape}, max {probability.max():.3f}; "
+      f"{np.count_nonzero(predicted)} voxels ≥ {THRESHOLD} in "
+      f"{int(predicted.reshape(len(predicted), -1).any(axis=1).sum())} slices")
+assert probability.shape == volume.hu.shape and 0.0 <= probability.min() <= probability.max() <= 1.0
+
+# %% [markdown]
+# ## 4. Clean up in 3-D
+# Slice by slice, a model leaves specks (a few bright pixels) and holes (a missed pixel in the
+# middle of a lesion). In 3-D both are easy to recognise: keep connected components above a size
+# (and, when one lesion is expected, only the largest), and fill holes enclosed in their slice.
+# First on a mask whose errors we control: the reference with scattered false-positive specks and
+# punched-out holes.
+
+# %%
+rng = np.random.default_rng(NOISE_SEED)
+specks = (rng.random(truth.shape) < 0.002) & volume.brain & ~ndimage.binary_dilation(truth, iterations=2)
+inner = np.stack([ndimage.binary_erosion(s, iterations=2) for s in truth])
+holes = inner & (rng.random(truth.shape) < 0.3)
+noisy = (truth | specks) & ~holes
+cleaned_noisy = recon3d.clean_mask(noisy, keep_largest=KEEP_LARGEST, spacing=spacing,
+                                   min_size_ml=MIN_LESION_ML)
+components = lambda m: ndimage.label(m, np.ones((3, 3, 3)))[1]  # noqa: E731
+table = pd.DataFrame([
+    {"mask": name, "components": components(m), "volume (mL)": recon3d.lesion_volume_ml(m, volume.spacing, volume.slice_thickness),
+     "Dice vs reference": metrics.dice(truth, m)}
+    for name, m in (("reference", truth), ("with specks and holes", noisy), ("cleaned", cleaned_noisy))
+]).set_index("mask")
+display(table.round(3))
+assert table.loc["cleaned", "components"] == 1 and table.loc["with specks and holes", "components"] > 10
+assert abs(table.loc["cleaned", "volume (mL)"] - true_ml) < abs(table.loc["with specks and holes", "volume (mL)"] - true_ml)
+assert table.loc["cleaned", "Dice vs reference"] > table.loc["with specks and holes", "Dice vs reference"]
+
+# %% [markdown]
+# Now the model's own prediction, cleaned the same way.
+
+# %%
+cleaned = recon3d.clean_mask(predicted, keep_largest=KEEP_LARGEST, spacing=spacing, min_size_ml=MIN_LESION_ML)
+print(f"components: {components(predicted)} predicted → {components(cleaned)} after cleaning")
+assert components(cleaned) <= KEEP_LARGEST and np.count_nonzero(cleaned) <= np.count_nonzero(predicted | cleaned)
+
+# %% [markdown]
+# ## 5. Volume in mL against the reference
+# The report gives predicted and true volume, their difference, and the 3-D Dice (all voxels of
+# the scan together). A volume error is what changes a treatment decision: in hemorrhage, 30 mL is
+# a classic threshold in prognostic scores.
+
+# %%
+report = pd.DataFrame({
+    "raw prediction": recon3d.volume_report(predicted, truth, spacing),
+    "cleaned": recon3d.volume_report(cleaned, truth, spacing),
+}).T
+display(report.round(3))
+assert np.allclose(report["true_ml"], true_ml) and (report["predicted_ml"] >= 0).all()
+assert report["dice_3d"].between(0, 1).all()
+
+# %%
+pred_mm2 = cleaned.reshape(len(cleaned), -1).sum(axis=1) * np.prod(volume.spacing)
+fig, ax = plt.subplots(figsize=(8, 2.8))
+ax.bar(np.arange(len(area_mm2)), area_mm2, color="tab:green", alpha=0.6, label="reference")
+ax.plot(np.arange(len(pred_mm2)), pred_mm2, "o-", color="tab:red", label="cleaned prediction")
+ax.set(xlabel="slice (skull base → vertex)", ylabel="lesion area (mm²)",
+       title=f"predicted {report.loc['cleaned', 'predicted_ml']:.2f} mL vs reference {true_ml:.2f} mL")
+ax.legend()
+plt.show()
+assert np.isclose(pred_mm2.sum() * volume.slice_thickness / 1000, report.loc["cleaned", "predicted_ml"])
+
+# %% [markdown]
+# ## 6. The lesion as a surface
+# Marching cubes turns a voxel mask into a triangle surface, in mm when it is given the spacing
+# (otherwise a 5 mm slice would look as thin as a 0.9 mm pixel). The figure draws the skull (from
+# the CT: voxels above 300 HU) and the brain translucent, the cleaned prediction in red, and the
+# reference as a green wireframe.
+
+# %%
+verts, faces = recon3d.surface_mesh(truth, spacing)
+extent = np.array(truth.shape) * np.array(spacing)
+print(f"reference surface: {len(verts)} vertices, {len(faces)} triangles, within {extent.round(0)} mm")
+assert len(faces) > 0 and (verts >= -1e-3).all() and (verts <= extent + 1e-3).all()
+fig3d = recon3d.plot_3d(cleaned, spacing, brain_mask=volume.brain,
+                        skull_mask=recon3d.skull_from_hu(volume.hu), truth_mask=truth)
+display(fig3d)
+
+# %% [markdown]
+# ## 7. Scroll through the slices
+# The 3-D view and the slices tell different things: the surface shows shape and position, the slices
+# show where the prediction and the reference (dashed green) disagree. Move the slider (it needs a
+# running kernel); below it, the slice where they disagree most.
+
+# %%
+def show_slice(index):
+    display(recon3d.plot_volume_slice(volume.hu, cleaned, truth, index, figsize=(4.6, 4.8)))
+
+start = int(np.argmax(area_mm2))
+scroller = widgets.interactive(show_slice, index=widgets.IntSlider(
+    value=start, min=0, max=len(truth) - 1, description="slice", continuous_update=False))
+png = BytesIO()
+fig3d.savefig(png, format="png", dpi=72)
+display(widgets.HBox([widgets.Image(value=png.getvalue(), format="png", width=440), scroller]))
+
+# %%
+disagreement = (cleaned != truth).reshape(len(truth), -1).sum(axis=1)
+worst = int(np.argmax(disagreement))
+display(recon3d.plot_volume_slice(volume.hu, cleaned, truth, worst))
+print(f"slice {worst + 1}: {disagreement[worst]} pixels differ")
+assert disagreement[worst] == disagreement.max() and 0 <= worst < len(truth)
+
+# %% [markdown]
+# ## 8. Optional: a real scan (CT-ICH)
+# The shared CT-ICH set holds whole scans: every slice of 75 patients, with hemorrhage masks. These are
+# **traumatic** intracranial hemorrhages, not strokes, and the model was trained on the phantom, so
+# expect it to do badly here — the point is the pipeline on real data. The PNGs do not record the
+# pixel size: we assume `CTICH_PIXEL_MM` = 0.45 mm (a 230 mm field of view over 512 pixels, typical for
+# head CT), so all mL below are approximate (a pixel 10% larger makes every volume 21% larger). The
+# slices are 5 mm apart (SOURCE.md). The images are already brain-windowed 8-bit pictures, so the
+# skull is approximated by saturated pixels.
+
+# %%
+ctich = paths.ctich_dir()
+if ctich is None:
+    print("../shared/data/ct-ich is absent: skipping the real-CT section "
+          "(put the folder there or set $STROKEKIT_CTICH to read it)")
+else:
+    index = pd.read_csv(ctich / "slices.csv", dtype={"patient_id": str})
+    patient = CTICH_PATIENT or str(index.groupby("patient_id")["lesion_pixels"].sum().idxmax())
+    scan = io.load_ctich(ctich, patients=[patient], progress=False)
+    real_spacing = (CTICH_SLICE_MM, CTICH_PIXEL_MM, CTICH_PIXEL_MM)
+    real_image, real_truth, real_spacing = recon3d.stack_slices(scan, patient, spacing=real_spacing)
+    real_prob = recon3d.predict_volume(model, real_image, config, unit="display", progress=False)
+    real_pred = recon3d.clean_mask(real_prob >= THRESHOLD, spacing=real_spacing, min_size_ml=MIN_LESION_ML)
+    real_report = recon3d.volume_report(real_pred, real_truth, real_spacing)
+    print(f"CT-ICH patient {patient}: {real_image.shape[0]} slices; "
+          + ", ".join(f"{k} {v:.3f}" for k, v in real_report.items()))
+    assert real_image.shape == real_truth.shape and real_report["true_ml"] > 0
+    display(recon3d.plot_3d(real_pred, real_spacing, skull_mask=real_image >= 250, truth_mask=real_truth,
+                            title=f"CT-ICH patient {patient} (pixel size assumed {CTICH_PIXEL_MM} mm): "
+                                  f"predicted {real_report['predicted_ml']:.1f} mL, "
+                                  f"reference {real_report['true_ml']:.1f} mL"))
+
+# %% [markdown]
+# ## Exercises
+# 1. Set `KEEP_LARGEST = None` and `MIN_LESION_ML = 0`. How many components does the model's
+#    prediction have, and how much of the predicted volume were specks?
+# 2. Re-run step 5 with `THRESHOLD` 0.3 and 0.7. Which changes more, Dice or the volume error? Why can a
+#    model with a poor Dice still estimate the volume well?
+# 3. Generate the same patient with `phantom_config(PROFILE, n_slices=48)` (2.5 mm slices). Does the
+#    reference volume change? Does the surface look different?
+# 4. Upload the phantom volume to the app as NIfTI (`app.mask_to_nifti_bytes` shows how one is
+#    written) and compare its volume with step 5.
+#
+# ## Summary
+# - Stack slices by their recorded index, with the spacing; a voxel is rarely a cube in CT.
+# - Clean in 3-D (components, holes) before measuring; report the volume in mL against the reference.
+# - A surface shows shape and position, slices show where the model is wrong: look at both.
+#
+# **Next →** [10 · What generalizes](10_what_generalizes.ipynb)

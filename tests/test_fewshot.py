@@ -1,0 +1,317 @@
+"""Tests for strokekit.fewshot: the protocol split, the classical baselines, the recipe wrappers."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+
+from strokekit import fewshot as fs
+from strokekit.dataset import SliceDataset
+from strokekit.errors import DataError
+from strokekit.paths import ctich_dir
+from strokekit.train import TrainConfig
+
+
+# ----------------------------------------------------------------------------- helpers
+def head(size: int = 32, blood: tuple[int, int, int, int] | None = (12, 17, 12, 17), level: float = 180.0):
+    """A display-unit head: air 0, bone ring 255, brain 100, optional blood square."""
+    yy, xx = np.mgrid[:size, :size]
+    r = np.hypot(yy - (size - 1) / 2, xx - (size - 1) / 2)
+    image = np.zeros((size, size), np.float32)
+    image[r < size * 0.45] = 255.0
+    brain = r < size * 0.38
+    image[brain] = 100.0
+    mask = np.zeros((size, size), np.uint8)
+    if blood is not None:
+        r0, r1, c0, c1 = blood
+        image[r0:r1, c0:c1] = level
+        mask[r0:r1, c0:c1] = 1
+    return image, brain, mask
+
+
+def fake_ctich(vanish: bool = True) -> SliceDataset:
+    """Fake CT-ICH: protocol patients, 3 other lesion patients, 1 lesion-free patient.
+
+    Every patient has 2 lesion-free slices; lesion patients have 1-3 lesion slices. One test
+    slice's mask is empty although has_mask says 1 (a lesion that vanished when shrinking).
+    """
+    spec = {"49": 2, "50": 1, "51": 3, "66": 2, "70": 2, "71": 1, "72": 3, "99": 0}
+    images, masks, cases, pids, flags = [], [], [], [], []
+    k = 0
+    for pid, n_lesion in spec.items():
+        for j in range(n_lesion + 2):
+            lesion = j < n_lesion
+            image, _, mask = head(16, (6, 9, 6, 9) if lesion else None)
+            if vanish and pid == "72" and j == 0:
+                mask[:] = 0
+            images.append(image)
+            masks.append(mask)
+            cases.append(str(k))
+            pids.append(pid)
+            flags.append(int(lesion))
+            k += 1
+    return SliceDataset(
+        images=np.stack(images), masks=np.stack(masks), case_ids=cases, patient_ids=pids,
+        slice_indices=np.arange(k), unit="display", class_names=("background", "hemorrhage"),
+        extra={"has_mask": np.array(flags)},
+    )
+
+
+# ----------------------------------------------------------------------------- protocol split
+def test_protocol_split_counts_and_no_patient_crosses_subsets():
+    data = fake_ctich()
+    split = fs.protocol_split(data, "fewshot-ctich-v1")
+    assert split.method == "protocol"
+    assert split.counts() == {"train": 6, "val": 2, "test": 6}
+    frame = split.to_frame()
+    per_patient = frame.groupby("patient_id")["subset"].nunique()
+    assert (per_patient == 1).all()
+    assert set(frame.loc[frame.subset == "train", "patient_id"]) == {"49", "50", "51"}
+    assert set(frame.loc[frame.subset == "val", "patient_id"]) == {"66"}
+    assert set(frame.loc[frame.subset == "test", "patient_id"]) == {"70", "71", "72"}
+    # only lesion slices (has_mask), including the one whose shrunken mask is empty
+    chosen = data.select_cases(split.case_ids)
+    assert (chosen.extra["has_mask"] == 1).all()
+    assert "99" not in set(split.patient_ids)
+    assert split.params["protocol"] == "fewshot-ctich-v1" and split.params["val"] == ["66"]
+
+
+def test_protocol_split_empty_slices_only_from_training_patients():
+    data = fake_ctich()
+    split = fs.protocol_split(data, empty_slices=True)
+    # 6 lesion + 3 patients x 2 lesion-free slices; val and test unchanged
+    assert split.counts() == {"train": 12, "val": 2, "test": 6}
+    test = data.select_cases(split.cases("test"))
+    val = data.select_cases(split.cases("val"))
+    assert (test.extra["has_mask"] == 1).all() and (val.extra["has_mask"] == 1).all()
+
+
+def test_protocol_split_falls_back_to_masks_without_has_mask():
+    data = fake_ctich(vanish=True)
+    data = data.replace(extra={})
+    split = fs.protocol_split(data)
+    # without has_mask the vanished slice of patient 72 is no longer a lesion slice
+    assert split.counts() == {"train": 6, "val": 2, "test": 5}
+
+
+def test_protocol_split_errors():
+    data = fake_ctich()
+    with pytest.raises(ValueError, match=r"Expected one of \['fewshot-ctich-v1'\]"):
+        fs.protocol_split(data, "fewshot-ctich-v9")
+    without_66 = data.subset(np.flatnonzero(np.asarray(data.patient_ids) != "66"))
+    with pytest.raises(DataError, match=r"\['66'\] have no lesion slices"):
+        fs.protocol_split(without_66)
+    with pytest.raises(DataError, match="needs patient ids"):
+        fs.protocol_split(data.replace(patient_ids=None))
+
+
+@pytest.mark.realdata
+def test_protocol_counts_on_real_ctich():
+    if ctich_dir() is None:
+        pytest.skip("../shared/data/ct-ich is absent: put the CT-ICH image/, label/ and slices.csv there")
+    data, split = fs.load_protocol(image_size=64, empty_slices=False, progress=False)
+    assert split.counts() == {"train": 40, "val": 12, "test": 266}
+    frame = split.to_frame()
+    assert frame.loc[frame.subset == "test", "patient_id"].nunique() == 32
+    assert (frame.groupby("patient_id")["subset"].nunique() == 1).all()
+    with_empty = fs.protocol_split(data, empty_slices=True)
+    # patients 49, 50, 51 have 39 + 32 + 46 slices in all
+    assert with_empty.counts() == {"train": 117, "val": 12, "test": 266}
+
+
+# ----------------------------------------------------------------------------- baselines
+def test_threshold_in_brain_finds_blood_not_bone():
+    image, brain, mask = head()
+    pred = fs.threshold_in_brain(image, brain, low=150, high=230, erosion=0, opening=0, min_size=1)
+    np.testing.assert_array_equal(pred, mask)
+    assert pred.dtype == np.uint8
+
+
+def test_threshold_in_brain_opening_cuts_square_corners_and_speckle():
+    image, brain, mask = head()
+    image[8, 8] = 180.0  # a one-pixel speckle
+    pred = fs.threshold_in_brain(image, brain, low=150, high=230, erosion=0, opening=1, min_size=1)
+    expected = mask.copy()
+    # opening a 5x5 square with a 4-connected cross keeps all but its 4 corners
+    for r, c in [(12, 12), (12, 16), (16, 12), (16, 16)]:
+        expected[r, c] = 0
+    np.testing.assert_array_equal(pred, expected)
+
+
+def test_threshold_in_brain_band_limits_inclusive():
+    image, brain, _ = head(level=150.0)
+    assert fs.threshold_in_brain(image, brain, low=150, high=230, erosion=0, opening=0, min_size=1).sum() == 25
+    assert fs.threshold_in_brain(image, brain, low=151, high=230, erosion=0, opening=0, min_size=1).sum() == 0
+    # brain (100) and blood (150) both lie in [100, 150]: the whole brain is returned
+    whole = fs.threshold_in_brain(image, brain, low=100, high=150, erosion=0, opening=0, min_size=1)
+    np.testing.assert_array_equal(whole, brain.astype(np.uint8))
+
+
+def test_threshold_in_brain_min_size_erosion_and_scale():
+    image, brain, mask = head()
+    image[8, 8] = 180.0
+    small = fs.threshold_in_brain(image, brain, low=150, high=230, erosion=0, opening=0, min_size=2)
+    np.testing.assert_array_equal(small, mask)  # the lone pixel is gone, the square stays
+    # blood touching the brain's edge goes with a 1-pixel erosion; inner blood stays
+    edge_image, _, _ = head(blood=None)
+    rows = np.flatnonzero(brain[:, 16])
+    edge_image[rows[0], 16] = 180.0
+    kept = fs.threshold_in_brain(edge_image, brain, low=150, high=230, erosion=0, opening=0, min_size=1)
+    cut = fs.threshold_in_brain(edge_image, brain, low=150, high=230, erosion=1, opening=0, min_size=1)
+    assert kept[rows[0], 16] == 1 and cut.sum() == 0
+    # the same image scaled to 0..1 gives the same answer (thresholds stay in 0..255 levels)
+    stack = np.stack([image, image])
+    a = fs.threshold_in_brain(stack, np.stack([brain, brain]), low=150, high=230)
+    b = fs.threshold_in_brain(stack / 255.0, np.stack([brain, brain]), low=150, high=230)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (2, 32, 32)
+
+
+def test_threshold_in_brain_in_hu():
+    image, brain, mask = head(blood=(12, 17, 12, 17), level=70.0)
+    image[brain & (mask == 0)] = 30.0
+    image[image == 255.0] = 1000.0
+    pred = fs.threshold_in_brain(image, brain, unit="HU", low=50, high=90, erosion=0, opening=0, min_size=1)
+    np.testing.assert_array_equal(pred, mask)
+
+
+def test_threshold_in_brain_errors():
+    image, brain, _ = head()
+    with pytest.raises(ValueError, match="low must not exceed high"):
+        fs.threshold_in_brain(image, brain, low=200, high=100)
+    with pytest.raises(ValueError, match="does not match images shape"):
+        fs.threshold_in_brain(image, brain[:-1])
+    with pytest.raises(ValueError, match=r"Expected one of \['HU', 'display'\]"):
+        fs.threshold_in_brain(image, brain, unit="raw")
+
+
+def test_fit_threshold_recovers_the_band():
+    images, brains, masks = [], [], []
+    for k, level in enumerate((170.0, 185.0, 175.0)):
+        image, brain, mask = head(blood=(10 + k, 15 + k, 12, 17), level=level)
+        image[brain & (mask == 0)] = 130.0  # brighter brain, so a low band of 120 catches it
+        # a bright calcification-like spot (240) inside the brain that is not blood
+        image[20:23, 20:23] = 240.0
+        images.append(image)
+        brains.append(brain)
+        masks.append(mask)
+    best = fs.fit_threshold(np.stack(images), np.stack(masks), np.stack(brains),
+                            lows=(120, 160, 180), highs=(190, 250), erosions=(0,), opening=0, min_size=1)
+    assert best == {"low": 160.0, "high": 190.0, "erosion": 0, "dice": 1.0}
+    per_patient = fs.fit_threshold(np.stack(images), np.stack(masks), np.stack(brains), lows=(140,),
+                                   highs=(250,), erosions=(0,), opening=0, min_size=1,
+                                   patient_ids=["a", "a", "b"])
+    # with the spot included: each slice 25 true pixels and 9 false ones -> Dice 50 / 59
+    assert per_patient["low"] == 140.0 and per_patient["dice"] == pytest.approx(50 / 59)
+
+
+def test_all_background():
+    pred = fs.all_background(np.ones((3, 8, 8, 1)))
+    assert pred.shape == (3, 8, 8) and pred.dtype == np.uint8 and pred.sum() == 0
+    with pytest.raises(ValueError, match="expected"):
+        fs.all_background(np.ones(5))
+
+
+# ----------------------------------------------------------------------------- evaluation
+def test_evaluate_protocol_hand_computed():
+    truth = np.zeros((3, 4, 4), np.uint8)
+    truth[0, 0, :2] = 1  # patient a, slice 0: 2 pixels
+    truth[1, 0, :2] = 1  # patient a, slice 1: 2 pixels
+    truth[2, 0, :4] = 1  # patient b: 4 pixels
+    pred = np.zeros_like(truth)
+    pred[0, 0, :2] = 1  # perfect
+    pred[2, 0, :2] = 1  # half of b's lesion
+    pred[2, 3, :2] = 1  # and two false pixels
+    data = SliceDataset(images=np.zeros((3, 4, 4)), masks=truth, case_ids=["0", "1", "2"],
+                        patient_ids=["a", "a", "b"], unit="display")
+    out = fs.evaluate_protocol(pred, data)
+    # patient a: tp 2 fp 0 fn 2 -> 4/6; patient b: tp 2 fp 2 fn 2 -> 4/8
+    assert out["per_patient_dice"] == pytest.approx((4 / 6 + 4 / 8) / 2)
+    assert out["per_patient_dice_sd"] == pytest.approx(np.std([4 / 6, 4 / 8], ddof=1))
+    assert out["per_slice_dice"] == pytest.approx((1.0 + 0.0 + 0.5) / 3)
+    assert out["pooled_dice"] == pytest.approx(8 / 14)
+    assert out["sensitivity"] == pytest.approx(4 / 8)
+    assert out["specificity"] == pytest.approx(38 / 40)
+    assert (out["n_patients"], out["n_slices"]) == (2, 3)
+    assert fs.patient_dice(pred, data) == pytest.approx({"a": 4 / 6, "b": 0.5})
+    with pytest.raises(ValueError, match="does not match"):
+        fs.evaluate_protocol(pred[:2], data)
+
+
+# ----------------------------------------------------------------------------- recipe
+def test_recipe_validation_and_defaults():
+    with pytest.raises(ValueError, match="empty_ratio"):
+        fs.FewShotRecipe(empty_ratio=-1)
+    with pytest.raises(ValueError, match="thresholds"):
+        fs.FewShotRecipe(thresholds=(0.0, 0.5))
+    study = fs.STUDY_RECIPE
+    assert study.preset == "study_unet" and study.config.loss == "bce" and study.config.num_epochs == 50
+    assert study.empty_ratio == 0 and not (study.tta_flip or study.restrict_to_brain or study.tune_threshold)
+    default = fs.FEWSHOT_DEFAULT
+    assert default.config.image_size == fs.PROTOCOLS["fewshot-ctich-v1"]["image_size"]
+    assert default.config.loss != "bce"
+
+
+def test_choose_slices_ratio_is_seeded_and_capped():
+    data = fake_ctich()
+    train = data.select_patients(["49", "50", "51"])  # 6 lesion + 6 lesion-free slices
+    half = fs._choose_slices(train, 0.5, seed=3)
+    assert len(half) == 9 and fs.lesion_flags(half).sum() == 6
+    assert half.case_ids == fs._choose_slices(train, 0.5, seed=3).case_ids
+    assert len(fs._choose_slices(train, 10.0, seed=0)) == 12
+    assert len(fs._choose_slices(train, 0.0, seed=0)) == 6
+
+
+class _LeftBright:
+    """A stand-in model: probability = the input pixel times a left-to-right ramp 1..0."""
+
+    def predict(self, x, batch_size=8, verbose=0):
+        ramp = np.linspace(1.0, 0.0, x.shape[2], dtype=np.float32)
+        return x * ramp[None, None, :, None]
+
+
+def _fitted(**changes) -> fs.FittedRecipe:
+    config = TrainConfig(image_size=16, filters=(4, 8))
+    recipe = fs.FewShotRecipe(config=config, brain_dilation=0, **changes)
+    return fs.FittedRecipe(_LeftBright(), recipe, 0.25, None, 1.0, 1.0, 0, 0.0)
+
+
+def test_predict_recipe_flip_restriction_threshold_and_resize():
+    image = np.full((16, 16), 255.0, np.float32)  # display 255 -> input 1.0 everywhere
+    data = SliceDataset(images=image[None], masks=np.zeros((1, 16, 16), np.uint8), case_ids=["0"],
+                        patient_ids=["p"], unit="display")
+    ramp = np.linspace(1.0, 0.0, 16)
+    plain = fs.predict_recipe(_fitted(), data, probabilities=True)
+    np.testing.assert_allclose(plain[0, 3], ramp, atol=1e-6)
+    # the mirrored prediction, mirrored back, is the reversed ramp: the average is 0.5 everywhere
+    flipped = fs.predict_recipe(_fitted(tta_flip=True), data, probabilities=True)
+    np.testing.assert_allclose(flipped, 0.5, atol=1e-6)
+    mask = fs.predict_recipe(_fitted(), data)
+    np.testing.assert_array_equal(mask[0, 0], (ramp >= 0.25).astype(np.uint8))
+    assert mask.dtype == np.uint8
+    # an all-bone slice has no brain: the fallback keeps the whole image rather than zeroing it
+    restricted = fs.predict_recipe(_fitted(restrict_to_brain=True), data, probabilities=True)
+    np.testing.assert_allclose(restricted, plain, atol=1e-6)
+    head_image, brain, _ = head(16, None)
+    one = data.replace(images=head_image[None])
+    inside = fs.predict_recipe(_fitted(restrict_to_brain=True), one, probabilities=True)
+    assert float(inside[0][~brain].max()) == 0.0 and float(inside[0][brain].max()) > 0.0
+    assert fs.predict_recipe(_fitted(), data, probabilities=True, output_size=32).shape == (1, 32, 32)
+
+
+def test_best_threshold_maximises_per_patient_dice():
+    truth = np.zeros((2, 1, 4), np.uint8)
+    truth[0, 0, :2] = 1
+    truth[1, 0, :1] = 1
+    prob = np.array([[[0.9, 0.6, 0.4, 0.1]], [[0.7, 0.2, 0.2, 0.2]]], np.float32)
+    # 0.5: a perfect (1.0), b perfect (1.0); 0.3: a 4/5, b 1.0; 0.8: a 2/3, b 0
+    assert fs.best_threshold(prob, truth, ["a", "b"], (0.3, 0.5, 0.8)) == (0.5, 1.0)
+    thr, dice = fs.best_threshold(prob, truth, ["a", "b"], (0.3, 0.8))
+    assert thr == 0.3 and dice == pytest.approx((0.8 + 1.0) / 2)
+    with pytest.raises(ValueError, match="at least one"):
+        fs.best_threshold(prob, truth, ["a", "b"], ())
