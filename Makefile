@@ -46,11 +46,11 @@ lab: install
 
 # The upload-and-segment dashboard on http://127.0.0.1:8866 (Ctrl-C stops it).
 app: install
-	$(VENV)/bin/voila notebooks/app.ipynb --Voila.ip=127.0.0.1 --port=8866 --no-browser
+	VENV=$(VENV) bash tools/serve_app.sh
 
 # Rebuild the .ipynb files from their py:percent twins (the twins are what you edit).
 notebooks: install
-	$(PY) -m jupytext --to ipynb --update notebooks/[0-9][0-9]_*.py
+	$(PY) -m jupytext --to ipynb --update notebooks/[0-9][0-9]_*.py notebooks/app.py
 
 benchmark: install
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

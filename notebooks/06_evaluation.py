@@ -13,20 +13,24 @@
 
 # %% [markdown]
 # # 06 · Evaluation a reviewer would trust
-# The same predictions can score 0.99 or 0.40 depending on how you count: count per patient, say how, and choose on validation only.
+# The same predictions score very differently depending on how you count: count per patient, say
+# how, and choose on validation only.
 #
 # **Learning goals**
-# - Compute Dice, IoU, sensitivity, specificity, HD95/ASSD in mm, volume error in mL and lesion-wise F1 with explicit rules for empty masks, and summarise them per patient with bootstrap intervals.
-# - Compare two models on the same test cases (paired test, effect size, interval) after choosing the models and the threshold on validation data.
-# - Recognise numbers that cannot be compared: specificity ≈ 0.999, a Dice that includes background, a Dice with the wrong formula.
+# - Compute Dice, IoU, sensitivity, specificity, HD95/ASSD in mm, volume error in mL and lesion-wise
+#   F1 with explicit rules for empty masks, and summarise them per patient with bootstrap intervals.
+# - Compare two models on the same test cases (paired test, effect size, interval) after choosing
+#   the models and the threshold on validation data.
+# - Recognise numbers that cannot be compared: specificity ≈ 0.999, a Dice that includes
+#   background, a Dice with the wrong formula.
 #
-# **Runtime**: about 1–2 minutes on a laptop CPU (quick profile) when notebook 04 has saved its runs;
-# about 3 minutes when run alone (it then trains 2 small configurations × 2 seeds itself). The full
-# profile only evaluates (256 px): a few minutes on a GPU.
+# **Runtime**: about 1–2 minutes on a laptop CPU (quick profile) when notebook 04 has saved its
+# runs; about 3–4 minutes when run alone (it then trains 2 small configurations × 2 seeds itself).
+# The full profile only evaluates (256 px): a few minutes on a GPU.
 #
 # *Quick profile:* 3 epochs are far too few for a U-Net to find lesions, so the quick-profile models
-# of notebook 04 predict no lesion at all. That is still worth evaluating (watch what the study's
-# table makes of such a model), and a one-line HU-threshold baseline (step 3) gives non-trivial
+# of notebook 04 predict little or no lesion. That is still worth evaluating (watch what the
+# study's table makes of such a model), and a HU-threshold baseline (step 3) gives non-trivial
 # numbers for every section. With the full profile, the trained U-Nets take over.
 
 # %% [markdown]
@@ -56,7 +60,8 @@ from strokekit.phantom import generate_phantom, make_volume, volume_to_dataset
 from strokekit.preprocess import brain_mask, window_hu
 from strokekit.recon3d import predict_volume
 
-logging.getLogger("tensorflow").setLevel(logging.ERROR)  # many small models: retracing notes are noise
+# Many small models are loaded one after the other: TensorFlow's retracing notes are noise here.
+logging.getLogger("tensorflow").setLevel(logging.ERROR)
 print(f"keras {keras.__version__} · backend {keras.backend.backend()} · pandas {pd.__version__}")
 
 # %% [markdown]
@@ -64,9 +69,9 @@ print(f"keras {keras.__version__} · backend {keras.backend.backend()} · pandas
 
 # %% tags=["parameters"]
 PROFILE = get_profile()
-PHANTOM = phantom_config(PROFILE)      # the course's standard phantom (same in every notebook)
+PHANTOM = phantom_config(PROFILE)  # the course's standard phantom (same in every notebook)
 SPLIT_FILE = paths.data_dir() / "splits" / "phantom_split.json"
-RUN_SOURCES = {                        # where earlier notebooks saved their runs
+RUN_SOURCES = {  # where earlier notebooks saved their runs
     "04": paths.runs_dir() / "04_unet_vs_resunet" / "grid",
     "05": paths.runs_dir() / "05_transfer_learning",
 }
@@ -74,18 +79,20 @@ OUT = paths.runs_dir() / "06_evaluation"
 # Used only when no earlier run is found (this notebook run on its own): a small grid trained here.
 FALLBACK_BASE = train.TrainConfig(
     arch="unet", filters=PROFILE.filters, activation="leaky_relu", loss="bce",
-    batch_size=PROFILE.batch_size, num_epochs=PROFILE.num_epochs, image_size=PROFILE.image_size,
-    augment=STUDY_AUGMENT,
+    batch_size=PROFILE.batch_size, num_epochs=PROFILE.num_epochs,
+    image_size=PROFILE.image_size, augment=STUDY_AUGMENT,
 )
-FALLBACK_VARIANTS = [{"arch": "unet", "activation": "leaky_relu"}, {"arch": "resunet", "activation": "leaky_relu"}]
+FALLBACK_VARIANTS = [{"arch": "unet", "activation": "leaky_relu"},
+                     {"arch": "resunet", "activation": "leaky_relu"}]
 SEEDS = tuple(range(PROFILE.num_seeds))
-BASELINE_CUTOFFS = np.arange(40.0, 85.0, 5.0)  # HU cut-offs the threshold baseline may choose (on train)
-BASELINE_SOFTNESS = 4.0                # HU over which the baseline's "probability" rises around its cut-off
-THRESHOLD = 0.5                        # the usual cut-off, until step 11 chooses one on validation
+BASELINE_CUTOFFS = np.arange(40.0, 85.0, 5.0)  # HU cut-offs the baseline may choose (on train)
+BASELINE_MARGINS_MM = (0.0, 2.0, 4.0, 6.0)  # margins it may trim off the brain edge (on train)
+BASELINE_SOFTNESS = 4.0  # HU over which its "probability" rises around the cut-off
+THRESHOLD = 0.5  # the usual cut-off, until step 11 chooses one on validation
 THRESHOLDS = np.round(np.linspace(0.05, 0.95, 19), 2)
-N_BOOT = 2000                          # bootstrap replicates
+N_BOOT = 2000  # bootstrap replicates
 CI = 0.95
-SEED = 0                               # seed of every bootstrap and jitter
+SEED = 0  # seed of every bootstrap and jitter
 print(PROFILE.name, "·", PHANTOM.image_size, "px phantom ·", len(SEEDS), "seeds")
 
 # %% [markdown]
@@ -94,7 +101,9 @@ print(PROFILE.name, "·", PHANTOM.image_size, "px phantom ·", len(SEEDS), "seed
 # chosen on `val`, and `test` has not been looked at. Every model below is evaluated on exactly
 # these slices, so their numbers can be paired case by case. Predictions are made at the model's
 # input size and resized back, so every metric is computed on the phantom's own pixels (whatever
-# resolution a model was trained at) and distances come out in millimetres.
+# resolution a model was trained at) and distances come out in millimetres. Look at the lesion
+# types too: with a handful of test patients, a test set can hold only one kind of lesion by
+# chance, and then its score says nothing about the other kind.
 
 # %%
 data = generate_phantom(PHANTOM, progress=False)
@@ -103,9 +112,13 @@ splitting.check_leakage(split)
 val_data, test_data = split.dataset(data, "val"), split.dataset(data, "test")
 TEST_CASES = sorted(test_data.case_ids)
 n_empty_test = int((~test_data.has_lesion()).sum())
-print(f"val: {len(val_data)} slices of {len(val_data.patients())} patients · "
-      f"test: {len(test_data)} slices of {len(test_data.patients())} patients "
-      f"({n_empty_test} without lesion) · pixel {test_data.spacing[0]} mm · slices {test_data.slice_thickness} mm apart")
+n_test_patients = len(test_data.patients())
+print(f"val: {len(val_data)} slices of {len(val_data.patients())} patients · test: "
+      f"{len(test_data)} slices of {n_test_patients} patients ({n_empty_test} without lesion) · "
+      f"pixel {test_data.spacing[0]} mm · slices {test_data.slice_thickness} mm apart")
+for name, subset in (("val", val_data), ("test", test_data)):
+    kinds = pd.Series(subset.extra["lesion_type"], index=subset.patient_ids)
+    print(f"{name} patients: {kinds[kinds != 'none'].groupby(level=0).first().to_dict()}")
 assert set(test_data.patients()).isdisjoint(split.dataset(data, "train").patients())
 assert set(test_data.patients()).isdisjoint(val_data.patients())
 
@@ -124,7 +137,9 @@ assert set(test_data.patients()).isdisjoint(val_data.patients())
 #    an earlier run of this notebook left it there. This is the only training in the notebook.
 
 # %%
-SEED_SUFFIX = re.compile(r"-s\d+(-\d{8}-\d{6}(-\d+)?)?$")  # "<label>-s<seed>-<timestamp>" → "<label>"
+seed_suffix = re.compile(r"-s\d+(-\d{8}-\d{6}(-\d+)?)?$")  # "<label>-s<seed>-<time>" → "<label>"
+run_columns = ["model", "seed", "source", "split_checked", "folder", "config", "saved_val_dice",
+               "mtime"]
 
 
 def find_runs(root, source):
@@ -133,88 +148,96 @@ def find_runs(root, source):
         folder = model_file.parent
         try:
             run = train.load_run(folder)
-        except ValueError as err:  # DataError, or a config this kit cannot read
+        except ValueError as err:  # DataError, or files this kit cannot read
             print(f"skipped {folder.name}: {err}")
             continue
-        if not run["metrics"]:
-            print(f"skipped {folder.name}: unfinished (no metrics.json yet)")
-            continue
-        if run["config"].num_classes != 1:
-            print(f"skipped {folder.name}: a {run['config'].num_classes}-class model (this notebook is binary)")
+        config = run["config"]
+        if not run["metrics"] or config.num_classes != 1:
+            print(f"skipped {folder.name}: unfinished (no metrics.json) or not a binary model")
             continue
         checked = run["split_path"] is not None
         if checked and sorted(splitting.Split.load(run["split_path"]).cases("test")) != TEST_CASES:
             print(f"skipped {folder.name}: trained on another split")
             continue
         rel = folder.relative_to(root)
-        name = "/".join([*rel.parts[:-1], SEED_SUFFIX.sub("", rel.name)])
-        rows.append({"model": name if source != "05" else f"05:{name}", "seed": run["config"].seed,
-                     "source": source, "split_checked": checked, "folder": folder, "config": run["config"],
-                     "saved_val_dice": run["metrics"].get("dice", np.nan), "mtime": model_file.stat().st_mtime})
-    table = pd.DataFrame(rows, columns=["model", "seed", "source", "split_checked", "folder", "config",
-                                        "saved_val_dice", "mtime"])
+        name = "/".join([*rel.parts[:-1], seed_suffix.sub("", rel.name)])
+        saved_dice = run["metrics"].get("dice", np.nan)
+        rows.append([name if source != "05" else f"05:{name}", config.seed, source, checked,
+                     folder, config, saved_dice, model_file.stat().st_mtime])
+    table = pd.DataFrame(rows, columns=run_columns)
     table = table.sort_values("mtime").drop_duplicates(["model", "seed"], keep="last")
     return table.sort_values(["model", "seed"]).reset_index(drop=True)
 
 
 start = time.perf_counter()
-runs = pd.concat([find_runs(root, source) for source, root in RUN_SOURCES.items()], ignore_index=True)
+runs = pd.concat([find_runs(root, src) for src, root in RUN_SOURCES.items()], ignore_index=True)
 if runs.empty:
     runs = find_runs(OUT / "runs", "06")
 if runs.empty:
-    print("No runs from notebooks 04/05: training", len(FALLBACK_VARIANTS), "configurations ×",
-          len(SEEDS), "seeds here (quick profile: a few minutes) …")
-    train.train_grid(FALLBACK_BASE, FALLBACK_VARIANTS, SEEDS, split.dataset(data, "train"), val_data,
-                     root=OUT / "runs", split=split, progress=False)
+    print(f"No runs from notebooks 04/05: training {len(FALLBACK_VARIANTS)} configurations × "
+          f"{len(SEEDS)} seeds here (quick profile: a few minutes) …")
+    train.train_grid(FALLBACK_BASE, FALLBACK_VARIANTS, SEEDS, split.dataset(data, "train"),
+                     val_data, root=OUT / "runs", split=split, progress=False)
     runs = find_runs(OUT / "runs", "06")
 print(f"{len(runs)} runs of {runs['model'].nunique()} configurations from notebook(s) "
       f"{sorted(runs['source'].unique())} ({time.perf_counter() - start:.0f} s)")
 display(runs[["model", "seed", "source", "split_checked", "saved_val_dice"]])
 found_nothing = int((runs["saved_val_dice"] == 0).sum())
-print(f"{found_nothing} of {len(runs)} runs found no lesion pixel on validation (their own metrics.json)")
+print(f"{found_nothing} of {len(runs)} runs found no lesion pixel on validation "
+      "(Dice 0 in their own metrics.json)")
 assert len(runs) >= 1 and not runs.duplicated(["model", "seed"]).any()
 assert runs["saved_val_dice"].dropna().between(0, 1).all()
 
 # %% [markdown]
 # ## 3. A baseline every model must beat
 # Fresh blood is brighter than brain (about 50–90 HU against 20–45 HU). The simplest "model" marks
-# brain pixels above a HU cut-off, after a light smoothing against noise; its one parameter, the
-# cut-off, is fitted on the **training** slices. It cannot see an infarct (darker than brain), and
-# it marks bright pixels next to the skull. A deep model that does not beat it has learned nothing
-# worth its parameters — report the baseline next to it. Its "probability" rises smoothly around
-# the cut-off, so it can be thresholded and swept like a network's output.
+# brain pixels above a HU cut-off, after a light smoothing against noise, and trims a margin off
+# the brain's edge, where the blurred inner table of the skull is as bright as blood. Its two
+# parameters (cut-off and margin) are fitted on the **training** slices. It cannot see an infarct
+# (darker than brain, not brighter). A deep model that does not beat it has learned nothing worth
+# its parameters — report the baseline next to it. Its "probability" rises smoothly around the
+# cut-off, so it can be thresholded and swept like a network's output.
 
 # %%
-def hu_evidence(dataset):
+def hu_evidence(dataset, margin_mm):
     smooth = ndimage.gaussian_filter(dataset.images, sigma=(0, 1, 1))  # in-plane only
     brain = np.stack([brain_mask(image, dataset.unit) for image in dataset.images])
+    steps = round(margin_mm / dataset.spacing[0])
+    if steps:  # (iterations=0 would erode until nothing changes)
+        brain = ndimage.binary_erosion(brain, np.ones((1, 3, 3), bool), iterations=steps)
     return smooth, brain
 
 
-def baseline_probability(dataset, cutoff):
-    smooth, brain = hu_evidence(dataset)
-    return (brain * expit((smooth - cutoff) / BASELINE_SOFTNESS)).astype(np.float32)
+def baseline_probability(dataset):
+    smooth, brain = hu_evidence(dataset, MARGIN)
+    return (brain * expit((smooth - CUTOFF) / BASELINE_SOFTNESS)).astype(np.float32)
 
 
 train_data = split.dataset(data, "train")
-smooth, brain = hu_evidence(train_data)
-fit = pd.Series({c: metrics.dice(train_data.masks, brain & (smooth >= c)) for c in BASELINE_CUTOFFS})
-CUTOFF = float(fit.idxmax())
-runs = pd.concat([runs, pd.DataFrame([{
-    "model": f"baseline: HU ≥ {CUTOFF:.0f}", "seed": 0, "source": "baseline", "split_checked": True,
-    "folder": None, "config": None, "saved_val_dice": np.nan}])], ignore_index=True)
-print(f"training Dice by cut-off: {fit.round(3).to_dict()} → cut-off {CUTOFF:.0f} HU")
-assert CUTOFF in BASELINE_CUTOFFS and fit.between(0, 1).all() and runs["model"].nunique() >= 2
+fit = {}
+for margin in BASELINE_MARGINS_MM:
+    smooth, brain = hu_evidence(train_data, margin)
+    fit[margin] = {c: metrics.dice(train_data.masks, brain & (smooth >= c))
+                   for c in BASELINE_CUTOFFS}
+fit = pd.DataFrame(fit).rename_axis(index="cut-off (HU)", columns="margin (mm)")
+CUTOFF, MARGIN = fit.stack().idxmax()
+baseline_row = [f"baseline HU≥{CUTOFF:.0f}", 0, "baseline", True, None, None, np.nan, np.nan]
+runs = pd.concat([runs, pd.DataFrame([baseline_row], columns=run_columns)], ignore_index=True)
+display(fit.round(3))
+print(f"fitted on the training slices: HU ≥ {CUTOFF:.0f}, {MARGIN:g} mm trimmed off the brain "
+      f"edge (training Dice {fit.loc[CUTOFF, MARGIN]:.3f}: most training lesions are infarcts)")
+assert fit.loc[CUTOFF, MARGIN] == fit.max().max() and np.all((fit >= 0) & (fit <= 1))
 
 
 def predict(i, *datasets):
     """Probabilities of run ``i`` on each dataset, at the dataset's own pixel size."""
     if runs.loc[i, "source"] == "baseline":
-        return [baseline_probability(ds, CUTOFF) for ds in datasets]
+        return [baseline_probability(ds) for ds in datasets]
     model = train.load_model(runs.loc[i, "folder"])
-    probs = [predict_volume(model, ds, runs.loc[i, "config"], progress=False) for ds in datasets]
+    joint = concat(list(datasets))  # one call, few batch shapes: each new shape is traced again
+    prob = predict_volume(model, joint, runs.loc[i, "config"], batch_size=32, progress=False)
     keras.backend.clear_session()
-    return probs
+    return np.split(prob, np.cumsum([len(ds) for ds in datasets])[:-1])
 
 # %% [markdown]
 # ## 4. Predict once, measure everything
@@ -230,18 +253,18 @@ prob_val, prob_test, rows = {}, {}, []
 for i, run in runs.iterrows():
     prob_val[i], prob_test[i] = predict(i, val_data, test_data)
     report = metrics.segmentation_report(
-        test_data.masks, prob_test[i], case_ids=test_data.case_ids, patient_ids=test_data.patient_ids,
-        spacing=test_data.spacing, slice_thickness=test_data.slice_thickness, threshold=THRESHOLD,
-        progress=False)
+        test_data.masks, prob_test[i], case_ids=test_data.case_ids,
+        patient_ids=test_data.patient_ids, spacing=test_data.spacing,
+        slice_thickness=test_data.slice_thickness, threshold=THRESHOLD, progress=False)
     rows.append(report.assign(model=run["model"], seed=run["seed"], run=i))
-    runs.loc[i, "val_dice"] = metrics.metrics_from_counts(
-        *metrics.confusion(val_data.masks, prob_val[i] >= THRESHOLD))["dice"]
+    runs.loc[i, "val_dice"] = metrics.dice(val_data.masks, prob_val[i] >= THRESHOLD)
 slices = pd.concat(rows, ignore_index=True)
-print(f"{len(runs)} models × {len(test_data)} test slices predicted and measured in {time.perf_counter() - start:.0f} s")
+print(f"{len(runs)} models × {len(test_data)} test slices predicted and measured "
+      f"in {time.perf_counter() - start:.0f} s")
 display(slices.head(3))
-assert len(slices) == len(runs) * len(test_data)
-assert np.all((slices[["dice", "iou", "specificity"]] >= 0) & (slices[["dice", "iou", "specificity"]] <= 1))
-assert (slices.loc[slices["truth_pixels"] == 0, "sensitivity"].isna()).all()  # nothing to find: NaN, not 1
+overlap = slices[["dice", "iou", "specificity"]]
+assert len(slices) == len(runs) * len(test_data) and np.all((overlap >= 0) & (overlap <= 1))
+assert slices.loc[slices["truth_pixels"] == 0, "sensitivity"].isna().all()  # nothing to find
 
 # %% [markdown]
 # ## 5. Choose on validation: the two best configurations and one run
@@ -252,7 +275,8 @@ assert (slices.loc[slices["truth_pixels"] == 0, "sensitivity"].isna()).all()  # 
 # pooled, at threshold 0.5); for pictures and thresholds we use its best-on-validation seed.
 
 # %%
-by_config = runs.groupby("model")["val_dice"].agg(["mean", "std", "count"]).sort_values("mean", ascending=False)
+by_config = (runs.groupby("model")["val_dice"].agg(["mean", "std", "count"])
+             .sort_values("mean", ascending=False))
 display(by_config.round(3))
 BEST, RUNNER_UP = by_config.index[:2]
 best_run = int(runs[runs["model"] == BEST]["val_dice"].idxmax())
@@ -272,25 +296,27 @@ assert runs["val_dice"].between(0, 1).all()
 
 # %%
 study = evaluation.study_table(slices, by="model")
-patient_rows = []
+view = {}
 for model_name, g in slices.groupby("model", sort=False):
     counts = g.groupby(["seed", "patient_id"])[["tp", "fp", "fn", "tn"]].sum()
-    per_patient = pd.DataFrame(metrics.metrics_from_counts(*counts.to_numpy().T), index=counts.index)
-    dice_pp = per_patient["dice"].groupby("patient_id").mean()  # mean over seeds
-    dice_ci = evaluation.bootstrap_ci(dice_pp.to_numpy(), n_boot=N_BOOT, ci=CI, seed=SEED)
-    iou_ci = evaluation.bootstrap_ci(g["iou"], groups=g["patient_id"], n_boot=N_BOOT, ci=CI, seed=SEED)
-    patient_rows.append({"model": model_name,
-                         "Dice, mean of patients [95% CI]": f"{dice_ci.estimate:.3f} [{dice_ci.low:.3f}, {dice_ci.high:.3f}]",
-                         "IoU, mean of slices [95% CI, patients resampled]": f"{iou_ci.estimate:.3f} [{iou_ci.low:.3f}, {iou_ci.high:.3f}]",
-                         "patients": dice_ci.n, "_dice": dice_ci.estimate, "_low": dice_ci.low, "_high": dice_ci.high})
+    per_patient = metrics.metrics_from_counts(*counts.to_numpy().T)["dice"]
+    dice_pp = pd.Series(per_patient, index=counts.index).groupby("patient_id").mean()  # over seeds
+    dice_ci = evaluation.bootstrap_ci(dice_pp, n_boot=N_BOOT, ci=CI, seed=SEED)
+    iou_ci = evaluation.bootstrap_ci(g["iou"], groups=g["patient_id"], n_boot=N_BOOT, ci=CI,
+                                     seed=SEED)
+    view[model_name] = {"Dice, mean of patients [95% CI]": dice_ci,
+                        "IoU, mean of slices [95% CI, patients resampled]": iou_ci,
+                        "patients": dice_ci.n}
     assert 0 <= dice_ci.low <= dice_ci.high <= 1 and 0 <= iou_ci.low <= iou_ci.high <= 1
-per_patient_view = pd.DataFrame(patient_rows).set_index("model")
-side_by_side = study.round(4).join(per_patient_view.drop(columns=["_dice", "_low", "_high"]))
-display(side_by_side)
-widest = per_patient_view.eval("_high - _low").max()
-print(f"Widest patient-level interval: {widest:.2f} Dice points wide, from {per_patient_view['patients'].iloc[0]} "
-      f"test patients — the study's 4-decimal table hides an uncertainty of this size.")
-assert np.all((study[["IoU", "Sensitivity", "Specificity"]] >= 0) & (study[["IoU", "Sensitivity", "Specificity"]] <= 1))
+view = pd.DataFrame(view).T
+as_text = {c: view[c].map(lambda x: f"{x.estimate:.3f} [{x.low:.3f}, {x.high:.3f}]")
+           for c in view.columns[:2]}
+display(study.round(4).join(view.assign(**as_text)))
+widest = max(x.high - x.low for x in view.iloc[:, 0])
+print(f"The widest patient-level interval is {widest:.2f} Dice wide, from {n_test_patients} test "
+      "patients — an uncertainty the study's 4-decimal table does not show.")
+means = study[["IoU", "Sensitivity", "Specificity"]]
+assert np.all((means >= 0) & (means <= 1)) and (view["patients"] == n_test_patients).all()
 assert (study["n_slices"] == len(test_data) * runs.groupby("model").size()[study.index]).all()
 
 # %% [markdown]
@@ -299,13 +325,18 @@ assert (study["n_slices"] == len(test_data) * runs.groupby("model").size()[study
 # %%
 predicted = slices.groupby("model")["pred_pixels"].sum()
 for name in predicted.index[predicted == 0]:
-    print(f"{name} predicts no lesion pixel on any test slice, yet the study's table gives it specificity "
-          f"{study.loc[name, 'Specificity']:.4f} and IoU {study.loc[name, 'IoU']:.4f} — the IoU is the "
-          f"{n_empty_test} lesion-free slices out of {len(test_data)}, each scoring 1 for agreeing on nothing.")
+    print(f"{name} predicts no lesion pixel on any test slice, yet the study's table gives it "
+          f"specificity {study.loc[name, 'Specificity']:.4f} and IoU {study.loc[name, 'IoU']:.4f}"
+          f" — the IoU is the {n_empty_test} lesion-free slices out of {len(test_data)}, each "
+          "scoring 1 for agreeing on nothing.")
     assert study.loc[name, "Specificity"] == 1.0 and study.loc[name, "Sensitivity"] == 0.0
     assert np.isclose(study.loc[name, "IoU"], n_empty_test / len(test_data))
-print(f"{(predicted == 0).sum()} of {len(predicted)} models predict no lesion on the test slices")
-assert (predicted > 0).sum() >= 1  # the baseline always marks something
+silent = predicted.index[predicted == 0]
+outranked = [m for m in predicted.index[predicted > 0]
+             if len(silent) and study.loc[m, "IoU"] < study.loc[silent, "IoU"].max()]
+print(f"{len(silent)} of {len(predicted)} models predict no lesion on the test slices; by the "
+      f"study's IoU, a model that finds nothing outranks {len(outranked)} that do: {outranked}")
+assert (predicted > 0).sum() >= 1  # the baseline marks something
 
 # %% [markdown]
 # ## 7. Pooled, mean of slices, mean of patients: three numbers from one set of predictions
@@ -315,20 +346,20 @@ assert (predicted > 0).sum() >= 1  # the baseline always marks something
 # A paper must say which one it reports; numbers from different rows cannot be compared.
 
 # %%
-levels = metrics.aggregate(test_data.masks, prob_test[best_run], patient_ids=test_data.patient_ids,
-                           threshold=THRESHOLD)
+levels = metrics.aggregate(test_data.masks, prob_test[best_run],
+                           patient_ids=test_data.patient_ids, threshold=THRESHOLD)
 display(levels.round(3))
 d = levels.loc["dice", ["pooled", "mean_of_slices", "mean_of_lesion_slices", "mean_of_patients"]]
-spread = d.max() - d.min()
-empty_correct = d["mean_of_slices"] * len(test_data) - d["mean_of_lesion_slices"] * (len(test_data) - n_empty_test)
-print(f"On the same predictions, Dice is {d['pooled']:.3f} pooled, {d['mean_of_slices']:.3f} as a mean over "
-      f"slices, {d['mean_of_lesion_slices']:.3f} over lesion slices only and {d['mean_of_patients']:.3f} over "
-      f"patients: {100 * spread:.1f} points apart. {round(empty_correct)} of the {n_empty_test} lesion-free "
-      f"slices were predicted empty and each added a Dice of 1.0 to the mean over slices.")
-assert d.between(0, 1).all()
-assert levels.loc["dice", "mean_of_slices_n"] == len(test_data)                       # Dice is never NaN
-assert levels.loc["sensitivity", "mean_of_slices_skipped"] == n_empty_test            # NaN on empty truth
-assert abs(empty_correct - round(empty_correct)) < 1e-6 and 0 <= round(empty_correct) <= n_empty_test
+n_lesion_slices = len(test_data) - n_empty_test
+empty_right = d["mean_of_slices"] * len(test_data) - d["mean_of_lesion_slices"] * n_lesion_slices
+print(f"On the same predictions, Dice is {d['pooled']:.3f} pooled, {d['mean_of_slices']:.3f} as "
+      f"a mean over slices, {d['mean_of_lesion_slices']:.3f} over lesion slices only and "
+      f"{d['mean_of_patients']:.3f} over patients: {100 * (d.max() - d.min()):.1f} points apart. "
+      f"{round(empty_right)} of the {n_empty_test} lesion-free slices were predicted empty: each "
+      "adds a free 1.0 to the mean over slices, the others a 0.")
+assert d.between(0, 1).all() and levels.loc["dice", "mean_of_slices_n"] == len(test_data)
+assert levels.loc["sensitivity", "mean_of_slices_skipped"] == n_empty_test  # NaN on empty truth
+assert np.isclose(empty_right, round(empty_right)) and 0 <= round(empty_right) <= n_empty_test
 
 # %% [markdown]
 # ## 8. Per patient in 3-D: surface distance in mm, volume in mL, lesions found
@@ -342,8 +373,10 @@ assert abs(empty_correct - round(empty_correct)) < 1e-6 and 0 <= round(empty_cor
 # predicted component touching no lesion is a false-positive lesion.
 
 # %%
-volumes = concat([volume_to_dataset(make_volume(int(p[1:]) - 1, PHANTOM)) for p in test_data.patients()])
-assert np.array_equal(volumes.select_cases(test_data.case_ids).images, test_data.images)  # same patients
+# Phantom patient "P07" is make_volume(6): the same head generate_phantom sampled its slices from.
+volumes = concat([volume_to_dataset(make_volume(int(p[1:]) - 1, PHANTOM))
+                  for p in test_data.patients()])
+assert np.array_equal(volumes.select_cases(test_data.case_ids).images, test_data.images)
 chosen = {BEST: best_run, RUNNER_UP: int(runs[runs["model"] == RUNNER_UP]["val_dice"].idxmax())}
 patients3d = []
 for model_name, i in chosen.items():
@@ -354,14 +387,15 @@ for model_name, i in chosen.items():
         threshold=THRESHOLD, progress=False)
     patients3d.append(table.assign(model=model_name, seed=runs.loc[i, "seed"], run=i))
 patients3d = pd.concat(patients3d, ignore_index=True)
-cols = ["model", "patient_id", "n_slices", "dice", "hd95", "assd", "truth_volume", "pred_volume",
-        "volume_difference", "n_true_lesions", "n_pred_lesions", "lesion_f1"]
-display(patients3d[cols].round(2))
+display(patients3d[["model", "patient_id", "n_slices", "dice", "hd95", "assd", "truth_volume",
+                    "pred_volume", "volume_difference", "n_true_lesions", "n_pred_lesions",
+                    "lesion_f1"]].round(2))
 print(f"distances in {table.attrs['distance_unit']}, volumes in {table.attrs['volume_unit']}; "
       f"voxel {volumes.slice_thickness} × {volumes.spacing[0]} × {volumes.spacing[1]} mm")
 assert table.attrs["distance_unit"] == "mm" and table.attrs["volume_unit"] == "mL"
 assert (patients3d["truth_volume"] > 0).all() and (patients3d["n_true_lesions"] >= 1).all()
-assert np.allclose(patients3d["volume_difference"], patients3d["pred_volume"] - patients3d["truth_volume"])
+assert np.allclose(patients3d["volume_difference"],
+                   patients3d["pred_volume"] - patients3d["truth_volume"])
 assert (patients3d["hd95"] >= 0).all() and patients3d["lesion_f1"].between(0, 1).all()
 
 # %% [markdown]
@@ -370,9 +404,9 @@ assert (patients3d["hd95"] >= 0).all() and patients3d["lesion_f1"].between(0, 1)
 # (each configuration's Dice per slice, averaged over its seeds): the Wilcoxon signed-rank test on
 # the per-slice differences, an effect size (rank-biserial correlation, −1…1), and a bootstrap
 # interval of the mean difference. Slices of one patient are correlated, so the slice-level p-value
-# is optimistic; the interval that resamples whole patients is the honest one. With 3 test
-# patients no test on patients can reach p < 0.05 at all (the smallest two-sided Wilcoxon p-value
-# for 3 pairs is 0.25).
+# is optimistic; the interval that resamples whole patients is the honest one. And with a handful
+# of test patients, no test *on patients* can be significant at all: with n pairs the smallest
+# two-sided Wilcoxon p-value is 2 / 2ⁿ.
 
 # %%
 lesion_slices = slices[slices["truth_pixels"] > 0]
@@ -380,13 +414,15 @@ paired = lesion_slices.groupby(["model", "case_id"])["dice"].mean().unstack("mod
 cmp = evaluation.paired_comparison(paired[BEST], paired[RUNNER_UP], names=(BEST, RUNNER_UP),
                                    n_boot=N_BOOT, ci=CI, seed=SEED)
 patient_of = dict(zip(test_data.case_ids, test_data.patient_ids))
-by_patient = evaluation.bootstrap_ci((paired[BEST] - paired[RUNNER_UP]).to_numpy(), n_boot=N_BOOT, ci=CI,
+by_patient = evaluation.bootstrap_ci(paired[BEST] - paired[RUNNER_UP], n_boot=N_BOOT, ci=CI,
                                      seed=SEED, groups=[patient_of[c] for c in paired.index])
-print(f"{BEST} − {RUNNER_UP} on {cmp['n']} test lesion slices: mean Dice difference {cmp['mean_difference']:+.3f} "
-      f"(95% CI over slices [{cmp['ci_low']:+.3f}, {cmp['ci_high']:+.3f}], over patients "
-      f"[{by_patient.low:+.3f}, {by_patient.high:+.3f}]); Wilcoxon p = {cmp['p_value']:.3f}, "
-      f"rank-biserial r = {cmp['rank_biserial']:+.2f}, Cohen's dz = {cmp['cohens_dz']:+.2f}")
-assert cmp["n"] == len(test_data) - n_empty_test and cmp["n_skipped"] == 0
+print(f"{BEST} − {RUNNER_UP} on {cmp['n']} test lesion slices: mean Dice difference "
+      f"{cmp['mean_difference']:+.3f}, 95% CI [{cmp['ci_low']:+.3f}, {cmp['ci_high']:+.3f}] "
+      f"resampling slices, [{by_patient.low:+.3f}, {by_patient.high:+.3f}] resampling patients; "
+      f"Wilcoxon p = {cmp['p_value']:.4f}, rank-biserial r = {cmp['rank_biserial']:+.2f}, "
+      f"Cohen's dz = {cmp['cohens_dz']:+.2f}.\nOn {n_test_patients} patients the smallest "
+      f"possible p-value would be {2 / 2 ** n_test_patients:.2f}.")
+assert cmp["n"] == n_lesion_slices and cmp["n_skipped"] == 0
 assert np.isclose(cmp["mean_difference"], cmp["mean_a"] - cmp["mean_b"])
 assert 0 <= cmp["p_value"] <= 1 and -1 <= cmp["rank_biserial"] <= 1
 assert by_patient.low <= by_patient.high and np.isclose(by_patient.estimate, cmp["mean_difference"])
@@ -398,8 +434,9 @@ assert by_patient.low <= by_patient.high and np.isclose(by_patient.estimate, cmp
 # false negatives blue.
 
 # %%
-fig = evaluation.plot_error_overlays(window_hu(test_data.images, "brain"), test_data.masks, prob_test[best_run],
-                                     case_ids=test_data.case_ids, threshold=THRESHOLD)
+fig = evaluation.plot_error_overlays(window_hu(test_data.images, "brain"), test_data.masks,
+                                     prob_test[best_run], case_ids=test_data.case_ids,
+                                     threshold=THRESHOLD)
 display(fig)
 assert len(fig.axes) == 3
 
@@ -410,11 +447,13 @@ assert len(fig.axes) == 3
 # test. Sweeping on test and reporting the best is another way of grading your own exam.
 
 # %%
-sweep = evaluation.threshold_sweep(val_data.masks, prob_val[best_run], THRESHOLDS, patient_ids=val_data.patient_ids)
+sweep = evaluation.threshold_sweep(val_data.masks, prob_val[best_run], THRESHOLDS,
+                                   patient_ids=val_data.patient_ids)
 chosen_threshold = evaluation.choose_threshold(sweep)
 display(evaluation.plot_threshold_sweep(sweep, chosen=chosen_threshold))
-at = {t: metrics.aggregate(test_data.masks, prob_test[best_run], test_data.patient_ids, threshold=t)
-      .loc["dice", "mean_of_patients"] for t in (THRESHOLD, chosen_threshold)}
+at = {t: metrics.aggregate(test_data.masks, prob_test[best_run], test_data.patient_ids,
+                           threshold=t).loc["dice", "mean_of_patients"]
+      for t in (THRESHOLD, chosen_threshold)}
 print(f"threshold chosen on validation: {chosen_threshold:.2f}; test Dice (mean of patients) "
       f"{at[THRESHOLD]:.3f} at {THRESHOLD} → {at[chosen_threshold]:.3f} at {chosen_threshold:.2f}")
 assert chosen_threshold in THRESHOLDS and all(0 <= v <= 1 for v in at.values())
@@ -430,14 +469,15 @@ val_image = window_hu(val_data.images[show_case], "brain")
 
 
 def show_threshold(threshold=chosen_threshold):
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    _, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot(val_curve.index, val_curve.to_numpy(), marker="o", ms=3)
     dice_here = metrics.aggregate(val_data.masks, prob_val[best_run], val_data.patient_ids,
                                   threshold=threshold).loc["dice", "mean_of_patients"]
     ax1.plot([threshold], [dice_here], "o", color="C3", ms=9)
-    ax1.set(xlabel="threshold", ylabel="validation Dice (mean of patients)", ylim=(0, 1.02), xlim=(0, 1))
+    ax1.set(xlabel="threshold", ylabel="validation Dice (mean of patients)", xlim=(0, 1),
+            ylim=(0, 1.02))
     ax2.imshow(evaluation.error_overlay(val_image, val_data.masks[show_case],
-                                       prob_val[best_run][show_case] >= threshold))
+                                        prob_val[best_run][show_case] >= threshold))
     ax2.set_title(f"{val_data.case_ids[show_case]} at threshold {threshold:.2f}")
     ax2.set_axis_off()
     plt.show()
@@ -456,28 +496,37 @@ display(widgets.interactive(show_threshold, threshold=widgets.FloatSlider(
 truth_test, pred_test = test_data.masks > 0, prob_test[best_run] >= THRESHOLD
 illusion = evaluation.specificity_illusion(truth_test, pred_test)
 print(f"background is {100 * illusion['background_fraction']:.2f} % of the test pixels.\n"
-      f"A model that predicts nothing: specificity {illusion['all_background_specificity']:.4f}, "
-      f"Dice {illusion['all_background_dice']:.3f}.\n"
-      f"Our chosen model: specificity {illusion['model_specificity']:.4f}, Dice {illusion['model_dice']:.3f}.\n"
-      f"Specificity stays ≥ 0.999 with up to {illusion['fp_budget_at_0999']:.0f} false-positive pixels: "
-      f"{illusion['fp_budget_over_lesion_pixels']:.2f} × all the lesion pixels in the test set.")
+      f"A model that predicts nothing: specificity {illusion['all_background_specificity']:.4f},"
+      f" Dice {illusion['all_background_dice']:.3f}.\n"
+      f"The chosen model: specificity {illusion['model_specificity']:.4f}, "
+      f"Dice {illusion['model_dice']:.3f}.\n"
+      f"Specificity stays ≥ 0.999 with up to {illusion['fp_budget_at_0999']:.0f} false-positive "
+      f"pixels: {illusion['fp_budget_over_lesion_pixels']:.2f} × all the lesion pixels here.")
 assert illusion["all_background_specificity"] == 1.0 and illusion["all_background_dice"] == 0.0
-assert np.isclose(illusion["fp_budget_at_0999"], 0.001 * (illusion["pixels"] - illusion["lesion_pixels"]))
+assert np.isclose(illusion["fp_budget_at_0999"],
+                  0.001 * (illusion["pixels"] - illusion["lesion_pixels"]))
 
 # %% [markdown]
-# Make that concrete: the perfect mask plus exactly that many false-positive pixels (the
-# background pixels nearest the lesions, so they look like over-segmentation).
+# Make that concrete with three made-up predictions on the same test slices: one that marks
+# nothing, the perfect mask plus that many false-positive pixels in a ring around each lesion, and
+# the ring alone (every lesion missed). All three report a specificity of at least 0.999.
 
 # %%
 budget = int(illusion["fp_budget_at_0999"])
-distance = ndimage.distance_transform_edt(~truth_test, sampling=(1e6, 1, 1))  # nearest, within a slice
-inflated = truth_test.copy()
-inflated.flat[np.argsort(distance, axis=None, kind="stable")[truth_test.sum(): truth_test.sum() + budget]] = True
-m = metrics.metrics_from_counts(*metrics.confusion(truth_test, inflated))
-print(f"perfect mask + {budget} false-positive pixels: specificity {m['specificity']:.4f}, "
-      f"sensitivity {m['sensitivity']:.3f}, Dice {m['dice']:.3f}, precision {m['precision']:.3f}")
-assert m["specificity"] >= 0.999 and m["sensitivity"] == 1.0
-assert np.isclose(m["dice"], 2 * truth_test.sum() / (2 * truth_test.sum() + budget))
+# Distance to the nearest lesion pixel of the same slice (a huge step between slices).
+distance = ndimage.distance_transform_edt(~truth_test, sampling=(1e6, 1, 1))
+nearest = np.argsort(distance, axis=None, kind="stable")  # lesion pixels (distance 0) first
+ring = np.zeros_like(truth_test)
+ring.flat[nearest[truth_test.sum(): truth_test.sum() + budget]] = True
+made_up = {"marks nothing": np.zeros_like(truth_test), "lesion + ring": truth_test | ring,
+           "ring only": ring}
+illusion_table = pd.DataFrame({
+    name: metrics.metrics_from_counts(*metrics.confusion(truth_test, pred))
+    for name, pred in made_up.items()}).T[["specificity", "sensitivity", "dice"]]
+display(illusion_table.round(4))
+assert (illusion_table["specificity"] >= 0.999).all() and not (ring & truth_test).any()
+assert illusion_table.loc["ring only", "dice"] == 0.0
+assert illusion_table.loc["lesion + ring", "sensitivity"] == 1.0
 
 # %% [markdown]
 # Two more numbers that cannot be compared with a Dice:
@@ -488,17 +537,20 @@ assert np.isclose(m["dice"], 2 * truth_test.sum() / (2 * truth_test.sum() + budg
 #   is simply pixel accuracy — which is how a 0.99 appears.
 
 # %%
-right, wrong = metrics.dice(truth_test, pred_test), metrics.dice_wrong_formula(truth_test, pred_test)
-classes = metrics.per_class_metrics(truth_test.astype(np.uint8), pred_test.astype(np.uint8), num_classes=2,
-                                    class_names=("background", "lesion"), include_background=True)
+right = metrics.dice(truth_test, pred_test)
+wrong = metrics.dice_wrong_formula(truth_test, pred_test)
+classes = metrics.per_class_metrics(truth_test.astype(np.uint8), pred_test.astype(np.uint8),
+                                    num_classes=2, class_names=("background", "lesion"),
+                                    include_background=True)
 display(classes[["class_name", "truth_pixels", "pred_pixels", "dice", "iou"]].round(4))
 tp_all, fp_all, fn_all = classes["tp"].sum(), classes["fp"].sum(), classes["fn"].sum()
 micro = 2 * tp_all / (2 * tp_all + fp_all + fn_all)
 accuracy = (truth_test == pred_test).mean()
 print(f"Dice {right:.3f} · the wrong formula gives {wrong:.3f} · a perfect mask would score "
       f"{metrics.dice_wrong_formula(truth_test, truth_test):.2f} with it.\n"
-      f"lesion Dice {classes['dice'].iloc[1]:.3f} · mean over classes with background {classes['dice'].mean():.3f} · "
-      f"micro-averaged over pixels {micro:.4f} = pixel accuracy {accuracy:.4f}")
+      f"lesion Dice {classes['dice'].iloc[1]:.3f} · mean over classes with background "
+      f"{classes['dice'].mean():.3f} · micro-averaged over pixels {micro:.4f} = pixel accuracy "
+      f"{accuracy:.4f}")
 assert np.isclose(wrong, right / 2) and metrics.dice_wrong_formula(truth_test, truth_test) == 0.5
 assert np.isclose(classes["dice"].iloc[1], right) and np.isclose(micro, accuracy)
 
@@ -508,22 +560,23 @@ assert np.isclose(classes["dice"].iloc[1], right) and np.isclose(micro, accuracy
 # summary — including ones we did not think of. The figures show every case, not only a mean.
 
 # %%
-OUT.mkdir(parents=True, exist_ok=True)
-slice_metrics = ["dice", "iou", "sensitivity", "specificity", "precision", "hd95", "assd", "volume_difference"]
-patient_metrics = ["dice", "iou", "sensitivity", "precision", "hd95", "assd", "truth_volume", "pred_volume",
-                   "volume_difference", "lesion_precision", "lesion_recall", "lesion_f1"]
+units = {"hd95": "mm", "assd": "mm", "volume_difference": "mL", "truth_volume": "mL",
+         "pred_volume": "mL"}
+ids = ["model", "seed", "run", "patient_id", "case_id"]
+slice_metrics = ["dice", "iou", "sensitivity", "specificity", "precision", "hd95", "assd",
+                 "volume_difference"]
+patient_metrics = ["dice", "iou", "sensitivity", "precision", "hd95", "assd", "truth_volume",
+                   "pred_volume", "volume_difference", "lesion_precision", "lesion_recall",
+                   "lesion_f1"]
 long = pd.concat([
-    slices.melt(id_vars=["model", "seed", "run", "patient_id", "case_id"], value_vars=slice_metrics,
-                var_name="metric").assign(level="slice", unit=lambda t: t["metric"].map(
-                    {"hd95": "mm", "assd": "mm", "volume_difference": "mL"}).fillna("")),
-    patients3d.assign(case_id=patients3d["patient_id"]).melt(
-        id_vars=["model", "seed", "run", "patient_id", "case_id"], value_vars=patient_metrics,
-        var_name="metric").assign(level="patient_3d", unit=lambda t: t["metric"].map(
-            {"hd95": "mm", "assd": "mm", "truth_volume": "mL", "pred_volume": "mL",
-             "volume_difference": "mL"}).fillna("")),
+    slices.melt(ids, slice_metrics, var_name="metric").assign(level="slice"),
+    patients3d.assign(case_id=patients3d["patient_id"])
+    .melt(ids, patient_metrics, var_name="metric").assign(level="patient_3d"),
 ], ignore_index=True)
+long["unit"] = long["metric"].map(units).fillna("")
 long["threshold"] = THRESHOLD
 long["folder"] = long["run"].map(runs["folder"].astype(str))
+OUT.mkdir(parents=True, exist_ok=True)
 long.to_csv(OUT / "report.csv", index=False)
 back = pd.read_csv(OUT / "report.csv")
 print(f"{len(back)} rows → {OUT / 'report.csv'}")
@@ -532,11 +585,11 @@ assert set(back["level"]) == {"slice", "patient_3d"}
 
 # %%
 figures = {
-    "dice_per_lesion_slice": evaluation.plot_metric_boxes(lesion_slices, "dice", by="model", seed=SEED),
-    "hd95_per_lesion_slice": evaluation.plot_metric_boxes(lesion_slices, "hd95", by="model", seed=SEED),
-    "dice_per_patient_3d": evaluation.plot_metric_boxes(patients3d, "dice", by="model", seed=SEED),
+    "dice_per_lesion_slice": evaluation.plot_metric_boxes(lesion_slices, "dice", seed=SEED),
+    "hd95_per_lesion_slice": evaluation.plot_metric_boxes(lesion_slices, "hd95", seed=SEED),
+    "dice_per_patient_3d": evaluation.plot_metric_boxes(patients3d, "dice", seed=SEED),
 }
-figures["hd95_per_lesion_slice"].axes[0].set_ylabel("HD95 per slice (mm; infinite = lesion missed)")
+figures["hd95_per_lesion_slice"].axes[0].set_ylabel("HD95 per slice (mm; infinite = missed)")
 (OUT / "figures").mkdir(exist_ok=True)
 for name, fig in figures.items():
     fig.savefig(OUT / "figures" / f"{name}.png", dpi=100)
@@ -545,18 +598,21 @@ assert all((OUT / "figures" / f"{name}.png").is_file() for name in figures)
 
 # %% [markdown]
 # ## Exercises
-# 1. Re-run step 6 with `slices[slices.truth_pixels > 0]`: how much of the study-style IoU came from
-#    lesion-free slices?
-# 2. In step 9, compare the best configuration with the *worst* on validation. Does the slice-level
-#    Wilcoxon test call the difference significant? Does the patient-level interval exclude 0?
+# 1. Re-run step 6 with `slices[slices.truth_pixels > 0]`: how much of the study-style IoU came
+#    from lesion-free slices?
+# 2. In step 9, compare the best configuration with the *worst* on validation. Does the
+#    slice-level Wilcoxon test call the difference significant? Does the patient-level interval
+#    exclude 0?
 # 3. Choose the threshold on the test set instead of validation (step 11) and report test Dice. By
 #    how much does it flatter the model, and why is that number not publishable?
-# 4. Evaluate a run from the command line: `python -m strokekit evaluate --model runs/04_unet_vs_resunet/grid/<run> --data data/phantom --csv /tmp/report.csv`
-#    (the phantom folder is written by notebook 01). Which of the numbers above does it print?
+# 4. Evaluate one run from the command line:
+#    `python -m strokekit evaluate --model runs/04_unet_vs_resunet/grid/<run> --data data/phantom --csv /tmp/report.csv`
+#    (notebook 01 writes `data/phantom`). Which of the numbers above does it print — and why can
+#    they not be compared with this notebook's test numbers? (Which slices does that folder hold?)
 #
 # ## Summary
-# - Say how you aggregate: pooled, mean of slices and mean of patients differ by many points on the
-#   same predictions; lesion-free slices add free 1.0s to a mean over slices.
+# - Say how you aggregate: pooled, mean of slices and mean of patients differ by many points on
+#   the same predictions; lesion-free slices add free 1.0s to a mean over slices.
 # - Report per patient, with intervals that resample patients; add distances in mm, volumes in mL
 #   and lesion-wise F1 — and look at the worst case.
 # - Choose models and thresholds on validation, compare on paired test cases with an effect size;

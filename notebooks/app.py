@@ -13,24 +13,9 @@
 
 # %% [markdown]
 # # App · Upload and segment
-# Upload a CT slice or scan, pick a trained model, and see the lesion mask, its area or volume, and a 3-D view.
-#
-# **Learning goals**
-# - Serve a trained model to people who do not write code: a notebook of widgets, served with Voila.
-# - Treat every upload as untrusted: type, size and readability are checked, and a bad file gets a message.
-# - Report what a clinician asks for: where the lesion is, how large it is (mm², mL), and a mask to keep.
-#
-# **Runtime**: a few seconds per upload on a laptop CPU (one 512² slice in about 1 s, a 40-slice volume
-# in a few seconds: `benchmarks/bench_app.py`). If no trained model exists yet, the button trains a small
-# demo model on the phantom (about 1 minute in the quick profile).
-#
-# **Start it**: `make app`, or `.venv/bin/voila notebooks/app.ipynb --Voila.ip=127.0.0.1 --port=8866`,
-# then open http://127.0.0.1:8866. It also runs as an ordinary notebook in JupyterLab.
-#
-# *A teaching tool trained on synthetic data: not a medical device, not for diagnosis.*
-
-# %% [markdown]
-# ## Setup
+# Upload a head-CT slice or scan, pick a trained model, and see the lesion mask, its area or volume,
+# and a 3-D view; download the mask. *A teaching tool trained on synthetic data: not a medical
+# device, not for diagnosis.* How it works, and how to start it, is below the dashboard.
 
 # %%
 # %matplotlib inline
@@ -57,9 +42,6 @@ from strokekit.preprocess import window_hu
 
 print(f"strokekit {strokekit.__version__} · keras {keras.__version__} ({keras.backend.backend()})")
 
-# %% [markdown]
-# ## Parameters
-
 # %% tags=["parameters"]
 PROFILE = get_profile()
 RUNS = paths.runs_dir()                 # models are listed from here, and only from here
@@ -82,14 +64,6 @@ IN_VOILA = os.environ.get("SERVER_SOFTWARE", "").startswith("voila")
 # Without a person to press the button (nbval, a headless run), train the demo model automatically.
 AUTO_DEMO = not IN_VOILA
 OVERLAY_WIDTH = 420                     # pixels on screen
-
-# %% [markdown]
-# ## 1. The dashboard
-# Everything below is one widget. The notebook only wires widgets to `strokekit.app`, where the
-# logic lives and is unit-tested: `list_models` / `load_model_for_app` (only from the runs folder,
-# Keras safe mode), `handle_upload` (checks, reads, segments; returns a message instead of raising),
-# `mask_to_png_bytes` / `mask_to_nifti_bytes` for the download. PNG and JPEG files carry no pixel
-# size: enter it to get mm² (and a slice spacing for mL when you upload several slices of one scan).
 
 # %%
 def png_bytes(rgb: np.ndarray) -> bytes:
@@ -151,7 +125,7 @@ slice_mm = widgets.BoundedFloatText(value=0.0, min=0.0, max=50.0, step=0.5,
                                     layout=widgets.Layout(width="210px"))
 status = widgets.HTML("Pick a model, then upload a PNG/JPEG slice, a DICOM file or series, or a NIfTI volume.")
 overlay = widgets.Image(format="png", width=OVERLAY_WIDTH, layout=widgets.Layout(display="none"))
-slice_sl = widgets.IntSlider(description="Slice", min=0, max=0, continuous_update=False,
+slice_sl = widgets.IntSlider(description="Slice", min=1, max=1, continuous_update=False,
                              layout=widgets.Layout(display="none", width=f"{OVERLAY_WIDTH}px"))
 area = widgets.HTML()
 table = widgets.HTML()
@@ -238,6 +212,8 @@ def area_text(result, k: int) -> str:
             voxel_ml = spacing[0] * spacing[1] * thickness / 1000.0
             volumes = "; ".join(f"{name} {float(px.sum()) * voxel_ml:.2f} mL"
                                 for name, px in result["area_px"].items())
+            if len(result["area_px"]) == 1:
+                volumes = volumes.split(" ", 1)[1]
             line = f"<b>Lesion volume:</b> {volumes}<br>" + line
     return line
 
@@ -251,8 +227,12 @@ def summary_table(result) -> str:
         row["volume (mL)"] = (round(float(px.sum()) * spacing[0] * spacing[1] * thickness / 1000.0, 3)
                               if spacing and thickness and len(px) > 1 else None)
         rows.append(row)
-    frame = pd.DataFrame(rows).set_index("class").dropna(axis=1, how="all")
-    return frame.to_html(border=0, classes="sk-table-inner", na_rep="–")
+    frame = pd.DataFrame(rows).dropna(axis=1, how="all")
+    style = ("<style>.sk-table-inner {border-collapse: collapse; margin: 6px 0}"
+             " .sk-table-inner th, .sk-table-inner td {padding: 2px 10px; border-bottom: 1px solid #ddd;"
+             " text-align: right} .sk-table-inner th:first-child, .sk-table-inner td:first-child"
+             " {text-align: left}</style>")
+    return style + frame.to_html(index=False, border=0, classes="sk-table-inner")
 
 
 def show_slice(k: int) -> None:
@@ -266,9 +246,10 @@ def show(result) -> None:
     mask = result["mask"]
     n = len(mask)
     lesion_px = (mask > 0).reshape(n, -1).sum(axis=1)
-    set_quietly(slice_sl, on_slice, max=n - 1, value=int(np.argmax(lesion_px)))
+    # The slider counts slices from 1, as the text does.
+    set_quietly(slice_sl, on_slice, max=n, value=int(np.argmax(lesion_px)) + 1)
     slice_sl.layout.display = None if n > 1 else "none"
-    show_slice(slice_sl.value)
+    show_slice(slice_sl.value - 1)
     table.value = summary_table(result)
     spacing, thickness = geometry(result)
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", str(result["case_ids"][0]))[:60] or "upload"
@@ -333,7 +314,7 @@ def on_upload(change) -> None:
 
 def on_slice(change) -> None:
     if state["result"] is not None:
-        show_slice(change["new"])
+        show_slice(change["new"] - 1)
 
 
 def on_geometry(change) -> None:
@@ -352,6 +333,9 @@ def on_demo(button) -> None:
     try:
         folder = train_demo_model()
         refresh_models(select=str(folder))
+        dice = json.loads((folder / "metrics.json").read_text()).get("dice", float("nan"))
+        say(f"Demo model trained and loaded (validation Dice {dice:.2f}): enough to try the app, "
+            "not to find lesions; notebooks 04-10 train better ones. Upload a file.")
     except Exception as exc:  # noqa: BLE001
         say(f"Training the demo model failed ({type(exc).__name__}: {exc})", error=True)
     finally:
@@ -379,23 +363,46 @@ refresh_models()
 display(dashboard)
 
 # %% [markdown]
-# ## 2. A model to use
-# The list shows every run folder under the runs folder that holds `model.keras` and `config.json`
-# (notebooks 04–10 write them), with its validation Dice; the best one is picked. If there is none,
-# the button trains a small demo model on the phantom — and a run without a browser (CI) does so
-# here, so that the self-test below has a model.
+# ## About this app
+# **Learning goals**
+# - Serve a trained model to people who do not write code: a notebook of widgets, served with Voila.
+# - Treat every upload as untrusted: type, size and readability are checked, and a bad file gets a message.
+# - Report what a clinician asks for: where the lesion is, how large it is (mm², mL), and a mask to keep.
+#
+# **Runtime**: a few seconds per upload on a laptop CPU (one 512² slice in about a second, a 40-slice
+# volume in a few seconds: `benchmarks/bench_app.py`). Without any trained model, the button trains a
+# small demo model on the phantom (about a minute in the quick profile).
+#
+# **Start it**: `make app` (it runs `tools/serve_app.sh`: Voila on 127.0.0.1, port 8866) and open
+# http://127.0.0.1:8866 — only this computer can reach it. The script raises the websocket message
+# limit from Tornado's 10 MB to the app's 200 MB upload limit; with a bare `voila notebooks/app.ipynb`
+# a larger upload (a DICOM series, an uncompressed NIfTI) is silently dropped by the server. The
+# notebook also runs as an ordinary notebook in JupyterLab.
+#
+# **How it works.** The cells of this notebook only wire widgets to `strokekit.app`, where the logic
+# lives and is unit-tested: `list_models` / `load_model_for_app` (models only from the runs folder,
+# loaded in Keras safe mode), `handle_upload` (checks each file's name, size, type by extension *and*
+# content, reads it in a private folder under `runs/` that is deleted straight after, segments, and
+# returns a message instead of raising), `mask_to_png_bytes` / `mask_to_nifti_bytes` for the download
+# link (nothing is written to disk). PNG and JPEG files carry no pixel size: type it to get mm², and a
+# slice spacing for mL when you upload several slices of one scan.
+#
+# **Models.** The list shows every run folder under the runs folder that holds `model.keras` and
+# `config.json` (notebooks 04–10 write them), with its validation Dice; the best one is picked. If
+# there is none, the button trains a small demo model on the phantom; outside Voila (JupyterLab, CI)
+# the next cell does so by itself, so that the self-test below has a model.
 
 # %%
 if not app.list_models(RUNS) and AUTO_DEMO:
     on_demo(demo_btn)
-print(f"{len(model_dd.options)} model(s) in {RUNS}; selected: {model_dd.value}")
-assert IN_VOILA or state["model"] is not None
+if not IN_VOILA:
+    print(f"{len(model_dd.options)} model(s) in {RUNS}; selected: {model_dd.value}")
+    assert state["model"] is not None
 
 # %% [markdown]
-# ## 3. Self-test without a browser
-# A phantom slice saved as PNG goes through the same handler as a browser upload, and then
-# through the dashboard itself; a broken file must give a message, not a traceback.
-# (`tests/test_app_browser.py` does the same in Chromium through Voila.)
+# **Self-test without a browser.** A phantom slice saved as PNG goes through the same handler as a
+# browser upload, and then through the dashboard itself; a broken file must give a message, not a traceback.
+# (`tests/test_app_browser.py` does the same in Chromium through Voila.) Skipped when served by Voila.
 
 # %%
 if not IN_VOILA:

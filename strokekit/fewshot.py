@@ -522,6 +522,15 @@ class FewShotRecipe:
         tune_threshold: choose the probability threshold on the validation slices
             (maximising per-patient Dice) instead of using ``config.threshold``.
         thresholds: candidates for ``tune_threshold``.
+        patch_size: train on random square crops of this side instead of whole slices (None:
+            whole slices, the study's way). The network is fully convolutional, so it still
+            segments whole slices. A crop does not show where in the head it lies, which takes
+            away the position prior; crops are also cheaper, and centring some on lesions
+            raises the share of lesion pixels the loss sees.
+        patches_per_slice: crops drawn from each training slice (a fixed, seeded set that the
+            augmentation varies every epoch).
+        foreground_fraction: share of a lesion slice's crops that contain a lesion pixel (at a
+            random position in the crop, so lesions are not always central).
     """
 
     config: TrainConfig = TrainConfig()
@@ -533,8 +542,23 @@ class FewShotRecipe:
     tta_flip: bool = False
     tune_threshold: bool = False
     thresholds: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    patch_size: int | None = None
+    patches_per_slice: int = 8
+    foreground_fraction: float = 0.5
 
     def __post_init__(self) -> None:
+        if self.patch_size is not None:
+            if self.patch_size < 8 or self.config.image_size % self.patch_size:
+                raise ValueError(
+                    f"patch_size must divide image_size={self.config.image_size} and be >= 8, "
+                    f"got {self.patch_size!r}"
+                )
+            if self.preset is not None:
+                raise ValueError("patch training builds the network from the config; use preset=None")
+        if self.patches_per_slice < 1:
+            raise ValueError(f"patches_per_slice must be >= 1, got {self.patches_per_slice!r}")
+        if not 0.0 <= self.foreground_fraction <= 1.0:
+            raise ValueError(f"foreground_fraction must lie in [0, 1], got {self.foreground_fraction!r}")
         if not np.isfinite(self.empty_ratio) or self.empty_ratio < 0:
             raise ValueError(f"empty_ratio must be a finite number >= 0, got {self.empty_ratio!r}")
         if self.brain_dilation < 0:
@@ -587,7 +611,8 @@ class FittedRecipe:
         threshold: the probability threshold to apply (tuned on validation or the config's).
         history: per-epoch training history (pandas DataFrame).
         seconds: training wall time.
-        images_per_second: training throughput (slices × epochs / seconds).
+        images_per_second: training throughput in whole slices per second (crops count as the
+            fraction of a slice they cover).
         n_train: training slices used (lesion + lesion-free).
         val_dice: per-patient Dice on the validation slices at ``threshold``.
     """
@@ -632,6 +657,62 @@ def _model_inputs(recipe: FewShotRecipe, data: SliceDataset) -> tuple[np.ndarray
     if recipe.strip_skull:
         x = x * brains[..., None]
     return x.astype(np.float32), y, brains
+
+
+def sample_patches(
+    images: np.ndarray,
+    masks: np.ndarray,
+    patch_size: int,
+    per_slice: int,
+    foreground_fraction: float = 0.5,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random square crops of slices, a share of them guaranteed to contain a lesion pixel.
+
+    For a foreground crop a lesion pixel is drawn at random and the crop's corner is drawn so
+    that the pixel lies anywhere inside it (not always in the centre); other crops are uniform.
+    Slices without lesion pixels give uniform crops only.
+
+    Introduced in notebooks/10_what_generalizes.ipynb.
+
+    Args:
+        images: (N, H, W) or (N, H, W, C).
+        masks: (N, H, W).
+        patch_size: crop side (at most min(H, W)).
+        per_slice: crops per slice.
+        foreground_fraction: probability that a crop of a lesion slice is a foreground crop.
+        seed: seed of the draw.
+
+    Returns:
+        (patches (N·per_slice, p, p[, C]), patch masks (N·per_slice, p, p)).
+    """
+    images, masks = np.asarray(images), np.asarray(masks)
+    n, h, w = masks.shape
+    p = int(patch_size)
+    if p > min(h, w) or p < 1:
+        raise ValueError(f"patch_size must lie in 1..{min(h, w)}, got {patch_size!r}")
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 11]))
+    out_x, out_y = [], []
+    for i in range(n):
+        lesion = np.argwhere(masks[i] > 0)
+        for _ in range(int(per_slice)):
+            if len(lesion) and rng.random() < foreground_fraction:
+                r, c = lesion[rng.integers(len(lesion))]
+                r0 = rng.integers(max(0, r - p + 1), min(r, h - p) + 1)
+                c0 = rng.integers(max(0, c - p + 1), min(c, w - p) + 1)
+            else:
+                r0, c0 = rng.integers(0, h - p + 1), rng.integers(0, w - p + 1)
+            out_x.append(images[i, r0:r0 + p, c0:c0 + p])
+            out_y.append(masks[i, r0:r0 + p, c0:c0 + p])
+    return np.stack(out_x), np.stack(out_y)
+
+
+def _tiles(x: np.ndarray, y: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
+    """Non-overlapping p x p tiles of every slice (for a validation loss on crop-sized inputs)."""
+    n, h, w = y.shape
+    xs = [x[:, r:r + p, c:c + p] for r in range(0, h - p + 1, p) for c in range(0, w - p + 1, p)]
+    ys = [y[:, r:r + p, c:c + p] for r in range(0, h - p + 1, p) for c in range(0, w - p + 1, p)]
+    return np.concatenate(xs), np.concatenate(ys)
 
 
 def _as_input_dataset(data: SliceDataset, x: np.ndarray, y: np.ndarray) -> SliceDataset:
@@ -727,13 +808,32 @@ def fit_recipe(
     chosen = _choose_slices(train_data, recipe.empty_ratio, config.seed)
     x_train, y_train, _ = _model_inputs(recipe, chosen)
     x_val, y_val, brains_val = _model_inputs(recipe, val_data)
-    if model is None and recipe.preset is not None:
+    fit_config = config
+    train_set = _as_input_dataset(chosen, x_train, y_train)
+    val_set = _as_input_dataset(val_data, x_val, y_val)
+    if model is None and (recipe.preset is not None or recipe.patch_size):
         from .config import seed_everything
 
         seed_everything(config.seed)
-        model = build_preset(recipe.preset, input_shape=x_train.shape[1:], seed=config.seed)
-    result = train(config, _as_input_dataset(chosen, x_train, y_train), _as_input_dataset(val_data, x_val, y_val),
-                   run_dir=False, model=model, progress=progress, previews=False)
+        if recipe.preset is not None:
+            model = build_preset(recipe.preset, input_shape=x_train.shape[1:], seed=config.seed)
+        else:
+            from .models import build_model
+
+            # height and width left open: trained on crops, applied to whole slices
+            kwargs = dict(config.model_kwargs(), input_shape=(None, None, x_train.shape[-1]))
+            model = build_model(config.arch, **kwargs)
+    if recipe.patch_size:
+        p = int(recipe.patch_size)
+        px, py = sample_patches(x_train, y_train, p, recipe.patches_per_slice, recipe.foreground_fraction,
+                                seed=config.seed)
+        tx, ty = _tiles(x_val, y_val, p)
+        fit_config = dataclasses.replace(config, image_size=p)
+        train_set = SliceDataset(images=px, masks=py, case_ids=[str(i) for i in range(len(px))],
+                                 unit="display", class_names=chosen.class_names)
+        val_set = SliceDataset(images=tx, masks=ty, case_ids=[str(i) for i in range(len(tx))],
+                               unit="display", class_names=val_data.class_names)
+    result = train(fit_config, train_set, val_set, run_dir=False, model=model, progress=progress, previews=False)
     prob = _predict_prob(result.model, recipe, x_val, brains_val, config.batch_size)
     pids = val_data.patient_ids or ["val"] * len(val_data)
     if recipe.tune_threshold:
@@ -741,8 +841,11 @@ def fit_recipe(
     else:
         threshold = float(config.threshold)
         val_dice = _pp_dice(prob, y_val, pids, threshold)
-    return FittedRecipe(result.model, recipe, threshold, result.history, result.seconds,
-                        result.images_per_second, len(chosen), val_dice)
+    rate = result.images_per_second
+    if recipe.patch_size:  # crops per second -> whole slices' worth of pixels per second
+        rate *= (recipe.patch_size / config.image_size) ** 2
+    return FittedRecipe(result.model, recipe, threshold, result.history, result.seconds, rate,
+                        len(chosen), val_dice)
 
 
 def predict_recipe(

@@ -204,6 +204,7 @@ class _Patient:
     spacing: tuple[float, float]
     thickness: float  # mm between rows; inf: rows are unrelated slices (2-D processing)
     out_thickness: float  # thickness reported in the output dataset (volumes in mL)
+    side: str = "unknown"  # hemisphere of the lesion, when the source knows it
 
 
 def _patients_from(source: Any) -> list[_Patient]:
@@ -232,7 +233,7 @@ def _patients_from(source: Any) -> list[_Patient]:
                 territory=v.territory, keep=np.asarray(keep, np.int64),
                 slice_index=np.arange(n), levels=np.asarray(v.levels).astype(str),
                 spacing=tuple(v.spacing), thickness=float(v.slice_thickness),
-                out_thickness=float(v.slice_thickness),
+                out_thickness=float(v.slice_thickness), side=v.side or "unknown",
             ))
         ids = [p.patient_id for p in out]
         if len(set(ids)) != len(ids):
@@ -435,7 +436,6 @@ def _synthesize_patient(p: _Patient, config: PerfusionConfig, seed: int) -> dict
         "core_ml": core_ml,
         "penumbra_ml": penumbra_ml,
         "nihss": float(np.clip(np.round(nihss), 0, NIHSS_MAX)),
-        "side": "left" if core_side > 0 else "right" if core_side < 0 else "none",
         "margin_mm": float(margin),
     }
 
@@ -495,8 +495,9 @@ def synthesize_perfusion(
         normalised to [0, 1] by :data:`MAP_RANGES` (``unit="display"``; :func:`to_physical`
         undoes it), masks 0 background / 1 brain / 2 penumbra / 3 core, class names
         :data:`CLASS_NAMES`, and extra columns ``occlusion`` ("LVO"/"other"), ``nihss``,
-        ``core_ml`` and ``penumbra_ml`` (per patient, whole volume), ``territory``, ``side``,
-        ``margin_mm`` and ``level``.
+        ``core_ml`` and ``penumbra_ml`` (per patient, whole volume), ``territory``, ``side``
+        (the lesion's hemisphere from the phantom, "unknown" for datasets), ``margin_mm`` and
+        ``level``.
 
     Raises:
         DataError: hemorrhagic patients, a dataset not in HU.
@@ -514,7 +515,7 @@ def synthesize_perfusion(
         width = max(2, len(str(int(p.slice_index.max()) if len(p.slice_index) else 0)))
         cols = {
             "occlusion": res["occlusion"], "nihss": res["nihss"], "core_ml": res["core_ml"],
-            "penumbra_ml": res["penumbra_ml"], "territory": p.territory, "side": res["side"],
+            "penumbra_ml": res["penumbra_ml"], "territory": p.territory, "side": p.side,
             "margin_mm": res["margin_mm"],
         }
         extra = {k: np.full(n, v) for k, v in cols.items()}

@@ -167,6 +167,8 @@ def test_upload_in_chromium_shows_overlay_and_area(tmp_path):
     command = [
         sys.executable, "-m", "voila", str(ROOT / "notebooks" / "app.ipynb"),
         "--no-browser", f"--port={port}", "--Voila.ip=127.0.0.1",
+        # as tools/serve_app.sh: uploads up to the app's 200 MB limit fit in one websocket message
+        "--Voila.tornado_settings={'websocket_max_message_size': 209715200}",
     ]
     with open(log, "wb") as out:
         server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -175,7 +177,7 @@ def test_upload_in_chromium_shows_overlay_and_area(tmp_path):
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             try:
-                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                page = browser.new_page(viewport={"width": 1280, "height": 1100})
                 page.goto(f"http://127.0.0.1:{port}/", timeout=60_000)
                 # The kernel runs the notebook (Keras import, model loading) before the widgets render.
                 page.wait_for_function(
@@ -193,7 +195,8 @@ def test_upload_in_chromium_shows_overlay_and_area(tmp_path):
                 size = page.eval_on_selector("img.sk-overlay", "img => [img.naturalWidth, img.naturalHeight]")
                 link = page.get_attribute(".sk-download a", "href")
                 shot = tmp_path / "app_browser.png"
-                page.screenshot(path=str(shot), full_page=True)
+                page.locator(".sk-status").scroll_into_view_if_needed()
+                page.screenshot(path=str(shot))
                 shutil.copyfile(shot, SCREENSHOT_COPY)
 
                 # A bad file: a message on the page, and the previous result is cleared.

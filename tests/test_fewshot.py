@@ -249,12 +249,37 @@ def test_recipe_validation_and_defaults():
         fs.FewShotRecipe(empty_ratio=-1)
     with pytest.raises(ValueError, match="thresholds"):
         fs.FewShotRecipe(thresholds=(0.0, 0.5))
+    with pytest.raises(ValueError, match="patch_size must divide image_size=128"):
+        fs.FewShotRecipe(patch_size=48)
+    with pytest.raises(ValueError, match="use preset=None"):
+        fs.FewShotRecipe(patch_size=64, preset="study_unet")
     study = fs.STUDY_RECIPE
     assert study.preset == "study_unet" and study.config.loss == "bce" and study.config.num_epochs == 50
     assert study.empty_ratio == 0 and not (study.tta_flip or study.restrict_to_brain or study.tune_threshold)
     default = fs.FEWSHOT_DEFAULT
     assert default.config.image_size == fs.PROTOCOLS["fewshot-ctich-v1"]["image_size"]
     assert default.config.loss != "bce"
+
+
+def test_sample_patches_foreground_share_and_determinism():
+    images = np.arange(3 * 16 * 16, dtype=np.float32).reshape(3, 16, 16)
+    masks = np.zeros((3, 16, 16), np.uint8)
+    masks[0, 14, 1] = 1  # one lesion pixel near a corner of slice 0
+    x, y = fs.sample_patches(images, masks, 8, per_slice=5, foreground_fraction=1.0, seed=4)
+    assert x.shape == (15, 8, 8) and y.shape == (15, 8, 8)
+    # every crop of the lesion slice holds its one lesion pixel; the other slices have none
+    assert (y[:5].reshape(5, -1).sum(axis=1) == 1).all() and y[5:].sum() == 0
+    # crops are real windows of their slice: the top-left value fixes the rest
+    for k in range(15):
+        i = k // 5
+        r0, c0 = divmod(int(x[k, 0, 0]) - i * 256, 16)
+        np.testing.assert_array_equal(x[k], images[i, r0:r0 + 8, c0:c0 + 8])
+    x2, _ = fs.sample_patches(images, masks, 8, per_slice=5, foreground_fraction=1.0, seed=4)
+    np.testing.assert_array_equal(x, x2)
+    _, y0 = fs.sample_patches(images, masks, 8, per_slice=50, foreground_fraction=0.0, seed=0)
+    assert 0 < y0[:50].reshape(50, -1).any(axis=1).sum() < 50  # uniform crops hit it sometimes
+    with pytest.raises(ValueError, match="patch_size must lie in 1..16"):
+        fs.sample_patches(images, masks, 32, per_slice=1)
 
 
 def test_choose_slices_ratio_is_seeded_and_capped():

@@ -135,6 +135,22 @@ def test_groups_nihss_and_determinism(volumes, ctp):
 
 
 @pytest.mark.backend
+def test_synthesis_from_an_hu_slice_dataset():
+    from strokekit.phantom import generate_phantom
+
+    slices = generate_phantom(dataclasses.replace(PHANTOM, n_patients=2, multiclass=True), progress=False)
+    data = pf.synthesize_perfusion(slices, seed=0, progress=False)
+    assert data.case_ids == slices.case_ids and data.images.shape == slices.images.shape + (5,)
+    core = data.masks == 3
+    assert core.any() and not (core & (slices.masks != 2)).any()
+    territory = {p: t for p, t in zip(slices.patient_ids, slices.extra["territory"]) if t != "none"}
+    for pid, group in zip(data.patient_ids, data.extra["occlusion"]):
+        assert group == ("LVO" if territory[pid] == "MCA" else "other")
+    with pytest.raises(DataError, match="needs slices in HU"):
+        pf.synthesize_perfusion(slices.replace(unit="display"), progress=False)
+
+
+@pytest.mark.backend
 def test_lvo_has_wider_penumbra_than_other(volumes):
     wide = pf.PerfusionConfig(lvo_margin_mm=(20.0, 20.0), other_margin_mm=(20.0, 20.0), noise=0)
     narrow = pf.PerfusionConfig(lvo_margin_mm=(5.0, 5.0), other_margin_mm=(5.0, 5.0), noise=0)

@@ -335,7 +335,7 @@ def test_transfer_effect_pairs_seeds_and_only_claims_consistent_gains():
     effect = transfer.transfer_effect(pd.DataFrame(rows), "transfer")
     assert list(effect["shots"]) == [2, 4, 8]
     assert list(effect["verdict"]) == ["helped", "no clear difference", "no clear difference"]
-    assert effect["mean_difference"].tolist() == pytest.approx([0.1, 0.0, -0.01])
+    assert effect["mean_difference"].tolist() == pytest.approx([0.1, 0.1 / 3, -0.01])
     assert effect["sd_difference"].iloc[0] == pytest.approx(0.0, abs=1e-12)
     assert list(effect["improved_seeds"]) == [3, 2, 0]
     hurt = transfer.transfer_effect(pd.DataFrame(rows), "scratch", baseline="transfer")

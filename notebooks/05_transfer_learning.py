@@ -1,0 +1,411 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 05 · Transfer learning for few-shot lesions
+# Pretrain where labels are plentiful, fine-tune where they are few — then measure whether it helped.
+#
+# **Learning goals**
+# - Freeze, unfreeze and gradually unfreeze the encoder of a U-Net, and know why Keras needs a recompile and what happens to batch norm.
+# - Pretrain on a larger source task (hemorrhage phantoms; optionally real CT-ICH) and fine-tune on a few ischemic slices.
+# - Read a learning curve (Dice vs number of training slices, mean ± sd over seeds) and say honestly whether transfer helped.
+#
+# **Runtime**: about 3 minutes on a laptop CPU (quick profile: 64 px, a few hundred source slices,
+# 2 seeds); the full profile (the study's U-Net at 256 px, a larger source set, 3 seeds, ImageNet
+# and CT-ICH sections) needs a GPU (1–2 hours).
+
+# %% [markdown]
+# ## Setup
+
+# %%
+# %matplotlib inline
+import dataclasses
+import json
+
+import ipywidgets as widgets
+import keras
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from IPython.display import display
+
+from strokekit import models, paths, preprocess, train, transfer
+from strokekit import split as splitting
+from strokekit.augment import STUDY_AUGMENT
+from strokekit.config import get_profile, phantom_config, seed_everything
+from strokekit.phantom import generate_phantom
+
+print(f"keras {keras.__version__} · backend {keras.backend.backend()}")
+
+# %% [markdown]
+# ## Parameters
+# The only cell that sets values; `STROKEKIT_PROFILE=full` makes everything bigger.
+
+# %% tags=["parameters"]
+PROFILE = get_profile()
+TARGET_PHANTOM = phantom_config(PROFILE, lesion_types=("ischemic",))  # the course phantom, infarcts only
+SOURCE_PATIENTS = {"quick": 40, "full": 240}[PROFILE.name]  # hemorrhage patients to pretrain on
+SOURCE_SEED = 1000                   # another seed than the target's: other heads, no shared patient
+BASE = train.TrainConfig(
+    arch="unet",
+    filters=PROFILE.filters,
+    activation="relu",
+    batch_norm=True,
+    loss="bce_dice",
+    learning_rate=3e-3,
+    batch_size=PROFILE.batch_size,
+    num_epochs=4 * PROFILE.num_epochs,   # fine-tuning epochs (all phases together)
+    image_size=PROFILE.image_size,
+    windows=("stroke",),                 # the narrow window that makes early ischemia visible
+    augment=STUDY_AUGMENT,
+    early_stopping_patience=10,
+    reduce_lr_patience=5,
+)
+PRETRAIN = dataclasses.replace(BASE, num_epochs=2 * PROFILE.num_epochs)
+LR_SCALE = 0.3                      # learning-rate factor whenever encoder blocks train
+SCHEDULES = {
+    "frozen": transfer.FineTuneSchedule("frozen"),
+    "unfrozen": transfer.FineTuneSchedule("unfrozen", lr_scale=LR_SCALE),
+    "gradual": transfer.FineTuneSchedule("gradual", unfreeze_every=max(1, PROFILE.num_epochs // 3),
+                                         lr_scale=LR_SCALE),
+}
+SHOTS = (PROFILE.batch_size, 2 * PROFILE.batch_size, "all")  # target training slices per run
+SEEDS = tuple(range(PROFILE.num_seeds))
+IMAGENET_ENCODER = "vgg16"
+TRAIN_IMAGENET = PROFILE.name == "full"   # a 15M-parameter encoder: GPU only
+CTICH_SOURCE = PROFILE.name == "full"     # 2814 real slices: GPU only
+SPLIT_FILE = paths.data_dir() / "splits" / "phantom_ischemic_split.json"
+RUNS = paths.runs_dir() / "05_transfer_learning"
+print(PROFILE.name, BASE)
+
+# %% [markdown]
+# ## 1. Source and target: two lesion types, no shared patient
+# The **target** is what we care about and have little of: ischemic infarcts (darker than brain,
+# by a few HU). The **source** is a larger labelled set of a *related* task: hemorrhages (brighter
+# than brain), from other synthetic patients. One study pretrained on a large tumour set for the
+# same reason. Two rules keep the comparison fair: no source patient is a target patient (other
+# phantom seed, ids `S01`… instead of `P01`…), and the target split is by patient and saved.
+
+# %%
+target = generate_phantom(TARGET_PHANTOM, progress=False)
+split = splitting.load_or_make_split(target, SPLIT_FILE, seed=0)
+splitting.check_leakage(split)
+target_train, target_val = split.dataset(target, "train"), split.dataset(target, "val")
+source = transfer.phantom_source(n_patients=SOURCE_PATIENTS, seed=SOURCE_SEED, target=TARGET_PHANTOM)
+n_val = max(2, len(source.patients()) // 10)   # source patients are exchangeable: hold out the first 10 %
+source_val = source.select_patients(source.patients()[:n_val])
+source_train = source.select_patients(source.patients()[n_val:])
+shared = set(source.patients()) & set(target.patients())
+print(f"target: {len(target_train)} train · {len(target_val)} val slices ({len(target.patients())} patients, "
+      f"test kept for notebook 06)")
+print(f"source: {len(source_train)} train · {len(source_val)} val slices ({len(source.patients())} patients); "
+      f"shared patients: {sorted(shared)}")
+assert not shared and len(source_train) > 4 * len(target_train)
+assert set(target.extra["lesion_type"]) == {"ischemic", "none"}
+assert set(source.extra["lesion_type"]) == {"hemorrhagic", "none"}
+
+# %%
+def lesion_examples(data, count=4):
+    area = data.lesion_area()
+    return list(np.argsort(-area, kind="stable")[:count])
+
+fig, axes = plt.subplots(2, 4, figsize=(11, 5.8))
+for row, (name, data) in enumerate([("source: hemorrhage", source_train), ("target: infarct", target_train)]):
+    for ax, i in zip(axes[row], lesion_examples(data)):
+        ax.imshow(preprocess.window_hu(data.images[i], BASE.windows[0]), cmap="gray")
+        ax.contour(data.masks[i], levels=[0.5], colors="yellow", linewidths=0.8)
+        ax.set_title(f"{name}\n{data.case_ids[i]}", fontsize=8)
+        ax.set_axis_off()
+fig.suptitle(f"'{BASE.windows[0]}' window; yellow = lesion outline")
+plt.show()
+
+# %% [markdown]
+# ## 2. Freezing, the Keras 3 way
+# Every layer of the kit's U-Net has a name (`enc1_conv1`, …, `bottleneck_conv2`, `dec1_up`, `head`),
+# and `models.encoder_blocks` groups the encoder into blocks. Three facts matter:
+#
+# - `layer.trainable = False` stops the optimizer from changing a layer's weights;
+# - Keras fixes the list of trainable weights when the model is **compiled**, so changing a flag
+#   needs a recompile (`transfer.recompile`) — that is why gradual unfreezing below is a series of
+#   short training phases, not a callback flipping flags mid-training;
+# - on a **batch-norm** layer the same flag also switches it to inference mode: it normalises with
+#   the moving statistics learned on the source and stops updating them.
+#
+# We check all three with one training step on a model whose encoder is frozen.
+
+# %%
+demo = models.build_model(BASE.arch, **BASE.model_kwargs())
+blocks = [name for name, _ in models.encoder_blocks(demo)]
+total = models.count_params(demo)
+transfer.freeze(demo)                              # no argument: the whole encoder
+transfer.recompile(demo, BASE)
+trainable = models.count_params(demo, trainable_only=True)
+print(f"encoder blocks, shallow to deep: {blocks}")
+print(f"{total:,d} parameters, {trainable:,d} trainable with the encoder frozen ({trainable / total:.0%})")
+
+x, y = train.to_arrays(BASE, target_train.subset(np.arange(BASE.batch_size)))
+watch = ("enc1_conv1", "enc1_bn1", "dec1_conv1", "dec1_bn1")
+before = {name: demo.get_layer(name).get_weights() for name in watch}
+demo.train_on_batch(x, (y > 0)[..., None].astype("float32"))
+moved = {name: any(not np.array_equal(a, b) for a, b in zip(before[name], demo.get_layer(name).get_weights()))
+         for name in watch}
+print("changed by one training step:", moved)
+assert transfer.trainable_blocks(demo) == () and 0 < trainable < total
+assert moved == {"enc1_conv1": False, "enc1_bn1": False, "dec1_conv1": True, "dec1_bn1": True}
+del demo
+
+# %% [markdown]
+# `enc1_bn1` did not change at all — not its scale and offset, not its moving mean and variance —
+# while the decoder's batch norm did. Gradual unfreezing opens the encoder **deepest block first**
+# (the most task-specific features), one block every few epochs, and lowers the learning rate once
+# pretrained weights start to move. Here is its plan for our run:
+
+# %%
+plan = SCHEDULES["gradual"].phases(blocks, BASE.num_epochs)
+display(pd.DataFrame([{"epochs": f"{p.start_epoch + 1}–{p.end_epoch}", "trainable encoder blocks": ", ".join(p.blocks) or "none",
+                       "learning rate": BASE.learning_rate * p.lr_factor} for p in plan]))
+assert plan[0].blocks == () and plan[1].blocks == (blocks[-1],)
+assert plan[-1].end_epoch == BASE.num_epochs
+
+# %% [markdown]
+# ## 3. Pretrain on the source
+# An ordinary training run (notebook 04's `train.train`) on the hemorrhage set; its best checkpoint
+# is saved as `model.keras` and reloaded in Keras safe mode. Before fine-tuning we also try the
+# pretrained network **as is** on the ischemic target ("zero-shot"): it has learned to find
+# *bright* lesions, and infarcts are dark.
+
+# %%
+PRETRAINED = transfer.pretrain_on_source(PRETRAIN, source_train, source_val, run_dir=RUNS / "pretrain")
+source_metrics = json.loads((PRETRAINED.parent / "metrics.json").read_text())
+pretrained = transfer.load_pretrained(PRETRAINED)
+zero_shot = train.evaluate_arrays(pretrained, *train.to_arrays(BASE, target_val), BASE.threshold)
+print(f"source (hemorrhage) validation Dice after {source_metrics['epochs_run']} epochs: {source_metrics['dice']:.3f}")
+print(f"the same network on the ischemic target, before fine-tuning: Dice {zero_shot['dice']:.3f}")
+assert PRETRAINED.is_file() and 0.0 <= source_metrics["dice"] <= 1.0 and 0.0 <= zero_shot["dice"] <= 1.0
+del pretrained
+
+# %% [markdown]
+# ## 4. Fine-tuning schedules against training from scratch
+# Every method is trained on the **same** target slices with the **same** seeds: for each seed the
+# training subset, loader order and augmentation are identical, so the methods differ only in
+# where they start (random or pretrained weights) and in which encoder blocks train. `shots` is
+# the number of target training slices, drawn by patient (few-shot means few annotated patients).
+
+# %%
+methods = {"scratch": None, **{name: (PRETRAINED, schedule) for name, schedule in SCHEDULES.items()}}
+curve = transfer.learning_curve(BASE, target_train, target_val, shots=SHOTS, seeds=SEEDS, methods=methods,
+                                run_root=RUNS / "curve", progress=False)
+n_all = len(target_train)
+display(train.summarize(curve[curve.shots == n_all], by=["method"]))
+assert len(curve) == len(methods) * len(SHOTS) * len(SEEDS)
+assert curve[["dice", "iou", "sensitivity", "specificity"]].stack().between(0, 1).all()
+
+# %% [markdown]
+# Each run left a folder with its history. The gradual run shows the schedule at work: the
+# trainable blocks and the learning rate per epoch.
+
+# %%
+gradual_run = curve[(curve.method == "gradual") & (curve.shots == n_all)].iloc[0]["run_dir"]
+history = pd.read_csv(f"{gradual_run}/history.csv").fillna({"trainable_blocks": ""})
+display(history[["epoch", "phase", "trainable_blocks", "learning_rate", "loss", "val_loss", "val_dice"]].round(4))
+opened = [set(b.split("+")) - {""} for b in history["trainable_blocks"]]
+assert all(a <= b for a, b in zip(opened, opened[1:]))        # blocks only ever open, never close
+assert history["epoch"].tolist() == list(range(1, len(history) + 1))
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+for name in methods:
+    runs = curve[(curve.method == name) & (curve.shots == n_all)]["run_dir"]
+    logs = [pd.read_csv(f"{r}/history.csv") for r in runs]
+    n = min(map(len, logs))
+    for ax, column in zip(axes, ("loss", "val_loss")):
+        ax.plot(np.arange(1, n + 1), np.mean([h[column].to_numpy()[:n] for h in logs], axis=0), marker="o", label=name)
+for ax, title in zip(axes, ("training loss", "validation loss")):
+    ax.set(title=f"{title} (mean over seeds, all {n_all} slices)", xlabel="epoch")
+axes[0].legend()
+plt.show()
+
+# %% [markdown]
+# ## 5. The learning curve
+# Dice against the number of target training slices, mean ± sd over seeds (dots are single
+# runs). Transfer is worth its trouble where its curve lies above the scratch curve by more than
+# the spread between seeds — typically at the left, where target data are scarcest.
+
+# %%
+fig = transfer.plot_learning_curve(curve, metric="dice")
+display(fig)
+summary = transfer.summarize_curve(curve)
+assert len(summary) == len(methods) * len(SHOTS) and (summary["seeds"] == len(SEEDS)).all()
+
+# %% [markdown]
+# ## 6. Try it yourself
+# Pick a schedule, a learning rate and a number of target slices; training starts when you press
+# the button. (The study fine-tuned its pretrained U-Net at a learning rate of 1e-5 — try it.)
+
+# %%
+def try_schedule(schedule="unfrozen", learning_rate=BASE.learning_rate, shots=n_all, epochs=BASE.num_epochs, seed=0):
+    config = dataclasses.replace(BASE, learning_rate=learning_rate, num_epochs=epochs, seed=seed)
+    subset = transfer.few_shot_subset(target_train, shots, seed)
+    if schedule == "scratch":
+        seed_everything(seed)
+        model, plan = models.build_model(config.arch, **config.model_kwargs()), transfer.SCRATCH
+    else:
+        model, plan = transfer.load_pretrained(PRETRAINED), SCHEDULES[schedule]
+    result = transfer.fine_tune(model, config, subset, target_val, plan, progress=True)
+    display(result.history[["epoch", "trainable_blocks", "learning_rate", "loss", "val_loss", "val_dice"]].round(4))
+    print({k: round(v, 3) for k, v in result.metrics.items()})
+
+display(widgets.interactive(
+    try_schedule, {"manual": True, "manual_name": "Train"},
+    schedule=widgets.Dropdown(options=["scratch", *SCHEDULES], value="unfrozen"),
+    learning_rate=widgets.FloatLogSlider(value=BASE.learning_rate, base=10, min=-5, max=-2),
+    shots=widgets.IntSlider(value=n_all, min=1, max=n_all),
+    epochs=widgets.IntSlider(value=BASE.num_epochs, min=1, max=10 * BASE.num_epochs),
+    seed=widgets.IntSlider(value=0, min=0, max=9),
+))
+
+# %% [markdown]
+# ## 7. ImageNet encoders
+# Another study used U-Nets whose encoder is a ResNet pretrained on ImageNet photographs. The kit
+# builds such a network around `keras.applications` (VGG16 or ResNet50), copying the grey CT
+# channel to RGB and applying the encoder's own preprocessing inside the model. It never downloads:
+# if the weights file is not in the Keras cache (`~/.keras/models`), the encoder starts from
+# **random** weights and one warning says so — the message is printed below either way.
+
+# %%
+imagenet_model, found = transfer.imagenet_unet(IMAGENET_ENCODER, input_shape=(BASE.image_size, BASE.image_size, len(BASE.windows)), seed=0)
+print(found.message)
+print(f"ImageNet weights found: {found.weights_found}")
+encoder_names = [name for name, _ in models.encoder_blocks(imagenet_model)]
+total = models.count_params(imagenet_model)
+transfer.freeze(imagenet_model)
+trainable = models.count_params(imagenet_model, trainable_only=True)
+print(f"{IMAGENET_ENCODER} U-Net: {total:,d} parameters; encoder blocks {encoder_names}; "
+      f"{trainable:,d} trainable with the encoder frozen")
+assert found.weights_found == (found.weights_path is not None)
+assert encoder_names[0] == ("block1" if IMAGENET_ENCODER == "vgg16" else "conv1") and 0 < trainable < total
+
+# %%
+if not TRAIN_IMAGENET:
+    print(f"Training the {IMAGENET_ENCODER} U-Net is left to the full profile (a GPU job): "
+          f"{total:,d} parameters is {total / models.count_params(models.build_model(BASE.arch, **BASE.model_kwargs())):.0f}x "
+          "the quick profile's U-Net.")
+else:
+    imagenet_config = dataclasses.replace(BASE, arch="pretrained_unet")
+    imagenet_curve = transfer.learning_curve(
+        imagenet_config, target_train, target_val, shots=SHOTS, seeds=SEEDS,
+        methods={f"{IMAGENET_ENCODER} frozen": (imagenet_model, SCHEDULES["frozen"]),
+                 f"{IMAGENET_ENCODER} gradual": (imagenet_model, SCHEDULES["gradual"])},
+        run_root=RUNS / "imagenet", progress=False)
+    both = pd.concat([curve[curve.method == "scratch"], imagenet_curve], ignore_index=True)
+    display(train.summarize(both[both.shots == n_all], by=["method"]))
+    display(transfer.plot_learning_curve(both))
+    if not found.weights_found:
+        print("NB: these 'ImageNet' encoders started from random weights (see the message above).")
+    assert len(imagenet_curve) == 2 * len(SHOTS) * len(SEEDS)
+
+# %% [markdown]
+# ## 8. Optional: real CT-ICH as the source (full profile)
+# The shared CT-ICH slices are real head CTs with *traumatic* intracranial hemorrhage — not
+# stroke. As a source they bring real anatomy and scanner noise, but they were stored already
+# windowed (8-bit, about L40/W120), so the network sees a slightly different intensity mapping
+# than on the phantom. Only in the full profile, and skipped cleanly when the data are absent.
+
+# %%
+ctich_path = paths.ctich_dir()
+if not CTICH_SOURCE:
+    print("skipped: CT-ICH pretraining runs in the full profile only (STROKEKIT_PROFILE=full).")
+elif ctich_path is None:
+    print("skipped: ../shared/data/ct-ich is absent (set $STROKEKIT_CTICH to use it).")
+else:
+    ctich = transfer.load_source_dataset("ctich", image_size=BASE.image_size)
+    held_out = ctich.patients()[: max(2, len(ctich.patients()) // 10)]
+    ctich_val = ctich.select_patients(held_out)
+    ctich_train = ctich.select_patients([p for p in ctich.patients() if p not in held_out])
+    ctich_model = transfer.pretrain_on_source(PRETRAIN, ctich_train, ctich_val, run_dir=RUNS / "pretrain-ctich")
+    ctich_curve = transfer.learning_curve(
+        BASE, target_train, target_val, shots=SHOTS, seeds=SEEDS,
+        methods={"ct-ich unfrozen": (ctich_model, SCHEDULES["unfrozen"])}, run_root=RUNS / "ctich", progress=False)
+    both = pd.concat([curve[curve.method.isin(["scratch", "unfrozen"])], ctich_curve], ignore_index=True)
+    display(transfer.plot_learning_curve(both))
+    display(transfer.transfer_effect(both, "ct-ich unfrozen"))
+    assert not set(ctich.patients()) & set(target.patients())
+
+# %% [markdown]
+# ## 9. What the numbers say
+# The verdicts below are computed from this run, not written in advance. A method "helped" at a
+# given number of slices only if it beat scratch **for every seed** (same slices, same
+# augmentation) and by at least 0.02 Dice on average; otherwise the honest answer is "no clear
+# difference" (or "hurt"). Two seeds are a small sample: this describes these runs, it does not
+# test a hypothesis (notebook 06 does that properly).
+
+# %%
+effects = pd.concat([transfer.transfer_effect(curve, name).assign(schedule=name) for name in SCHEDULES],
+                    ignore_index=True)
+words = {"helped": "helped", "hurt": "hurt", "no clear difference": "made no clear difference",
+         "one seed: cannot tell": "cannot be judged from one seed"}
+for row in effects.itertuples():
+    print(f"{row.schedule:>8s}, {row.shots:3d} slices: transfer {words[row.verdict]} "
+          f"(Dice {row.method_mean:.3f} vs scratch {row.baseline_mean:.3f}, paired difference "
+          f"{row.mean_difference:+.3f} ± {row.sd_difference:.3f}, better in {row.improved_seeds}/{row.seeds} seeds)")
+best = summary["mean"].max()
+if best < 0.1:
+    print(f"\nNo method reached a mean Dice of 0.1 (best {best:.3f}): at this budget the networks have barely "
+          "begun to find infarcts, so these verdicts say more about noise than about transfer. "
+          "Run the full profile before drawing conclusions.")
+first_loss = {name: np.mean([pd.read_csv(f"{r}/history.csv")["loss"].iloc[0]
+                             for r in curve[(curve.method == name) & (curve.shots == n_all)]["run_dir"]])
+              for name in methods}
+ahead = [name for name in SCHEDULES if first_loss[name] < first_loss["scratch"]]
+print(f"\nAfter the first epoch the training loss was lower than scratch's for: {', '.join(ahead) or 'none'} "
+      f"(scratch {first_loss['scratch']:.3f}; " + ", ".join(f"{n} {first_loss[n]:.3f}" for n in SCHEDULES) + ").")
+assert set(effects["verdict"]) <= set(words) and len(effects) == len(SCHEDULES) * len(SHOTS)
+assert all(np.isfinite(v) for v in first_loss.values())
+
+# %% [markdown]
+# **How to read this.** Transfer from hemorrhage to infarct can help in two ways: the pretrained
+# encoder already separates brain from skull, ventricles and sulci, so training starts from a lower
+# loss (look at the first-epoch losses above); and with only a handful of target slices that head
+# start may still show in the final Dice. It can also fail to help, or hurt:
+#
+# - the lesions have **opposite contrast** (blood is bright, an infarct is dark), so the source
+#   network's lesion detectors are of little use — its zero-shot Dice on the target shows this;
+# - a **frozen** encoder can only recombine features learned for bright blobs; if the infarct needs
+#   new low-level features, only schedules that unfreeze the encoder can learn them;
+# - with enough target slices and epochs, training from scratch catches up, and the curves meet on the
+#   right of the learning curve;
+# - the gap between methods has to be compared with the spread between seeds: with two or three
+#   seeds, differences of a few hundredths of Dice are within noise.
+#
+# The studies this notebook follows reported that transfer helped (a tumour-pretrained U-Net
+# fine-tuned at 1e-5; different F1 for frozen, unfrozen and gradual encoders; ImageNet ResNet
+# encoders). Whether it helps *here* is the output of the cells above — if your run says "no clear
+# difference", that is a result, not a failure.
+#
+# ## Exercises
+# 1. Pretrain on **the same** lesion type: `transfer.phantom_source(..., lesion_types=("ischemic",))`
+#    (still another seed, so other patients). Does the learning curve move up?
+# 2. Use the study's fine-tuning rate: set `LR_SCALE` so that `BASE.learning_rate * LR_SCALE` is 1e-5.
+#    What happens with this number of epochs — and why did the study need many more?
+# 3. Set `keep_batchnorm_frozen=False` in the schedules. Which schedule changes most, and why does
+#    batch norm on a few dozen slices make noisy statistics?
+# 4. Put `vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5` in `~/.keras/models` and rerun section 7.
+#
+# ## Summary
+# - Freeze by layer name or encoder block; recompile after every change; frozen batch norm runs in
+#   inference mode. Gradual unfreezing is a sequence of compiled phases, deepest block first.
+# - Pretrain on a larger related set with other patients, save it, reload it in safe mode, fine-tune.
+# - Judge transfer with a learning curve: same slices and seeds for every method, mean ± sd, paired
+#   differences — and accept "no clear difference" as an answer.
+#
+# **Next →** [06 · Evaluation](06_evaluation.ipynb)
