@@ -224,8 +224,11 @@ CUTOFF, MARGIN = fit.stack().idxmax()
 baseline_row = [f"baseline HU≥{CUTOFF:.0f}", 0, "baseline", True, None, None, np.nan, np.nan]
 runs = pd.concat([runs, pd.DataFrame([baseline_row], columns=run_columns)], ignore_index=True)
 display(fit.round(3))
+kinds = pd.Series(train_data.extra["lesion_type"], index=train_data.patient_ids)
+infarcts = (kinds[kinds != "none"].groupby(level=0).first() == "ischemic").sum()
 print(f"fitted on the training slices: HU ≥ {CUTOFF:.0f}, {MARGIN:g} mm trimmed off the brain "
-      f"edge (training Dice {fit.loc[CUTOFF, MARGIN]:.3f}: most training lesions are infarcts)")
+      f"edge (training Dice {fit.loc[CUTOFF, MARGIN]:.3f}; {infarcts} of "
+      f"{len(train_data.patients())} training patients have an infarct, which it cannot see)")
 assert fit.loc[CUTOFF, MARGIN] == fit.max().max() and np.all((fit >= 0) & (fit <= 1))
 
 

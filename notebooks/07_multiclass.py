@@ -77,7 +77,7 @@ STRATEGIES = ("oversample", "class_weights")
 SEEDS = tuple(range(PROFILE.num_seeds))
 COURSE_SPLIT = paths.data_dir() / "splits" / "phantom_split.json"
 SPLIT_FILE = paths.data_dir() / "splits" / "phantom_multiclass_split.json"
-WORK = paths.data_dir() / "07_multiclass"
+WORK = paths.data_dir() / "generated" / "07_multiclass"   # derived data: never committed
 RUNS = paths.runs_dir() / "07_multiclass"
 print(PROFILE.name, CONFIG)
 

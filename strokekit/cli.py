@@ -101,7 +101,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .metrics import aggregate, segmentation_report
     from .train import load_model, load_run, predict_numpy, to_arrays
 
-    run = load_run(args.model) if Path(args.model).is_dir() else None
+    path = Path(args.model)
+    if path.is_dir():
+        run = load_run(path)
+    elif (path.parent / "config.json").is_file():  # a .keras file inside a run folder
+        run = load_run(path.parent)
+    else:
+        run = None
     model = load_model(args.model)
     config = run["config"] if run else None
     if config is None:
@@ -109,6 +115,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
         shape = model.input_shape
         config = TrainConfig(image_size=int(shape[1]), windows=("brain",) * int(shape[-1]))
+    if config.num_classes != 1:
+        print(f"evaluate handles binary (sigmoid) models; this one has {config.num_classes} classes "
+              "(use strokekit.metrics.per_class_metrics)", file=sys.stderr)
+        return 2
     data = load_dataset(args.data, progress=False)
     x, y = to_arrays(config, data)
     prob = predict_numpy(model, x)[..., 0]
