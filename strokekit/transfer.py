@@ -19,7 +19,9 @@ Keras 3 facts the code relies on (tested in ``tests/test_transfer.py``):
 * The set of trainable weights is fixed when a model is compiled (the traced training step
   and the optimizer's slots are built for it). Changing ``trainable`` flags needs a new
   ``compile``; :func:`recompile` does it, and gradual unfreezing is therefore a loop of short
-  ``fit`` phases, one compile per phase, rather than a callback that flips flags mid-``fit``.
+  ``fit`` phases, each on a model compiled for its trainable blocks, rather than a callback
+  that flips flags mid-``fit``. Tracing a training step takes seconds on a CPU, so compiled
+  models are kept and reused (:func:`recompile`, :func:`fine_tune`, :func:`learning_curve`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +49,7 @@ MODES: tuple[str, ...] = ("frozen", "unfrozen", "gradual")
 CURVE_COLUMNS: tuple[str, ...] = (
     "method", "shots", "seed", "dice", "iou", "sensitivity", "specificity", "epochs", "seconds",
 )
-"""Columns :func:`learning_curve` always returns (it adds ``patients`` and ``best_epoch``)."""
+"""Columns :func:`learning_curve` always returns first (then ``patients``, ``best_epoch``, ``run_dir``)."""
 
 
 def _expected(value: Any, choices: Sequence[Any], arg: str) -> ValueError:
@@ -422,6 +424,19 @@ def _phase_pool(model) -> dict:
     return pool
 
 
+def _runner(model, pool: dict, key: tuple):
+    """The compiled model that trains a phase: one per (open blocks, batch-norm rule).
+
+    The first setting met is trained on ``model`` itself; each other one on a clone made once
+    and kept in the pool, so that later runs through the same settings re-trace nothing.
+    """
+    import keras
+
+    if key not in pool:
+        pool[key] = model if all(m is not model for m in pool.values()) else keras.models.clone_model(model)
+    return pool[key]
+
+
 def _copy_variables(source, target) -> None:
     """Every layer variable (weights, batch-norm statistics, seed states) from source to target."""
     for a, b in zip(source.layers, target.layers):
@@ -502,12 +517,14 @@ def fine_tune(
     seeded augmenting loader, loss, lesion metrics, learning-rate halving on plateaus (per
     phase) and seeding (``config.seed``). Early stopping counts epochs without a better
     validation loss across phases. The model is changed in place and ends with the trainable
-    flags of the schedule's last phase.
+    flags of the last phase run.
 
     Every phase needs its own compiled training step (Keras fixes the trainable weights at
-    compile time) and tracing one takes seconds on a CPU, so the phases before the last
-    train a copy of the model, compiled once and kept with the model for later runs; the
-    weights move from phase to phase and end in ``model``.
+    compile time) and tracing one takes seconds on a CPU. So each setting of trainable blocks
+    is trained by one compiled model kept with ``model`` (``model`` itself for the first
+    setting met, a clone for each other) and reused by later calls; the weights move from
+    phase to phase and end in ``model``. Before training ``model`` with Keras' own ``fit``,
+    call :func:`recompile`.
 
     Introduced in notebooks/05_transfer_learning.ipynb.
 
@@ -541,16 +558,15 @@ def fine_tune(
     """
     import keras
     import pandas as pd
-
-    from .augment import SegmentationLoader
     from tqdm.auto import tqdm
 
+    from .augment import SegmentationLoader
     from .train import evaluate_arrays, to_arrays
 
     if len(train_data) == 0 or len(val_data) == 0:
         raise DataError("training and validation sets must not be empty")
     if not isinstance(schedule, FineTuneSchedule):
-        raise ValueError(f"schedule must be a FineTuneSchedule. Received: schedule={schedule!r}")
+        raise ValueError(f"schedule must be a FineTuneSchedule. Received: schedule={schedule!r}")  # noqa: TRY004
     _check_input(model, config)
     blocks = _block_names(model)
     phases = schedule.phases(blocks, config.num_epochs)
@@ -575,24 +591,18 @@ def fine_tune(
     with warnings.catch_warnings():
         # Each phase recompiles on purpose; Keras' "trainable state changed" note is moot.
         warnings.filterwarnings("ignore", message=".*trainable.*state has changed.*")
-        for number, phase in enumerate(phases):
-            # The last phase trains `model` itself; earlier ones train a compiled copy kept
-            # per set of open blocks, so a second run re-traces nothing (see recompile).
-            if number == len(phases) - 1:
-                target = model
-            else:
-                key = (phase.blocks, schedule.keep_batchnorm_frozen)
-                if key not in pool:
-                    pool[key] = keras.models.clone_model(model)
-                target = pool[key]
-            if target is not current:
-                _copy_variables(current, target)
-            _apply_phase(target, phase, blocks, schedule.keep_batchnorm_frozen)
-            recompile(target, config, config.learning_rate * phase.lr_factor)
-            current = target
+        for phase in phases:
+            # With no block open the batch-norm rule changes nothing: one key for both.
+            key = (phase.blocks, schedule.keep_batchnorm_frozen if phase.blocks else None)
+            runner = _runner(model, pool, key)
+            if runner is not current:
+                _copy_variables(current, runner)
+            _apply_phase(runner, phase, blocks, schedule.keep_batchnorm_frozen)
+            recompile(runner, config, config.learning_rate * phase.lr_factor)
+            current = runner
             tracker.phase = phase
-            tracker.blocks = trainable_blocks(target)
-            tracker.trainable_params = int(sum(int(np.prod(w.shape)) for w in target.trainable_weights))
+            tracker.blocks = trainable_blocks(runner)
+            tracker.trainable_params = int(sum(int(np.prod(w.shape)) for w in runner.trainable_weights))
             phase_callbacks: list[Any] = [tracker, *callbacks]
             if config.reduce_lr_patience:
                 phase_callbacks.append(keras.callbacks.ReduceLROnPlateau(
@@ -600,15 +610,15 @@ def fine_tune(
             # fit() advances the loader once before its first epoch, so phases continue the
             # loader's epoch numbering (and augmentation draws) where the last one stopped.
             loader.set_epoch(phase.start_epoch)
-            target.fit(loader, validation_data=val_loader, initial_epoch=phase.start_epoch,
+            runner.fit(loader, validation_data=val_loader, initial_epoch=phase.start_epoch,
                        epochs=phase.end_epoch, verbose=0, callbacks=phase_callbacks)
             if tracker.stopped:
                 break
     bar.close()
     seconds = time.perf_counter() - start
-    if current is not model:  # stopped early, before the last phase
+    if current is not model:
         _copy_variables(current, model)
-        _apply_phase(model, phases[-1], blocks, schedule.keep_batchnorm_frozen)
+    _apply_phase(model, tracker.phase, blocks, schedule.keep_batchnorm_frozen)
     if restore_best and tracker.best_weights is not None:
         model.set_weights(tracker.best_weights)
 
@@ -898,6 +908,12 @@ def few_shot_subset(data: SliceDataset, shots: int | str | None, seed: int) -> S
     return data.subset(order[: int(shots)])
 
 
+def _architecture(model) -> tuple:
+    """What two models must share for one to take the other's weights: layers and shapes."""
+    return tuple((layer.__class__.__name__, layer.name, tuple(tuple(v.shape) for v in layer.variables))
+                 for layer in model.layers)
+
+
 def _variable_values(model) -> list[list[np.ndarray]]:
     import keras
 
@@ -962,8 +978,9 @@ def learning_curve(
     Every run goes through :func:`fine_tune` on ``few_shot_subset(target_train, k, seed)`` with
     ``dataclasses.replace(base_config, seed=seed)``, so methods see the same slices, loader
     order and augmentation for a given seed and differ only in their start and schedule.
-    Each method keeps one compiled model and loads its start into it before every run
-    (the result is that of a fresh model; it saves re-tracing the training step).
+    Methods whose networks share an architecture share one compiled model, which loads each
+    run's start before training (the result is that of a fresh model; it saves re-tracing
+    the training step, seconds per compile on a CPU).
 
     Introduced in notebooks/05_transfer_learning.ipynb.
 
@@ -993,6 +1010,7 @@ def learning_curve(
     Raises:
         ValueError: no methods or seeds, bad shots, a method that cannot be read.
     """
+    import keras
     import pandas as pd
     from tqdm.auto import tqdm
 
@@ -1014,35 +1032,32 @@ def learning_curve(
     parsed = {name: _parse_method(name, spec, schedule) for name, spec in methods.items()}
     eval_arrays = to_arrays(base_config, eval_data) if eval_data is not None else None
 
-    workers: dict[str, Any] = {}
-    starts: dict[str, list] = {}
+    # One compiled model per architecture, shared by every method and run: each run loads its
+    # start into it, and fine_tune keeps one compiled copy per setting of trainable blocks.
+    workers: dict[tuple, Any] = {}
+    fixed: dict[str, tuple] = {}  # method -> (start values, architecture, loaded model)
     rows = []
     jobs = [(name, k, seed) for name in methods for k in counts for seed in seeds]
     for name, k, seed in tqdm(jobs, desc="learning curve", disable=not progress):
         kind, start, method_schedule = parsed[name]
         config = dataclasses.replace(base_config, seed=seed)
-        if kind == "scratch":
-            seed_everything(seed)
-            fresh = build_model(config.arch, **config.model_kwargs())
-            values = _variable_values(fresh)
-        elif kind == "callable":
-            fresh = start(seed)
-            values = _variable_values(fresh)
+        if kind in ("scratch", "callable"):
+            if kind == "scratch":
+                seed_everything(seed)
+                candidate = build_model(config.arch, **config.model_kwargs())
+            else:
+                candidate = start(seed)
+            values, signature = _variable_values(candidate), _architecture(candidate)
         else:
-            fresh = None
-            if name not in starts:
+            if name not in fixed:
                 template = load_pretrained(start) if kind == "path" else start
-                starts[name] = _variable_values(template)
-                if kind == "path":
-                    fresh = template  # a model of its own: becomes the worker
-            values = starts[name]
-        if name not in workers:
-            if fresh is None:
-                import keras
-
-                fresh = keras.models.clone_model(start)
-            workers[name] = fresh
-        worker = workers[name]
+                # A loaded model is ours to train; a caller's model is only read.
+                fixed[name] = (_variable_values(template), _architecture(template),
+                               template if kind == "path" else None)
+            values, signature, candidate = fixed[name]
+        if signature not in workers:
+            workers[signature] = candidate if candidate is not None else keras.models.clone_model(start)
+        worker = workers[signature]
         _assign_values(worker, values, f"method {name!r}")
         subset = few_shot_subset(target_train, k, seed)
         folder = None if run_root is None else Path(run_root) / f"{_safe(name)}-k{k}-s{seed}"

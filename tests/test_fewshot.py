@@ -319,9 +319,10 @@ def test_predict_recipe_flip_restriction_threshold_and_resize():
     mask = fs.predict_recipe(_fitted(), data)
     np.testing.assert_array_equal(mask[0, 0], (ramp >= 0.25).astype(np.uint8))
     assert mask.dtype == np.uint8
-    # an all-bone slice has no brain: the fallback keeps the whole image rather than zeroing it
-    restricted = fs.predict_recipe(_fitted(restrict_to_brain=True), data, probabilities=True)
-    np.testing.assert_allclose(restricted, plain, atol=1e-6)
+    # a slice of soft tissue only (no skull) is brain everywhere: restriction changes nothing
+    soft = data.replace(images=np.full((1, 16, 16), 102.0, np.float32))
+    restricted = fs.predict_recipe(_fitted(restrict_to_brain=True), soft, probabilities=True)
+    np.testing.assert_allclose(restricted[0, 5], 0.4 * ramp, atol=1e-6)
     head_image, brain, _ = head(16, None)
     one = data.replace(images=head_image[None])
     inside = fs.predict_recipe(_fitted(restrict_to_brain=True), one, probabilities=True)

@@ -288,7 +288,7 @@ def test_imagenet_unet_reports_the_offline_fallback_once(tmp_path, monkeypatch):
     assert report.weights_found is False and report.weights_path is None
     assert report.message == messages[0]
     assert model.output_shape == (None, 32, 32, 1)
-    assert [b for b, _ in models.encoder_blocks(model)][0] == "block1"
+    assert next(b for b, _ in models.encoder_blocks(model)) == "block1"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _, report = transfer.imagenet_unet("vgg16", input_shape=(32, 32, 1), weights=None)
