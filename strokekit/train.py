@@ -164,10 +164,13 @@ def compile_model(model, config: TrainConfig, learning_rate: float | None = None
         ]
     else:
         metrics = [DiceMetric(class_id=c, name=f"dice_{c}") for c in range(1, config.num_classes)]
+    from .multiclass import jit_compile_setting  # XLA off for short CPU runs on TensorFlow
+
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate or config.learning_rate),
         loss=loss,
         metrics=metrics,
+        jit_compile=jit_compile_setting(),
     )
     return model
 
@@ -237,10 +240,7 @@ class TqdmCallback:
 
 def save_preview(images, masks, prob, path: Path, title: str = "", threshold: float = 0.5) -> Path:
     """Write a PNG grid: image with true mask, predicted probability, thresholded prediction."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # no pyplot: never changes the notebook's backend
 
     from .preprocess import overlay_mask
 
