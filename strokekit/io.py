@@ -1454,6 +1454,26 @@ def load_dataset(path: str | os.PathLike, **kwargs: Any) -> SliceDataset:
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
+def _remove_stale_cases(folder: Path, keep: set[str]) -> None:
+    """Deletes the files of cases an earlier :func:`write_study_layout` wrote here and ``keep`` lacks."""
+    import pandas as pd
+
+    listing = folder / "cases.csv"
+    if not listing.is_file():
+        return
+    try:
+        old = pd.read_csv(listing, dtype=str, usecols=["case_id"])["case_id"].dropna()
+    except (ValueError, pd.errors.ParserError) as err:
+        raise DataError(f"cannot read the old case list to replace it: {err}", listing) from err
+    for case in set(old) - keep:
+        if not _SAFE_ID.fullmatch(case):
+            continue
+        for suffix in ("", "_mask", "_result"):
+            stale = folder / f"{case}{suffix}.png"
+            if stale.is_file():
+                stale.unlink()
+
+
 def write_study_layout(
     dataset: SliceDataset,
     folder: str | os.PathLike,
@@ -1475,8 +1495,10 @@ def write_study_layout(
         folder: where to write; created if missing.
         window: HU window name or (level, width), used when ``dataset.unit == "HU"``.
         colour_map: (R, G, B) → label for the masks and overlays.
-        overwrite: allow writing into a non-empty folder (files with the same names are
-            replaced; other files are left alone).
+        overwrite: allow writing into a non-empty folder. Files with the same names are
+            replaced; the slices of an earlier write that this dataset no longer has (those
+            listed in the folder's old ``cases.csv``) are removed, so the folder reads back as
+            exactly this dataset; any other file is left alone.
         progress: show a progress bar.
 
     Returns:
@@ -1543,6 +1565,7 @@ def write_study_layout(
         return np.clip(np.asarray(image, np.float32) / scale, 0.0, 1.0)
 
     folder.mkdir(parents=True, exist_ok=True)
+    _remove_stale_cases(folder, set(dataset.case_ids))
     for i in tqdm(range(len(dataset)), desc="writing", disable=not progress, unit="slice"):
         case = dataset.case_ids[i]
         unit01 = to_unit(dataset.images[i])

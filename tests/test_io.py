@@ -654,6 +654,13 @@ def test_write_study_layout_refuses_non_empty_and_source_folders(tmp_path):
     write_study_layout(_display_dataset(), tmp_path / "busy", overwrite=True, progress=False)
     assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
     assert (tmp_path / "busy" / "4.png").is_file()
+    # Rewriting with fewer slices removes the dropped slices' files, so the folder reads back
+    # as the new dataset; files the kit did not list stay.
+    write_study_layout(_display_dataset().subset([1, 2]), tmp_path / "busy", overwrite=True,
+                       progress=False)
+    assert not list((tmp_path / "busy").glob("4*.png"))
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+    assert read_study_layout(tmp_path / "busy", progress=False).case_ids == ["12", "30"]
     _study_folder(tmp_path / "source")
     read = read_study_layout(tmp_path / "source", progress=False)
     with pytest.raises(
