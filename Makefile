@@ -31,20 +31,19 @@ test: install
 	$(MAKE) --no-print-directory test-unit test-jax test-notebooks
 
 test-unit: install
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --durations=12
 
 # Models, losses, metrics, augmentation and training again under the JAX backend. XLA's
 # optimiser spends 10-20 s per new shape on a small CPU; level 0 keeps this pass to minutes.
 test-jax: install
 	XLA_FLAGS=--xla_backend_optimization_level=0 KERAS_BACKEND=jax $(PY) -m pytest tests -q -m "backend and not slow" -p no:cacheprovider
 
-# Notebooks validated in CI, in course order. 05 joins once it passes here headless (its issue is
-# still open); `make test-notebooks NBVAL=notebooks` runs every notebook.
+# Notebooks validated in CI, in course order; `make test-notebooks NBVAL=notebooks` runs every notebook.
 NBVAL ?= notebooks/01_preprocessing.ipynb notebooks/02_cluster_split.ipynb notebooks/03_augmentation.ipynb \
-	notebooks/04_unet_vs_resunet.ipynb notebooks/06_evaluation.ipynb notebooks/07_multiclass.ipynb \
-	notebooks/08_ctp_core_penumbra.ipynb notebooks/09_3d_reconstruction.ipynb notebooks/app.ipynb
+	notebooks/04_unet_vs_resunet.ipynb notebooks/05_transfer_learning.ipynb notebooks/06_evaluation.ipynb notebooks/07_multiclass.ipynb \
+	notebooks/08_ctp_core_penumbra.ipynb notebooks/09_3d_reconstruction.ipynb notebooks/10_what_generalizes.ipynb notebooks/app.ipynb
 test-notebooks: install
-	$(PY) -m pytest --nbval-lax --nbval-cell-timeout=900 -q -p no:cacheprovider $(NBVAL)
+	$(PY) -m pytest --nbval-lax --nbval-cell-timeout=900 -q -p no:cacheprovider --durations=12 $(NBVAL)
 
 lab: install
 	$(PY) -m jupyter lab notebooks

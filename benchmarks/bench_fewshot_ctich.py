@@ -1,7 +1,7 @@
 """Protocol fewshot-ctich-v1 end to end: the kit's few-shot default against the study and baselines.
 
 Usage:
-    python benchmarks/bench_fewshot_ctich.py [--seeds 3] [--study-seeds 1] [--epochs-scale 1.0]
+    python benchmarks/bench_fewshot_ctich.py [--seeds 3] [--study-seeds 1] [--epochs-scale 1.0] [--study-epochs-scale S]
         [--methods default,study,threshold,background] [--sizes 128,256] [--data PATH] [--out FILE]
 
 Protocol (``strokekit.fewshot.PROTOCOLS["fewshot-ctich-v1"]``): train on the lesion slices of
@@ -23,9 +23,14 @@ Methods:
 Prints one row per method: per-patient Dice (mean ± sd over seeds; the headline), per-slice
 Dice, pooled Dice, sensitivity, specificity (means over seeds), training wall time per seed and
 training images/s. The study's U-Net trains at about 1.2 images/s at 128 px on 2 CPU cores
-(~30 min per seed), which is why it runs ``--study-seeds 1`` by default; with the defaults the
-whole table takes about 45 minutes on an unloaded 2-core CPU. With a GPU (none needed) use
-``KERAS_BACKEND=jax`` or ``torch`` and ``--study-seeds 3``.
+(~30 min per seed at 50 epochs), which is why it runs ``--study-seeds 1`` by default and why
+``--study-epochs-scale`` shortens it alone. The kit default (25 epochs on 64 px crops) took
+8.2 min per seed on the 2-core machine while other jobs kept its load at 7-10 (2026-11-23). With
+a GPU (none needed) use ``KERAS_BACKEND=jax`` or ``torch`` and ``--study-seeds 3``.
+
+Recorded run (2026-11-23, shared 2-core CPU, load 7-12): ``--seeds 3 --study-seeds 1
+--study-epochs-scale 0.2 --sizes 128`` (the study at 10 of its 50 epochs; no 256 px row); the
+table is in ``benchmarks/fewshot_log.md``.
 
 A benchmark, not a test: numbers depend on the machine and on what else runs on it.
 """
@@ -93,6 +98,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--study-seeds", type=int, default=1, help="seeds of the study's recipe")
     parser.add_argument("--large-seeds", type=int, default=1, help="seeds of sizes other than 128 px")
     parser.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every recipe's epochs")
+    parser.add_argument("--study-epochs-scale", type=float, default=None,
+                        help="multiply the study recipe's epochs instead (default: --epochs-scale)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}")
     parser.add_argument("--sizes", default="128,256", help="input sizes of the default recipe")
     parser.add_argument("--data", default=None, help="the ct-ich folder (default ../shared/data/ct-ich)")
@@ -157,7 +164,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 n = args.seeds if size == base_size else args.large_seeds
                 run_recipe(f"(1) kit default, {size} px", recipe, n, size)
         elif method == "study":
-            recipe = _scaled(fs.STUDY_RECIPE, args.epochs_scale)
+            scale = args.epochs_scale if args.study_epochs_scale is None else args.study_epochs_scale
+            recipe = _scaled(fs.STUDY_RECIPE, scale)
             # the study trained on lesion slices only
             run_recipe(f"(2) study U-Net 31M, BCE, {recipe.config.num_epochs} ep", recipe, args.study_seeds, base_size)
         elif method == "threshold":

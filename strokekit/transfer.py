@@ -238,6 +238,37 @@ def trainable_blocks(model) -> tuple[str, ...]:
     return tuple(out)
 
 
+def set_batchnorm_momentum(model, momentum: float) -> list[str]:
+    """Sets how fast every batch-norm layer's moving mean and variance follow the batches.
+
+    Keras' default, 0.99, averages over roughly the last few hundred training steps, so a
+    run of about a hundred steps ends with moving statistics still close to their starting
+    values (mean 0, variance 1): the network does well in training mode and fails at
+    inference, which uses those statistics. A lower momentum (0.9 averages over ~10 steps)
+    suits short CPU runs. Set it before compiling; it is saved with the model.
+
+    Introduced in notebooks/05_transfer_learning.ipynb.
+
+    Args:
+        model: a Keras model.
+        momentum: in [0, 1): ``moving = momentum * moving + (1 - momentum) * batch``.
+
+    Returns:
+        The names of the batch-norm layers changed, in graph order.
+
+    Raises:
+        ValueError: a momentum outside [0, 1).
+    """
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be a number in [0, 1). Received: momentum={momentum!r}")
+    changed = []
+    for layer in model.layers:
+        if _is_batchnorm(layer):
+            layer.momentum = float(momentum)
+            changed.append(layer.name)
+    return changed
+
+
 def _trainable_mask(model) -> tuple:
     return (bool(model.trainable),) + tuple((layer.name, bool(layer.trainable)) for layer in model.layers)
 
@@ -297,6 +328,8 @@ def _reset_optimizer(optimizer, learning_rate: float) -> None:
 @dataclasses.dataclass(frozen=True)
 class Phase:
     """One stretch of fine-tuning with fixed trainable blocks (see :meth:`FineTuneSchedule.phases`).
+
+    Introduced in notebooks/05_transfer_learning.ipynb.
 
     Attributes:
         index: 0 for the first phase.
@@ -444,6 +477,27 @@ def _copy_variables(source, target) -> None:
             vb.assign(va.value)
 
 
+_ONE_BATCH_MAX = 4  # validation sets up to this many training batches are evaluated in one
+
+
+def _full_batch_loader(base):
+    """The kit's loader, with its last batch filled up from the start of the epoch's order.
+
+    Every batch then has ``batch_size`` slices, so Keras traces the training step for one
+    shape only (a second, generalised trace costs as much as the first), and every slice is
+    still seen once per epoch; the few that fill the last batch are seen twice.
+    """
+
+    class FullBatchLoader(base):
+        def batch_indices(self, index: int) -> np.ndarray:
+            picks = super().batch_indices(index)
+            if len(picks) < self.batch_size:
+                picks = np.concatenate([picks, np.resize(self._order, self.batch_size - len(picks))])
+            return picks
+
+    return FullBatchLoader
+
+
 def _phase_tracker(patience: int, restore_best: bool, bar=None):
     """A callback that lives through all phases: history rows, best weights, early stopping."""
     import keras
@@ -500,14 +554,66 @@ def _check_input(model, config: TrainConfig) -> None:
         )
 
 
+def used_split(train_data: SliceDataset, val_data: SliceDataset, seed: int | None = None,
+               **params: Any):
+    """The split a fine-tuning run used, as a :class:`strokekit.split.Split` for ``split.json``.
+
+    A few-shot run trains on a subset of the target's training slices, so the notebook's split
+    file does not say which slices a run saw; this one does (``"train"``: ``train_data``,
+    ``"val"``: ``val_data``, with their patients), and :meth:`strokekit.split.Split.load` and
+    :func:`strokekit.train.load_run` read it back.
+
+    Introduced in notebooks/05_transfer_learning.ipynb.
+
+    Args:
+        train_data: the slices trained on.
+        val_data: the validation slices.
+        seed: the seed of the draw (recorded).
+        **params: JSON-ready facts about the draw (e.g. ``shots``), recorded in ``params``.
+
+    Returns:
+        The split (``method="fine-tune"``).
+
+    Raises:
+        ValueError: a case id in both sets (a slice cannot be in two subsets; validate on
+            other slices than you train on).
+    """
+    from .split import Split
+
+    shared = sorted(set(train_data.case_ids) & set(val_data.case_ids))
+    if shared:
+        raise ValueError(
+            f"training and validation data share {len(shared)} case id(s), e.g. {shared[:3]}: a "
+            "run folder records which subset each slice was in; validate on other slices"
+        )
+    patients = None
+    if train_data.patient_ids is not None and val_data.patient_ids is not None:
+        patients = list(train_data.patient_ids) + list(val_data.patient_ids)
+    return Split(case_ids=list(train_data.case_ids) + list(val_data.case_ids),
+                 subsets=["train"] * len(train_data) + ["val"] * len(val_data),
+                 patient_ids=patients, seed=seed, method="fine-tune", params=params)
+
+
+def _check_split(split, train_data: SliceDataset, val_data: SliceDataset) -> None:
+    for subset, data in (("train", train_data), ("val", val_data)):
+        cases = split.cases(subset)
+        if sorted(cases) != sorted(data.case_ids):
+            verb = "trains" if subset == "train" else "validates"
+            raise ValueError(
+                f"the split's {subset!r} cases ({len(cases)}) are not the {len(data)} slices the "
+                f"run {verb} on: save the split actually used (split=None does)"
+            )
+
+
 def fine_tune(
     model,
     config: TrainConfig,
     train_data: SliceDataset,
     val_data: SliceDataset,
     schedule: FineTuneSchedule = FineTuneSchedule(),
-    run_dir: str | os.PathLike | None = None,
-    progress: bool = False,
+    run_dir: str | os.PathLike | None | bool = None,
+    split: Any = None,
+    progress: bool = True,
     restore_best: bool = True,
     callbacks: Sequence[Any] = (),
 ) -> RunResult:
@@ -515,7 +621,10 @@ def fine_tune(
 
     Uses the machinery of :func:`strokekit.train.train`: the same inputs (:func:`to_arrays`),
     seeded augmenting loader, loss, lesion metrics, learning-rate halving on plateaus (per
-    phase) and seeding (``config.seed``). Early stopping counts epochs without a better
+    phase) and seeding (``config.seed``). Two differences keep every batch the same shape
+    (each new shape costs a new trace of the training step): the last training batch of an
+    epoch is filled up with slices from the start of that epoch's order, and a validation set
+    of up to four batches is evaluated as one batch. Early stopping counts epochs without a better
     validation loss across phases. The model is changed in place and ends with the trainable
     flags of the last phase run.
 
@@ -536,8 +645,13 @@ def fine_tune(
         val_data: validation slices (best epoch, early stopping, metrics).
         schedule: the :class:`FineTuneSchedule`; :data:`SCRATCH` trains everything at the
             config's rate.
-        run_dir: a folder to write ``config.json``, ``schedule.json``, ``history.csv``,
-            ``model.keras`` and ``metrics.json`` to; None writes nothing.
+        run_dir: the run folder, as in :func:`strokekit.train.train`: it receives
+            ``config.json``, ``schedule.json``, ``split.json``, ``history.csv``, ``model.keras``
+            and ``metrics.json``; None creates ``<runs>/finetune-<mode>-s<seed>-<timestamp>``;
+            False writes nothing.
+        split: the :class:`strokekit.split.Split` saved as ``split.json``; its ``"train"`` and
+            ``"val"`` cases must be exactly ``train_data``'s and ``val_data``'s. None saves the
+            split actually used (:func:`used_split`).
         progress: a progress bar over epochs.
         restore_best: end with the weights of the epoch with the lowest validation loss
             (as :func:`strokekit.train.train` does when it writes a run folder).
@@ -553,32 +667,40 @@ def fine_tune(
 
     Raises:
         DataError: empty training or validation data.
-        ValueError: a model whose input does not match the config, or a schedule that needs
-            encoder blocks the model lacks.
+        ValueError: a model whose input does not match the config, a schedule that needs
+            encoder blocks the model lacks, or (with a run folder) a split that does not hold
+            exactly the slices trained and validated on.
     """
     import keras
     import pandas as pd
     from tqdm.auto import tqdm
 
     from .augment import SegmentationLoader
-    from .train import evaluate_arrays, to_arrays
+    from .train import evaluate_arrays, make_run_dir, to_arrays
 
     if len(train_data) == 0 or len(val_data) == 0:
         raise DataError("training and validation sets must not be empty")
     if not isinstance(schedule, FineTuneSchedule):
         raise ValueError(f"schedule must be a FineTuneSchedule. Received: schedule={schedule!r}")  # noqa: TRY004
     _check_input(model, config)
+    # The split is checked before any training: a run folder must not record other slices.
+    if run_dir is not False:
+        split = used_split(train_data, val_data, seed=config.seed) if split is None else split
+        _check_split(split, train_data, val_data)
     blocks = _block_names(model)
     phases = schedule.phases(blocks, config.num_epochs)
     seed_everything(config.seed)
     x_train, y_train = to_arrays(config, train_data)
     x_val, y_val = to_arrays(config, val_data)
-    loader = SegmentationLoader(
+    loader = _full_batch_loader(SegmentationLoader)(
         x_train, y_train, batch_size=config.batch_size, augment=config.augment, shuffle=True,
         seed=config.seed, num_classes=config.num_classes, workers=config.workers,
     )
+    # A small validation set goes in one batch: one traced evaluation step, and the loss's
+    # Dice pooled over the whole set rather than over batches of it.
+    val_batch = len(x_val) if len(x_val) <= _ONE_BATCH_MAX * config.batch_size else config.batch_size
     val_loader = SegmentationLoader(
-        x_val, y_val, batch_size=config.batch_size, augment=None, shuffle=False,
+        x_val, y_val, batch_size=val_batch, augment=None, shuffle=False,
         seed=config.seed, num_classes=config.num_classes, workers=1,
     )
     bar = tqdm(total=config.num_epochs, desc=f"fine-tune ({schedule.mode})", unit="epoch",
@@ -632,11 +754,15 @@ def fine_tune(
     images_per_second = len(x_train) * len(history) / seconds if seconds else float("nan")
 
     folder = None
-    if run_dir is not None and run_dir is not False:
-        folder = Path(run_dir)
-        folder.mkdir(parents=True, exist_ok=True)
+    if run_dir is not False:
+        if run_dir is None:
+            folder = make_run_dir(f"finetune-{schedule.mode}-s{config.seed}")
+        else:
+            folder = Path(run_dir)
+            folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(to_dict(config), indent=2))
         (folder / "schedule.json").write_text(json.dumps(to_dict(schedule), indent=2))
+        split.save(folder / "split.json")
         saved = history.copy()
         saved["trainable_blocks"] = ["+".join(b) for b in saved["trainable_blocks"]]
         saved.to_csv(folder / "history.csv", index=False)
@@ -659,7 +785,7 @@ def phantom_source(
     empty_slices_per_patient: int = 1,
     target=None,
     prefix: str = "S",
-    progress: bool = False,
+    progress: bool = True,
 ) -> SliceDataset:
     """A larger phantom set of another lesion type, to pretrain on (the "source task").
 
@@ -722,7 +848,7 @@ def pretrain_on_source(
     val_data: SliceDataset,
     run_dir: str | os.PathLike | None = None,
     model=None,
-    progress: bool = False,
+    progress: bool = True,
 ) -> Path:
     """Trains a network on the source task with :func:`strokekit.train.train` and saves it.
 
@@ -757,7 +883,10 @@ def pretrain_on_source(
 
 
 def load_pretrained(path: str | os.PathLike):
-    """Loads a saved model (a ``.keras`` file or a run folder) in Keras safe mode.
+    """Loads a saved model (a ``.keras`` file or a run folder) in Keras safe mode, uncompiled.
+
+    The optimizer state saved with it is not restored: fine-tuning compiles afresh anyway
+    (:func:`recompile`), with its own trainable weights and learning rate.
 
     Introduced in notebooks/05_transfer_learning.ipynb.
 
@@ -770,14 +899,20 @@ def load_pretrained(path: str | os.PathLike):
     Raises:
         DataError: no saved model at ``path``.
     """
-    from . import models  # noqa: F401  (registers EncoderPreprocess for pretrained encoders)
-    from .train import load_model
+    import keras
 
-    return load_model(path)
+    from . import losses, models  # noqa: F401  (register the kit's layers, losses and metrics)
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.keras"
+    if not path.is_file():
+        raise DataError("no saved model here (a .keras file or a run folder holding model.keras)", path)
+    return keras.saving.load_model(path, safe_mode=True, compile=False)
 
 
 def load_source_dataset(name: str = "ctich", image_size: int = 128, lesion_only: bool = False,
-                        progress: bool = False) -> SliceDataset:
+                        progress: bool = True) -> SliceDataset:
     """Loads a real source set by name; today ``"ctich"`` (CT-ICH, traumatic hemorrhage).
 
     Introduced in notebooks/05_transfer_learning.ipynb.
@@ -999,7 +1134,8 @@ def learning_curve(
         schedule: the schedule of methods that do not name their own.
         eval_data: slices to measure on instead of ``target_val`` (e.g. a test set).
         run_root: a folder under which every run writes its run folder
-            ``<method>-k<shots>-s<seed>`` (see :func:`fine_tune`); None writes nothing.
+            ``<method>-k<shots>-s<seed>`` (see :func:`fine_tune`; its ``split.json`` holds the
+            slices drawn); None writes nothing.
         progress: a progress bar over runs.
 
     Returns:
@@ -1060,9 +1196,12 @@ def learning_curve(
         worker = workers[signature]
         _assign_values(worker, values, f"method {name!r}")
         subset = few_shot_subset(target_train, k, seed)
-        folder = None if run_root is None else Path(run_root) / f"{_safe(name)}-k{k}-s{seed}"
+        folder = False if run_root is None else Path(run_root) / f"{_safe(name)}-k{k}-s{seed}"
+        used = None if folder is False else used_split(
+            subset, target_val, seed=seed, shots=int(k), drawn_from=len(target_train),
+            draw="strokekit.transfer.few_shot_subset")
         result = fine_tune(worker, config, subset, target_val, method_schedule, run_dir=folder,
-                           progress=False)
+                           split=used, progress=False)
         metrics = result.metrics
         if eval_arrays is not None:
             metrics = {**metrics, **evaluate_arrays(worker, *eval_arrays, config.threshold,
@@ -1073,7 +1212,7 @@ def learning_curve(
             "epochs": int(metrics["epochs_run"]), "seconds": round(result.seconds, 2),
             "patients": len(subset.patients()) if subset.patient_ids is not None else np.nan,
             "best_epoch": int(metrics["best_epoch"]),
-            "run_dir": "" if folder is None else str(folder),
+            "run_dir": "" if folder is False else str(folder),
         })
     return pd.DataFrame(rows)
 
@@ -1159,7 +1298,7 @@ def transfer_effect(table, method: str, baseline: str = "scratch", metric: str =
 
 
 def plot_learning_curve(table, metric: str = "dice", ax=None):
-    """Metric against the number of training slices: mean ± sd band per method, seeds as dots.
+    """Metric against the number of training slices: mean ± sd (band and bars) per method, seeds as dots.
 
     Introduced in notebooks/05_transfer_learning.ipynb.
 
@@ -1187,6 +1326,8 @@ def plot_learning_curve(table, metric: str = "dice", ax=None):
         mean, sd = part["mean"].to_numpy(float), part["sd"].to_numpy(float)
         ax.plot(x, mean, marker="o", color=colour, label=f"{name} (mean ± sd)")
         ax.fill_between(x, mean - sd, mean + sd, color=colour, alpha=0.18, linewidth=0)
+        # Error bars too: a method run at one number of shots has no band to show its sd.
+        ax.errorbar(x, mean, yerr=sd, fmt="none", ecolor=colour, capsize=4, linewidth=1)
         runs = table[table["method"] == name]
         # Small sideways offsets so the seeds of different methods do not hide each other.
         jitter = (i - (summary["method"].nunique() - 1) / 2) * 0.012 * max(1.0, float(x.max()))

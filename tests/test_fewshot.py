@@ -341,3 +341,109 @@ def test_best_threshold_maximises_per_patient_dice():
     assert thr == 0.3 and dice == pytest.approx((0.8 + 1.0) / 2)
     with pytest.raises(ValueError, match="at least one"):
         fs.best_threshold(prob, truth, ["a", "b"], ())
+
+
+# ----------------------------------------------------------------------------- brain masks, channels
+def test_brain_mask_stack_is_preprocess_brain_mask_of_each_slice():
+    from strokekit.preprocess import brain_mask
+
+    image, brain, _ = head()
+    empty_head, _, _ = head(blood=None)
+    stack = fs.brain_mask_stack(np.stack([image, empty_head, np.zeros_like(image)]))
+    assert stack.shape == (3, 32, 32) and stack.dtype == bool
+    # inside the bone ring, blood included (holes are filled); the ring and the air are out
+    np.testing.assert_array_equal(stack[0], brain)
+    np.testing.assert_array_equal(stack[1], brain_mask(empty_head, unit="display"))
+    assert not stack[2].any()  # no head, no brain: nothing will be predicted there
+    np.testing.assert_array_equal(fs.brain_mask_stack(image), brain)
+
+
+def test_threshold_in_brain_finds_the_blob_with_its_own_brain_mask():
+    image, _, mask = head()
+    pred = fs.threshold_in_brain(image, low=150, high=230)  # default: brain mask, erosion 1, opening 1
+    expected = mask.copy()
+    for r, c in [(12, 12), (12, 16), (16, 12), (16, 16)]:  # the opening cuts the square's corners
+        expected[r, c] = 0
+    np.testing.assert_array_equal(pred, expected)
+    # the bone ring (255) is above the band and outside the brain: nothing of it is found
+    assert pred[image == 255.0].sum() == 0
+
+
+def test_model_inputs_window_and_candidate_channels():
+    image, _, mask = head(16, (6, 9, 6, 9))
+    data = SliceDataset(images=image[None], masks=mask[None], case_ids=["0"], patient_ids=["p"], unit="display")
+    recipe = fs.FewShotRecipe(config=TrainConfig(image_size=16, filters=(4, 8)), display_windows=((100.0, 200.0),),
+                              candidate_channel=True, brain_dilation=0)
+    band = dict(low=150.0, high=230.0, erosion=0)
+    x, y, _ = fs._model_inputs(recipe, data, band)
+    assert x.shape == (1, 16, 16, 3)
+    np.testing.assert_allclose(x[0, ..., 0], image / 255.0, atol=1e-6)
+    # window 100..200: brain (100) -> 0, blood (180) -> 0.8, bone (255) -> 1
+    assert x[0, 4, 8, 1] == pytest.approx(0.0) and x[0, 7, 7, 1] == pytest.approx(0.8)
+    assert x[0, 0, 8, 1] == pytest.approx(0.0) and x[0, 1, 8, 1] == pytest.approx(1.0)
+    np.testing.assert_array_equal(x[0, ..., 2], fs.threshold_in_brain(image, low=150, high=230, erosion=0))
+    np.testing.assert_array_equal(y, mask[None])
+    with pytest.raises(ValueError, match="needs the band"):
+        fs._model_inputs(recipe, data)
+    with pytest.raises(ValueError, match="display_windows"):
+        fs.FewShotRecipe(display_windows=((200.0, 100.0),))
+
+
+def test_redecide_changes_decisions_not_the_model():
+    image = np.full((16, 16), 255.0, np.float32)
+    truth = np.zeros((1, 16, 16), np.uint8)
+    truth[:, :, :4] = 1  # the left quarter, where the ramp is highest
+    val = SliceDataset(images=image[None], masks=truth, case_ids=["0"], patient_ids=["p"], unit="display")
+    fitted = _fitted()
+    tuned = fs.redecide(fitted, val, tune_threshold=True, thresholds=(0.5, 0.75, 0.9))
+    # ramp 1..0 over 16 columns: >= 0.75 keeps columns 0-3 exactly
+    assert tuned.threshold == 0.75 and tuned.val_dice == pytest.approx(1.0) and tuned.model is fitted.model
+    flipped = fs.redecide(fitted, val, tta_flip=True)
+    assert flipped.threshold == 0.5 and flipped.val_dice == pytest.approx(2 * 4 / (4 + 16))  # 0.5 everywhere
+    with pytest.raises(ValueError, match="need training"):
+        fs.redecide(fitted, val, empty_ratio=1.0)
+
+
+def test_ablation_recipes_change_one_lever_at_a_time():
+    steps = fs.ablation_recipes(image_size=64, num_epochs=4, filters=(4, 8))
+    labels = [label for label, _ in steps]
+    recipes = [recipe for _, recipe in steps]
+    assert len(steps) == 6 and labels[0].startswith("0 study") and labels[-1].endswith("(the default)")
+    assert all(r.config.image_size == 64 and r.config.num_epochs == 4 and r.config.filters == (4, 8) for r in recipes)
+    study = recipes[0]
+    assert (study.config.loss, study.config.activation, study.config.dropout) == ("bce", "leaky_relu", 0.5)
+    assert study.empty_ratio == 0 and study.patch_size is None and not study.config.batch_norm
+    final = recipes[-1]
+    default = fs.FEWSHOT_DEFAULT
+    assert final == dataclasses.replace(default, patch_size=final.patch_size, config=dataclasses.replace(
+        default.config, image_size=64, num_epochs=4, filters=(4, 8),
+        early_stopping_patience=final.config.early_stopping_patience))
+    if default.patch_size:  # crops keep their share of the slice at another size
+        assert final.patch_size / 64 == default.patch_size / default.config.image_size
+    # the last step changes only after-training decisions
+    before = {f: getattr(recipes[-2], f) for f in fs.POSTHOC_FIELDS}
+    assert dataclasses.replace(recipes[-2], **{f: getattr(final, f) for f in fs.POSTHOC_FIELDS}) == final
+    assert before != {f: getattr(final, f) for f in fs.POSTHOC_FIELDS}
+
+
+@pytest.mark.backend
+def test_fit_recipe_patches_channels_and_bn_recalibration_end_to_end():
+    data = fake_ctich(vanish=False)
+    train = data.select_patients(["49", "50", "51"])
+    val = data.subset(np.flatnonzero((np.asarray(data.patient_ids) == "66") & (data.extra["has_mask"] == 1)))
+    recipe = fs.FewShotRecipe(
+        config=TrainConfig(image_size=16, filters=(4, 8), batch_norm=True, num_epochs=2, batch_size=4,
+                           early_stopping_patience=0, reduce_lr_patience=0, workers=1),
+        empty_ratio=1.0, patch_size=8, patches_per_slice=2, display_windows=((130.0, 230.0),),
+        candidate_channel=True, restrict_to_brain=True, tta_flip=True, tune_threshold=True)
+    fitted = fs.fit_recipe(recipe, train, val, seed=1)
+    assert fitted.model.input_shape[-1] == 3 and len(fitted.history) == 2
+    assert fitted.n_train == 12 and fitted.threshold in recipe.thresholds
+    assert fitted.band is not None and fitted.band["low"] <= 180.0 <= fitted.band["high"]
+    prob = fs.predict_recipe(fitted, val, probabilities=True)
+    assert prob.shape == (2, 16, 16) and 0.0 <= prob.min() and prob.max() <= 1.0
+    brains = fs.brain_mask_stack(val.images)
+    for _ in range(recipe.brain_dilation):
+        brains = fs._dilate_cross(brains)
+    assert float(prob[~brains].max(initial=0.0)) == 0.0  # restricted to the (dilated) brain
+    assert fs.recalibrate_batchnorm(fitted.model, np.zeros((2, 16, 16, 3), np.float32)) > 0

@@ -11,13 +11,14 @@ import pytest
 from strokekit import models, transfer
 from strokekit.augment import NO_AUGMENT
 from strokekit.dataset import SliceDataset
+from strokekit.errors import DataError
 from strokekit.train import TrainConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def tiny_data(n=8, size=32, seed=0):
-    """Bright squares on noise; two slices per patient."""
+def tiny_data(n=8, size=32, seed=0, prefix=""):
+    """Bright squares on noise; two slices per patient (ids ``{prefix}c0``…, ``{prefix}p0``…)."""
     rng = np.random.default_rng(seed)
     images = rng.normal(30.0, 8.0, (n, size, size)).astype(np.float32)
     masks = np.zeros((n, size, size), np.uint8)
@@ -25,7 +26,8 @@ def tiny_data(n=8, size=32, seed=0):
         r, c = 4 + 2 * (i % 4), 6 + (i % 3) * 3
         masks[i, r:r + 10, c:c + 10] = 1
     images[masks > 0] += 45.0
-    return SliceDataset(images, masks, [f"c{i}" for i in range(n)], [f"p{i // 2}" for i in range(n)])
+    return SliceDataset(images, masks, [f"{prefix}c{i}" for i in range(n)],
+                        [f"{prefix}p{i // 2}" for i in range(n)])
 
 
 # Two levels and no batch norm keep each compile (a traced training step) short; the
@@ -56,13 +58,14 @@ def same(a, b):
 
 @pytest.mark.backend
 def test_freeze_and_unfreeze_select_by_name_prefix_glob_and_block():
-    model = tiny_model(filters=(4, 8, 16), batch_norm=True)
-    assert [b for b, _ in models.encoder_blocks(model)] == ["enc1", "enc2", "bottleneck"]
+    model = tiny_model(batch_norm=True)
+    assert [b for b, _ in models.encoder_blocks(model)] == ["enc1", "bottleneck"]
     frozen = transfer.freeze(model, "enc1")
     assert frozen == ["enc1_conv1", "enc1_bn1", "enc1_act1", "enc1_conv2", "enc1_bn2", "enc1_act2",
                       "enc1_pool"]
-    assert transfer.trainable_blocks(model) == ("enc2", "bottleneck")
-    assert transfer.freeze(model, "dec*")[:2] == ["dec2_up", "dec2_concat"]
+    assert transfer.trainable_blocks(model) == ("bottleneck",)
+    assert not transfer._matches("enc10_conv1", "enc1") and transfer._matches("enc1_pool", "enc1_")
+    assert transfer.freeze(model, "dec*")[:2] == ["dec1_up", "dec1_concat"]
     assert not model.get_layer("dec1_conv2").trainable and model.get_layer("head").trainable
     # No arguments: the whole encoder.
     assert transfer.freeze(model) == transfer.encoder_layers(model)
@@ -71,7 +74,7 @@ def test_freeze_and_unfreeze_select_by_name_prefix_glob_and_block():
     assert "bottleneck_conv1" in opened and "bottleneck_bn1" not in opened
     assert not model.get_layer("bottleneck_bn1").trainable
     assert transfer.trainable_blocks(model) == ("bottleneck",)
-    with pytest.raises(ValueError, match=r"Expected one of \['enc1', 'enc2', 'bottleneck'\]\. "
+    with pytest.raises(ValueError, match=r"Expected one of \['enc1', 'bottleneck'\]\. "
                                          r"Received: block='enc9'"):
         transfer.freeze(model, blocks="enc9")
     with pytest.raises(ValueError, match="no layer of model 'unet' matches 'decoder'"):
@@ -79,7 +82,7 @@ def test_freeze_and_unfreeze_select_by_name_prefix_glob_and_block():
     # A frozen model can still be unfrozen part by part.
     model.trainable = False
     assert transfer.unfreeze(model, "head") == ["head"]
-    assert model.trainable and not model.get_layer("enc2_conv1").trainable
+    assert model.trainable and not model.get_layer("enc1_conv1").trainable
 
 
 @pytest.mark.backend
@@ -148,6 +151,27 @@ def test_frozen_layers_and_their_batchnorm_statistics_do_not_move():
 
 
 @pytest.mark.backend
+def test_batchnorm_momentum_sets_how_fast_moving_statistics_follow_the_batch():
+    import keras
+
+    model = tiny_model(batch_norm=True)
+    changed = transfer.set_batchnorm_momentum(model, 0.75)
+    assert changed == [layer.name for layer in model.layers
+                       if isinstance(layer, keras.layers.BatchNormalization)] and "enc1_bn1" in changed
+    assert keras.models.clone_model(model).get_layer("enc1_bn1").momentum == 0.75  # kept in the config
+    # One training-mode batch moves the moving mean a quarter of the way to the batch mean.
+    inputs = keras.Input((3,))
+    small = keras.Model(inputs, keras.layers.BatchNormalization(name="bn")(inputs))
+    assert transfer.set_batchnorm_momentum(small, 0.75) == ["bn"]
+    x = np.array([[1.0, 2.0, 3.0], [3.0, 6.0, 9.0]], np.float32)
+    small(x, training=True)
+    moving = keras.ops.convert_to_numpy(small.get_layer("bn").moving_mean)
+    assert np.allclose(moving, [0.5, 1.0, 1.5])  # 0.75 * 0 + (1 - 0.75) * [2, 4, 6]
+    with pytest.raises(ValueError, match=r"momentum must be a number in \[0, 1\)"):
+        transfer.set_batchnorm_momentum(model, 1.0)
+
+
+@pytest.mark.backend
 def test_gradual_unfreezing_opens_blocks_deepest_first_at_the_stated_epochs():
     import keras
 
@@ -165,8 +189,8 @@ def test_gradual_unfreezing_opens_blocks_deepest_first_at_the_stated_epochs():
     config = dataclasses.replace(CONFIG, num_epochs=3)
     schedule = transfer.FineTuneSchedule("gradual", unfreeze_every=1, lr_scale=0.1)
     snapshots = Snapshots()
-    result = transfer.fine_tune(model, config, data, data, schedule, restore_best=False,
-                                callbacks=[snapshots])
+    result = transfer.fine_tune(model, config, data, data, schedule, run_dir=False, progress=False,
+                                restore_best=False, callbacks=[snapshots])
     history = result.history
     assert list(history["epoch"]) == [1, 2, 3]
     assert list(history["trainable_blocks"]) == [(), ("bottleneck",), ("enc1", "bottleneck")]
@@ -190,25 +214,41 @@ def pretrained(tmp_path_factory):
     """A tiny U-Net pretrained for one epoch, saved as .keras."""
     folder = tmp_path_factory.mktemp("pretrain")
     data = tiny_data(seed=1)
-    return transfer.pretrain_on_source(CONFIG, data, data, run_dir=folder)
+    return transfer.pretrain_on_source(CONFIG, data, data, run_dir=folder, progress=False)
+
+
+VAL = tiny_data(seed=2, prefix="v")  # validation slices with their own case and patient ids
 
 
 @pytest.fixture(scope="module")
-def fine_tuned(pretrained):
+def fine_tuned(pretrained, tmp_path_factory):
     """The run learning_curve does for (transfer, all shots, seed 0), done by hand."""
     model = transfer.load_pretrained(pretrained)
     loaded = values(model, "enc1_conv1")
     data = tiny_data()
-    result = transfer.fine_tune(model, CONFIG, transfer.few_shot_subset(data, "all", 0), data,
-                                transfer.FineTuneSchedule("unfrozen", lr_scale=0.5))
+    folder = tmp_path_factory.mktemp("finetune") / "run"
+    result = transfer.fine_tune(model, CONFIG, transfer.few_shot_subset(data, "all", 0), VAL,
+                                transfer.FineTuneSchedule("unfrozen", lr_scale=0.5), run_dir=folder,
+                                progress=False)
     return loaded, result
 
 
 @pytest.mark.backend
-def test_saved_pretrained_model_reloads_in_safe_mode_and_fine_tunes(pretrained, fine_tuned):
+def test_saved_pretrained_model_reloads_in_safe_mode_and_fine_tunes(pretrained, fine_tuned, tmp_path):
+    import keras
+
     assert pretrained.name == "model.keras" and pretrained.is_file()
     assert (pretrained.parent / "history.csv").is_file()
     reloaded = transfer.load_pretrained(pretrained.parent)  # a run folder works too
+    assert not reloaded.compiled  # loaded uncompiled: fine-tuning compiles afresh
+    with pytest.raises(DataError, match="no saved model here"):
+        transfer.load_pretrained(pretrained.parent / "elsewhere")
+    # Safe mode: a saved model that would run arbitrary Python code (a Lambda) is refused.
+    inputs = keras.Input((4,))
+    unsafe = keras.Model(inputs, keras.layers.Lambda(lambda t: t * 2.0)(inputs))
+    unsafe.save(tmp_path / "unsafe.keras")
+    with pytest.raises(ValueError, match="safe_mode"):
+        transfer.load_pretrained(tmp_path / "unsafe.keras")
     loaded, result = fine_tuned
     assert same(loaded, values(reloaded, "enc1_conv1"))
     assert np.isfinite(result.history["loss"]).all()
@@ -218,12 +258,48 @@ def test_saved_pretrained_model_reloads_in_safe_mode_and_fine_tunes(pretrained, 
 
 
 @pytest.mark.backend
-def test_learning_curve_has_one_row_per_method_shots_and_seed(pretrained, fine_tuned):
+def test_fine_tuning_writes_a_run_folder_with_the_split_it_used(fine_tuned):
+    from strokekit.split import Split
+    from strokekit.train import load_run
+
+    _, result = fine_tuned
+    run = load_run(result.run_dir)  # notebook 04's reader understands the folder
+    assert sorted(p.name for p in result.run_dir.iterdir()) == [
+        "config.json", "history.csv", "metrics.json", "model.keras", "schedule.json", "split.json"]
+    assert run["config"] == CONFIG
+    assert list(run["history"]["epoch"]) == [1] and run["history"]["trainable_blocks"][0] == "enc1+bottleneck"
+    assert run["metrics"]["dice"] == pytest.approx(result.metrics["dice"])
+    split = Split.load(run["split_path"])
+    assert split.cases("train") == transfer.few_shot_subset(tiny_data(), "all", 0).case_ids
+    assert split.cases("val") == VAL.case_ids and split.cases("test") == []
+    assert split.method == "fine-tune" and split.seed == CONFIG.seed
+    assert split.patient_ids[:2] == [tiny_data().patient_ids[tiny_data().case_ids.index(c)]
+                                     for c in split.case_ids[:2]]
+    # The folder holds the fine-tuned weights.
+    saved = transfer.load_pretrained(result.run_dir)
+    assert same(values(saved, "enc1_conv1"), values(result.model, "enc1_conv1"))
+
+
+@pytest.mark.backend
+def test_fine_tuning_refuses_to_record_a_split_it_did_not_use(tmp_path):
+    data, model = tiny_data(), tiny_model()
+    with pytest.raises(ValueError, match=r"share 8 case id\(s\), e\.g\. \['c0', 'c1', 'c2'\]"):
+        transfer.fine_tune(model, CONFIG, data, data, run_dir=tmp_path / "leaky", progress=False)
+    other = transfer.used_split(transfer.few_shot_subset(data, 4, 0), VAL)
+    with pytest.raises(ValueError, match=r"the split's 'train' cases \(4\) are not the 8 slices the run trains on"):
+        transfer.fine_tune(model, CONFIG, data, VAL, split=other, run_dir=tmp_path / "other", progress=False)
+    assert not (tmp_path / "leaky").exists() and not (tmp_path / "other").exists()  # checked before training
+
+
+@pytest.mark.backend
+def test_learning_curve_has_one_row_per_method_shots_and_seed(pretrained, fine_tuned, tmp_path):
+    from strokekit.split import Split
+
     data = tiny_data()
     table = transfer.learning_curve(
-        CONFIG, data, data, shots=(4, "all"), seeds=(0, 1),
+        CONFIG, data, VAL, shots=(4, "all"), seeds=(0, 1),
         methods={"scratch": None, "transfer": pretrained},
-        schedule=transfer.FineTuneSchedule("unfrozen", lr_scale=0.5), progress=False,
+        schedule=transfer.FineTuneSchedule("unfrozen", lr_scale=0.5), run_root=tmp_path, progress=False,
     )
     assert list(table.columns[:9]) == list(transfer.CURVE_COLUMNS)
     assert len(table) == 2 * 2 * 2
@@ -234,8 +310,15 @@ def test_learning_curve_has_one_row_per_method_shots_and_seed(pretrained, fine_t
     # Reusing one compiled model per method gives the result of a fresh model.
     row = table[(table.method == "transfer") & (table.shots == 8) & (table.seed == 0)].iloc[0]
     assert row["dice"] == pytest.approx(fine_tuned[1].metrics["dice"], abs=1e-5)
+    # Every run's folder records the slices it drew.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"{m}-k{k}-s{s}" for m in ("scratch", "transfer") for k in (4, 8) for s in (0, 1))
+    drawn = Split.load(tmp_path / "scratch-k4-s1" / "split.json")
+    assert drawn.cases("train") == transfer.few_shot_subset(data, 4, 1).case_ids
+    assert drawn.params == {"shots": 4, "drawn_from": 8, "draw": "strokekit.transfer.few_shot_subset"}
+    assert drawn.seed == 1
     with pytest.raises(ValueError, match=r"shots must be an int from 1 to 8"):
-        transfer.learning_curve(CONFIG, data, data, shots=(9,), progress=False)
+        transfer.learning_curve(CONFIG, data, VAL, shots=(9,), progress=False)
 
 
 # --------------------------------------------------------------------------- data and plots
@@ -262,7 +345,7 @@ def test_phantom_source_shares_no_patient_with_the_target():
                                   lesion_types=("ischemic",))
     target = generate_phantom(target_config, progress=False)
     source = transfer.phantom_source(n_patients=3, slices_per_patient=2, empty_slices_per_patient=1,
-                                     seed=7, target=target_config)
+                                     seed=7, target=target_config, progress=False)
     assert source.patients() == ["S01", "S02", "S03"]
     assert not set(source.patients()) & set(target.patients())
     assert not set(source.case_ids) & set(target.case_ids)
@@ -277,7 +360,6 @@ def test_phantom_source_shares_no_patient_with_the_target():
         transfer.phantom_source(n_patients=2, prefix="P")
 
 
-@pytest.mark.backend
 def test_imagenet_unet_reports_the_offline_fallback_once(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # an empty cache: no weights anywhere
     with warnings.catch_warnings(record=True) as caught:
@@ -313,11 +395,13 @@ def test_summary_and_plot_show_mean_and_sd_per_method():
     fig = transfer.plot_learning_curve(table)
     assert isinstance(fig, Figure)
     ax = fig.axes[0]
-    lines = {line.get_label(): line for line in ax.get_lines()}
+    lines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
     assert set(lines) == {"scratch (mean ± sd)", "transfer (mean ± sd)"}
     assert np.allclose(lines["transfer (mean ± sd)"].get_ydata(), [0.4, 0.7])
     band = ax.collections[0].get_paths()[0].vertices[:, 1]
     assert band.min() == pytest.approx(0.2 - np.sqrt(0.02)) and band.max() == pytest.approx(0.6 + np.sqrt(0.02))
+    bars = ax.collections[1].get_segments()  # scratch's error bars: mean ± sd at 2 and 8 shots
+    assert np.allclose(bars[0][:, 1], [0.2 - np.sqrt(0.02), 0.2 + np.sqrt(0.02)])
     with pytest.raises(ValueError, match="Expected one of"):
         transfer.summarize_curve(table, metric="auc")
 
@@ -344,3 +428,34 @@ def test_transfer_effect_pairs_seeds_and_only_claims_consistent_gains():
     assert set(one["verdict"]) == {"one seed: cannot tell"}
     with pytest.raises(ValueError, match=r"Expected one of \['scratch', 'transfer'\]"):
         transfer.transfer_effect(pd.DataFrame(rows), "imagenet")
+
+
+@pytest.mark.backend
+def test_training_batches_all_have_the_batch_size_and_cover_every_slice():
+    from strokekit.augment import SegmentationLoader
+
+    loader = transfer._full_batch_loader(SegmentationLoader)(
+        np.zeros((10, 8, 8), np.float32), np.zeros((10, 8, 8), np.uint8), batch_size=4, seed=0, workers=1)
+    assert len(loader) == 3
+    picks = [loader.batch_indices(i) for i in range(3)]
+    assert [len(p) for p in picks] == [4, 4, 4]
+    assert set(np.concatenate(picks)) == set(range(10))
+    assert list(picks[2][2:]) == list(picks[0][:2])  # filled up from the start of the order
+    tiny = transfer._full_batch_loader(SegmentationLoader)(
+        np.zeros((3, 8, 8), np.float32), np.zeros((3, 8, 8), np.uint8), batch_size=8, seed=0, workers=1)
+    x, y = tiny[0]
+    assert x.shape == (8, 8, 8, 1) and y.shape == (8, 8, 8, 1)
+
+
+@pytest.mark.realdata
+def test_ctich_loads_as_a_source_with_its_own_patients():
+    from strokekit import paths
+
+    if paths.ctich_dir() is None:
+        pytest.skip("../shared/data/ct-ich is absent: the CT-ICH source cannot be read")
+    source = transfer.load_source_dataset("ctich", image_size=32, lesion_only=True, progress=False)
+    assert source.unit == "display" and source.image_shape == (32, 32)
+    assert source.has_lesion().sum() > 0.9 * len(source)  # lesion_only (a few masks vanish at 32 px)
+    assert not any(p.startswith(("P", "S")) for p in source.patients())  # no phantom id can clash
+    with pytest.raises(ValueError, match=r"Expected one of \['ctich'\]. Received: name='tumour'"):
+        transfer.load_source_dataset("tumour")
