@@ -166,9 +166,10 @@ display(fig)
 # then the grid demonstrates the machinery (runs, seeds, tables), not which model is better.
 # What training needs to get going, measured with `benchmarks/bench_ctich_train.py` on real CT
 # (CT-ICH, traumatic hemorrhage, not stroke; 2 CPU cores): a U-Net *with batch normalisation*
-# trained 8 epochs at 128 px on ~215 lesion slices reached a per-patient Dice of about 0.23 on
-# held-out patients; the same U-Net *without* batch normalisation stayed at all-background
-# (Dice 0.00, its loss flat after the first epoch).
+# trained 8 epochs at 128 px on ~215 lesion slices reached a per-patient Dice of 0.23 and 0.22 on
+# held-out patients for two seeds and collapsed to all-background (0.00) for the third
+# (0.15 ± 0.13 over the three); the same U-Net *without* batch normalisation stayed at
+# all-background (Dice 0.00, its loss flat after the first epoch).
 
 # %%
 mean_dice = grid.groupby("model")["dice"].mean()
