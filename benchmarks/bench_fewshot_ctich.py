@@ -46,6 +46,7 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # 1.5-2x faster CPU training; must precede TensorFlow
 
 import numpy as np
 
@@ -90,6 +91,14 @@ def format_table(rows: list[dict]) -> str:
             f"{r['train_s'] / 60:.1f} min | {ips} |"
         )
     return "\n".join(lines)
+
+
+def paired_line(name: str, method: dict[str, float], baseline: dict[str, float]) -> str:
+    """One line: a method against the threshold baseline, patient by patient."""
+    c = fs.compare_patients(method, baseline)
+    return (f"{name} vs threshold, per patient (mean over seeds): better on {c['wins']}/{c['n']} patients "
+            f"({c['ties']} ties), mean difference {c['mean_difference']:+.3f} (95 % bootstrap CI over "
+            f"patients {c['ci_low']:+.3f} to {c['ci_high']:+.3f})")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -140,7 +149,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             big, big_split = fs.load_protocol(path=args.data, image_size=size, empty_slices=True, progress=False)
             tr, va = big_split.dataset(big, "train"), big_split.dataset(big, "val")
             te_big = big_split.dataset(big, "test")
-        results, seconds, rates = [], [], []
+        results, seconds, rates, per_patient = [], [], [], []
         for seed in range(n_seeds):
             fitted = fs.fit_recipe(recipe, tr, va, seed=seed, progress=args.progress)
             if size == base_size:
@@ -148,6 +157,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             else:
                 pred = fs.predict_recipe(fitted, te_big, output_size=base_size)
             result = fs.evaluate_protocol(pred, test)
+            per_patient.append(fs.patient_dice(pred, test))
             results.append(result)
             seconds.append(fitted.seconds)
             rates.append(fitted.images_per_second)
@@ -156,7 +166,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   f"{fitted.n_train} training slices, {len(fitted.history)} epochs, "
                   f"{fitted.seconds / 60:.1f} min, {fitted.images_per_second:.1f} images/s)", flush=True)
         rows.append(_row(name, results, seconds, rates))
+        patients[name] = {p: float(np.mean([d[p] for d in per_patient])) for p in per_patient[0]}
 
+    patients: dict[str, dict[str, float]] = {}  # method -> patient -> Dice (mean over seeds)
     for method in methods:
         if method == "default":
             for size in sizes:
@@ -180,6 +192,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   f"(per-patient Dice {band['dice']:.3f} on train+val): test {result['per_patient_dice']:.3f}",
                   flush=True)
             rows.append(_row("(3) threshold in brain", [result], [fit_s], []))
+            patients["(3) threshold in brain"] = fs.patient_dice(pred, test)
         elif method == "background":
             rows.append(_row("(4) all-background", [fs.evaluate_protocol(fs.all_background(test.images), test)], [], []))
 
@@ -187,6 +200,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     total = time.perf_counter() - started
     print()
     print(table)
+    baseline = patients.get("(3) threshold in brain")
+    for name, per in patients.items():
+        if baseline is not None and name != "(3) threshold in brain":
+            print(paired_line(name, per, baseline))
     print(f"\nwhole table: {total / 60:.1f} min (load {os.getloadavg()[0]:.1f} at the end)")
     if args.out:
         with open(args.out, "a", encoding="utf-8") as fh:

@@ -64,6 +64,8 @@ CTICH = paths.ctich_dir()
 print(PROFILE.name, f"{SIZE} px · {EPOCHS} epochs · filters {FILTERS} · seeds {SEEDS}")
 for label, recipe in STEPS:
     print(" ", label)
+if PROFILE.name == "full":   # the full profile trains exactly the kit's few-shot default
+    assert STEPS[-1][1] == fs.FEWSHOT_DEFAULT
 
 # %% [markdown]
 # ## 1. The protocol
@@ -116,23 +118,19 @@ if HAVE_DATA:
 # prediction of the mirrored slice, and takes the threshold that is best on patient 66.
 
 # %%
-def run_step(recipe, seed):
-    fitted = fs.fit_recipe(recipe, train_data, val_data, seed=seed)
-    return fitted, fs.evaluate_protocol(fs.predict_recipe(fitted, test_data), test_data)
-
-
 if HAVE_DATA:
     started = time.perf_counter()
-    rows, models = [], {}
+    rows, models, per_patient = [], {}, {}
     for seed in SEEDS:
         for k, (label, recipe) in enumerate(STEPS):
             if k == len(STEPS) - 1:   # the last step only changes after-training decisions: no new training
                 fitted = fs.redecide(models[(k - 1, seed)], val_data,
                                      **{f: getattr(recipe, f) for f in fs.POSTHOC_FIELDS})
-                result = fs.evaluate_protocol(fs.predict_recipe(fitted, test_data), test_data)
             else:
-                fitted, result = run_step(recipe, seed)
-            models[(k, seed)] = fitted
+                fitted = fs.fit_recipe(recipe, train_data, val_data, seed=seed)
+            pred = fs.predict_recipe(fitted, test_data)
+            result = fs.evaluate_protocol(pred, test_data)
+            models[(k, seed)], per_patient[(k, seed)] = fitted, fs.patient_dice(pred, test_data)
             rows.append(dict(step=label, seed=seed, val_dice=fitted.val_dice, threshold=fitted.threshold,
                              train_s=fitted.seconds, **result))
     runs = pd.DataFrame(rows)
@@ -169,6 +167,25 @@ if HAVE_DATA:
     ax.legend()
     plt.show()
     assert len(ax.collections) >= len(order)
+
+# %% [markdown]
+# Two means can differ by less than their spread. Compare the default with the threshold **patient by
+# patient** (each patient's Dice averaged over seeds): on how many of the 32 test patients is it better, and
+# how sure is the mean difference? The interval is a bootstrap over patients — it shows how much the answer
+# depends on which patients happened to be in the test set.
+
+# %%
+if HAVE_DATA:
+    last = len(STEPS) - 1
+    ours_pp = {p: float(np.mean([per_patient[(last, s)][p] for s in SEEDS])) for p in per_patient[(last, SEEDS[0])]}
+    thr_pp = fs.patient_dice(fs.threshold_in_brain(test_data.images, low=band["low"], high=band["high"],
+                                                   erosion=band["erosion"]), test_data)
+    paired = fs.compare_patients(ours_pp, thr_pp)
+    print(f"kit default vs threshold: better on {paired['wins']} of {paired['n']} patients, worse on "
+          f"{paired['losses']}; mean difference {paired['mean_difference']:+.3f} "
+          f"(95 % CI over patients {paired['ci_low']:+.3f} to {paired['ci_high']:+.3f})")
+    assert paired["n"] == 32 and paired["wins"] + paired["ties"] + paired["losses"] == 32
+    assert paired["ci_low"] <= paired["mean_difference"] <= paired["ci_high"]
 
 # %% [markdown]
 # ## 4. The position prior, in pictures

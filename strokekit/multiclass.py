@@ -245,6 +245,9 @@ def compile_model(model, config: MulticlassConfig):
                  for c in range(1, config.num_classes)],
         jit_compile=jit_compile_setting(),
     )
+    from .train import build_optimizer
+
+    build_optimizer(model)
     return model
 
 

@@ -1059,6 +1059,9 @@ def _compile(model, config: PerfusionTrainConfig, learning_rate: float) -> None:
                  DiceMetric(class_id=CORE, name="dice_core")],
         jit_compile=jit_compile_setting(),
     )
+    from .train import build_optimizer
+
+    build_optimizer(model)
 
 
 def loader_for(dataset: SliceDataset, config: PerfusionTrainConfig, training: bool):

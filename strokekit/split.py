@@ -806,13 +806,20 @@ class Split:
                 )
             head = json.dumps(meta, indent=1)[:-2]  # drop the closing "\n}" to append the cases
             body = ",\n".join("  " + json.dumps(r) for r in records)
-            path.write_text(f'{head},\n "cases": [\n{body}\n ]\n}}\n', encoding="utf-8")
+            text = f'{head},\n "cases": [\n{body}\n ]\n}}\n'
         else:
             buffer = io.StringIO()
             self.to_frame().to_csv(buffer, index=False, lineterminator="\n")
-            path.write_text(
-                _CSV_HEADER + json.dumps(meta) + "\n" + buffer.getvalue(), encoding="utf-8"
-            )
+            text = _CSV_HEADER + json.dumps(meta) + "\n" + buffer.getvalue()
+        # write next to it, then rename: a reader (another notebook running at the same time)
+        # sees the old file or the new one, never half of one
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        try:
+            partial.write_text(text, encoding="utf-8")
+            os.replace(partial, path)
+        finally:
+            if partial.exists():
+                partial.unlink()
         return path
 
     @classmethod

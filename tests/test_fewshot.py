@@ -295,7 +295,7 @@ def test_choose_slices_ratio_is_seeded_and_capped():
 class _LeftBright:
     """A stand-in model: probability = the input pixel times a left-to-right ramp 1..0."""
 
-    def predict(self, x, batch_size=8, verbose=0):
+    def __call__(self, x, training=False):
         ramp = np.linspace(1.0, 0.0, x.shape[2], dtype=np.float32)
         return x * ramp[None, None, :, None]
 
@@ -447,3 +447,26 @@ def test_fit_recipe_patches_channels_and_bn_recalibration_end_to_end():
         brains = fs._dilate_cross(brains)
     assert float(prob[~brains].max(initial=0.0)) == 0.0  # restricted to the (dilated) brain
     assert fs.recalibrate_batchnorm(fitted.model, np.zeros((2, 16, 16, 3), np.float32)) > 0
+
+
+def test_compare_patients_counts_wins_and_brackets_the_mean_difference():
+    method = {"a": 0.5, "b": 0.2, "c": 0.4, "d": 0.3}
+    baseline = {"a": 0.3, "b": 0.2, "c": 0.5, "d": 0.1, "e": 0.9}   # "e" is not in method: ignored
+    c = fs.compare_patients(method, baseline)
+    assert (c["n"], c["wins"], c["ties"], c["losses"]) == (4, 2, 1, 1)
+    assert c["mean_difference"] == pytest.approx((0.2 + 0.0 - 0.1 + 0.2) / 4)
+    assert c["ci_low"] <= c["mean_difference"] <= c["ci_high"]
+    assert -0.1 <= c["ci_low"] and c["ci_high"] <= 0.2          # bootstrap means lie within the differences
+    assert fs.compare_patients(method, baseline) == c            # seeded
+    same = fs.compare_patients(method, method)
+    assert same["ties"] == 4 and same["ci_low"] == same["ci_high"] == 0.0
+    with pytest.raises(ValueError, match="no patient"):
+        fs.compare_patients({"x": 1.0}, {"y": 1.0})
+
+
+def test_train_config_few_shot_is_the_default_recipes_network():
+    config = TrainConfig.few_shot()
+    assert config == fs.FEWSHOT_DEFAULT.config
+    assert config.batch_norm and config.loss == "bce_dice" and config.augment == fs.STRONG_AUGMENT
+    assert TrainConfig.few_shot(seed=3).seed == 3 and TrainConfig.few_shot(seed=3).filters == config.filters
+    assert TrainConfig().batch_norm is False   # the class defaults stay the study's shape

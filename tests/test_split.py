@@ -354,6 +354,10 @@ def test_split_file_round_trips(tmp_path, tempting, suffix):
     )
     path2 = text_clusters.save(tmp_path / f"text{suffix}")
     assert Split.load(path2) == text_clusters
+    # saving again replaces the file whole (written aside, then renamed): nothing left beside it
+    text_clusters.save(path)
+    assert Split.load(path) == text_clusters
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
 
 
 def test_json_file_is_readable_and_checked(tmp_path):

@@ -104,3 +104,16 @@ def test_empty_training_set_is_refused():
     data = blobs()
     with pytest.raises(ValueError, match="must not be empty"):
         train.train(CONFIG, data.subset([]), data, run_dir=False, progress=False)
+
+
+def test_compile_model_builds_the_optimizer_slots_before_fit():
+    # built before fit, TensorFlow traces the training step once instead of twice
+    from strokekit.models import build_model
+
+    model = build_model("unet", **CONFIG.model_kwargs())
+    train.compile_model(model, CONFIG)
+    assert model.optimizer.built
+    slots = {id(v) for v in model.optimizer.variables}
+    assert len(model.optimizer.variables) >= 2 * len(model.trainable_variables)
+    train.build_optimizer(model)                    # a second call changes nothing
+    assert {id(v) for v in model.optimizer.variables} == slots
