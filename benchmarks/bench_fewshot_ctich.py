@@ -24,13 +24,11 @@ Prints one row per method: per-patient Dice (mean ± sd over seeds; the headline
 Dice, pooled Dice, sensitivity, specificity (means over seeds), training wall time per seed and
 training images/s. The study's U-Net trains at about 1.2 images/s at 128 px on 2 CPU cores
 (~30 min per seed at 50 epochs), which is why it runs ``--study-seeds 1`` by default and why
-``--study-epochs-scale`` shortens it alone. The kit default (25 epochs on 64 px crops) took
-8.2 min per seed on the 2-core machine while other jobs kept its load at 7-10 (2026-11-23). With
-a GPU (none needed) use ``KERAS_BACKEND=jax`` or ``torch`` and ``--study-seeds 3``.
+``--study-epochs-scale`` shortens it alone. The kit default (25 epochs on 64 px crops) takes about
+2 min per seed on the 2-core machine with oneDNN on (set below, as ``make`` does; 8.5 min without it and
+under load). With a GPU (none needed) use ``KERAS_BACKEND=jax`` or ``torch`` and ``--study-seeds 3``.
 
-Recorded run (2026-11-23, shared 2-core CPU, load 7-12): ``--seeds 3 --study-seeds 1
---study-epochs-scale 0.2 --sizes 128`` (the study at 10 of its 50 epochs; no 256 px row); the
-table is in ``benchmarks/fewshot_log.md``.
+Recorded runs (2026-11-23, 2-core CPU) and what they say: ``benchmarks/fewshot_log.md``.
 
 A benchmark, not a test: numbers depend on the machine and on what else runs on it.
 """

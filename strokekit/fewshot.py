@@ -679,8 +679,10 @@ STRONG_AUGMENT = AugmentConfig(
 #: and flipped both ways, with Dice+BCE; inputs are the slice, a 130–230 "blood window" and the
 #: threshold-in-brain map; batch-norm statistics recomputed on whole slices; predictions averaged
 #: with the mirrored slice's, restricted to the brain, thresholded where patient 66 is best.
-#: Cross-validation 0.24 (threshold-in-brain: 0.21), patient 66: 0.75 (0.69). Training took 8-9
-#: minutes per seed on the shared 2-core CPU at load 7-12 (not measured unloaded).
+#: Cross-validation 0.24 (threshold-in-brain: 0.21), patient 66: 0.75 (0.69). Training takes about
+#: 2 minutes per seed on a 2-core CPU with oneDNN on (8-9 minutes without it, at load 7-12). On the
+#: test patients two benchmark runs gave 0.312 ± 0.029 and 0.277 ± 0.044 (threshold-in-brain 0.298):
+#: not yet reliably better than the threshold baseline (see ``benchmarks/fewshot_log.md``).
 FEWSHOT_DEFAULT = FewShotRecipe(
     config=TrainConfig(
         arch="unet", filters=(8, 16, 32, 64), activation="relu", dropout=0.0, batch_norm=True,
