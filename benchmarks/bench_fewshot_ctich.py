@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     sys.stdout.flush()
 
     rows: list[dict] = []
+    patients: dict[str, dict[str, float]] = {}  # method -> patient -> Dice (mean over seeds)
     lesion_only_train = train.subset(np.flatnonzero(fs.lesion_flags(train)))
 
     def run_recipe(name: str, recipe: fs.FewShotRecipe, n_seeds: int, size: int) -> None:
@@ -166,7 +167,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(_row(name, results, seconds, rates))
         patients[name] = {p: float(np.mean([d[p] for d in per_patient])) for p in per_patient[0]}
 
-    patients: dict[str, dict[str, float]] = {}  # method -> patient -> Dice (mean over seeds)
     for method in methods:
         if method == "default":
             for size in sizes:

@@ -98,8 +98,8 @@ if HAVE_DATA:
     dev = [train_data.subset(np.flatnonzero(fs.lesion_flags(train_data))), val_data]
     band = fs.fit_threshold(np.concatenate([d.images for d in dev]), np.concatenate([d.masks for d in dev]),
                             patient_ids=sum((list(d.patient_ids) for d in dev), []))
-    baseline = fs.evaluate_protocol(fs.threshold_in_brain(test_data.images, low=band["low"], high=band["high"],
-                                                          erosion=band["erosion"]), test_data)
+    thr_pred = fs.threshold_in_brain(test_data.images, low=band["low"], high=band["high"], erosion=band["erosion"])
+    baseline = fs.evaluate_protocol(thr_pred, test_data)
     background = fs.evaluate_protocol(fs.all_background(test_data.images), test_data)
     print(f"band {band['low']:.0f}–{band['high']:.0f}, erosion {band['erosion']}: test per-patient Dice "
           f"{baseline['per_patient_dice']:.3f}; all-background {background['per_patient_dice']:.3f} "
@@ -178,8 +178,7 @@ if HAVE_DATA:
 if HAVE_DATA:
     last = len(STEPS) - 1
     ours_pp = {p: float(np.mean([per_patient[(last, s)][p] for s in SEEDS])) for p in per_patient[(last, SEEDS[0])]}
-    thr_pp = fs.patient_dice(fs.threshold_in_brain(test_data.images, low=band["low"], high=band["high"],
-                                                   erosion=band["erosion"]), test_data)
+    thr_pp = fs.patient_dice(thr_pred, test_data)
     paired = fs.compare_patients(ours_pp, thr_pp)
     print(f"kit default vs threshold: better on {paired['wins']} of {paired['n']} patients, worse on "
           f"{paired['losses']}; mean difference {paired['mean_difference']:+.3f} "

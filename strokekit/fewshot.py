@@ -886,11 +886,9 @@ def _as_input_dataset(data: SliceDataset, x: np.ndarray, y: np.ndarray) -> Slice
 
 
 def _predict_prob(model, recipe: FewShotRecipe, x: np.ndarray, brains: np.ndarray,
-                  batch_size: int = 8) -> np.ndarray:
+                  batch_size: int = 32) -> np.ndarray:
     from .train import predict_numpy  # eager: no prediction step traced for every model
 
-    # eager calls cost mostly Python overhead per call: large batches (inference needs no more)
-    batch_size = max(int(batch_size), 32)
     prob = predict_numpy(model, x, batch_size)[..., 0]
     if recipe.tta_flip:
         flipped = predict_numpy(model, np.ascontiguousarray(x[:, :, ::-1]), batch_size)[..., 0]
@@ -1014,7 +1012,7 @@ def fit_recipe(
     result = train(fit_config, train_set, val_set, run_dir=False, model=model, progress=progress, previews=False)
     if recipe.recalibrate_bn:
         recalibrate_batchnorm(result.model, x_train, config.batch_size)
-    prob = _predict_prob(result.model, recipe, x_val, brains_val, config.batch_size)
+    prob = _predict_prob(result.model, recipe, x_val, brains_val)
     pids = val_data.patient_ids or ["val"] * len(val_data)
     if recipe.tune_threshold:
         threshold, val_dice = best_threshold(prob, y_val, pids, recipe.thresholds)
@@ -1054,7 +1052,7 @@ def redecide(fitted: FittedRecipe, val_data: SliceDataset, **changes: Any) -> Fi
         raise ValueError(f"Expected fields among {list(POSTHOC_FIELDS)}. Received: {wrong} (they need training)")
     recipe = dataclasses.replace(fitted.recipe, **changes)
     x_val, y_val, brains = _model_inputs(recipe, val_data, fitted.band)
-    prob = _predict_prob(fitted.model, recipe, x_val, brains, recipe.config.batch_size)
+    prob = _predict_prob(fitted.model, recipe, x_val, brains)
     pids = val_data.patient_ids or ["val"] * len(val_data)
     if recipe.tune_threshold:
         threshold, val_dice = best_threshold(prob, y_val, pids, recipe.thresholds)
@@ -1069,7 +1067,7 @@ def predict_recipe(
     data: SliceDataset,
     probabilities: bool = False,
     output_size: int | None = None,
-    batch_size: int = 8,
+    batch_size: int = 32,
 ) -> np.ndarray:
     """Predict lesion masks with a fitted recipe (flips, brain restriction and threshold applied).
 

@@ -308,14 +308,14 @@ def predict_numpy(model, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
-def evaluate_arrays(model, x: np.ndarray, y: np.ndarray, threshold: float = 0.5, batch_size: int = 8) -> dict[str, float]:
+def evaluate_arrays(model, x: np.ndarray, y: np.ndarray, threshold: float = 0.5, batch_size: int = 32) -> dict[str, float]:
     """Pooled Dice, IoU, sensitivity, specificity, precision of a binary model on arrays.
 
     Uses :mod:`strokekit.metrics` (probability >= threshold is lesion; its empty-case rules).
     """
     from .metrics import confusion, metrics_from_counts
 
-    prob = predict_numpy(model, x, max(int(batch_size), 32))[..., 0]  # eager: fewer, larger calls
+    prob = predict_numpy(model, x, batch_size)[..., 0]
     return metrics_from_counts(*confusion(y > 0, prob >= threshold))
 
 
@@ -404,7 +404,7 @@ def train(
     history = pd.DataFrame(fit.history)
     history.insert(0, "epoch", np.arange(1, len(history) + 1))
     if config.num_classes == 1:
-        metrics = evaluate_arrays(model, x_val, y_val, config.threshold, config.batch_size)
+        metrics = evaluate_arrays(model, x_val, y_val, config.threshold)
     else:
         metrics = {"val_loss": float(history["val_loss"].min())}
     metrics["best_epoch"] = int(history["val_loss"].idxmin()) + 1

@@ -746,7 +746,7 @@ def fine_tune(
 
     history = pd.DataFrame(tracker.rows)
     if config.num_classes == 1:
-        metrics = evaluate_arrays(model, x_val, y_val, config.threshold, config.batch_size)
+        metrics = evaluate_arrays(model, x_val, y_val, config.threshold)
     else:
         metrics = {"val_loss": float(history["val_loss"].min())}
     metrics["best_epoch"] = int(tracker.best_epoch) if tracker.best_epoch else len(history)
@@ -1204,8 +1204,7 @@ def learning_curve(
                            split=used, progress=False)
         metrics = result.metrics
         if eval_arrays is not None:
-            metrics = {**metrics, **evaluate_arrays(worker, *eval_arrays, config.threshold,
-                                                    config.batch_size)}
+            metrics = {**metrics, **evaluate_arrays(worker, *eval_arrays, config.threshold)}
         rows.append({
             "method": name, "shots": k, "seed": seed,
             **{m: float(metrics.get(m, np.nan)) for m in ("dice", "iou", "sensitivity", "specificity")},
