@@ -612,6 +612,10 @@ class FewShotRecipe:
         candidate_channel: add the threshold-in-brain map (:func:`threshold_in_brain`, band
             fitted on the training slices by :func:`fit_threshold`) as an input channel: the
             network then learns which bright candidates are blood rather than finding them.
+        n_models: networks trained (member ``k`` with seed ``seed + 1000·k``, so member 0 is
+            the single-network run of the same seed) whose probabilities are averaged. Three
+            patients give a noisy training signal: one network's Dice on new patients moves by
+            ±0.04 from seed to seed, and the average of a few is steadier than any one of them.
     """
 
     config: TrainConfig = TrainConfig()
@@ -629,8 +633,11 @@ class FewShotRecipe:
     recalibrate_bn: bool = True
     display_windows: tuple[tuple[float, float], ...] = ()
     candidate_channel: bool = False
+    n_models: int = 1
 
     def __post_init__(self) -> None:
+        if isinstance(self.n_models, bool) or not isinstance(self.n_models, (int, np.integer)) or self.n_models < 1:
+            raise ValueError(f"n_models must be an integer >= 1, got {self.n_models!r}")
         if self.patch_size is not None:
             if self.patch_size < 8 or self.config.image_size % self.patch_size:
                 raise ValueError(
@@ -675,18 +682,19 @@ STRONG_AUGMENT = AugmentConfig(
 #: The kit's few-shot default, chosen by measurement on the validation patient and by
 #: leave-one-training-patient-out cross-validation over 49/50/51 (see ``benchmarks/fewshot_log.md``):
 #: a small batch-normalised U-Net (0.5M parameters) trained for 25 epochs on 64 px crops (4 per
-#: slice, half of them on a lesion) of the lesion and as many lesion-free slices, rotated up to 180°
-#: and flipped both ways, with Dice+BCE; inputs are the slice, a 130–230 "blood window" and the
-#: threshold-in-brain map; batch-norm statistics recomputed on whole slices; predictions averaged
-#: with the mirrored slice's, restricted to the brain, thresholded where patient 66 is best.
-#: Cross-validation 0.24 (threshold-in-brain: 0.21), patient 66: 0.75 (0.69). Training takes about
-#: 2 minutes per seed on a 2-core CPU with oneDNN on (8-9 minutes without it, at load 7-12). On the
-#: test patients two benchmark runs gave 0.312 ± 0.029 and 0.277 ± 0.044 (threshold-in-brain 0.298):
-#: not yet reliably better than the threshold baseline (see ``benchmarks/fewshot_log.md``).
+#: slice, half of them on a lesion) of 256 px slices — the lesion slices and as many lesion-free
+#: ones — rotated up to 180° and flipped both ways, with Dice+BCE; inputs are the slice, a 130–230
+#: "blood window" and the threshold-in-brain map; batch-norm statistics recomputed on whole slices;
+#: predictions averaged with the mirrored slice's, restricted to the brain, thresholded where
+#: patient 66 is best. On the protocol (scored on its 128 px masks) cross-validation gives 0.31
+#: (0.29–0.34 per seed) at 256 px against 0.23 (0.21–0.26) at 128 px, threshold-in-brain 0.21;
+#: patient 66 0.75–0.81 against 0.69–0.75. Training takes 2–2.5 minutes per seed on a 2-core CPU
+#: with oneDNN on. The threshold stays tuned: a network that came out under-confident (never above
+#: 0.46) scored 0.000 at 0.5 on a held-out patient and 0.59 at the threshold patient 66 chose.
 FEWSHOT_DEFAULT = FewShotRecipe(
     config=TrainConfig(
         arch="unet", filters=(8, 16, 32, 64), activation="relu", dropout=0.0, batch_norm=True,
-        loss="bce_dice", learning_rate=1e-3, batch_size=8, num_epochs=25, image_size=128,
+        loss="bce_dice", learning_rate=1e-3, batch_size=8, num_epochs=25, image_size=256,
         augment=STRONG_AUGMENT, early_stopping_patience=0, reduce_lr_patience=0,
     ),
     empty_ratio=1.0,
@@ -708,16 +716,17 @@ class FittedRecipe:
     """What :func:`fit_recipe` returns: a trained model and the recipe's decisions.
 
     Attributes:
-        model: the trained Keras model.
+        model: the trained Keras model (the first member when ``recipe.n_models > 1``).
         recipe: the recipe (with the seed actually used).
         threshold: the probability threshold to apply (tuned on validation or the config's).
-        history: per-epoch training history (pandas DataFrame).
-        seconds: training wall time.
+        history: per-epoch training history of ``model`` (pandas DataFrame).
+        seconds: training wall time (all members together).
         images_per_second: training throughput in whole slices per second (crops count as the
             fraction of a slice they cover).
         n_train: training slices used (lesion + lesion-free).
         val_dice: per-patient Dice on the validation slices at ``threshold``.
         band: the threshold-in-brain band of the candidate channel (None without one).
+        models: every member whose probabilities are averaged (``(model,)`` for one network).
     """
 
     model: Any
@@ -729,6 +738,11 @@ class FittedRecipe:
     n_train: int
     val_dice: float
     band: dict[str, float] | None = None
+    models: tuple = ()
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            self.models = (self.model,)
 
 
 def _choose_slices(data: SliceDataset, ratio: float, seed: int) -> SliceDataset:
@@ -885,14 +899,19 @@ def _as_input_dataset(data: SliceDataset, x: np.ndarray, y: np.ndarray) -> Slice
                         unit="display", class_names=data.class_names)
 
 
-def _predict_prob(model, recipe: FewShotRecipe, x: np.ndarray, brains: np.ndarray,
+def _predict_prob(models, recipe: FewShotRecipe, x: np.ndarray, brains: np.ndarray,
                   batch_size: int = 32) -> np.ndarray:
+    """Mean probability of one model or a sequence of models (and of the mirrored slice with tta_flip)."""
     from .train import predict_numpy  # eager: no prediction step traced for every model
 
-    prob = predict_numpy(model, x, batch_size)[..., 0]
-    if recipe.tta_flip:
-        flipped = predict_numpy(model, np.ascontiguousarray(x[:, :, ::-1]), batch_size)[..., 0]
-        prob = 0.5 * (prob + flipped[:, :, ::-1])
+    members = list(models) if isinstance(models, (list, tuple)) else [models]
+    mirrored = np.ascontiguousarray(x[:, :, ::-1]) if recipe.tta_flip else None
+    prob = np.zeros(x.shape[:3], dtype=np.float64)
+    for model in members:
+        prob += predict_numpy(model, x, batch_size)[..., 0]
+        if mirrored is not None:
+            prob += predict_numpy(model, mirrored, batch_size)[..., 0][:, :, ::-1]
+    prob /= len(members) * (2 if mirrored is not None else 1)
     if recipe.restrict_to_brain:
         prob = prob * brains
     return prob.astype(np.float32)
@@ -971,19 +990,49 @@ def fit_recipe(
     Raises:
         DataError: no lesion slice to train on, or empty validation data.
     """
-    from .models import build_preset
-    from .train import train
-
     config = recipe.config if seed is None else dataclasses.replace(recipe.config, seed=int(seed))
     recipe = dataclasses.replace(recipe, config=config)
     if not lesion_flags(train_data).any():
         raise DataError("fit_recipe: the training slices hold no lesion")
     if len(val_data) == 0:
         raise DataError("fit_recipe: no validation slices")
-    chosen = _choose_slices(train_data, recipe.empty_ratio, config.seed)
-    band = _fit_band(recipe, chosen) if recipe.candidate_channel else None
-    x_train, y_train, _ = _model_inputs(recipe, chosen, band)
+    if model is not None and recipe.n_models > 1:
+        raise ValueError(f"a pre-built model trains one network; got n_models={recipe.n_models}")
+    # the band depends on the lesion slices only, which every member trains on
+    band = _fit_band(recipe, train_data) if recipe.candidate_channel else None
     x_val, y_val, brains_val = _model_inputs(recipe, val_data, band)
+    members, results, chosen = [], [], None
+    for k in range(recipe.n_models):
+        member_seed = int(config.seed) + 1000 * k
+        result, member_chosen = _fit_member(recipe, dataclasses.replace(config, seed=member_seed), train_data,
+                                            val_data, band, x_val, y_val, model, progress)
+        members.append(result.model)
+        results.append(result)
+        chosen = member_chosen if chosen is None else chosen
+    prob = _predict_prob(members, recipe, x_val, brains_val)
+    pids = val_data.patient_ids or ["val"] * len(val_data)
+    if recipe.tune_threshold:
+        threshold, val_dice = best_threshold(prob, y_val, pids, recipe.thresholds)
+    else:
+        threshold = float(config.threshold)
+        val_dice = _pp_dice(prob, y_val, pids, threshold)
+    seconds = float(sum(r.seconds for r in results))
+    rate = float(np.mean([r.images_per_second for r in results]))
+    if recipe.patch_size:  # crops per second -> whole slices' worth of pixels per second
+        rate *= (recipe.patch_size / config.image_size) ** 2
+    return FittedRecipe(members[0], recipe, threshold, results[0].history, seconds, rate,
+                        len(chosen), val_dice, band, tuple(members))
+
+
+def _fit_member(recipe: FewShotRecipe, config: TrainConfig, train_data: SliceDataset, val_data: SliceDataset,
+                band: dict[str, float] | None, x_val: np.ndarray, y_val: np.ndarray, model: Any,
+                progress: bool):
+    """One network of :func:`fit_recipe`, everything seeded by ``config.seed``: (TrainResult, slices used)."""
+    from .models import build_preset
+    from .train import train
+
+    chosen = _choose_slices(train_data, recipe.empty_ratio, config.seed)
+    x_train, y_train, _ = _model_inputs(recipe, chosen, band)
     fit_config = config
     train_set = _as_input_dataset(chosen, x_train, y_train)
     val_set = _as_input_dataset(val_data, x_val, y_val)
@@ -1012,18 +1061,7 @@ def fit_recipe(
     result = train(fit_config, train_set, val_set, run_dir=False, model=model, progress=progress, previews=False)
     if recipe.recalibrate_bn:
         recalibrate_batchnorm(result.model, x_train, config.batch_size)
-    prob = _predict_prob(result.model, recipe, x_val, brains_val)
-    pids = val_data.patient_ids or ["val"] * len(val_data)
-    if recipe.tune_threshold:
-        threshold, val_dice = best_threshold(prob, y_val, pids, recipe.thresholds)
-    else:
-        threshold = float(config.threshold)
-        val_dice = _pp_dice(prob, y_val, pids, threshold)
-    rate = result.images_per_second
-    if recipe.patch_size:  # crops per second -> whole slices' worth of pixels per second
-        rate *= (recipe.patch_size / config.image_size) ** 2
-    return FittedRecipe(result.model, recipe, threshold, result.history, result.seconds, rate,
-                        len(chosen), val_dice, band)
+    return result, chosen
 
 
 #: Recipe fields that act after training (prediction and threshold), so changing them needs no
@@ -1052,7 +1090,7 @@ def redecide(fitted: FittedRecipe, val_data: SliceDataset, **changes: Any) -> Fi
         raise ValueError(f"Expected fields among {list(POSTHOC_FIELDS)}. Received: {wrong} (they need training)")
     recipe = dataclasses.replace(fitted.recipe, **changes)
     x_val, y_val, brains = _model_inputs(recipe, val_data, fitted.band)
-    prob = _predict_prob(fitted.model, recipe, x_val, brains)
+    prob = _predict_prob(fitted.models, recipe, x_val, brains)
     pids = val_data.patient_ids or ["val"] * len(val_data)
     if recipe.tune_threshold:
         threshold, val_dice = best_threshold(prob, y_val, pids, recipe.thresholds)
@@ -1078,14 +1116,18 @@ def predict_recipe(
         data: slices to segment.
         probabilities: return probabilities instead of thresholded masks.
         output_size: resize the probabilities to this side (linear) before thresholding, e.g. to
-            score a 256 px model on the protocol's 128 px masks; default the model's size.
+            score a 256 px model on the protocol's 128 px masks; default the side of ``data``'s
+            (square) masks, so the prediction lines up with them whatever size the model
+            works at (the model's size for non-square slices).
         batch_size: prediction batch size.
 
     Returns:
         float32 probabilities or uint8 0/1 masks, (N, S, S).
     """
     x, _, brains = _model_inputs(fitted.recipe, data, fitted.band)
-    prob = _predict_prob(fitted.model, fitted.recipe, x, brains, batch_size)
+    prob = _predict_prob(fitted.models, fitted.recipe, x, brains, batch_size)
+    if output_size is None and data.masks.ndim == 3 and data.masks.shape[1] == data.masks.shape[2]:
+        output_size = int(data.masks.shape[1])
     if output_size is not None and output_size != prob.shape[1]:
         from .preprocess import resize_image
 
@@ -1107,7 +1149,9 @@ def ablation_recipes(
     dropout 0.5, no batch norm, BCE, the study's augmentation, lesion slices only, whole
     slices, threshold 0.5); each later step changes one thing, and the last is ``final``
     (default :data:`FEWSHOT_DEFAULT`). Every step keeps the final recipe's filters, epochs and
-    image size, so only the named lever differs between neighbours.
+    image size, so only the named lever differs between neighbours. At another image size the
+    crops keep their share of the slice, but are never smaller than 32 px (a 64 px quick run of a
+    256 px default trains on 32 px crops, not 16 px ones).
 
     Introduced in notebooks/10_what_generalizes.ipynb.
 
@@ -1128,8 +1172,8 @@ def ablation_recipes(
     )
     common["early_stopping_patience"] = 0 if final.config.early_stopping_patience == 0 else common["num_epochs"]
     patch = final.patch_size
-    if patch is not None:  # the same share of the slice at any image size
-        patch = max(8, patch * common["image_size"] // final.config.image_size)
+    if patch is not None:  # the same share of the slice at any image size, but at least 32 px of context
+        patch = max(min(32, common["image_size"]), patch * common["image_size"] // final.config.image_size)
     end = dataclasses.replace(final, patch_size=patch, config=dataclasses.replace(final.config, **common))
     study = FewShotRecipe(config=dataclasses.replace(
         STUDY_RECIPE.config, **common, batch_size=end.config.batch_size), recalibrate_bn=False)

@@ -257,8 +257,9 @@ def test_recipe_validation_and_defaults():
     assert study.preset == "study_unet" and study.config.loss == "bce" and study.config.num_epochs == 50
     assert study.empty_ratio == 0 and not (study.tta_flip or study.restrict_to_brain or study.tune_threshold)
     default = fs.FEWSHOT_DEFAULT
-    assert default.config.image_size == fs.PROTOCOLS["fewshot-ctich-v1"]["image_size"]
-    assert default.config.loss != "bce"
+    # trained at the protocol's size or a multiple of it (scored on the protocol's masks after resizing)
+    assert default.config.image_size % fs.PROTOCOLS["fewshot-ctich-v1"]["image_size"] == 0
+    assert default.config.loss != "bce" and default.n_models >= 1
 
 
 def test_sample_patches_foreground_share_and_determinism():
@@ -328,6 +329,42 @@ def test_predict_recipe_flip_restriction_threshold_and_resize():
     inside = fs.predict_recipe(_fitted(restrict_to_brain=True), one, probabilities=True)
     assert float(inside[0][~brain].max()) == 0.0 and float(inside[0][brain].max()) > 0.0
     assert fs.predict_recipe(_fitted(), data, probabilities=True, output_size=32).shape == (1, 32, 32)
+    # a model working at 32 px answers on the data's own 16 px grid unless told otherwise
+    big = dataclasses.replace(_fitted(), recipe=fs.FewShotRecipe(config=TrainConfig(image_size=32, filters=(4, 8))))
+    assert fs.predict_recipe(big, data).shape == (1, 16, 16)
+    wide = fs.predict_recipe(big, data, probabilities=True, output_size=32)
+    np.testing.assert_allclose(wide[0, 3], np.linspace(1.0, 0.0, 32), atol=1e-6)
+
+
+class _Constant:
+    """A stand-in model: the same probability everywhere."""
+
+    def __init__(self, value: float):
+        self.value = value
+
+    def __call__(self, x, training=False):
+        return np.full(x.shape[:3] + (1,), self.value, np.float32)
+
+
+def test_predict_recipe_averages_the_members_of_an_ensemble():
+    image = np.full((1, 16, 16), 255.0, np.float32)
+    data = SliceDataset(images=image, masks=np.zeros((1, 16, 16), np.uint8), case_ids=["0"],
+                        patient_ids=["p"], unit="display")
+    recipe = fs.FewShotRecipe(config=TrainConfig(image_size=16, filters=(4, 8)), n_models=3)
+    members = (_Constant(0.1), _Constant(0.2), _Constant(0.6))
+    fitted = fs.FittedRecipe(members[0], recipe, 0.25, None, 1.0, 1.0, 0, 0.0, models=members)
+    np.testing.assert_allclose(fs.predict_recipe(fitted, data, probabilities=True), 0.3, atol=1e-6)
+    assert int(fs.predict_recipe(fitted, data).min()) == 1          # 0.3 >= 0.25; member 0 alone: 0.1
+    single = fs.FittedRecipe(members[0], recipe, 0.25, None, 1.0, 1.0, 0, 0.0)
+    assert single.models == (members[0],)
+    assert int(fs.predict_recipe(single, data).max()) == 0
+    # with flips, each member and its mirrored prediction count once
+    both = dataclasses.replace(fitted, recipe=dataclasses.replace(recipe, tta_flip=True),
+                               models=(_LeftBright(), _Constant(0.5)))
+    np.testing.assert_allclose(fs.predict_recipe(both, data, probabilities=True), 0.5, atol=1e-6)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="n_models"):
+            fs.FewShotRecipe(n_models=bad)
 
 
 def test_best_threshold_maximises_per_patient_dice():
@@ -418,8 +455,13 @@ def test_ablation_recipes_change_one_lever_at_a_time():
     assert final == dataclasses.replace(default, patch_size=final.patch_size, config=dataclasses.replace(
         default.config, image_size=64, num_epochs=4, filters=(4, 8),
         early_stopping_patience=final.config.early_stopping_patience))
-    if default.patch_size:  # crops keep their share of the slice at another size
-        assert final.patch_size / 64 == default.patch_size / default.config.image_size
+    if default.patch_size:  # crops keep their share of the slice at another size, 32 px at least
+        assert final.patch_size == max(32, default.patch_size * 64 // default.config.image_size)
+    at128 = dataclasses.replace(default, patch_size=32, config=dataclasses.replace(default.config, image_size=128))
+    wide = fs.ablation_recipes(image_size=256, final=at128)
+    assert wide[-1][1].patch_size == 64 and wide[3][1].patch_size == 64   # 1/4 of the side at 128 and 256 px
+    at256 = dataclasses.replace(default, patch_size=64, config=dataclasses.replace(default.config, image_size=256))
+    assert fs.ablation_recipes(image_size=64, final=at256)[-1][1].patch_size == 32   # not 16 px: no context
     # the last step changes only after-training decisions
     before = {f: getattr(recipes[-2], f) for f in fs.POSTHOC_FIELDS}
     assert dataclasses.replace(recipes[-2], **{f: getattr(final, f) for f in fs.POSTHOC_FIELDS}) == final
@@ -446,7 +488,18 @@ def test_fit_recipe_patches_channels_and_bn_recalibration_end_to_end():
     for _ in range(recipe.brain_dilation):
         brains = fs._dilate_cross(brains)
     assert float(prob[~brains].max(initial=0.0)) == 0.0  # restricted to the (dilated) brain
+    x = np.random.default_rng(0).random((2, 16, 16, 3)).astype(np.float32)
+    single = np.asarray(fitted.model(x, training=False))
     assert fs.recalibrate_batchnorm(fitted.model, np.zeros((2, 16, 16, 3), np.float32)) > 0
+    # an ensemble of two: member 0 is the single network of the same seed, member 1 differs
+    pair = fs.fit_recipe(dataclasses.replace(recipe, n_models=2), train, val, seed=1)
+    assert len(pair.models) == 2 and pair.model is pair.models[0] and pair.models[0] is not pair.models[1]
+    first = np.asarray(pair.models[0](x, training=False))
+    np.testing.assert_allclose(first, single, atol=1e-5)
+    assert not np.allclose(first, np.asarray(pair.models[1](x, training=False)), atol=1e-5)
+    assert pair.threshold in recipe.thresholds and pair.band == fitted.band
+    with pytest.raises(ValueError, match="pre-built model"):
+        fs.fit_recipe(dataclasses.replace(recipe, n_models=2), train, val, model=fitted.model)
 
 
 def test_compare_patients_counts_wins_and_brackets_the_mean_difference():
