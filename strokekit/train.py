@@ -79,9 +79,9 @@ class TrainConfig:
         The field defaults of this class are the study's shape (no batch norm, its augmentation,
         early stopping), which notebooks 03-06 reproduce. For few labelled patients start here
         instead: a batch-normalised U-Net 8-64, Dice+BCE, rotations up to 180 degrees and both
-        flips, 25 epochs, 256 px inputs. The full recipe (crops, lesion-free slices, extra input channels, the
-        decisions after training) is :data:`strokekit.fewshot.FEWSHOT_DEFAULT`; notebook 10's full
-        profile trains exactly that.
+        flips, 25 epochs, 256 px inputs. The full recipe (crops, lesion-free slices, extra input
+        channels, the decisions after training) is :data:`strokekit.fewshot.FEWSHOT_DEFAULT`;
+        notebook 10's full profile trains exactly that.
 
         Args:
             **changes: fields to override (e.g. ``seed=1``).
