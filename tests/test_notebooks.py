@@ -49,3 +49,46 @@ def test_notebook_follows_the_skeleton(path):
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
     assert "get_profile(" in tagged[0].source, "sizes come from the profile"
+
+
+def _nbval_plugin():
+    """notebooks/conftest.py, the pytest plugin that starts nbval's kernels (loaded by path)."""
+    import importlib.util
+
+    pytest.importorskip("nbval")
+    spec = importlib.util.spec_from_file_location("strokekit_nbval_plugin", ROOT / "notebooks" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_nbval_kernels_talk_over_ipc_sockets_not_tcp_ports():
+    # Two nbval chains run at once in `make test`; TCP ports picked by one can be taken by the other.
+    plugin = _nbval_plugin()
+    km, kc = plugin.start_new_kernel(startup_timeout=60, kernel_name="python3", cwd=str(ROOT))
+    try:
+        assert km.transport == "ipc"
+        assert km.ip.startswith(plugin.ipc_dir())
+        reply = kc.execute_interactive("x = 6 * 7", timeout=30)
+        assert reply["content"]["status"] == "ok"
+        assert Path(f"{km.ip}-{km.shell_port}").is_socket()
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def test_nbval_kernel_that_dies_at_start_is_retried_and_its_stderr_quoted(tmp_path, monkeypatch):
+    import sys
+
+    spec_dir = tmp_path / "kernels" / "dies"
+    spec_dir.mkdir(parents=True)
+    counter = tmp_path / "starts.txt"
+    code = f"import sys; open({str(counter)!r}, 'a').write('x'); sys.stderr.write('boom: no such module'); sys.exit(3)"
+    (spec_dir / "kernel.json").write_text(
+        json.dumps({"argv": [sys.executable, "-c", code, "{connection_file}"], "display_name": "dies", "language": "python"})
+    )
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
+    plugin = _nbval_plugin()
+    with pytest.raises(RuntimeError, match=r"(?s)did not start in 3 attempts.*boom: no such module"):
+        plugin.start_new_kernel(startup_timeout=20, kernel_name="dies")
+    assert counter.read_text() == "x" * plugin.START_ATTEMPTS
