@@ -75,6 +75,8 @@ def test_nbval_kernels_talk_over_ipc_sockets_not_tcp_ports():
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+        plugin.pytest_unconfigure(None)
+    assert not Path(km.ip).parent.exists(), "the socket folder is removed at the end of the run"
 
 
 def test_nbval_kernel_that_dies_at_start_is_retried_and_its_stderr_quoted(tmp_path, monkeypatch):
@@ -89,6 +91,9 @@ def test_nbval_kernel_that_dies_at_start_is_retried_and_its_stderr_quoted(tmp_pa
     )
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
     plugin = _nbval_plugin()
-    with pytest.raises(RuntimeError, match=r"(?s)did not start in 3 attempts.*boom: no such module"):
-        plugin.start_new_kernel(startup_timeout=20, kernel_name="dies")
+    try:
+        with pytest.raises(RuntimeError, match=r"(?s)did not start in 3 attempts.*boom: no such module"):
+            plugin.start_new_kernel(startup_timeout=20, kernel_name="dies")
+    finally:
+        plugin.pytest_unconfigure(None)
     assert counter.read_text() == "x" * plugin.START_ATTEMPTS
