@@ -63,7 +63,7 @@ def start_new_kernel(startup_timeout=60, kernel_name="python", **kwargs):
 def ipc_dir() -> str:
     """A short private folder for this process's kernel sockets (a Unix socket path has ~100 bytes)."""
     global _IPC_DIR
-    if _IPC_DIR is None or not os.path.isdir(_IPC_DIR):
+    if _IPC_DIR is None:
         _IPC_DIR = tempfile.mkdtemp(prefix="sk-nbval-", dir="/tmp" if os.path.isdir("/tmp") else None)
     return _IPC_DIR
 
@@ -78,5 +78,7 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
+    global _IPC_DIR
     if _IPC_DIR is not None:
         shutil.rmtree(_IPC_DIR, ignore_errors=True)
+        _IPC_DIR = None
