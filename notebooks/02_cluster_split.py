@@ -13,14 +13,16 @@
 
 # %% [markdown]
 # # 02 · A clustering-based split
-# With 60 slices, a random test set can miss a whole kind of slice. Cluster first, then split — by patient.
+# With a few dozen slices (step 1 prints how many), a random test set can miss a whole kind of
+# slice. Cluster first, then split — by patient.
 #
 # **Learning goals**
 # - Embed slices with a pretrained CNN (VGG16) and group them with KMeans; choose k with evidence.
 # - Draw train/validation/test so that each holds every kind of slice, without any patient in two subsets.
 # - Save the split as a file that later notebooks load; never move the images.
 #
-# **Runtime**: about 1–2 minutes on a laptop CPU (quick profile, VGG16 at 112 px); under a minute on a GPU.
+# **Runtime**: about 1–2 minutes on a laptop CPU (quick profile: VGG16 at 64 px; the full profile
+# uses ImageNet's 224 px — `VGG_SIZE`, printed by the Parameters cell); under a minute on a GPU.
 
 # %% [markdown]
 # ## Setup
@@ -31,6 +33,7 @@ import ipywidgets as widgets
 import keras
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 from IPython.display import display
 
 from strokekit import io, paths
@@ -85,15 +88,27 @@ assert features.shape == (len(data), 512) and np.isfinite(features).all()
 
 # %% [markdown]
 # ## 3. Choose k
-# Inertia always falls as k grows (the elbow is a judgement call); the silhouette score peaks where
-# clusters are compact and well separated. The study used k = 8 for 56 slices; the silhouette often prefers fewer, coarser groups —
-# more clusters make each subset's mix finer-grained at the cost of tiny clusters.
+# Inertia always falls as k grows (the elbow is a judgement call); the silhouette score is highest
+# where clusters are compact and well separated, and the plot marks that k. Do not expect it to
+# point at `K`: the silhouette tends to reward a clean *coarse* division (the cell prints what its
+# best k separates, level by level — look whether it is one level against the rest), and a split
+# stratified by two or three groups only promises that each subset gets some of each.
+#
+# `K` is the study's choice (8 clusters for 56 slices, about 7 slices per cluster), kept here to
+# reproduce it, not a result of this plot. For a split, clusters are strata, not findings: finer
+# strata (level, lesion size and position) let each subset's mix follow the whole set more closely,
+# as long as every cluster has at least 3 slices, one for each of train, validation and test. The
+# next cell prints the cluster sizes; a smaller cluster cannot be spread over all three subsets.
 
 # %%
 table = splitting.choose_k(features, ks=range(2, 13), seed=SEED)
 display(table.round(3))
 fig = splitting.plot_choose_k(table)
 display(fig)
+best_k = int(table.loc[table["silhouette"].idxmax(), "k"])
+print(f"best silhouette at k = {best_k} (we use K = {K}); its clusters, slices per level:")
+display(pd.crosstab(splitting.cluster(features, best_k, seed=SEED), levels,
+                    rownames=["cluster"], colnames=["level"]))
 assert table["silhouette"].between(-1, 1).all()
 
 # %%
@@ -101,6 +116,7 @@ clusters = splitting.cluster(features, K, seed=SEED)
 xy = splitting.embed_2d(features, "pca", seed=SEED)
 display(splitting.plot_embedding(xy, clusters, title=f"VGG16 features, PCA, coloured by cluster (k={K})", style=levels))
 display(splitting.plot_cluster_montage(data, clusters, per_cluster=4, seed=SEED))
+print(f"slices per cluster at k = {K}: {np.bincount(clusters).tolist()}")
 assert len(np.unique(clusters)) == K
 
 # %% [markdown]
@@ -124,7 +140,6 @@ rows = []
 for name, feats in [("vgg16", features), ("intensity", cheap), ("hog", splitting.embed(data, "hog"))]:
     for k in (3, K):
         rows.append({"embedding": name, "k": k, "ARI vs level": splitting.adjusted_rand(splitting.cluster(feats, k, seed=SEED), levels)})
-import pandas as pd  # noqa: E402  (only for this small table)
 ari = pd.DataFrame(rows).pivot(index="embedding", columns="k", values="ARI vs level").round(3)
 display(ari)
 assert ari.to_numpy().max() <= 1.0 and ari.to_numpy().min() >= -1.0
@@ -139,7 +154,8 @@ assert ari.to_numpy().max() <= 1.0 and ari.to_numpy().min() >= -1.0
 # %%
 split = splitting.cluster_split(data, clusters, test=TEST, val=VAL, seed=SEED, group_by_patient=True)
 leak = splitting.check_leakage(split)
-print(split.counts(), "·", leak)
+print(split.counts(), "·", leak,
+      "· clusters missing from test:", split.params["missing_in_test"] or "none")
 report = splitting.balance_report(split)
 display(report.round(3))
 assert sum(split.counts().values()) == len(data)
@@ -158,8 +174,9 @@ assert means["cluster"] <= means["random"] + 1e-9, "the stratified split should 
 
 # %% [markdown]
 # ## 6. Save the split
-# A split is a small file: case id → subset, cluster, patient. Images stay where they are. Notebooks
-# 04–06 load this file, so every model is trained and tested on the same slices.
+# A split is a small file: case id → subset, cluster, patient. Images stay where they are. Later
+# notebooks (04, 06, 07, 09) load this file, so every model is trained and tested on the same
+# slices.
 
 # %%
 path = split.save(SPLIT_FILE)
@@ -170,9 +187,10 @@ display(again.to_frame().head())
 
 # %% [markdown]
 # ## 7. The same on real data (CT-ICH)
-# When `../shared/data/ct-ich` is present, we split its 318 hemorrhage slices of 36 patients the same
-# way, grouped by the real patient ids. These are **traumatic intracranial hemorrhages, not ischemic
-# strokes**. The images are already brain-windowed PNGs.
+# When `../shared/data/ct-ich` is present, we split its hemorrhage slices the same way, grouped by
+# the real patient ids (the data's `SOURCE.md`, read 2026-12-04, lists 318 slices with hemorrhage
+# from 36 patients; the cell prints what it loaded). These are **traumatic intracranial
+# hemorrhages, not ischemic strokes**. The images are already brain-windowed PNGs.
 
 # %%
 ctich = paths.ctich_dir()

@@ -16,7 +16,9 @@
 # A slice model sees one slice at a time; a clinician wants the lesion's volume in millilitres.
 #
 # **Learning goals**
-# - Predict every slice of a scan and stack the masks with the real voxel size (5 mm slices, ~1 mm pixels).
+# - Predict every slice of a scan and stack the masks with the real voxel size (the phantom's 5 mm
+#   slices; its pixels are a 230 mm field of view over the image side, so their size depends on the
+#   profile — step 2 prints the voxel).
 # - Clean a 3-D mask (specks, holes) and measure the lesion volume in mL against the reference.
 # - Draw the lesion surface (marching cubes) inside the brain and skull, and scroll through the slices.
 #
@@ -41,7 +43,7 @@ from scipy import ndimage
 
 from strokekit import io, metrics, paths, recon3d, train
 from strokekit import split as splitting
-from strokekit.augment import NO_AUGMENT
+from strokekit.augment import STUDY_AUGMENT
 from strokekit.config import get_profile, phantom_config
 from strokekit.phantom import generate_phantom, make_volume, volume_to_dataset
 
@@ -53,15 +55,10 @@ print(f"keras {keras.__version__} · backend {keras.backend.backend()}")
 # %% tags=["parameters"]
 PROFILE = get_profile()
 PHANTOM = phantom_config(PROFILE)      # the course's standard phantom (same in every notebook)
-TRAIN = train.TrainConfig(
+TRAIN = PROFILE.train_config(        # the profile's sizes and training recipe (strokekit/config.py)
     arch="unet",
-    filters=PROFILE.filters,
-    loss="soft_dice",                # small lesions: a Dice loss does not settle for "no lesion anywhere"
-    learning_rate=1e-3,
-    batch_size=PROFILE.batch_size,
-    num_epochs=5 * PROFILE.num_epochs,   # a 3-D view needs a model that predicts something
-    image_size=PROFILE.image_size,
-    augment=NO_AUGMENT,
+    loss="bce_dice",
+    augment=STUDY_AUGMENT,
     preview_slices=0,
 )
 MODEL_RUN = None                       # or a run folder, e.g. paths.runs_dir() / "04_unet_vs_resunet" / "single"

@@ -8,6 +8,8 @@ in between a process of the other chain can take it. The kernel then dies at onc
 487; it failed CI once, on notebook 01). IPC sockets are files named after a directory of this
 process, so two chains cannot collide. nbval sends a kernel's stderr to /dev/null; here it goes to a
 temporary file whose tail is quoted if the kernel still dies `START_ATTEMPTS` times in a row.
+Kernels get `strokekit.runner.KERNEL_ARGS`, as under `make run`: output written to the process's
+file descriptors (TensorFlow's absl start-up lines) goes to that file, not into the notebook.
 
 Nothing changes for a student running a notebook in Jupyter: this is loaded only by pytest, for the
 notebooks in this folder.
@@ -29,7 +31,10 @@ def start_new_kernel(startup_timeout=60, kernel_name="python", **kwargs):
     from jupyter_client.manager import KernelManager
     from nbval.kernel import NbvalKernelspecManager
 
+    from strokekit.runner import KERNEL_ARGS
+
     kwargs.pop("stderr", None)  # nbval's /dev/null: replaced by a file we can quote
+    kwargs.setdefault("extra_arguments", list(KERNEL_ARGS))
     failures = []
     for attempt in range(1, START_ATTEMPTS + 1):
         # Not a `with`: the kernel writes here for as long as it runs, after this returns.

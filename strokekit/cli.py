@@ -34,20 +34,31 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def _cmd_run_notebooks(args: argparse.Namespace) -> int:
-    from .runner import find_notebooks, run_notebooks
+    from .runner import SUMMARY_NAME, find_notebooks, run_notebooks
 
     notebooks = [Path(p) for p in args.notebooks] or find_notebooks()
     if not notebooks:
         print("no notebooks found", file=sys.stderr)
         return 2
-    results = run_notebooks(notebooks, args.out, profile=args.profile or "quick", timeout=args.timeout)
-    width = max(len(r["notebook"]) for r in results)
+    results = run_notebooks(notebooks, args.out, profile=args.profile or "quick",
+                            timeout=args.timeout)
+    width = max(len("notebook"), *(len(r["notebook"]) for r in results))
+    print(f"\n{'notebook':<{width}}  status  seconds  figures")
     for r in results:
-        status = "ok" if r["ok"] else f"FAILED: {r['error']}"
-        print(f"{r['notebook']:<{width}}  {r['seconds']:7.1f} s  {status}")
+        figures = " ".join(f"{k}={_figure_text(v)}" for k, v in r["figures"].items())
+        status = "ok" if r["ok"] else "FAILED"
+        print(f"{r['notebook']:<{width}}  {status:<6}  {r['seconds']:7.1f}  {figures}".rstrip())
+        if not r["ok"]:
+            print(f"{'':<{width}}  {r['error']}")
     out = Path(args.out).resolve()
-    print(f"executed notebooks: {out}/*.ipynb\nHTML:               {out}/*.html")
+    print(f"executed notebooks: {out}/*.ipynb\nHTML:               {out}/*.html\n"
+          f"summary:            {out / SUMMARY_NAME}")
     return 0 if all(r["ok"] for r in results) else 1
+
+
+def _figure_text(value) -> str:
+    """A recorded figure for the table: floats to 4 significant digits, the rest as they are."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _load_data(path: str | None, profile_name: str | None):
@@ -71,7 +82,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from .config import get_profile
     from .split import Split, check_leakage, load_or_make_split
-    from .train import TrainConfig, train
+    from .train import train
 
     profile = get_profile(args.profile)
     data = _load_data(args.data, args.profile)
@@ -81,22 +92,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
         split = load_or_make_split(data, None, seed=args.seed)
     check_leakage(split)
     config = dataclasses.replace(
-        TrainConfig(filters=profile.filters, image_size=profile.image_size, batch_size=profile.batch_size,
-                    num_epochs=profile.num_epochs),
+        profile.train_config(),
         arch=args.model, activation=args.activation, seed=args.seed, loss=args.loss,
         **{k: v for k, v in (("num_epochs", args.epochs), ("image_size", args.image_size),
-                             ("learning_rate", args.learning_rate), ("batch_size", args.batch_size)) if v},
+                             ("learning_rate", args.learning_rate),
+                             ("batch_size", args.batch_size)) if v},
     )
     result = train(config, split.dataset(data, "train"), split.dataset(data, "val"),
                    run_dir=args.out, split=split, progress=not args.quiet)
     print(f"run folder: {result.run_dir}")
-    print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if isinstance(v, float)))
+    print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()
+                                     if isinstance(v, float)))
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from .io import load_dataset
     from .metrics import aggregate, segmentation_report
     from .train import load_model, load_run, predict_numpy, to_arrays
@@ -116,8 +126,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         shape = model.input_shape
         config = TrainConfig(image_size=int(shape[1]), windows=("brain",) * int(shape[-1]))
     if config.num_classes != 1:
-        print(f"evaluate handles binary (sigmoid) models; this one has {config.num_classes} classes "
-              "(use strokekit.metrics.per_class_metrics)", file=sys.stderr)
+        print(f"evaluate handles binary (sigmoid) models; this one has {config.num_classes} "
+              "classes (use strokekit.metrics.per_class_metrics)", file=sys.stderr)
         return 2
     data = load_dataset(args.data, progress=False)
     x, y = to_arrays(config, data)
@@ -126,11 +136,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     report = segmentation_report(y, prob, case_ids=data.case_ids, patient_ids=data.patient_ids,
                                  threshold=threshold, surface=False, progress=False)
     levels = aggregate(y, prob, patient_ids=data.patient_ids, threshold=threshold)
-    columns = [c for c in ("case_id", "patient_id", "dice", "iou", "sensitivity", "specificity", "precision")
-               if c in report.columns]
+    columns = [c for c in ("case_id", "patient_id", "dice", "iou", "sensitivity", "specificity",
+                           "precision") if c in report.columns]
     print(report[columns].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print()
-    print(levels.to_string(float_format=lambda v: f"{v:.4f}") if hasattr(levels, "to_string") else levels)
+    print(levels.to_string(float_format=lambda v: f"{v:.4f}") if hasattr(levels, "to_string")
+          else levels)
     if args.csv:
         report.to_csv(args.csv, index=False)
         print(f"per-slice table written to {args.csv}")
@@ -150,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("phantom", help=COMMANDS["phantom"][1])
     p.add_argument("--out", default="data/phantom", help="output folder (default: data/phantom)")
-    p.add_argument("--profile", default=None, help="quick or full (default: $STROKEKIT_PROFILE or quick)")
+    p.add_argument("--profile", default=None,
+                   help="quick or full (default: $STROKEKIT_PROFILE or quick)")
     p.add_argument("--patients", type=int, default=None)
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -171,12 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default=None, help="data folder (default: the phantom)")
     p.add_argument("--split", default=None, help="split file (default: a cluster split made now)")
-    p.add_argument("--out", default=None, help="run folder (default: runs/<arch>-<activation>-s<seed>-<time>)")
+    p.add_argument("--out", default=None,
+                   help="run folder (default: runs/<arch>-<activation>-s<seed>-<time>)")
     p.add_argument("--profile", default=None)
     p.add_argument("--quiet", action="store_true")
     p = sub.add_parser("evaluate", help=COMMANDS["evaluate"][1])
     p.add_argument("--model", required=True, help="a run folder or a .keras file")
-    p.add_argument("--data", required=True, help="folder of slices with masks (any layout strokekit.io reads)")
+    p.add_argument("--data", required=True,
+                   help="folder of slices with masks (any layout strokekit.io reads)")
     p.add_argument("--threshold", type=float, default=None)
     p.add_argument("--csv", default=None, help="also write the per-slice table here")
     return parser

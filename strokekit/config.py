@@ -33,6 +33,18 @@ class Profile:
         phantom_size: side of the generated phantom slices in pixels.
         filters: U-Net filters per level (the last is the bottleneck); the full profile is the
             study's 64→1024 network (31M parameters).
+        learning_rate: Adam's learning rate (its start, under the cosine schedule).
+        batch_norm: batch normalisation in the U-Net (the study had none).
+        lr_schedule: ``strokekit.train.LR_SCHEDULES`` name: the study halves on plateaus; the quick
+            profile falls along a cosine.
+        bn_momentum: momentum of the batch-norm running statistics.
+        repeats: passes over the training slices per epoch (see ``TrainConfig.repeats``).
+        head_bias: starting logit of the lesion class (see ``TrainConfig.head_bias``).
+
+    The quick profile has a few minutes on 2 CPU cores to train a network that *learns*: 10
+    epochs of 4 augmented passes each (about 200 steps) with batch norm (momentum 0.9, so its
+    running statistics keep up), a learning rate of 0.01 along a cosine, and a head that starts
+    at the lesion share of pixels instead of 0.5. The full profile keeps the study's recipe.
     """
 
     name: str
@@ -44,19 +56,47 @@ class Profile:
     phantom_slices_per_patient: int
     phantom_size: int
     filters: tuple[int, ...]
+    learning_rate: float = 1e-3
+    batch_norm: bool = False
+    lr_schedule: str = "plateau"
+    bn_momentum: float = 0.99
+    repeats: int = 1
+    head_bias: float | None = None
+
+    def train_config(self, **changes: Any):
+        """A ``strokekit.train.TrainConfig`` with this profile's sizes and training recipe.
+
+        Args:
+            **changes: TrainConfig fields to set (``arch``, ``activation``, ``loss``, ...).
+        """
+        from .train import TrainConfig
+
+        base = dict(
+            filters=self.filters, image_size=self.image_size, num_epochs=self.num_epochs,
+            batch_size=self.batch_size, learning_rate=self.learning_rate, batch_norm=self.batch_norm,
+            lr_schedule=self.lr_schedule, bn_momentum=self.bn_momentum, repeats=self.repeats,
+            head_bias=self.head_bias,
+        )
+        return TrainConfig(**{**base, **changes})
 
 
 PROFILES: dict[str, Profile] = {
     "quick": Profile(
         name="quick",
         image_size=64,
-        num_epochs=3,
+        num_epochs=10,
         num_seeds=2,
         batch_size=8,
         phantom_patients=12,
         phantom_slices_per_patient=5,
         phantom_size=128,
         filters=(8, 16, 32, 64),
+        learning_rate=1e-2,
+        batch_norm=True,
+        lr_schedule="cosine",
+        bn_momentum=0.9,
+        repeats=4,
+        head_bias=-4.0,
     ),
     "full": Profile(
         name="full",

@@ -109,6 +109,10 @@ class _BlockConfig:
     kernel_size: int
     dilation_rate: int
     seeds: _Seeds
+    bn_momentum: float = 0.99
+
+    def batch_norm_layer(self, name: str) -> layers.Layer:
+        return layers.BatchNormalization(momentum=self.bn_momentum, name=name)
 
     def initializer(self):
         seed = self.seeds.next()
@@ -141,7 +145,7 @@ class _BlockConfig:
 def _conv_bn_act(x, filters: int, prefix: str, index: int, cfg: _BlockConfig):
     x = cfg.conv(x, filters, f"{prefix}_conv{index}")
     if cfg.batch_norm:
-        x = layers.BatchNormalization(name=f"{prefix}_bn{index}")(x)
+        x = cfg.batch_norm_layer(f"{prefix}_bn{index}")(x)
     return cfg.activation_layer(f"{prefix}_act{index}")(x)
 
 
@@ -158,11 +162,11 @@ def _residual_block(x, filters: int, prefix: str, cfg: _BlockConfig):
     y = _conv_bn_act(x, filters, prefix, 1, cfg)
     y = cfg.conv(y, filters, f"{prefix}_conv2")
     if cfg.batch_norm:
-        y = layers.BatchNormalization(name=f"{prefix}_bn2")(y)
+        y = cfg.batch_norm_layer(f"{prefix}_bn2")(y)
     if x.shape[-1] != filters:
         shortcut = cfg.conv(x, filters, f"{prefix}_proj", kernel_size=1, dilated=False)
         if cfg.batch_norm:
-            shortcut = layers.BatchNormalization(name=f"{prefix}_proj_bn")(shortcut)
+            shortcut = cfg.batch_norm_layer(f"{prefix}_proj_bn")(shortcut)
     y = layers.Add(name=f"{prefix}_add")([y, shortcut])
     return cfg.activation_layer(f"{prefix}_act2")(y)
 
@@ -184,12 +188,22 @@ def _upsample(x, filters: int, prefix: str, mode: str, cfg: _BlockConfig):
     )(x)
 
 
-def _head(x, num_classes: int, seeds: _Seeds):
+def _head(x, num_classes: int, seeds: _Seeds, head_bias: float | None = None):
+    # head_bias: the starting logit of every lesion class (background's stays 0), e.g. the log-odds
+    # of the lesion share of pixels: the network then starts by predicting "rare lesion" instead of
+    # "coin flip" and skips the phase in which it only learns that most pixels are background.
+    bias = "zeros"
+    if head_bias is not None:
+        start = [float(head_bias)] * num_classes
+        if num_classes > 1:
+            start[0] = 0.0
+        bias = keras.initializers.Constant(start)
     return layers.Conv2D(
         num_classes,
         1,
         activation="sigmoid" if num_classes == 1 else "softmax",
         kernel_initializer=keras.initializers.GlorotUniform(seed=seeds.next()),
+        bias_initializer=bias,
         dtype="float32",  # probabilities stay float32 under a mixed-precision policy
         name="head",
     )(x)
@@ -207,6 +221,11 @@ def _check_activation(activation: str, batch_norm: bool) -> None:
             "normalisation, which replaces the statistics SELU relies on. Use batch_norm=False "
             "(or another activation). Received: activation='selu', batch_norm=True"
         )
+
+
+def _check_momentum(bn_momentum) -> None:
+    if isinstance(bn_momentum, bool) or not isinstance(bn_momentum, (int, float)) or not 0.0 <= bn_momentum < 1.0:
+        raise ValueError(f"bn_momentum must be a number in [0, 1). Received: bn_momentum={bn_momentum!r}")
 
 
 def _check_filters(filters: Sequence[int], arg: str = "filters", min_len: int = 2) -> tuple:
@@ -303,6 +322,8 @@ def _build_unet(
     seed,
     name,
     block,
+    bn_momentum=0.99,
+    head_bias=None,
 ):
     filters = _check_filters(filters)
     _check_activation(activation, batch_norm)
@@ -311,10 +332,11 @@ def _build_unet(
     shape = _check_image_shape(
         input_shape, 2**n_pool, f"{n_pool} poolings for {len(filters)} filter levels"
     )
-    cfg = _BlockConfig(activation, bool(batch_norm), kernel_size, dilation_rate, _Seeds(seed))
+    _check_momentum(bn_momentum)
+    cfg = _BlockConfig(activation, bool(batch_norm), kernel_size, dilation_rate, _Seeds(seed), float(bn_momentum))
     inputs = keras.Input(shape=shape, name="image")
     x = _unet_body(inputs, filters, cfg, block, float(dropout), upsample)
-    return keras.Model(inputs, _head(x, num_classes, cfg.seeds), name=name)
+    return keras.Model(inputs, _head(x, num_classes, cfg.seeds, head_bias), name=name)
 
 
 def unet(
@@ -329,6 +351,8 @@ def unet(
     upsample: str = "transpose",
     seed: int | None = None,
     name: str = "unet",
+    bn_momentum: float = 0.99,
+    head_bias: float | None = None,
 ) -> keras.Model:
     """U-Net (Ronneberger et al., 2015): two convolutions per level, skip connections.
 
@@ -348,6 +372,11 @@ def unet(
         seed: seed for the weight initialisers and dropout; None leaves them to Keras'
             global seed (``strokekit.config.seed_everything``).
         name: model name.
+        bn_momentum: momentum of the batch-norm running statistics (Keras' 0.99 averages over
+            about 100 steps; a run of a few hundred steps predicts better with 0.9).
+        head_bias: starting logit of the lesion class(es) in the head, None for 0 (a 0.5
+            probability everywhere). ``-4`` starts at a lesion probability of 0.018, near the
+            share of lesion pixels; short runs on rare lesions then start learning at once.
 
     Returns:
         An uncompiled ``keras.Model`` mapping ``(B, H, W, C)`` to ``(B, H, W, num_classes)``.
@@ -368,6 +397,8 @@ def unet(
         seed,
         name,
         _plain_block,
+        bn_momentum,
+        head_bias,
     )
 
 
@@ -383,6 +414,8 @@ def resunet(
     upsample: str = "transpose",
     seed: int | None = None,
     name: str = "resunet",
+    bn_momentum: float = 0.99,
+    head_bias: float | None = None,
 ) -> keras.Model:
     """Residual U-Net (ResU-Net, Zhang et al., 2018): every level is a residual block.
 
@@ -405,6 +438,8 @@ def resunet(
         upsample: one of :data:`UPSAMPLE_MODES`.
         seed: as in :func:`unet`.
         name: model name.
+        bn_momentum: as in :func:`unet`.
+        head_bias: as in :func:`unet`.
 
     Returns:
         An uncompiled ``keras.Model``.
@@ -427,6 +462,8 @@ def resunet(
         seed,
         name,
         _residual_block,
+        bn_momentum,
+        head_bias,
     )
 
 

@@ -59,6 +59,11 @@ class MulticlassConfig:
         early_stopping_patience: epochs without validation-loss improvement before stopping
             (0: never).
         reduce_lr_patience: epochs without improvement before halving the learning rate (0: never).
+        lr_schedule: as in :class:`strokekit.train.TrainConfig` (``"plateau"``, ``"cosine"``, ``"constant"``).
+        bn_momentum: as in :class:`strokekit.train.TrainConfig`.
+        repeats: as in :class:`strokekit.train.TrainConfig`.
+        head_bias: starting logit of each lesion class (background 0), as in
+            :class:`strokekit.train.TrainConfig`.
         class_names: name of each label; their number is the number of classes.
         seed: weights, shuffling and augmentation.
         preview_slices: validation slices in the per-epoch previews.
@@ -87,6 +92,10 @@ class MulticlassConfig:
     seed: int = 0
     preview_slices: int = 4
     workers: int = 2
+    lr_schedule: str = "plateau"
+    bn_momentum: float = 0.99
+    repeats: int = 1
+    head_bias: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("windows", "class_names"):
@@ -113,6 +122,10 @@ class MulticlassConfig:
         need(0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)")
         need(self.learning_rate > 0, "learning_rate", "> 0")
         need(is_int(self.num_epochs) and self.num_epochs >= 1, "num_epochs", "an int >= 1")
+        from .train import LR_SCHEDULES
+
+        need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {list(LR_SCHEDULES)}")
+        need(is_int(self.repeats) and self.repeats >= 1, "repeats", "an int >= 1")
         need(is_int(self.image_size) and self.image_size % 2**self.num_levels == 0, "image_size",
              f"a multiple of 2 ** num_levels = {2 ** self.num_levels}")
         need(len(self.class_names) >= 2, "class_names", "at least two names (background first)")
@@ -143,6 +156,8 @@ class MulticlassConfig:
             "batch_norm": self.batch_norm,
             "kernel_size": self.kernel_size,
             "dilation_rate": self.dilation_rate,
+            "bn_momentum": self.bn_momentum,
+            "head_bias": self.head_bias,
         }
 
     def train_config(self):
@@ -158,7 +173,8 @@ class MulticlassConfig:
             augment=self.augment, num_classes=self.num_classes,
             early_stopping_patience=self.early_stopping_patience,
             reduce_lr_patience=self.reduce_lr_patience, seed=self.seed,
-            preview_slices=self.preview_slices, workers=self.workers,
+            preview_slices=self.preview_slices, workers=self.workers, lr_schedule=self.lr_schedule,
+            bn_momentum=self.bn_momentum, repeats=self.repeats, head_bias=self.head_bias,
         )
 
 
@@ -408,7 +424,7 @@ def train_multiclass(
 
     from .augment import SegmentationLoader
     from .config import seed_everything, to_dict
-    from .train import RunResult, TqdmCallback, _preview_indices, make_run_dir
+    from .train import RunResult, TqdmCallback, _preview_indices, make_run_dir, repeat_arrays, schedule_callbacks
 
     if len(train_data) == 0 or len(val_data) == 0:
         raise DataError("training and validation sets must not be empty")
@@ -424,6 +440,7 @@ def train_multiclass(
     else:
         folder = Path(run_dir)
         folder.mkdir(parents=True, exist_ok=True)
+    x_train, y_train = repeat_arrays(x_train, y_train, config.repeats)
     loader = SegmentationLoader(x_train, y_train, batch_size=config.batch_size,
                                 augment=config.augment, shuffle=True, seed=config.seed,
                                 num_classes=config.num_classes, workers=config.workers)
@@ -434,9 +451,7 @@ def train_multiclass(
     if config.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=config.early_stopping_patience, restore_best_weights=True))
-    if config.reduce_lr_patience:
-        callbacks.append(keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss", factor=0.5, patience=config.reduce_lr_patience, min_lr=1e-6))
+    callbacks += schedule_callbacks(config)
     if folder is not None:
         (folder / "config.json").write_text(json.dumps(to_dict(config), indent=2))
         callbacks.append(keras.callbacks.ModelCheckpoint(

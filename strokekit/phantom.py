@@ -69,9 +69,12 @@ class PhantomConfig:
         n_slices: depth of each volume, skull base to vertex (120 mm in all).
         lesion_types: lesion types drawn from, one per patient.
         multiclass: False for 0/1 masks; True for 0 / 1 hemorrhagic / 2 ischemic.
-        lesion_size: range of the lesion radius in mm (the in-plane half-width).
-        ischemic_contrast: how many HU an infarct lies below the parenchyma (smaller is harder).
-        hemorrhage_hu: range of the hemorrhage density in HU.
+        lesion_size: range of the lesion radius in mm (the in-plane half-width); 12-30 mm is a
+            territorial infarct or a large hematoma, the lesions a few-shot study can learn.
+        ischemic_contrast: how many HU an infarct lies below the parenchyma (smaller is harder);
+            14 HU lies in the 10-20 HU of an infarct core on non-contrast CT.
+        hemorrhage_hu: range of the hemorrhage density in HU (65-85 HU: fresh blood, 25-45 HU
+            above grey matter's ~40 HU).
         noise_sd: standard deviation of the image noise in HU.
         blur_sigma: in-plane Gaussian point-spread function, sigma in pixels.
         noise_correlation: sigma in pixels of the Gaussian that correlates the noise (0: white).
@@ -85,9 +88,9 @@ class PhantomConfig:
     n_slices: int = 24
     lesion_types: tuple[str, ...] = ("ischemic", "hemorrhagic")
     multiclass: bool = False
-    lesion_size: tuple[float, float] = (8.0, 25.0)
-    ischemic_contrast: float = 8.0
-    hemorrhage_hu: tuple[float, float] = (55.0, 85.0)
+    lesion_size: tuple[float, float] = (12.0, 30.0)
+    ischemic_contrast: float = 14.0
+    hemorrhage_hu: tuple[float, float] = (65.0, 85.0)
     noise_sd: float = 4.0
     blur_sigma: float = 0.7
     noise_correlation: float = 0.6

@@ -1,16 +1,23 @@
 """Execute the course notebooks headless and write executed copies and HTML (the kit's main job).
 
-Used by ``make run`` through ``python -m strokekit run-notebooks``.
+Used by ``make run`` through ``python -m strokekit run-notebooks``. Besides the executed copies it
+writes ``summary.json``: per notebook its run time, whether it ran to the end, the error if not,
+and the headline figures the notebook recorded with :func:`strokekit.report.record`.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
 from .paths import project_root
+from .report import FIGURES_ENV, _write_json
 
 #: Environment every notebook kernel gets: quiet TensorFlow, oneDNN kernels (1.5–2× faster on CPU).
 KERNEL_ENV = {
@@ -18,9 +25,22 @@ KERNEL_ENV = {
     "TF_ENABLE_ONEDNN_OPTS": "1",
     "PYTHONHASHSEED": "0",
 }
+#: Arguments every notebook kernel gets (here and under nbval, see notebooks/conftest.py).
+#: Recent TensorFlow (2.21 here) logs its start-up lines ("All log messages before
+#: absl::InitializeLog() ...", "oneDNN custom operations are on ...") through absl straight to file
+#: descriptor 2; TF_CPP_MIN_LOG_LEVEL no longer filters them (tensorflow issue 100442) and only
+#: turning oneDNN off would. ipykernel copies that descriptor into the notebook as stderr output;
+#: with this switch it stays the kernel's own stderr (``logs/<name>.log`` here, a temporary file
+#: under nbval). Python's warnings and tracebacks go through ``sys.stderr`` and still appear in
+#: the notebook.
+KERNEL_ARGS = ("--IPKernelApp.capture_fd_output=False",)
+#: File in the output folder that lists every notebook's record.
+SUMMARY_NAME = "summary.json"
 
 
-def find_notebooks(folder: str | os.PathLike | None = None, pattern: str = "[0-9][0-9]_*.ipynb") -> list[Path]:
+def find_notebooks(
+    folder: str | os.PathLike | None = None, pattern: str = "[0-9][0-9]_*.ipynb"
+) -> list[Path]:
     """The numbered course notebooks in order (``NN_snake_case.ipynb``)."""
     folder = Path(folder) if folder else project_root() / "notebooks"
     return sorted(folder.glob(pattern))
@@ -32,58 +52,125 @@ def run_notebooks(
     profile: str = "quick",
     timeout: int = 1800,
     html: bool = True,
+    progress_every: float | None = 30.0,
 ) -> list[dict]:
     """Execute each notebook top to bottom in a fresh kernel, in its own folder.
 
+    Prints ``[k/n] name …`` before each notebook and, while it runs, its elapsed time and current
+    cell every ``progress_every`` seconds. A notebook that fails does not stop the others.
+
     Args:
         notebooks: paths of the notebooks, run in the given order.
-        out_dir: where executed ``.ipynb`` (and ``.html``) copies go; sources are not touched.
+        out_dir: where executed ``.ipynb`` (and ``.html``) copies, the kernels' logs
+            (``logs/<name>.log``) and ``summary.json`` go; sources are not touched.
         profile: value for ``STROKEKIT_PROFILE`` in the kernels.
         timeout: seconds allowed per cell.
         html: also export HTML.
+        progress_every: seconds between progress lines; ``None`` or 0 prints none.
 
     Returns:
-        one dict per notebook: name, seconds, ok, output paths, error (if any).
+        one dict per notebook, also written to ``out_dir/summary.json`` under ``"notebooks"``:
+        ``notebook`` (file name without ``.ipynb``), ``seconds``, ``ok``, ``error`` (``None`` or
+        ``"cell 12: AssertionError: ..."``), ``figures`` (what the notebook passed to
+        :func:`strokekit.report.record`, up to where it stopped), ``ipynb``, ``html`` (``None``
+        without HTML) and ``log``.
     """
     import nbformat
     from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    saved = {k: os.environ.get(k) for k in (*KERNEL_ENV, "STROKEKIT_PROFILE")}
-    os.environ.update(KERNEL_ENV)
-    os.environ["STROKEKIT_PROFILE"] = profile
-    results = []
-    try:
-        for path in map(Path, notebooks):
-            nb = nbformat.read(path, as_version=4)
-            client = NotebookClient(
-                nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
-            )
-            start = time.perf_counter()
-            error = None
+    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+    (out_dir / ".figures").mkdir(exist_ok=True)
+    paths = [Path(p) for p in notebooks]
+    records = []
+    for k, path in enumerate(paths, 1):
+        name = path.stem
+        print(f"[{k}/{len(paths)}] {name} …", flush=True)
+        figures_file = (out_dir / ".figures" / f"{name}.json").resolve()
+        figures_file.unlink(missing_ok=True)
+        env = {**os.environ, **KERNEL_ENV, "STROKEKIT_PROFILE": profile,
+               FIGURES_ENV: str(figures_file)}
+        nb = nbformat.read(path, as_version=4)
+        watch = _Progress(name, len(nb.cells), progress_every)
+        client = NotebookClient(
+            nb, timeout=timeout, kernel_name="python3", extra_arguments=list(KERNEL_ARGS),
+            resources={"metadata": {"path": str(path.parent)}}, on_cell_start=watch.on_cell_start,
+        )
+        log = out_dir / "logs" / f"{name}.log"
+        error = None
+        with open(log, "w", encoding="utf-8") as log_file, watch:
             try:
-                client.execute()
+                client.execute(env=env, stdout=log_file, stderr=subprocess.STDOUT)
             except CellExecutionError as exc:
-                error = str(exc).splitlines()[-1] if str(exc) else repr(exc)
-            seconds = time.perf_counter() - start
-            executed = out_dir / path.name
-            nbformat.write(nb, executed)
-            record = {"notebook": path.name, "seconds": round(seconds, 1), "ok": error is None,
-                      "ipynb": str(executed), "error": error}
-            if html:
-                from nbconvert import HTMLExporter
+                error = f"cell {watch.cell}: {exc.ename}: {exc.evalue}"
+            except (CellTimeoutError, DeadKernelError) as exc:
+                detail = str(exc).strip().splitlines()[:1]  # "Kernel died", "A cell timed out ..."
+                error = ": ".join([f"cell {watch.cell}", type(exc).__name__, *detail])
+        executed = out_dir / path.name
+        nbformat.write(nb, executed)
+        html_path = None
+        if html:
+            from nbconvert import HTMLExporter
 
-                body, _ = HTMLExporter().from_notebook_node(nb)
-                html_path = executed.with_suffix(".html")
-                html_path.write_text(body, encoding="utf-8")
-                record["html"] = str(html_path)
-            results.append(record)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    return results
+            body, _ = HTMLExporter().from_notebook_node(nb)
+            html_path = executed.with_suffix(".html")
+            html_path.write_text(body, encoding="utf-8")
+        figures = {}
+        if figures_file.is_file():
+            figures = json.loads(figures_file.read_text(encoding="utf-8"))
+        records.append({
+            "notebook": name, "seconds": round(watch.seconds, 1), "ok": error is None,
+            "error": error, "figures": figures, "ipynb": str(executed),
+            "html": str(html_path) if html_path else None, "log": str(log),
+        })
+    _write_json(out_dir / SUMMARY_NAME, {
+        "profile": profile,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "notebooks": records,
+    })
+    return records
+
+
+class _Progress:
+    """Times one notebook; while it runs, a thread prints ``  name: 1m30s, cell 12/40``."""
+
+    def __init__(self, name: str, num_cells: int, every: float | None):
+        self.name, self.num_cells, self.every = name, num_cells, every
+        self.cell = 0  # 1-based number of the cell running now
+        self.seconds = 0.0
+        self._start = 0.0
+        self._stop = threading.Event()
+        self._thread = None
+
+    def on_cell_start(self, cell, cell_index: int) -> None:
+        self.cell = cell_index + 1
+
+    def __enter__(self) -> _Progress:
+        self._start = time.perf_counter()
+        if self.every:
+            self._thread = threading.Thread(target=self._report, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self._start
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _report(self) -> None:
+        while not self._stop.wait(self.every):
+            elapsed = _duration(time.perf_counter() - self._start)
+            where = f"cell {self.cell}/{self.num_cells}" if self.cell else "starting the kernel"
+            print(f"  {self.name}: {elapsed}, {where}", flush=True)
+
+
+def _duration(seconds: float) -> str:
+    """``45s``, ``1m30s`` or ``1h02m``."""
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

@@ -26,6 +26,22 @@ from .errors import DataError
 from .paths import runs_dir
 
 
+#: Learning-rate schedules :class:`TrainConfig` knows (see its ``lr_schedule``).
+LR_SCHEDULES: tuple[str, ...] = ("plateau", "cosine", "constant")
+
+
+def cosine_learning_rate(epoch: int, num_epochs: int, learning_rate: float, final_fraction: float = 0.01) -> float:
+    """The ``"cosine"`` schedule: the learning rate of epoch ``epoch`` (0-based) of ``num_epochs``.
+
+    Falls along a half cosine from ``learning_rate`` (first epoch) to
+    ``final_fraction · learning_rate`` (last epoch).
+    """
+    import math
+
+    progress = epoch / max(num_epochs - 1, 1)
+    return learning_rate * (final_fraction + (1.0 - final_fraction) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything that decides a training run. Variants by ``dataclasses.replace``.
@@ -35,7 +51,8 @@ class TrainConfig:
         filters: filters per encoder level; the last is the bottleneck.
         activation: relu, leaky_relu, elu, selu, gelu or swish.
         dropout: dropout rate after the bottleneck, as in the original U-Net (0 disables).
-        batch_norm: batch normalisation in U-Net blocks (ResU-Net has it for every activation but selu).
+        batch_norm: batch normalisation in U-Net blocks (not with selu, which is self-normalising;
+            ResU-Net has it for every activation but selu).
         loss: a name in ``strokekit.losses.LOSSES``.
         learning_rate: Adam learning rate.
         batch_size: slices per batch.
@@ -45,7 +62,18 @@ class TrainConfig:
         augment: augmentation settings (``strokekit.augment.AugmentConfig``).
         num_classes: 1 for a binary lesion mask (sigmoid), more for softmax.
         early_stopping_patience: epochs without validation-loss improvement before stopping (0: never).
-        reduce_lr_patience: epochs without improvement before halving the learning rate (0: never).
+        reduce_lr_patience: epochs without improvement before halving the learning rate (0: never);
+            used by the ``"plateau"`` schedule only.
+        lr_schedule: ``"plateau"`` (halve on a validation-loss plateau, the study's way),
+            ``"cosine"`` (from ``learning_rate`` down to 1/100 of it along a half cosine over
+            ``num_epochs``: large steps first, small ones to settle) or ``"constant"``.
+        bn_momentum: momentum of the batch-norm running statistics (U-Net and ResU-Net).
+        repeats: passes over the training slices per epoch, each with its own augmentation.
+            Validation, previews and checkpoints happen once per epoch, so a short run on a
+            few dozen slices spends its time on training steps rather than on per-epoch work.
+        head_bias: starting logit of the lesion class in the network's head (U-Net and ResU-Net;
+            None: 0). ``-4`` (a lesion probability of 0.018 everywhere) lets a short run on rare
+            lesions skip its "everything is background" phase.
         threshold: probability above which a pixel counts as lesion in the metrics.
         seed: the one seed for weights, shuffling and augmentation.
         preview_slices: validation slices shown in the per-epoch previews.
@@ -71,6 +99,16 @@ class TrainConfig:
     seed: int = 0
     preview_slices: int = 4
     workers: int = 2
+    lr_schedule: str = "plateau"
+    bn_momentum: float = 0.99
+    repeats: int = 1
+    head_bias: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"Expected one of {list(LR_SCHEDULES)}. Received: lr_schedule={self.lr_schedule!r}")
+        if isinstance(self.repeats, bool) or not isinstance(self.repeats, (int, np.integer)) or self.repeats < 1:
+            raise ValueError(f"repeats must be an integer >= 1. Received: repeats={self.repeats!r}")
 
     @classmethod
     def few_shot(cls, **changes: Any) -> TrainConfig:
@@ -99,8 +137,11 @@ class TrainConfig:
             activation=self.activation,
             dropout=self.dropout,
         )
-        if self.arch == "unet":
-            kw["batch_norm"] = self.batch_norm
+        if self.arch == "unet":  # selu is self-normalising: it runs without batch norm, as in ResU-Net
+            kw["batch_norm"] = self.batch_norm and self.activation != "selu"
+        if self.arch in ("unet", "resunet"):
+            kw["bn_momentum"] = self.bn_momentum
+            kw["head_bias"] = self.head_bias
         return kw
 
 
@@ -204,6 +245,28 @@ def build_optimizer(model) -> None:
     optimizer = getattr(model, "optimizer", None)
     if optimizer is not None and not getattr(optimizer, "built", True) and model.trainable_variables:
         optimizer.build(model.trainable_variables)
+
+
+def schedule_callbacks(config) -> list:
+    """The Keras callbacks of a config's learning-rate schedule (``lr_schedule``, ``learning_rate``,
+    ``num_epochs``, ``reduce_lr_patience``): halving on a validation-loss plateau, or the cosine."""
+    import keras
+
+    if config.lr_schedule == "plateau" and config.reduce_lr_patience:
+        return [keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=0.5, patience=config.reduce_lr_patience, min_lr=1e-6)]
+    if config.lr_schedule == "cosine":
+        return [keras.callbacks.LearningRateScheduler(
+            lambda epoch, lr: cosine_learning_rate(epoch, config.num_epochs, config.learning_rate))]
+    return []
+
+
+def repeat_arrays(x: np.ndarray, y: np.ndarray, repeats: int) -> tuple[np.ndarray, np.ndarray]:
+    """``repeats`` copies of the training arrays for one epoch; the loader draws each copy's
+    augmentation from its own sample index, so no two copies are augmented alike."""
+    if repeats <= 1:
+        return x, y
+    return np.tile(x, (repeats,) + (1,) * (x.ndim - 1)), np.tile(y, (repeats,) + (1,) * (y.ndim - 1))
 
 
 class PreviewCallback:
@@ -371,6 +434,7 @@ def train(
         folder = Path(run_dir)
         folder.mkdir(parents=True, exist_ok=True)
 
+    x_train, y_train = repeat_arrays(x_train, y_train, config.repeats)
     loader = SegmentationLoader(
         x_train, y_train, batch_size=config.batch_size, augment=config.augment, shuffle=True,
         seed=config.seed, num_classes=config.num_classes, workers=config.workers,
@@ -382,9 +446,7 @@ def train(
     callbacks: list[Any] = [BestWeights("val_loss")]
     if config.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience))
-    if config.reduce_lr_patience:
-        callbacks.append(keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss", factor=0.5, patience=config.reduce_lr_patience, min_lr=1e-6))
+    callbacks += schedule_callbacks(config)
     if folder is not None:
         (folder / "config.json").write_text(json.dumps(to_dict(config), indent=2))
         if split is not None:
