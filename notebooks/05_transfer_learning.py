@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 from IPython.display import display
 
-from strokekit import models, paths, preprocess, train, transfer
+from strokekit import models, paths, preprocess, report, train, transfer
 from strokekit import split as splitting
 from strokekit.augment import STUDY_AUGMENT
 from strokekit.config import get_profile, phantom_config
@@ -291,6 +291,30 @@ fig = transfer.plot_learning_curve(curve, metric="dice")
 display(fig)
 summary = transfer.summarize_curve(curve)
 assert len(summary) == len(on_curve) * len(SHOTS) + len(at_all) and (summary["seeds"] == len(SEEDS)).all()
+at_all_shots = summary[summary["shots"] == n_all].set_index("method")["mean"]
+fewest = summary["shots"].min()
+rises = {m: at_all_shots[m] - summary[(summary.method == m) & (summary.shots == fewest)]["mean"].item()
+         for m in CURVE_METHODS}
+print(f"best schedule with all {n_all} slices: {at_all_shots.idxmax()} (mean Dice {at_all_shots.max():.3f}); "
+      "rise from the fewest to all slices: " + ", ".join(f"{m} {v:+.3f}" for m, v in rises.items()))
+# Quick-profile floors: the best schedule learns the infarcts (>= 0.4) and more slices help every curve.
+assert at_all_shots.max() >= 0.4 and all(v > 0 for v in rises.values())
+report.record(best_schedule=at_all_shots.idxmax(), best_schedule_dice=at_all_shots.max(),
+              scratch_dice=at_all_shots["scratch"], **{f"curve_rise_{m}": v for m, v in rises.items()})
+
+# %% [markdown]
+# What the best network predicts: validation slices of the target (infarcts) with the largest lesions,
+# the truth on top and the prediction of the best schedule's first seed below.
+
+# %%
+best_run = curve[(curve.method == at_all_shots.idxmax()) & (curve.shots == n_all) & (curve.seed == SEEDS[0])].iloc[0]
+x_val, y_val = train.to_arrays(BASE, target_val)
+shown = np.argsort(-(y_val > 0).reshape(len(y_val), -1).sum(axis=1), kind="stable")[:4]
+prob = train.predict_numpy(transfer.load_pretrained(f"{best_run['run_dir']}/model.keras"), x_val[shown])
+train.save_preview(x_val[shown], y_val[shown], prob, RUNS / "best_predictions.png",
+                   title=f"{best_run['method']}, all {n_all} slices, seed {SEEDS[0]}: truth (top), prediction (bottom)")
+plt.figure(figsize=(9, 4.8)); plt.imshow(plt.imread(RUNS / "best_predictions.png")); plt.axis("off"); plt.show()
+assert prob.shape[:3] == y_val[shown].shape
 
 # %% [markdown]
 # ## 6. Try it yourself
