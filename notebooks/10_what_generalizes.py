@@ -206,11 +206,12 @@ if HAVE_DATA:
     lesion_px = test_data.masks.reshape(len(test_data), -1).astype(bool).sum(1)
     q1_px, median_px = np.percentile(lesion_px, [25, 50])
     print(f"at {SIZE} px (the CT is 512 px) a test bleed covers a median of {median_px:.0f} of {SIZE * SIZE} "
-          f"pixels per slice; a quarter of the slices have {q1_px:.0f} or fewer")
+          f"pixels per slice; a quarter of the slices have {q1_px:.0f} or fewer "
+          f"({int((lesion_px == 0).sum())} lost their bleed entirely in the resize)")
     print(f"this run ({PROFILE.name} profile, {SIZE} px): the kit default is "
           + ("better than the threshold on more patients than it is worse" if paired["wins"] > paired["losses"]
              else "not better than the threshold on more patients than it is worse"))
-    assert (lesion_px > 0).all() and q1_px <= median_px < 0.05 * SIZE * SIZE   # bleeds: a small share of a slice
+    assert q1_px <= median_px < 0.05 * SIZE * SIZE   # bleeds: a small share of a slice
     default_label, study_label = STEPS[-1][0], STEPS[0][0]
     figures = report.record(
         kit_default_pp_dice=table.loc[default_label, "per_patient_dice"],
