@@ -41,7 +41,8 @@ import pandas as pd
 from IPython.display import display
 from scipy import ndimage
 
-from strokekit import io, metrics, paths, recon3d, train
+from strokekit import fewshot as fs
+from strokekit import io, metrics, paths, recon3d, report, train
 from strokekit import split as splitting
 from strokekit.augment import STUDY_AUGMENT
 from strokekit.config import get_profile, phantom_config
@@ -65,9 +66,11 @@ MODEL_RUN = None                       # or a run folder, e.g. paths.runs_dir() 
 PATIENT_INDEX = PHANTOM.n_patients     # the first patient the course's phantom never contains: held out
 THRESHOLD = 0.5                        # probability above which a voxel is lesion
 MIN_LESION_ML = 0.05                   # connected components smaller than this are specks
-KEEP_LARGEST = 1                       # each phantom patient has one lesion
+KEEP_LARGEST = None                    # one lesion per phantom patient, but its mask can come in pieces:
+                                       # keep every component above MIN_LESION_ML (1: only the largest)
 NOISE_SEED = 0                         # for the controlled-error example in step 4
-CTICH_PATIENT = None                   # None: the CT-ICH patient with the largest hemorrhage
+CTICH_PATIENT = None                   # None: the CT-ICH test patient with the largest hemorrhage
+CTICH_RECIPE = fs.profile_recipe(PROFILE)  # the few-shot recipe of notebook 10 at this profile's budget
 CTICH_PIXEL_MM = 0.45                  # an assumption: the PNGs do not record the pixel size
 CTICH_SLICE_MM = 5.0                   # from the data's SOURCE.md
 SPLIT_FILE = paths.data_dir() / "splits" / "phantom_split.json"
@@ -79,8 +82,8 @@ print(PROFILE.name, TRAIN)
 # Everything in this notebook works with any slice model. `MODEL_RUN = None` trains one here on the
 # split saved by notebook 02, so this notebook runs on its own; set `MODEL_RUN` to a run folder
 # (e.g. notebook 04's `runs/04_unet_vs_resunet/single`, trained on the same split) to reuse a model
-# instead. In the quick profile a few epochs at 64 px give a **weak** model: expect too small,
-# too large or missing lesions, and read the numbers below as an illustration of the method.
+# instead. In the quick profile the model works at 64 px on 128 px slices: it finds the lesion, but
+# its outline is coarse, so expect its volume to be off by some tens of percent (step 5 prints by how much).
 # The run folder written here is also offered by the app (`notebooks/app.ipynb`).
 
 # %%
@@ -175,7 +178,7 @@ table = pd.DataFrame([
     for name, m in (("reference", truth), ("with specks and holes", noisy), ("cleaned", cleaned_noisy))
 ]).set_index("mask")
 display(table.round(3))
-assert table.loc["cleaned", "components"] == 1 and table.loc["with specks and holes", "components"] > 10
+assert table.loc["cleaned", "components"] <= table.loc["reference", "components"] < table.loc["with specks and holes", "components"]
 assert abs(table.loc["cleaned", "volume (mL)"] - true_ml) < abs(table.loc["with specks and holes", "volume (mL)"] - true_ml)
 assert table.loc["cleaned", "Dice vs reference"] > table.loc["with specks and holes", "Dice vs reference"]
 
@@ -186,7 +189,8 @@ assert table.loc["cleaned", "Dice vs reference"] > table.loc["with specks and ho
 cleaned = recon3d.clean_mask(predicted, keep_largest=KEEP_LARGEST, spacing=spacing, min_size_ml=MIN_LESION_ML)
 print(f"components: {components(predicted)} predicted → {components(cleaned)} after cleaning")
 outline = ndimage.binary_fill_holes(np.stack([ndimage.binary_fill_holes(s) for s in predicted]))
-assert components(cleaned) <= KEEP_LARGEST and not (cleaned.astype(bool) & ~outline).any()
+assert components(cleaned) <= min(components(predicted), KEEP_LARGEST or components(predicted))
+assert not (cleaned.astype(bool) & ~outline).any()
 
 # %% [markdown]
 # ## 5. Volume in mL against the reference
@@ -199,13 +203,18 @@ assert components(cleaned) <= KEEP_LARGEST and not (cleaned.astype(bool) & ~outl
 # Dice before and after cleaning.
 
 # %%
-report = pd.DataFrame({
+volumes = pd.DataFrame({
     "raw prediction": recon3d.volume_report(predicted, truth, spacing),
     "cleaned": recon3d.volume_report(cleaned, truth, spacing),
 }).T
-display(report.round(3))
-assert np.allclose(report["true_ml"], true_ml) and (report["predicted_ml"] >= 0).all()
-assert report["dice_3d"].between(0, 1).all()
+display(volumes.round(3))
+assert np.allclose(volumes["true_ml"], true_ml) and (volumes["predicted_ml"] >= 0).all()
+assert volumes["dice_3d"].between(0, 1).all()
+# The model found the held-out patient's lesion (quick profile: 3-D Dice 0.57 raw; floor 0.3).
+assert volumes.loc["cleaned", "dice_3d"] >= 0.3
+report.record(phantom_true_ml=true_ml, phantom_predicted_ml=volumes.loc["cleaned", "predicted_ml"],
+              phantom_volume_error=volumes.loc["cleaned", "relative_difference"],
+              phantom_dice_3d=volumes.loc["cleaned", "dice_3d"])
 
 # %%
 pred_mm2 = cleaned.reshape(len(cleaned), -1).sum(axis=1) * np.prod(volume.spacing)
@@ -213,10 +222,10 @@ fig, ax = plt.subplots(figsize=(8, 2.8))
 ax.bar(np.arange(len(area_mm2)), area_mm2, color="tab:green", alpha=0.6, label="reference")
 ax.plot(np.arange(len(pred_mm2)), pred_mm2, "o-", color="tab:red", label="cleaned prediction")
 ax.set(xlabel="slice (skull base → vertex)", ylabel="lesion area (mm²)",
-       title=f"predicted {report.loc['cleaned', 'predicted_ml']:.2f} mL vs reference {true_ml:.2f} mL")
+       title=f"predicted {volumes.loc['cleaned', 'predicted_ml']:.2f} mL vs reference {true_ml:.2f} mL")
 ax.legend()
 plt.show()
-assert np.isclose(pred_mm2.sum() * volume.slice_thickness / 1000, report.loc["cleaned", "predicted_ml"])
+assert np.isclose(pred_mm2.sum() * volume.slice_thickness / 1000, volumes.loc["cleaned", "predicted_ml"])
 
 # %% [markdown]
 # ## 6. The lesion as a surface
@@ -261,12 +270,15 @@ assert disagreement[worst] == disagreement.max() and 0 <= worst < len(truth)
 # %% [markdown]
 # ## 8. Optional: a real scan (CT-ICH)
 # The shared CT-ICH set holds whole scans: every slice of 75 patients, with hemorrhage masks. These are
-# **traumatic** intracranial hemorrhages, not strokes, and the model was trained on the phantom, so
-# expect it to do badly here — the point is the pipeline on real data. The PNGs do not record the
-# pixel size: we assume `CTICH_PIXEL_MM` = 0.45 mm (a 230 mm field of view over 512 pixels, typical for
-# head CT), so all mL below are approximate (a pixel 10% larger makes every volume 21% larger). The
-# slices are 5 mm apart (SOURCE.md). The images are already brain-windowed 8-bit pictures, so the
-# skull is approximated by saturated pixels.
+# **traumatic** intracranial hemorrhages, not strokes. A phantom model knows nothing of real CT, so here we
+# train the few-shot recipe of notebook 10 (`CTICH_RECIPE`, at this profile's size and epochs) on the
+# protocol's three training patients (49, 50, 51; threshold chosen on patient 66) and reconstruct a test
+# patient it never saw — every slice of the scan, with and without bleed. The PNGs do not record the pixel
+# size: we assume `CTICH_PIXEL_MM` = 0.45 mm (a 230 mm field of view over 512 pixels, typical for head CT),
+# so all mL below are approximate (a pixel 10% larger makes every volume 21% larger). The slices are 5 mm
+# apart (SOURCE.md). Compare the predicted and reference volumes that the cell prints: a recipe trained on
+# lesion slices and tuned on patient 66's lesion slices also paints some of the slices without blood.
+# The images are already brain-windowed 8-bit pictures, so the skull is approximated by saturated pixels.
 
 # %%
 ctich = paths.ctich_dir()
@@ -274,17 +286,29 @@ if ctich is None:
     print("../shared/data/ct-ich is absent: skipping the real-CT section "
           "(put the folder there or set $STROKEKIT_CTICH to read it)")
 else:
+    protocol, protocol_split = fs.load_protocol(image_size=CTICH_RECIPE.config.image_size, progress=False)
+    fitted = fs.fit_recipe(CTICH_RECIPE, protocol_split.dataset(protocol, "train"),
+                           protocol_split.dataset(protocol, "val"), seed=0)
+    test_patients = set(protocol_split.dataset(protocol, "test").patients())
     index = pd.read_csv(ctich / "slices.csv", dtype={"patient_id": str})
-    patient = CTICH_PATIENT or str(index.groupby("patient_id")["lesion_pixels"].sum().idxmax())
+    lesion_ml = index[index["patient_id"].isin(test_patients)].groupby("patient_id")["lesion_pixels"].sum()
+    patient = CTICH_PATIENT or str(lesion_ml.idxmax())
+    assert patient in test_patients        # never a patient the recipe trained or chose its threshold on
     scan = io.load_ctich(ctich, patients=[patient], progress=False)
     real_spacing = (CTICH_SLICE_MM, CTICH_PIXEL_MM, CTICH_PIXEL_MM)
     real_image, real_truth, real_spacing = recon3d.stack_slices(scan, patient, spacing=real_spacing)
-    real_prob = recon3d.predict_volume(model, real_image, config, unit="display", progress=False)
-    real_pred = recon3d.clean_mask(real_prob >= THRESHOLD, spacing=real_spacing, min_size_ml=MIN_LESION_ML)
+    order = np.argsort(np.asarray(scan.slice_indices), kind="stable")   # stack_slices' scan order
+    real_pred = fs.predict_recipe(fitted, scan)[order] > 0
+    real_pred = recon3d.clean_mask(real_pred, spacing=real_spacing, min_size_ml=MIN_LESION_ML)
     real_report = recon3d.volume_report(real_pred, real_truth, real_spacing)
-    print(f"CT-ICH patient {patient}: {real_image.shape[0]} slices; "
-          + ", ".join(f"{k} {v:.3f}" for k, v in real_report.items()))
-    assert real_image.shape == real_truth.shape and real_report["true_ml"] > 0
+    print(f"few-shot recipe ({CTICH_RECIPE.config.image_size} px, {CTICH_RECIPE.config.num_epochs} epochs, "
+          f"threshold {fitted.threshold:.1f} from patient 66) on CT-ICH test patient {patient}: "
+          f"{real_image.shape[0]} slices; " + ", ".join(f"{k} {v:.3f}" for k, v in real_report.items()))
+    assert real_image.shape == real_truth.shape == real_pred.shape and real_report["true_ml"] > 0
+    # It learned hemorrhage: 3-D Dice on an unseen patient's whole scan (0.55 in the quick profile)
+    assert real_report["dice_3d"] >= 0.3
+    report.record(ctich_patient=patient, ctich_dice_3d=real_report["dice_3d"],
+                  ctich_predicted_ml=real_report["predicted_ml"], ctich_true_ml=real_report["true_ml"])
     display(recon3d.plot_3d(real_pred, real_spacing, skull_mask=real_image >= 250, truth_mask=real_truth,
                             title=f"CT-ICH patient {patient} (pixel size assumed {CTICH_PIXEL_MM} mm): "
                                   f"predicted {real_report['predicted_ml']:.1f} mL, "
@@ -292,7 +316,7 @@ else:
 
 # %% [markdown]
 # ## Exercises
-# 1. Set `KEEP_LARGEST = None` and `MIN_LESION_ML = 0`. How many components does the model's
+# 1. Set `KEEP_LARGEST = 1` (only the largest component), then `MIN_LESION_ML = 0`. How many components does the model's
 #    prediction have, and how much of the predicted volume were specks?
 # 2. Re-run step 5 with `THRESHOLD` 0.3 and 0.7. Which changes more, Dice or the volume error? Why can a
 #    model with a poor Dice still estimate the volume well?
