@@ -20,7 +20,7 @@
 # - Fuse several maps (and a clinical score) in one multi-input U-Net trained with a class-weighted focal Tversky loss.
 # - Compare frozen, unfrozen and gradually unfrozen fine-tuning honestly, per class and per occlusion group.
 #
-# **Runtime**: about 3 minutes on a laptop CPU (quick profile: 64 px, 12 epochs, 2 seeds);
+# **Runtime**: about 3 minutes on a 2-core laptop CPU (quick profile: 64 px, 40 epochs, 2 seeds);
 # the full profile (256 px, 200 epochs, 3 seeds) needs a GPU (~1 hour). The Parameters cell prints
 # the image size, epochs and seeds of this run.
 
@@ -209,7 +209,7 @@ assert scores[["core_f1", "penumbra_f1"]].apply(lambda c: c.between(0, 1)).all()
 # The same table as a chart, with the classical rule as a dashed line. Read the error bars before
 # the bars: with a handful of test patients per group, one patient moves the mean a lot. Do not be
 # surprised if the rule wins here: these maps were *drawn* from those very thresholds, so the rule
-# is nearly the ground truth up to noise, and the quick profile's few epochs are little training.
+# is nearly the ground truth up to noise, while a network has to learn it from a few dozen slices.
 # On real scans the labels come from follow-up imaging, not from the thresholds, and the rule has no
 # such advantage.
 
