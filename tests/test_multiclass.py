@@ -196,3 +196,16 @@ def test_train_multiclass_writes_run_folder(tmp_path):
     assert 0.0 <= result.metrics["dice_hemorrhagic"] <= 1.0 and "dice_background" not in result.metrics
     loaded = mc.config_from_dict(__import__("json").loads((folder / "config.json").read_text()))
     assert loaded == cfg
+
+
+def test_multiclass_config_carries_the_profile_training_levers():
+    config = mc.MulticlassConfig(image_size=32, num_levels=2, base_filters=4, batch_norm=True,
+                                         bn_momentum=0.9, head_bias=-4.0, lr_schedule="cosine", repeats=2)
+    assert config.model_kwargs()["head_bias"] == -4.0 and config.model_kwargs()["bn_momentum"] == 0.9
+    assert config.train_config().repeats == 2 and config.train_config().lr_schedule == "cosine"
+    model = mc.build_model(config)
+    assert np.allclose(model.get_layer("head").get_weights()[1], [0.0, -4.0, -4.0])
+    with pytest.raises(ValueError, match="lr_schedule"):
+        mc.MulticlassConfig(lr_schedule="step")
+    with pytest.raises(ValueError, match="repeats"):
+        mc.MulticlassConfig(repeats=0)

@@ -117,3 +117,62 @@ def test_compile_model_builds_the_optimizer_slots_before_fit():
     assert len(model.optimizer.variables) >= 2 * len(model.trainable_variables)
     train.build_optimizer(model)                    # a second call changes nothing
     assert {id(v) for v in model.optimizer.variables} == slots
+
+
+# ------------------------------------------------------------------ the quick profile's training levers
+def test_cosine_schedule_falls_from_the_rate_to_a_hundredth():
+    rates = [train.cosine_learning_rate(e, 10, 1e-2) for e in range(10)]
+    assert rates[0] == pytest.approx(1e-2) and rates[-1] == pytest.approx(1e-4)
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert train.cosine_learning_rate(0, 1, 3e-3) == pytest.approx(3e-3)
+
+
+def test_config_refuses_unknown_schedule_and_bad_repeats():
+    with pytest.raises(ValueError, match="lr_schedule"):
+        dataclasses.replace(CONFIG, lr_schedule="step")
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="repeats"):
+            dataclasses.replace(CONFIG, repeats=bad)
+
+
+def test_repeat_arrays_tiles_every_sample():
+    x, y = np.arange(6, dtype=np.float32).reshape(3, 2), np.arange(3)
+    rx, ry = train.repeat_arrays(x, y, 3)
+    assert rx.shape == (9, 2) and ry.tolist() == [0, 1, 2] * 3
+    assert train.repeat_arrays(x, y, 1)[0] is x
+
+
+def test_cosine_repeats_bn_momentum_and_head_bias_reach_the_run():
+    data = blobs()
+    config = dataclasses.replace(CONFIG, batch_norm=True, bn_momentum=0.9, head_bias=-4.0, repeats=2,
+                                 lr_schedule="cosine", learning_rate=1e-2, num_epochs=3)
+    result = train.train(config, data.subset(range(8)), data.subset(range(8, 12)), run_dir=False, progress=False)
+    rates = result.history["learning_rate"].to_numpy()
+    assert rates[0] == pytest.approx(1e-2) and rates[-1] == pytest.approx(1e-4) and rates[1] < rates[0]
+    bns = [layer for layer in result.model.layers if "bn" in layer.name]
+    assert bns and all(layer.momentum == pytest.approx(0.9) for layer in bns)
+    # 8 slices x 2 passes per epoch: twice the images of a plain epoch
+    assert result.images_per_second * result.seconds == pytest.approx(8 * 2 * 3, rel=1e-6)
+
+
+def test_head_bias_starts_the_network_at_the_lesion_prior():
+    from strokekit import models
+
+    model = models.unet((32, 32, 1), filters=(4, 8), head_bias=-4.0, seed=0)
+    assert np.allclose(model.get_layer("head").get_weights()[1], -4.0)
+    prob = np.asarray(model(np.zeros((1, 32, 32, 1), np.float32), training=False))
+    assert prob.mean() < 0.2          # ~sigmoid(-4) = 0.018 instead of 0.5
+    softmax = models.resunet((32, 32, 1), num_classes=3, filters=(4, 8), head_bias=-4.0, seed=0)
+    assert np.allclose(softmax.get_layer("head").get_weights()[1], [0.0, -4.0, -4.0])
+    with pytest.raises(ValueError, match="bn_momentum"):
+        models.unet((32, 32, 1), filters=(4, 8), batch_norm=True, bn_momentum=1.0)
+
+
+def test_selu_unet_drops_batch_norm_and_profile_builds_its_config():
+    from strokekit.config import get_profile
+
+    kwargs = dataclasses.replace(CONFIG, batch_norm=True, activation="selu").model_kwargs()
+    assert kwargs["batch_norm"] is False
+    quick = get_profile("quick").train_config(activation="elu")
+    assert (quick.batch_norm, quick.lr_schedule, quick.head_bias, quick.activation) == (True, "cosine", -4.0, "elu")
+    assert get_profile("full").train_config().lr_schedule == "plateau"
