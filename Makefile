@@ -1,6 +1,7 @@
 # strokekit — two commands do everything (each creates .venv and installs what it needs):
 #   make run    generate the phantom and execute every notebook (quick profile) into build/
-#   make test   unit tests, the JAX-backend pass, and every notebook under nbval
+#   make test   unit tests, the JAX-backend pass, every notebook under nbval, and the full profile's
+#               code paths at tiny sizes (make test-smoke)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -12,7 +13,7 @@ export TF_ENABLE_ONEDNN_OPTS ?= 1
 export PYTHONHASHSEED ?= 0
 export MPLBACKEND ?= Agg
 
-.PHONY: install run test test-unit test-jax test-notebooks lab app notebooks benchmark clean
+.PHONY: install run test test-unit test-jax test-notebooks test-smoke full-profile lab app notebooks benchmark clean
 
 install: $(VENV)/.installed
 
@@ -28,7 +29,7 @@ run: install
 	$(PY) -m strokekit run-notebooks --out build/notebooks
 
 test: install
-	$(MAKE) --no-print-directory test-unit test-jax test-notebooks
+	$(MAKE) --no-print-directory test-unit test-jax test-notebooks test-smoke
 
 test-unit: install
 	$(PY) -m pytest tests -q --durations=12
@@ -61,6 +62,22 @@ test-notebooks: install
 	  wait $$pid || status=1; echo "nbval, chain B:"; cat build/nbval-b.log; fi; \
 	test $$status = 0
 	$(if $(strip $(NBVAL_AFTER)),$(PY) -m pytest $(NBVAL_OPTS) $(NBVAL_AFTER))
+
+# The full profile's code paths at tiny sizes (profile "smoke": 32 px, 1 epoch, 1 seed, a 5-level
+# U-Net of 4-64 filters): every cell that only a GPU class would run (the study's 5-level U-Net grid,
+# the VGG16 U-Net, CT-ICH pretraining, the few-shot default, ...) is executed in CI. Its runs and
+# derived data go to build/smoke, never mixed with the course's.
+SMOKE_ENV = STROKEKIT_PROFILE=smoke STROKEKIT_RUNS=$(CURDIR)/build/smoke/runs STROKEKIT_DATA=$(CURDIR)/build/smoke/data
+test-smoke: install
+	$(SMOKE_ENV) $(PY) -m pytest $(NBVAL_OPTS) notebooks/[0-9][0-9]_*.ipynb notebooks/app.ipynb
+
+# The real full profile of every notebook, for a GPU machine, under JAX: each notebook's time, status
+# and headline figures go to benchmarks/full_profile.json (the summary of build/full-profile).
+full-profile: install
+	@status=0; KERAS_BACKEND=jax STROKEKIT_PROFILE=full $(PY) -m strokekit run-notebooks --out build/full-profile \
+	  --timeout 14400 || status=$$?; \
+	cp build/full-profile/summary.json benchmarks/full_profile.json && echo "wrote benchmarks/full_profile.json"; \
+	exit $$status
 
 lab: install
 	$(PY) -m jupyter lab notebooks

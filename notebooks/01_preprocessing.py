@@ -38,7 +38,7 @@ from IPython.display import display
 import strokekit
 from strokekit import io, paths, preprocess
 from strokekit.config import get_profile, phantom_config
-from strokekit.phantom import generate_phantom
+from strokekit.phantom import describe, generate_phantom
 
 print(f"strokekit {strokekit.__version__} · numpy {np.__version__}")
 
@@ -60,11 +60,19 @@ print(PROFILE)
 # (darker) or hemorrhagic (brighter) lesion each, and slices taken at three levels: skull base,
 # ventricles, vertex. It is **not** real anatomy — it is simple enough to run anywhere and honest
 # enough to show every step. Real CT appears in section 8.
+#
+# Its lesions stay within realistic CT contrast: an infarct core lies `ischemic_contrast` = 14 HU
+# below the parenchyma it replaces (real cores: about 10–20 HU below brain), fresh blood has 65–85 HU
+# (25–45 HU above grey matter's ~40 HU), and lesions have a radius of 12–30 mm — a territorial
+# infarct or a large hematoma, the kind of lesion a few-shot study learns. The line printed below
+# (`phantom.describe`) states the settings of this run.
 
 # %%
 data = generate_phantom(PHANTOM, progress=False)
 summary = data.summary()
 print({k: summary[k] for k in ("slices", "patients", "image_shape", "unit", "slices_with_lesion")})
+print("\n".join(describe(PHANTOM)))
+assert 10 <= PHANTOM.ischemic_contrast <= 20 and PHANTOM.hemorrhage_hu == (65.0, 85.0)
 assert data.unit == "HU" and summary["patients"] == PHANTOM.n_patients
 assert summary["slices_with_lesion"] == PHANTOM.n_patients * PHANTOM.slices_per_patient
 
@@ -93,7 +101,7 @@ assert air < -900 and bone > 700 and 20 < brain_hu < 50
 
 # %% [markdown]
 # Try it: move the level and width. A narrow "stroke" window (W ≈ 24) makes an ischemic lesion — only
-# a few HU darker than healthy brain — visible; the bone window hides it completely.
+# about 14 HU darker than healthy brain — visible; the bone window hides it completely.
 
 # %%
 def show_window(case=index, level=40, width=80):

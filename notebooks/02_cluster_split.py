@@ -49,11 +49,11 @@ print(f"keras {keras.__version__} · backend {keras.backend.backend()}")
 # %% tags=["parameters"]
 PROFILE = get_profile()
 PHANTOM = phantom_config(PROFILE)
-VGG_SIZE = 224 if PROFILE.name == "full" else 64    # VGG16 input side; 224 is the ImageNet size
+VGG_SIZE = {"quick": 64, "full": 224, "smoke": 32}[PROFILE.name]   # VGG16 input side; 224 is the ImageNet size
 USE_OVERLAY = True                  # the study embedded the overlays (N_result.png), not the bare slices
 K = 8                               # the study: 8 clusters for 56 slices
 TEST, VAL = 0.25, 0.15              # fractions of slices
-REAL_EMBEDDING = "vgg16" if PROFILE.name == "full" else "intensity"   # 318 real slices: VGG16 is slow on a CPU
+REAL_EMBEDDING = "vgg16" if PROFILE.mode == "full" else "intensity"   # 318 real slices: VGG16 is slow on a CPU
 SEED = 0
 SPLIT_FILE = paths.data_dir() / "splits" / "phantom_split.json"
 print(PROFILE.name, VGG_SIZE, K)

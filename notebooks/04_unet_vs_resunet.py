@@ -62,6 +62,7 @@ BASE = PROFILE.train_config(        # sizes and training recipe of the profile (
     early_stopping_patience=10,
     reduce_lr_patience=5,            # used by the full profile's "plateau" schedule
 )
+CHECK_LEARNING = PROFILE.name == "quick"   # assert the learning floors (measured in the quick profile)
 LEARNED = 0.4                        # a configuration "learned the lesions" at this mean validation Dice
 ARCHS = ("unet", "resunet")
 ACTIVATIONS = ("relu", "leaky_relu", "elu", "selu")
@@ -119,7 +120,8 @@ assert (first.run_dir / "model.keras").is_file() and (first.run_dir / "history.c
 assert np.isfinite(first.history["loss"]).all()
 # It learned: validation Dice of the best epoch >= 0.6 in the quick profile (0.79 on the 3 runs
 # measured for this floor), far above its first epoch.
-assert first.metrics["dice"] >= 0.6 and first.metrics["dice"] > first.history["val_dice"].iloc[0] + 0.3
+assert not CHECK_LEARNING or (first.metrics["dice"] >= 0.6
+                              and first.metrics["dice"] > first.history["val_dice"].iloc[0] + 0.3)
 report.record(watched_val_dice=first.metrics["dice"], watched_first_epoch_val_dice=first.history["val_dice"].iloc[0])
 
 # %%
@@ -194,7 +196,7 @@ for name in mean_dice.index.difference(learned.index):
     print(f"  {name}: mean Dice {mean_dice[name]:.3f}, {what}; batch norm: {has_bn}. Why: {why}.")
 # In the quick profile >= 6 of the 8 configurations learn (8 of 8 networks with batch norm, in the
 # 3 runs measured for this floor; the two selu networks are the ones that may not).
-assert len(learned) >= 6
+assert not CHECK_LEARNING or len(learned) >= 6
 report.record(grid_configs_learned=len(learned), grid_configs=len(mean_dice),
               grid_best_mean_dice=mean_dice.max(), grid_worst_mean_dice=mean_dice.min())
 

@@ -55,12 +55,12 @@ print(f"keras {keras.__version__} · backend {keras.backend.backend()}")
 # %% tags=["parameters"]
 PROFILE = get_profile()
 TARGET_PHANTOM = phantom_config(PROFILE, lesion_types=("ischemic",))  # the course phantom, infarcts only
-SOURCE_PATIENTS = {"quick": 30, "full": 240}[PROFILE.name]  # hemorrhage patients to pretrain on
+SOURCE_PATIENTS = {"quick": 30, "full": 240, "smoke": 6}[PROFILE.name]  # hemorrhage patients to pretrain on
 SOURCE_SEED = 1000                   # another seed than the target's: other heads, no shared patient
 # Short CPU runs need many small steps: a 42-slice target gives 11 steps per epoch at batch 4.
-FINE_TUNE_EPOCHS = {"quick": 8, "full": PROFILE.num_epochs}[PROFILE.name]
-FINE_TUNE_BATCH = {"quick": 4, "full": PROFILE.batch_size}[PROFILE.name]
-BN_MOMENTUM = {"quick": 0.8, "full": 0.99}[PROFILE.name]  # see section 2: batch norm in short runs
+FINE_TUNE_EPOCHS = {"quick": 8, "full": PROFILE.num_epochs}[PROFILE.mode]
+FINE_TUNE_BATCH = {"quick": 4, "full": PROFILE.batch_size}[PROFILE.mode]
+BN_MOMENTUM = {"quick": 0.8, "full": 0.99}[PROFILE.mode]  # see section 2: batch norm in short runs
 BASE = train.TrainConfig(
     arch="unet",
     filters=PROFILE.filters,
@@ -85,12 +85,14 @@ SCHEDULES = {
     "gradual": transfer.FineTuneSchedule("gradual", lr_scale=LR_SCALE,
                                          unfreeze_every=max(3, BASE.num_epochs // (len(PROFILE.filters) + 1))),
 }
-SHOTS = {"quick": (8, "all"), "full": (4, 8, 16, 32, "all")}[PROFILE.name]  # target training slices
-CURVE_METHODS = {"quick": ("scratch", "unfrozen"), "full": ("scratch", *SCHEDULES)}[PROFILE.name]  # the others: all slices only
+SHOTS = {"quick": (8, "all"), "full": (4, 8, 16, 32, "all")}[PROFILE.mode]  # target training slices
+CURVE_METHODS = {"quick": ("scratch", "unfrozen"), "full": ("scratch", *SCHEDULES)}[PROFILE.mode]  # the others: all slices only
 SEEDS = tuple(range(PROFILE.num_seeds))
+CHECK_LEARNING = PROFILE.name == "quick"   # assert the learning floors (measured in the quick profile)
 IMAGENET_ENCODER = "vgg16"
-TRAIN_IMAGENET = PROFILE.name == "full"   # a 15M-parameter encoder: GPU only
-CTICH_SOURCE = PROFILE.name == "full"     # 2814 real slices: GPU only
+TRAIN_IMAGENET = PROFILE.mode == "full"   # a 15M-parameter encoder: GPU only (smoke: a few tiny steps)
+CTICH_SOURCE = PROFILE.mode == "full"     # 2814 real slices: GPU only
+CTICH_PATIENTS = {"full": None, "smoke": 4}.get(PROFILE.name)   # None: every patient
 SPLIT_FILE = paths.data_dir() / "splits" / "phantom_ischemic_split.json"
 RUNS = paths.runs_dir() / "05_transfer_learning"
 print(PROFILE.name, BASE)
@@ -298,7 +300,7 @@ rises = {m: at_all_shots[m] - summary[(summary.method == m) & (summary.shots == 
 print(f"best schedule with all {n_all} slices: {at_all_shots.idxmax()} (mean Dice {at_all_shots.max():.3f}); "
       "rise from the fewest to all slices: " + ", ".join(f"{m} {v:+.3f}" for m, v in rises.items()))
 # Quick-profile floors: the best schedule learns the infarcts (>= 0.4) and more slices help every curve.
-assert at_all_shots.max() >= 0.4 and all(v > 0 for v in rises.values())
+assert not CHECK_LEARNING or (at_all_shots.max() >= 0.4 and all(v > 0 for v in rises.values()))
 report.record(best_schedule=at_all_shots.idxmax(), best_schedule_dice=at_all_shots.max(),
               scratch_dice=at_all_shots["scratch"], **{f"curve_rise_{m}": v for m, v in rises.items()})
 
@@ -398,7 +400,8 @@ if not CTICH_SOURCE:
 elif ctich_path is None:
     print("skipped: ../shared/data/ct-ich is absent (set $STROKEKIT_CTICH to use it).")
 else:
-    ctich = transfer.load_source_dataset("ctich", image_size=BASE.image_size, progress=False)
+    ctich = transfer.load_source_dataset("ctich", image_size=BASE.image_size, progress=False,
+                                         max_patients=CTICH_PATIENTS)
     held_out = ctich.patients()[: max(2, len(ctich.patients()) // 10)]
     ctich_val = ctich.select_patients(held_out)
     ctich_train = ctich.select_patients([p for p in ctich.patients() if p not in held_out])

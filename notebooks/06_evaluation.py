@@ -85,6 +85,7 @@ FALLBACK_BASE = train.TrainConfig(
 FALLBACK_VARIANTS = [{"arch": "unet", "activation": "leaky_relu"},
                      {"arch": "resunet", "activation": "leaky_relu"}]
 SEEDS = tuple(range(PROFILE.num_seeds))
+CHECK_LEARNING = PROFILE.name == "quick"   # assert the learning floors (measured in the quick profile)
 BASELINE_CUTOFFS = np.arange(40.0, 85.0, 5.0)  # HU cut-offs the baseline may choose (on train)
 BASELINE_MARGINS_MM = (0.0, 2.0, 4.0, 6.0)  # margins it may trim off the brain edge (on train)
 BASELINE_SOFTNESS = 4.0  # HU over which its "probability" rises around the cut-off
@@ -294,7 +295,7 @@ print(f"chosen on validation: {BEST} (val Dice {by_config.loc[BEST, 'mean']:.3f}
 assert by_config.loc[BEST, "mean"] >= by_config.loc[RUNNER_UP, "mean"] and BEST != RUNNER_UP
 assert runs["val_dice"].between(0, 1).all()
 # Both compared networks learned (quick profile floor: validation Dice >= 0.4, mean over seeds).
-assert candidates.loc[[BEST, RUNNER_UP], "mean"].min() >= 0.4
+assert not CHECK_LEARNING or candidates.loc[[BEST, RUNNER_UP], "mean"].min() >= 0.4
 report.record(best_network=BEST, best_network_val_dice=candidates.loc[BEST, "mean"],
               runner_up=RUNNER_UP, runner_up_val_dice=candidates.loc[RUNNER_UP, "mean"],
               networks_found_nothing=int((networks["saved_val_dice"] == 0).sum()))

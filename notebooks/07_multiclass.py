@@ -80,6 +80,7 @@ OVERSAMPLE_FACTOR = 2          # augmented copies of every training slice that h
 WEIGHT_POWER = 0.5             # class weight = (background pixels / class pixels) ** WEIGHT_POWER
 STRATEGIES = ("oversample", "class_weights")
 SEEDS = tuple(range(PROFILE.num_seeds))
+CHECK_LEARNING = PROFILE.name == "quick"   # assert the learning floors (measured in the quick profile)
 COURSE_SPLIT = paths.data_dir() / "splits" / "phantom_split.json"
 SPLIT_FILE = paths.data_dir() / "splits" / "phantom_multiclass_split.json"
 WORK = paths.data_dir() / "generated" / "07_multiclass"   # derived data: never committed
@@ -223,7 +224,7 @@ better = means.mean(axis=1).idxmax()             # the better imbalance strategy
 print(f"better strategy here: {better} (hemorrhagic {means.loc[better, 'dice_hemorrhagic']:.3f}, "
       f"ischemic {means.loc[better, 'dice_ischemic']:.3f}, mean over seeds)")
 # Both lesion classes learned (quick profile floors: hemorrhagic >= 0.6, ischemic >= 0.3).
-assert means.loc[better, "dice_hemorrhagic"] >= 0.6 and means.loc[better, "dice_ischemic"] >= 0.3
+assert not CHECK_LEARNING or (means.loc[better, "dice_hemorrhagic"] >= 0.6 and means.loc[better, "dice_ischemic"] >= 0.3)
 report.record(better_strategy=better, hemorrhagic_dice=means.loc[better, "dice_hemorrhagic"],
               ischemic_dice=means.loc[better, "dice_ischemic"])
 

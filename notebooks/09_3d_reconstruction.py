@@ -64,6 +64,7 @@ TRAIN = PROFILE.train_config(        # the profile's sizes and training recipe (
 )
 MODEL_RUN = None                       # or a run folder, e.g. paths.runs_dir() / "04_unet_vs_resunet" / "single"
 PATIENT_INDEX = PHANTOM.n_patients     # the first patient the course's phantom never contains: held out
+CHECK_LEARNING = PROFILE.name == "quick"   # assert the learning floors (measured in the quick profile)
 THRESHOLD = 0.5                        # probability above which a voxel is lesion
 MIN_LESION_ML = 0.05                   # connected components smaller than this are specks
 KEEP_LARGEST = None                    # one lesion per phantom patient, but its mask can come in pieces:
@@ -211,7 +212,7 @@ display(volumes.round(3))
 assert np.allclose(volumes["true_ml"], true_ml) and (volumes["predicted_ml"] >= 0).all()
 assert volumes["dice_3d"].between(0, 1).all()
 # The model found the held-out patient's lesion (quick profile: 3-D Dice 0.57 raw; floor 0.3).
-assert volumes.loc["cleaned", "dice_3d"] >= 0.3
+assert not CHECK_LEARNING or volumes.loc["cleaned", "dice_3d"] >= 0.3
 report.record(phantom_true_ml=true_ml, phantom_predicted_ml=volumes.loc["cleaned", "predicted_ml"],
               phantom_volume_error=volumes.loc["cleaned", "relative_difference"],
               phantom_dice_3d=volumes.loc["cleaned", "dice_3d"])
@@ -306,7 +307,7 @@ else:
           f"{real_image.shape[0]} slices; " + ", ".join(f"{k} {v:.3f}" for k, v in real_report.items()))
     assert real_image.shape == real_truth.shape == real_pred.shape and real_report["true_ml"] > 0
     # It learned hemorrhage: 3-D Dice on an unseen patient's whole scan (0.55 in the quick profile)
-    assert real_report["dice_3d"] >= 0.3
+    assert not CHECK_LEARNING or real_report["dice_3d"] >= 0.3
     report.record(ctich_patient=patient, ctich_dice_3d=real_report["dice_3d"],
                   ctich_predicted_ml=real_report["predicted_ml"], ctich_true_ml=real_report["true_ml"])
     display(recon3d.plot_3d(real_pred, real_spacing, skull_mask=real_image >= 250, truth_mask=real_truth,

@@ -67,6 +67,7 @@ SIZE = min(PROFILE.image_size, fs.FEWSHOT_DEFAULT.config.image_size)   # 64 px q
 EPOCHS = min(fs.FEWSHOT_DEFAULT.config.num_epochs, PROFILE.num_epochs)  # 10 quick, 25 full
 FILTERS = tuple(min(a, b) for a, b in zip(PROFILE.filters, fs.FEWSHOT_DEFAULT.config.filters))
 SEEDS = tuple(range(PROFILE.num_seeds))
+CHECK_LEARNING = PROFILE.name == "quick"   # assert the learning floors (measured in the quick profile)
 STEPS = fs.ablation_recipes(image_size=SIZE, num_epochs=EPOCHS, filters=FILTERS)
 CTICH = paths.ctich_dir()
 print(PROFILE.name, f"{SIZE} px · {EPOCHS} epochs · filters {FILTERS} · seeds {SEEDS}")
@@ -223,8 +224,8 @@ if HAVE_DATA:
     assert np.isclose(np.mean(list(ours_pp.values())), figures["kit_default_pp_dice"])
     # learned checks: the default beats the study's recipe, and the study's recipe does not reach the threshold
     # (not asserted: default vs threshold — at 64 px the threshold can win; see the markdown above)
-    assert figures["kit_default_pp_dice"] > figures["study_pp_dice"]
-    assert figures["study_pp_dice"] < figures["threshold_pp_dice"]
+    assert not CHECK_LEARNING or figures["kit_default_pp_dice"] > figures["study_pp_dice"]
+    assert not CHECK_LEARNING or figures["study_pp_dice"] < figures["threshold_pp_dice"]
 
 # %% [markdown]
 # ## 4. The position prior, in pictures

@@ -61,6 +61,7 @@ DEMO_TRAIN = PROFILE.train_config(
 IN_VOILA = os.environ.get("SERVER_SOFTWARE", "").startswith("voila")
 # Without a person to press the button (nbval, a headless run), train the demo model automatically.
 AUTO_DEMO = not IN_VOILA
+CHECK_LEARNING = PROFILE.name == "quick"   # assert the learning floors (measured in the quick profile)
 OVERLAY_WIDTH = 420                     # pixels on screen
 
 # %%
@@ -395,7 +396,7 @@ if AUTO_DEMO:                           # headless: (re)train the demo model and
     on_demo(demo_btn)
     demo_dice = json.loads((DEMO_RUN / "metrics.json").read_text())["dice"]
     print(f"demo model: validation Dice {demo_dice:.3f} on the phantom")
-    assert demo_dice >= 0.5                # it finds the phantom lesion (quick profile floor)
+    assert not CHECK_LEARNING or demo_dice >= 0.5                # it finds the phantom lesion (quick profile floor)
     report.record(demo_val_dice=demo_dice)
 if not IN_VOILA:
     print(f"{len(model_dd.options)} model(s) in {RUNS}; selected: {model_dd.value}")

@@ -40,7 +40,10 @@ def _cmd_run_notebooks(args: argparse.Namespace) -> int:
     if not notebooks:
         print("no notebooks found", file=sys.stderr)
         return 2
-    results = run_notebooks(notebooks, args.out, profile=args.profile or "quick",
+    from .config import get_profile
+
+    # --profile, else $STROKEKIT_PROFILE, else quick (so `STROKEKIT_PROFILE=full make run` runs the full profile)
+    results = run_notebooks(notebooks, args.out, profile=get_profile(args.profile).name,
                             timeout=args.timeout)
     width = max(len("notebook"), *(len(r["notebook"]) for r in results))
     print(f"\n{'notebook':<{width}}  status  seconds  figures")

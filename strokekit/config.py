@@ -23,7 +23,9 @@ class Profile:
     """How much work a notebook does.
 
     Attributes:
-        name: ``"quick"`` (CI and laptops, minutes on 2 CPU cores) or ``"full"`` (the study, a GPU).
+        name: ``"quick"`` (CI and laptops, minutes on 2 CPU cores), ``"full"`` (the study, a GPU)
+            or ``"smoke"`` (the full profile's code paths at tiny sizes: CI checks that every cell a
+            GPU class would run still runs; nothing in it is meant to learn).
         image_size: side of the square images fed to models.
         num_epochs: training epochs per run.
         num_seeds: seeds per configuration (results are reported as mean ± sd over them).
@@ -40,6 +42,8 @@ class Profile:
         bn_momentum: momentum of the batch-norm running statistics.
         repeats: passes over the training slices per epoch (see ``TrainConfig.repeats``).
         head_bias: starting logit of the lesion class (see ``TrainConfig.head_bias``).
+        mode: which branches the notebooks take, ``"quick"`` or ``"full"`` (the smoke profile takes
+            the full profile's). Notebooks choose code paths by ``mode`` and sizes by ``name``.
 
     The quick profile has a few minutes on 2 CPU cores to train a network that *learns*: 10
     epochs of 4 augmented passes each (about 200 steps) with batch norm (momentum 0.9, so its
@@ -62,6 +66,7 @@ class Profile:
     bn_momentum: float = 0.99
     repeats: int = 1
     head_bias: float | None = None
+    mode: str = "quick"
 
     def train_config(self, **changes: Any):
         """A ``strokekit.train.TrainConfig`` with this profile's sizes and training recipe.
@@ -108,6 +113,19 @@ PROFILES: dict[str, Profile] = {
         phantom_slices_per_patient=5,
         phantom_size=256,
         filters=(64, 128, 256, 512, 1024),
+        mode="full",
+    ),
+    "smoke": Profile(
+        name="smoke",
+        image_size=32,
+        num_epochs=1,
+        num_seeds=1,
+        batch_size=4,
+        phantom_patients=12,
+        phantom_slices_per_patient=5,
+        phantom_size=64,
+        filters=(4, 8, 16, 32, 64),
+        mode="full",
     ),
 }
 

@@ -1135,7 +1135,8 @@ def predict_recipe(
 def profile_recipe(profile=None) -> FewShotRecipe:
     """The few-shot recipe for real CT at a profile's budget.
 
-    The full profile trains exactly :data:`FEWSHOT_DEFAULT` (256 px, 25 epochs). The quick profile
+    The full profile trains exactly :data:`FEWSHOT_DEFAULT` (256 px, 25 epochs; the smoke profile
+    the same recipe at 64 px for its epochs). The quick profile
     keeps its recipe at 128 px (at 64 px the bleeds of 512 px CT shrink to a few pixels) for the
     profile's epochs and network, with the profile's short-run training levers (learning rate and
     schedule, batch-norm momentum, head bias): about half a minute on 2 CPU cores.
@@ -1149,6 +1150,9 @@ def profile_recipe(profile=None) -> FewShotRecipe:
         profile = get_profile(profile)
     if profile.name == "full":
         return FEWSHOT_DEFAULT
+    if profile.mode == "full":  # the smoke profile: the default's code path at a tiny size
+        _, recipe = ablation_recipes(image_size=64, num_epochs=profile.num_epochs, filters=profile.filters[:4])[-1]
+        return recipe
     size = max(128, profile.image_size)
     _, recipe = ablation_recipes(image_size=size, num_epochs=profile.num_epochs, filters=profile.filters)[-1]
     return dataclasses.replace(recipe, config=dataclasses.replace(

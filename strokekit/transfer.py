@@ -912,7 +912,7 @@ def load_pretrained(path: str | os.PathLike):
 
 
 def load_source_dataset(name: str = "ctich", image_size: int = 128, lesion_only: bool = False,
-                        progress: bool = True) -> SliceDataset:
+                        progress: bool = True, max_patients: int | None = None) -> SliceDataset:
     """Loads a real source set by name; today ``"ctich"`` (CT-ICH, traumatic hemorrhage).
 
     Introduced in notebooks/05_transfer_learning.ipynb.
@@ -922,6 +922,8 @@ def load_source_dataset(name: str = "ctich", image_size: int = 128, lesion_only:
         image_size: slice side after resizing.
         lesion_only: only slices with a lesion.
         progress: a progress bar.
+        max_patients: read only the first this many patients of ``slices.csv`` (sorted ids), e.g.
+            for a tiny smoke run; None reads all.
 
     Returns:
         The dataset (``unit="display"``), patient ids as in ``slices.csv``.
@@ -934,7 +936,18 @@ def load_source_dataset(name: str = "ctich", image_size: int = 128, lesion_only:
 
     if name != "ctich":
         raise _expected(name, ["ctich"], "name")
-    return load_ctich(image_size=image_size, lesion_only=lesion_only, progress=progress)
+    patients = None
+    if max_patients is not None:
+        import pandas as pd
+
+        from .paths import ctich_dir
+
+        folder = ctich_dir()
+        if folder is None:
+            load_ctich(None)  # raises the DataError that says where to put the data
+        ids = pd.read_csv(folder / "slices.csv", dtype={"patient_id": str})["patient_id"]
+        patients = sorted(ids.unique())[: int(max_patients)]
+    return load_ctich(image_size=image_size, lesion_only=lesion_only, progress=progress, patients=patients)
 
 
 # --------------------------------------------------------------------------- ImageNet encoders

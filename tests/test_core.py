@@ -64,8 +64,16 @@ def test_profiles_come_from_one_environment_variable(monkeypatch):
     assert cfg.get_profile().name == "full"
     assert cfg.get_profile().image_size > cfg.PROFILES["quick"].image_size
     monkeypatch.setenv(cfg.PROFILE_ENV, "huge")
-    with pytest.raises(ValueError, match=r"Expected one of \['full', 'quick'\]. Received: profile='huge'"):
+    with pytest.raises(ValueError, match=r"Expected one of \['full', 'quick', 'smoke'\]. Received: profile='huge'"):
         cfg.get_profile()
+
+
+def test_smoke_profile_takes_the_full_paths_at_tiny_sizes():
+    smoke, full, quick = (cfg.PROFILES[n] for n in ("smoke", "full", "quick"))
+    assert smoke.mode == full.mode == "full" and quick.mode == "quick"
+    assert len(smoke.filters) == len(full.filters) and 10 * sum(smoke.filters) < sum(full.filters)
+    assert smoke.image_size < quick.image_size and smoke.num_epochs == smoke.num_seeds == 1
+    assert smoke.image_size % 2 ** (len(smoke.filters) - 1) == 0   # the 5-level U-Net fits
 
 
 def test_config_round_trip_through_dict():

@@ -143,3 +143,16 @@ def test_tensorflow_start_up_lines_stay_out_of_notebooks_under_nbval():
     stderr = _stderr_texts(outputs)
     assert not any(w in stderr for w in ("absl", "oneDNN", "I0000"))
     assert "a warning a student should see" in stderr
+
+
+def test_run_notebooks_takes_the_profile_from_the_environment(tmp_path, monkeypatch):
+    from strokekit import cli, runner
+
+    seen = {}
+    fake = [{"notebook": "01", "seconds": 1.0, "ok": True, "error": None, "figures": {}}]
+    monkeypatch.setattr(runner, "run_notebooks", lambda *a, **k: seen.update(k) or fake)
+    monkeypatch.setenv("STROKEKIT_PROFILE", "full")
+    cli.main(["run-notebooks", "x.ipynb", "--out", str(tmp_path)])
+    assert seen["profile"] == "full"            # `STROKEKIT_PROFILE=full make run` runs the full profile
+    cli.main(["run-notebooks", "x.ipynb", "--out", str(tmp_path), "--profile", "smoke"])
+    assert seen["profile"] == "smoke"
