@@ -55,10 +55,10 @@ print(f"keras {keras.__version__} · backend {keras.backend.backend()}")
 # %% tags=["parameters"]
 PROFILE = get_profile()
 TARGET_PHANTOM = phantom_config(PROFILE, lesion_types=("ischemic",))  # the course phantom, infarcts only
-SOURCE_PATIENTS = {"quick": 30, "full": 240, "smoke": 6}[PROFILE.name]  # hemorrhage patients to pretrain on
+SOURCE_PATIENTS = {"quick": 30, "full": 240, "smoke": 30}[PROFILE.name]  # hemorrhage patients to pretrain on
 SOURCE_SEED = 1000                   # another seed than the target's: other heads, no shared patient
 # Short CPU runs need many small steps: a 42-slice target gives 11 steps per epoch at batch 4.
-FINE_TUNE_EPOCHS = {"quick": 8, "full": PROFILE.num_epochs}[PROFILE.mode]
+FINE_TUNE_EPOCHS = {"quick": 8, "full": max(4, PROFILE.num_epochs)}[PROFILE.mode]   # >= 4: gradual opens a block
 FINE_TUNE_BATCH = {"quick": 4, "full": PROFILE.batch_size}[PROFILE.mode]
 BN_MOMENTUM = {"quick": 0.8, "full": 0.99}[PROFILE.mode]  # see section 2: batch norm in short runs
 BASE = train.TrainConfig(
@@ -85,7 +85,7 @@ SCHEDULES = {
     "gradual": transfer.FineTuneSchedule("gradual", lr_scale=LR_SCALE,
                                          unfreeze_every=max(3, BASE.num_epochs // (len(PROFILE.filters) + 1))),
 }
-SHOTS = {"quick": (8, "all"), "full": (4, 8, 16, 32, "all")}[PROFILE.mode]  # target training slices
+SHOTS = {"quick": (8, "all"), "full": (4, 8, 16, 32, "all"), "smoke": (4, "all")}[PROFILE.name]  # target training slices
 CURVE_METHODS = {"quick": ("scratch", "unfrozen"), "full": ("scratch", *SCHEDULES)}[PROFILE.mode]  # the others: all slices only
 SEEDS = tuple(range(PROFILE.num_seeds))
 CHECK_LEARNING = PROFILE.name == "quick"   # assert the learning floors (measured in the quick profile)
