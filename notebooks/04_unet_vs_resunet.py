@@ -127,7 +127,9 @@ report.record(watched_val_dice=first.metrics["dice"], watched_first_epoch_val_di
 # %%
 previews = sorted((first.run_dir / "previews").glob("epoch_*.png"))
 assert len(previews) == len(first.history)
-shown = previews[:: max(1, len(previews) // 4)][:4] + previews[-1:]   # about 5 epochs, the last included
+best = first.metrics["best_epoch"]
+epochs = sorted({1, max(1, best // 2), best, len(previews)})   # first, halfway to the best, best, last
+shown = [previews[e - 1] for e in epochs]
 fig, axes = plt.subplots(len(shown), 1, figsize=(9, 3.6 * len(shown)))
 for ax, path in zip(np.atleast_1d(axes), shown):
     ax.imshow(plt.imread(path)); ax.set_axis_off()
@@ -152,8 +154,11 @@ display(widgets.interactive(
 
 # %% [markdown]
 # The previews above (the validation slices with the largest lesions; top: truth, bottom: the
-# thresholded prediction) show the mask forming: nothing or scattered pixels in the first epoch,
-# the lesion outlined by the last.
+# thresholded prediction; the first epoch, one halfway to the best, the best and the last) show the
+# mask forming: little or nothing of the lesion in the first epoch, the lesion outlined by the best
+# epoch (`best_epoch` above, lowest validation loss). Compare the last epoch with the best one: on a
+# handful of validation slices a later epoch can lose part of the lesion again — which is why the
+# run keeps the best epoch's weights, not the last.
 #
 # ## 4. The grid: architecture × activation × seed
 # Every cell of the grid is trained with several seeds on the same split. With a few dozen

@@ -20,7 +20,7 @@
 # - Fuse several maps (and a clinical score) in one multi-input U-Net trained with a class-weighted focal Tversky loss.
 # - Compare frozen, unfrozen and gradually unfrozen fine-tuning honestly, per class and per occlusion group.
 #
-# **Runtime**: about 3 minutes on a 2-core laptop CPU (quick profile: 64 px, 40 epochs, 2 seeds);
+# **Runtime**: about 3 minutes on a 2-core laptop CPU (quick profile: 64 px, 30 epochs, 2 seeds);
 # the full profile (256 px, 200 epochs, 3 seeds) needs a GPU (~1 hour). The Parameters cell prints
 # the image size, epochs and seeds of this run.
 
@@ -54,7 +54,7 @@ PHANTOM = phantom_config(PROFILE, n_patients=2 * PROFILE.phantom_patients, empty
                          image_size=PROFILE.image_size, lesion_types=("ischemic",))
 SOURCE = dataclasses.replace(PHANTOM, n_patients=PROFILE.phantom_patients, seed=1)   # other patients, for pretraining
 MAPS = perfusion.PerfusionConfig()           # normal CBF 60/25, CBV 4/2, core rCBF < 0.3, penumbra Tmax > 6 s
-EPOCHS = 4 * PROFILE.num_epochs
+EPOCHS = {"quick": 3, "full": 4}[PROFILE.mode] * PROFILE.num_epochs   # quick: 30, in the course's time budget
 TRAIN = perfusion.PerfusionTrainConfig(
     filters=PROFILE.filters,
     use_clinical=True,               # NIHSS as an extra input
