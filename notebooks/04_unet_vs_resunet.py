@@ -176,7 +176,7 @@ assert grid["dice"].between(0, 1).all() and (table["seeds"] == len(SEEDS)).all()
 
 # %%
 grid["model"] = grid["arch"] + "·" + grid["activation"]
-fig = plot_metric_boxes(grid, metric="dice", by="model")
+fig = plot_metric_boxes(grid, metric="dice", by="model", title="validation Dice per run (one point per seed)")
 display(fig)
 
 # %% [markdown]

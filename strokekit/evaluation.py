@@ -388,7 +388,7 @@ def plot_threshold_sweep(sweep, chosen: float | None = None, metric: str = "dice
 
 
 # --------------------------------------------------------------------------- figures
-def plot_metric_boxes(table, metric: str = "dice", by: str = "model", seed: int = 0):
+def plot_metric_boxes(table, metric: str = "dice", by: str = "model", seed: int = 0, title: str | None = None):
     """Box plot per model with every case drawn as a jittered point on top.
 
     Args:
@@ -397,6 +397,7 @@ def plot_metric_boxes(table, metric: str = "dice", by: str = "model", seed: int 
         metric: column to plot; NaN rows are skipped and counted in the tick labels.
         by: column naming the model (or any grouping).
         seed: seed of the horizontal jitter.
+        title: the axes title (default ``"<metric> per case"``; say "per run" for a grid of seeds).
 
     Returns:
         matplotlib Figure with one axes.
@@ -422,7 +423,7 @@ def plot_metric_boxes(table, metric: str = "dice", by: str = "model", seed: int 
         ax.scatter(i + rng.uniform(-0.15, 0.15, v.size), v, s=8, alpha=0.5, color="C0", zorder=3)
     ax.set_xticks(range(1, len(names) + 1), labels)
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric} per case")
+    ax.set_title(title or f"{metric} per case")
     return fig
 
 
