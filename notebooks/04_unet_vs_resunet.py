@@ -191,7 +191,7 @@ print(f"{len(learned)} of {len(mean_dice)} configurations learned the lesions (m
       f"best {mean_dice.max():.3f} ({mean_dice.idxmax()})")
 for name in mean_dice.index.difference(learned.index):
     runs = grid[grid["model"] == name]
-    arch, act = name.split("·")
+    act = name.split("·")[1]
     has_bn = act != "selu"  # selu is self-normalising: TrainConfig.model_kwargs leaves batch norm out
     what = ("predicts (almost) no lesion pixel" if runs["sensitivity"].mean() < 0.1 else
             f"finds {runs['sensitivity'].mean():.0%} of lesion pixels with precision {runs['precision'].mean():.0%}")

@@ -298,8 +298,8 @@ else:
     scan = io.load_ctich(ctich, patients=[patient], progress=False)
     real_spacing = (CTICH_SLICE_MM, CTICH_PIXEL_MM, CTICH_PIXEL_MM)
     real_image, real_truth, real_spacing = recon3d.stack_slices(scan, patient, spacing=real_spacing)
-    order = np.argsort(np.asarray(scan.slice_indices), kind="stable")   # stack_slices' scan order
-    real_pred = fs.predict_recipe(fitted, scan)[order] > 0
+    predicted_scan = scan.replace(masks=fs.predict_recipe(fitted, scan))   # stacked in scan order below
+    real_pred = recon3d.stack_slices(predicted_scan, patient, spacing=real_spacing)[1] > 0
     real_pred = recon3d.clean_mask(real_pred, spacing=real_spacing, min_size_ml=MIN_LESION_ML)
     real_report = recon3d.volume_report(real_pred, real_truth, real_spacing)
     print(f"few-shot recipe ({CTICH_RECIPE.config.image_size} px, {CTICH_RECIPE.config.num_epochs} epochs, "

@@ -15,6 +15,24 @@ RUNS_ENV = "STROKEKIT_RUNS"
 CTICH_ENV = "STROKEKIT_CTICH"
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file beside it and a rename, so that a reader
+    (another notebook running at the same time) sees the old file or the new one, never half of one."""
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def project_root(start: str | os.PathLike | None = None) -> Path:
     """The strokekit checkout: ``$STROKEKIT_HOME``, else the nearest folder above ``start``
     (default: the working directory) holding both ``pyproject.toml`` and ``strokekit/``, else

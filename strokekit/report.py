@@ -13,10 +13,11 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from .paths import write_text_atomic
 
 #: Environment variable naming the JSON file that :func:`record` merges figures into.
 FIGURES_ENV = "STROKEKIT_FIGURES"
@@ -71,14 +72,4 @@ def _figure(key: str, value):
 
 def _write_json(path: str | os.PathLike, data) -> None:
     """Write ``data`` as JSON to ``path`` atomically: readers see the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")

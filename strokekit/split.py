@@ -811,16 +811,9 @@ class Split:
             buffer = io.StringIO()
             self.to_frame().to_csv(buffer, index=False, lineterminator="\n")
             text = _CSV_HEADER + json.dumps(meta) + "\n" + buffer.getvalue()
-        # write next to it, then rename: a reader (another notebook running at the same time)
-        # sees the old file or the new one, never half of one
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        try:
-            partial.write_text(text, encoding="utf-8")
-            os.replace(partial, path)
-        finally:
-            if partial.exists():
-                partial.unlink()
-        return path
+        from .paths import write_text_atomic
+
+        return write_text_atomic(path, text)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Split:

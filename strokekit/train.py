@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -25,7 +26,6 @@ from .dataset import SliceDataset
 from .errors import DataError
 from .paths import runs_dir
 
-
 #: Learning-rate schedules :class:`TrainConfig` knows (see its ``lr_schedule``).
 LR_SCHEDULES: tuple[str, ...] = ("plateau", "cosine", "constant")
 
@@ -36,8 +36,6 @@ def cosine_learning_rate(epoch: int, num_epochs: int, learning_rate: float, fina
     Falls along a half cosine from ``learning_rate`` (first epoch) to
     ``final_fraction · learning_rate`` (last epoch).
     """
-    import math
-
     progress = epoch / max(num_epochs - 1, 1)
     return learning_rate * (final_fraction + (1.0 - final_fraction) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
 
@@ -203,13 +201,11 @@ def to_arrays(config: TrainConfig, dataset: SliceDataset) -> tuple[np.ndarray, n
 
 def compile_model(model, config: TrainConfig, learning_rate: float | None = None):
     """Compile with Adam, the config's loss and lesion-class metrics (never pixel accuracy)."""
-    import keras
-
-    from .losses import DiceMetric, IoUMetric, Sensitivity, Specificity, get_loss
-
     import inspect
 
-    from .losses import LOSSES
+    import keras
+
+    from .losses import LOSSES, DiceMetric, IoUMetric, Sensitivity, Specificity, get_loss
 
     wants_classes = "num_classes" in inspect.signature(LOSSES.get(config.loss, get_loss)).parameters
     loss = get_loss(config.loss, **({"num_classes": config.num_classes} if config.num_classes > 1 and wants_classes else {}))
