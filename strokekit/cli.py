@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .errors import DataError
+
 
 def _cmd_phantom(args: argparse.Namespace) -> int:
     from .config import get_profile
@@ -200,6 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; bad data or a damaged model is one line on stderr and exit code 2.
+
+    Those are the user's to fix, so the message says what is wrong and where (a
+    :class:`~strokekit.errors.DataError`, e.g. from the readers or ``load_model``); any other
+    exception is a bug in the kit and keeps its traceback.
+    """
     args = build_parser().parse_args(argv)
     handler, _ = COMMANDS[args.command]
-    return handler(args)
+    try:
+        return handler(args)
+    except DataError as exc:
+        message = " ".join(str(exc).split())
+        print(f"strokekit {args.command}: error: {message}", file=sys.stderr)
+        return 2

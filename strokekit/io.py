@@ -31,8 +31,10 @@ from .dataset import SliceDataset
 from .errors import DataError
 
 __all__ = [
+    "HU_OFFSET_16BIT",
     "IMAGE_SUFFIXES",
     "LAYOUTS",
+    "MAX_SLICE_SIDE",
     "MULTICLASS_CLASS_NAMES",
     "MULTICLASS_COLOURS",
     "decode_colour_mask",
@@ -69,6 +71,15 @@ LAYOUTS: tuple[str, ...] = (
     "NIfTI pairs: images/ID.nii[.gz] + masks/ID.nii[.gz]",
     "DICOM series: one series of .dcm (or extension-less DICOM) files in one folder",
 )
+#: Largest side (pixels) of a 2-D slice any reader accepts. Every format's declared size is checked
+#: from its header before the pixels are decoded: a 79 KB PNG can declare 8000 x 8000 pixels and
+#: decode into gigabytes.
+MAX_SLICE_SIDE = 4096
+#: A 16-bit grey image file (PNG, TIFF) holds HU + this offset, the usual way CT slices are exported
+#: to PNG (air, -1000 HU, is stored as 24). Such slices are read in HU.
+HU_OFFSET_16BIT = 1024
+#: Largest stored value of such a file: HU 3071, the top of the 12-bit CT range.
+_MAX_STORED_16BIT = 4095
 _STUDY_ROLES = ("_mask", "_result")
 _CASES_CSV = "cases.csv"
 _MAX_WORKERS = 8
@@ -101,6 +112,21 @@ def _check_image_size(image_size: int | None) -> int | None:
     ):
         raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
     return int(image_size)
+
+
+def _check_slice_size(shape: Sequence[int], path: str | os.PathLike | None) -> None:
+    """The one size check: a slice's declared (rows, cols), read from its header, against the cap.
+
+    Raises:
+        DataError: a side is above :data:`MAX_SLICE_SIDE`.
+    """
+    rows, cols = (int(side) for side in shape)
+    if max(rows, cols) > MAX_SLICE_SIDE:
+        raise DataError(
+            f"declares {rows}x{cols} pixels; slices are read up to {MAX_SLICE_SIDE} pixels a side "
+            "(strokekit.io.MAX_SLICE_SIDE, checked before decoding); downsample or crop it first",
+            path,
+        )
 
 
 def _safe_name(text: str) -> str:
@@ -146,6 +172,30 @@ def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
 
 def _visible_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def _id_key(ident: str) -> str:
+    """What makes two ids the same: ``"01"`` and ``"1"`` name one number (ids sort as numbers)."""
+    return str(int(ident)) if re.fullmatch(r"[0-9]+", ident) else ident
+
+
+def _index_unique(entries: Iterable[tuple[str, Path]], folder: Path) -> dict[str, Path]:
+    """id → file; two files with one id (also ``1.png`` and ``01.png``) are an error."""
+    found: dict[str, Path] = {}
+    by_key: dict[str, str] = {}
+    for ident, path in entries:
+        key = _id_key(ident)
+        if key in by_key:
+            first = by_key[key]
+            same = "" if first == ident else f" ({first!r} and {ident!r} are one number)"
+            raise DataError(
+                f"two files share the id {ident!r}{same}: {found[first].name} and {path.name}; "
+                "keep one",
+                folder,
+            )
+        by_key[key] = ident
+        found[ident] = path
+    return found
 
 
 def _require_folder(folder: str | os.PathLike, what: str = "folder") -> Path:
@@ -302,7 +352,13 @@ def _read_array(path: str | os.PathLike) -> np.ndarray:
         raise DataError("file does not exist", path)
     if path.suffix.lower() == ".npy":
         try:
-            arr = np.load(path, allow_pickle=False)
+            # Mapped, not read: the shape is checked before the data are loaded.
+            mapped = np.load(path, allow_pickle=False, mmap_mode="r")
+            if mapped.ndim >= 2:
+                _check_slice_size(mapped.shape[:2], path)
+            arr = np.array(mapped)
+        except DataError:
+            raise
         except Exception as exc:
             raise DataError(f"cannot read .npy array ({exc})", path) from exc
         if arr.ndim == 3 and arr.shape[-1] == 1:
@@ -320,6 +376,7 @@ def _read_array(path: str | os.PathLike) -> np.ndarray:
 
     try:
         with Image.open(path) as im:
+            _check_slice_size(im.size[::-1], path)  # the header's size; nothing is decoded yet
             if getattr(im, "n_frames", 1) > 1:
                 raise DataError(f"has {im.n_frames} frames; expected a single 2-D image", path)
             mode = im.mode
@@ -330,6 +387,12 @@ def _read_array(path: str | os.PathLike) -> np.ndarray:
             arr = np.asarray(im)
     except DataError:
         raise
+    except Image.DecompressionBombError as exc:
+        raise DataError(
+            f"declares too many pixels ({exc}); slices are read up to {MAX_SLICE_SIDE} pixels "
+            "a side",
+            path,
+        ) from None
     except Exception as exc:
         raise DataError(f"cannot read image ({type(exc).__name__}: {exc})", path) from exc
     if arr.ndim == 3 and arr.shape[-1] == 4:
@@ -361,14 +424,37 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         path: the image file.
 
     Returns:
-        float32 array (H, W) with the stored values (e.g. 0..255 for 8-bit PNG).
+        float32 array (H, W) with the stored values (e.g. 0..255 for 8-bit PNG; a 16-bit PNG's
+        HU + 1024 as stored: the folder readers turn those into HU).
 
     Raises:
-        DataError: the file is missing, unreadable, truncated, not an image, or a colour image
-            whose RGB channels differ.
+        DataError: the file is missing, unreadable, truncated, not an image, a colour image
+            whose RGB channels differ, or declares a side above :data:`MAX_SLICE_SIDE`.
     """
     path = Path(path)
     return _to_grey(_read_array(path), path).astype(np.float32)
+
+
+def _read_slice(path: Path) -> tuple[np.ndarray, str]:
+    """One grey slice as float32 and its unit.
+
+    8-bit files (and .npy arrays) hold display values. A 16-bit grey image file holds
+    HU + :data:`HU_OFFSET_16BIT`, the common CT PNG convention, and is returned in HU; values
+    above 4095 (HU 3071, the top of the 12-bit CT range) mean it holds something else.
+    """
+    stored = _to_grey(_read_array(path), path)
+    is_16bit = stored.dtype.kind == "u" and stored.dtype.itemsize == 2
+    if not is_16bit or path.suffix.lower() == ".npy":
+        return stored.astype(np.float32), "display"
+    top = int(stored.max(initial=0))
+    if top > _MAX_STORED_16BIT:
+        raise DataError(
+            f"16-bit image with values up to {top}: 16-bit slices are read as HU + "
+            f"{HU_OFFSET_16BIT} (0..{_MAX_STORED_16BIT}), so this is not CT in HU; save it as an "
+            "8-bit display PNG, or as NIfTI/DICOM in HU",
+            path,
+        )
+    return stored.astype(np.float32) - np.float32(HU_OFFSET_16BIT), "HU"
 
 
 def _distinct(arr: np.ndarray) -> np.ndarray:
@@ -451,8 +537,14 @@ def _read_case_table(
     id_column: str | None = None,
     patient_column: str | None = None,
     slice_column: str | None = None,
+    *,
+    folder: Path,
+    present: Iterable[str] | None = None,
 ) -> tuple[list[str] | None, np.ndarray | None, dict[str, np.ndarray]]:
-    """Patient ids, slice indices and extra columns for ``stems`` from a one-row-per-file CSV."""
+    """Patient ids, slice indices and extra columns for ``stems`` from a one-row-per-file CSV.
+
+    Every row must name a file of ``folder``: ``present`` (the ids found there; default ``stems``).
+    """
     import pandas as pd
 
     csv_path = Path(csv_path)
@@ -496,6 +588,14 @@ def _read_case_table(
     if missing:
         raise DataError(
             f"{len(missing)} file(s) have no row in column {id_col!r}: {missing[:5]}", csv_path
+        )
+    known = set(stems if present is None else present)
+    absent = [str(name).strip() for name, key in zip(table[id_col], keys) if key not in known]
+    if absent:
+        more = " ..." if len(absent) > 5 else ""
+        raise DataError(
+            f"{len(absent)} row(s) name files that are not in {folder}: {absent[:5]}{more}",
+            csv_path,
         )
     rows = table.iloc[[seen[s] for s in stems]].reset_index(drop=True)
 
@@ -545,13 +645,14 @@ def _load_pair(
     image_size: int | None,
     colour_map: Mapping | None,
     n_classes: int,
-) -> tuple[np.ndarray, np.ndarray, bool, bool, tuple[int, ...]]:
+) -> tuple[np.ndarray, np.ndarray, bool, bool, tuple[int, ...], str]:
     """Read, check and resize one image/mask pair.
 
     Returns the image, the labels, whether the mask was colour-coded, whether a grey mask had
-    lesion pixels (both only matter in the study's ``auto`` mode) and the original shape.
+    lesion pixels (both only matter in the study's ``auto`` mode), the original shape and the
+    image's unit (see :func:`_read_slice`).
     """
-    image = read_image(image_path)
+    image, unit = _read_slice(image_path)
     raw = _read_array(mask_path)
     if raw.shape[:2] != image.shape:
         raise DataError(
@@ -578,7 +679,7 @@ def _load_pair(
     if image_size is not None:
         image = _resize_image(image, image_size)
         labels = _resize_mask(labels, image_size)
-    return image, labels, is_colour, grey_lesion, shape
+    return image, labels, is_colour, grey_lesion, shape, unit
 
 
 def _read_pairs(
@@ -589,11 +690,16 @@ def _read_pairs(
     n_classes: int,
     progress: bool,
     desc: str,
-) -> tuple[np.ndarray, np.ndarray, bool, list[int]]:
-    """Stacked images and masks for (stem, image, mask) triples; checks sizes agree."""
+) -> tuple[np.ndarray, np.ndarray, bool, list[int], str]:
+    """Stacked images and masks for (stem, image, mask) triples; checks sizes and units agree.
+
+    Returns the images, masks, whether any mask was colour-coded, the rows whose grey mask had
+    lesion pixels and the images' unit.
+    """
     n = len(pairs)
     images = masks = None
     first_shape: tuple[int, ...] | None = None
+    first_unit = "display"
     any_colour = False
     grey_lesion_rows: list[int] = []
 
@@ -603,9 +709,9 @@ def _read_pairs(
 
     results = _map_ordered(job, pairs, progress, desc)
     try:
-        for i, (image, labels, is_colour, grey_lesion, shape) in enumerate(results):
+        for i, (image, labels, is_colour, grey_lesion, shape, unit) in enumerate(results):
             if first_shape is None:
-                first_shape = shape
+                first_shape, first_unit = shape, unit
                 images = np.empty((n, *image.shape), dtype=np.float32)
                 masks = np.empty((n, *labels.shape), dtype=np.uint8)
             elif image_size is None and shape != first_shape:
@@ -614,6 +720,8 @@ def _read_pairs(
                     f"{_shape_text(first_shape)}; pass image_size= to resize all to one size",
                     pairs[i][1],
                 )
+            if unit != first_unit:
+                raise DataError(_mixed_units_text(unit, pairs[0][1]), pairs[i][1])
             images[i] = image
             masks[i] = labels
             any_colour |= is_colour
@@ -621,23 +729,20 @@ def _read_pairs(
                 grey_lesion_rows.append(i)
     finally:
         results.close()
-    return images, masks, any_colour, grey_lesion_rows
+    return images, masks, any_colour, grey_lesion_rows, first_unit
+
+
+def _mixed_units_text(unit: str, first: Path) -> str:
+    kinds = {"HU": "a 16-bit image (HU + 1024)", "display": "an 8-bit image (display values)"}
+    other = "display" if unit == "HU" else "HU"
+    return f"is {kinds[unit]} but {first.name} is {kinds[other]}; use one kind in a dataset"
 
 
 def _index_by_stem(paths: Iterable[Path], folder: Path) -> dict[str, Path]:
-    """stem → file for files with a readable suffix; two files with one stem are an error."""
-    found: dict[str, Path] = {}
-    for path in paths:
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        stem = path.stem
-        if stem in found:
-            raise DataError(
-                f"two files share the id {stem!r}: {found[stem].name} and {path.name}; keep one",
-                folder,
-            )
-        found[stem] = path
-    return found
+    """stem → file for files with a readable suffix; two files with one id are an error."""
+    return _index_unique(
+        ((p.stem, p) for p in paths if p.suffix.lower() in IMAGE_SUFFIXES), folder
+    )
 
 
 def _stem_key(name: str) -> str:
@@ -672,33 +777,25 @@ def read_study_layout(
         class_names: names of the labels; defaults as described above.
 
     Returns:
-        SliceDataset with ``unit="display"`` (8-bit values 0..255).
+        SliceDataset with ``unit="display"`` (8-bit values 0..255), or ``unit="HU"`` when the
+        images are 16-bit: those hold HU + :data:`HU_OFFSET_16BIT` (the common CT PNG convention).
 
     Raises:
         DataError: empty folder, an image without its mask (or a mask without its image), two
-            files with one id, unreadable files, size mismatches, mask colours outside the map,
-            or ids missing from the CSV.
+            files with one id (also ``1.png`` and ``01.png``), unreadable files, a side above
+            :data:`MAX_SLICE_SIDE`, size mismatches, 8-bit and 16-bit images mixed, 16-bit values
+            above 4095, mask colours outside the map, ids missing from the CSV or CSV rows naming
+            files that are not there.
     """
     folder = _require_folder(folder)
     image_size = _check_image_size(image_size)
-    files = _visible_files(folder)
-    images: dict[str, Path] = {}
-    masks: dict[str, Path] = {}
-    for path in files:
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        stem = path.stem
-        role = next((r for r in _STUDY_ROLES if stem.endswith(r)), None)
-        target = images if role is None else masks if role == "_mask" else None
-        if target is None:
-            continue  # N_result.png: an overlay for people, not data
-        key = stem if role is None else stem[: -len(role)]
-        if key in target:
-            raise DataError(
-                f"two files share the id {key!r}: {target[key].name} and {path.name}; keep one",
-                folder,
-            )
-        target[key] = path
+    files = [p for p in _visible_files(folder) if p.suffix.lower() in IMAGE_SUFFIXES]
+    roles = {p: next((r for r in _STUDY_ROLES if p.stem.endswith(r)), None) for p in files}
+    # N_result.png is an overlay for people, not data.
+    images = _index_unique(((p.stem, p) for p in files if roles[p] is None), folder)
+    masks = _index_unique(
+        ((p.stem[: -len("_mask")], p) for p in files if roles[p] == "_mask"), folder
+    )
     if not images and not masks:
         raise DataError(
             "empty folder: expected the study layout N.png + N_mask.png (+ N_result.png)", folder
@@ -718,7 +815,7 @@ def read_study_layout(
 
     mode = "auto" if colour_map is None else "colour"
     n_classes = len(class_names) if class_names is not None else 2
-    imgs, labels, any_colour, grey_rows = _read_pairs(
+    imgs, labels, any_colour, grey_rows, unit = _read_pairs(
         pairs, mode, image_size, colour_map, n_classes, progress, "study slices"
     )
     if mode == "auto" and any_colour and grey_rows:
@@ -738,7 +835,7 @@ def read_study_layout(
     patient_ids = slice_indices = None
     extra: dict[str, np.ndarray] = {}
     if patients_csv is not None:
-        patient_ids, slice_indices, extra = _read_case_table(patients_csv, stems)
+        patient_ids, slice_indices, extra = _read_case_table(patients_csv, stems, folder=folder)
     return SliceDataset(
         images=imgs,
         masks=labels,
@@ -746,15 +843,55 @@ def read_study_layout(
         patient_ids=patient_ids,
         slice_indices=slice_indices,
         source_paths=[str(p[1]) for p in pairs],
-        unit="display",
+        unit=unit,
         class_names=tuple(class_names),
         extra=extra,
     )
 
 
 def _default_class_names(cmap: Mapping[tuple[int, int, int], int]) -> tuple[str, ...]:
-    top = max(cmap.values())
+    return _numbered_class_names(max(cmap.values()))
+
+
+def _numbered_class_names(top: int) -> tuple[str, ...]:
+    """``("background", "class_1", ..., "class_<top>")``."""
     return ("background",) + tuple(f"class_{k}" for k in range(1, top + 1))
+
+
+def _class_names_for_labels(
+    labels_by_file: Mapping[Path | None, np.ndarray], class_names: Sequence[str] | None
+) -> tuple[str, ...]:
+    """Class names for integer label volumes (NIfTI and DICOM masks), from each file's labels.
+
+    With ``class_names`` every label needs a name. Without, the labels must run 0, 1, ..., K with
+    none missing from all masks: a 0/128 mask is a binary mask with an unusual foreground value,
+    not 129 classes.
+    """
+    if class_names is not None:
+        names = tuple(class_names)
+        for path, values in labels_by_file.items():
+            if values.size and int(values.max()) >= len(names):
+                raise DataError(
+                    f"mask values {values[:10].tolist()} are not labels 0..{len(names) - 1} "
+                    "(one per class name)",
+                    path,
+                )
+        return names
+    present = set().union(*(values.tolist() for values in labels_by_file.values()))
+    top = max(present, default=0)
+    absent = sorted(set(range(top + 1)) - present)
+    if absent:
+        path, values = next(
+            (p, v) for p, v in labels_by_file.items() if v.size and v.max() > absent[0]
+        )
+        more = " ..." if len(absent) > 5 else ""
+        raise DataError(
+            f"mask values {values[:10].tolist()} are not binary (expected {{0, 255}} or {{0, 1}}) "
+            f"nor labels 0..{top} (label(s) {absent[:5]}{more} are in no mask); pass "
+            "class_names= (one name per label) for integer label maps",
+            path,
+        )
+    return BINARY_CLASS_NAMES if top <= 1 else _numbered_class_names(top)
 
 
 # ----------------------------------------------------------------------------- paired folders
@@ -800,13 +937,17 @@ def read_paired_folders(
             "class_1", ...)`` with a colour map.
 
     Returns:
-        SliceDataset with ``unit="display"``, case ids = file stems (numeric order when the
-        stems are integers).
+        SliceDataset with ``unit="display"`` for 8-bit images, or ``unit="HU"`` for 16-bit grey
+        images, which hold HU + :data:`HU_OFFSET_16BIT` (the common CT PNG convention); case ids
+        = file stems (numeric order when the stems are integers).
 
     Raises:
-        DataError: no image/mask folders, an empty image folder, two files with one stem, an
-            image without its mask, unreadable files, size mismatches, non-binary masks without a
-            colour map, colours outside the map, files missing from the CSV or duplicate CSV rows.
+        DataError: no image/mask folders, an empty image folder, two files with one id (also
+            ``1.png`` and ``01.png``), an image without its mask, unreadable files, a side above
+            :data:`MAX_SLICE_SIDE`, size mismatches, 8-bit and 16-bit images mixed, 16-bit values
+            above 4095, non-binary masks without a colour map, colours outside the map, files
+            missing from the CSV, CSV rows naming files that are not in the folder, or duplicate
+            CSV rows.
     """
     folder = _require_folder(folder)
     image_size = _check_image_size(image_size)
@@ -865,7 +1006,7 @@ def read_paired_folders(
             f"class_names has {len(names)} names for labels 0..{n_classes - 1}: {names}"
         )
 
-    imgs, labels, _, _ = _read_pairs(
+    imgs, labels, _, _, unit = _read_pairs(
         pairs, mode, image_size, colour_map, n_classes, progress, f"{folder.name} slices"
     )
     patient_ids = slice_indices = None
@@ -875,7 +1016,8 @@ def read_paired_folders(
         if not csv_path.is_file() and not csv_path.is_absolute() and (folder / csv_path).is_file():
             csv_path = folder / csv_path
         patient_ids, slice_indices, extra = _read_case_table(
-            csv_path, stems, id_column, patient_column, slice_column
+            csv_path, stems, id_column, patient_column, slice_column,
+            folder=image_dir, present=image_files,
         )
     return SliceDataset(
         images=imgs,
@@ -884,7 +1026,7 @@ def read_paired_folders(
         patient_ids=patient_ids,
         slice_indices=slice_indices,
         source_paths=[str(p[1]) for p in pairs],
-        unit="display",
+        unit=unit,
         class_names=names,
         extra=extra,
     )
@@ -897,6 +1039,12 @@ def _nifti_id(path: Path) -> str | None:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return None
+
+
+def _index_nifti(folder: Path) -> dict[str, Path]:
+    """ID → file of a folder's NIfTI files; ``a.nii`` next to ``a.nii.gz`` is an error."""
+    files = ((ident, p) for p in _visible_files(folder) if (ident := _nifti_id(p)) is not None)
+    return _index_unique(files, folder)
 
 
 def _load_nifti(path: Path):
@@ -930,16 +1078,20 @@ def read_nifti_pairs(
     image_size: int | None = None,
     axis: int = 2,
     progress: bool = True,
+    class_names: Sequence[str] | None = None,
 ) -> SliceDataset:
     """Read CT volumes and label volumes from NIfTI files, one slice per case.
 
     Args:
         folder_or_pairs: a folder with ``images/ID.nii[.gz]`` and ``masks/ID.nii[.gz]`` (or
             ``image/`` + ``label/``), or a list of (image path, mask path).
-        image_size: resize every slice to image_size x image_size.
+        image_size: resize every slice to image_size x image_size; the pixel spacing is scaled
+            with it (:func:`strokekit.preprocess.rescale_spacing`).
         axis: the array axis to slice along (2: axial for the usual x, y, z storage). Slices
             are taken from the stored array as is; no reorientation is applied.
         progress: show a progress bar.
+        class_names: label names, for label maps whose labels do not all occur. Without them
+            masks are binary (0/1 or 0/255) or labels 0..K that all occur in some mask.
 
     Returns:
         SliceDataset with ``unit="HU"`` (nibabel applies ``scl_slope``/``scl_inter``),
@@ -949,11 +1101,15 @@ def read_nifti_pairs(
         when all volumes agree).
 
     Raises:
-        DataError: no pairs, an image without its mask, unreadable files, non-3-D volumes,
-            image/mask shape mismatch, non-integer labels, or differing slice sizes without
-            ``image_size``.
+        DataError: no pairs, an image without its mask, two files with one id (``a.nii`` and
+            ``a.nii.gz``), unreadable files, non-3-D volumes, a slice side above
+            :data:`MAX_SLICE_SIDE` (checked from the header), image/mask shape mismatch,
+            non-integer labels, labels that are neither binary nor 0..K (e.g. 0/128) without
+            ``class_names``, or differing slice sizes without ``image_size``.
     """
     from tqdm.auto import tqdm
+
+    from .preprocess import rescale_spacing
 
     image_size = _check_image_size(image_size)
     if axis not in (0, 1, 2):
@@ -965,8 +1121,7 @@ def read_nifti_pairs(
             raise DataError(
                 "no images/ + masks/ (or image/ + label/) folders with NIfTI files", folder
             )
-        images = {i: p for p in _visible_files(dirs[0]) if (i := _nifti_id(p)) is not None}
-        masks = {i: p for p in _visible_files(dirs[1]) if (i := _nifti_id(p)) is not None}
+        images, masks = (_index_nifti(d) for d in dirs)
         if not images:
             raise DataError("empty folder: no .nii or .nii.gz files", dirs[0])
         for ident in _sorted_stems(images):
@@ -986,7 +1141,7 @@ def read_nifti_pairs(
     parts_img, parts_mask, case_ids, patient_ids, slice_idx, sources = [], [], [], [], [], []
     zoom_rows: list[tuple[float, float, float]] = []
     first: tuple[Path, tuple[int, int]] | None = None
-    max_label = 0
+    labels_by_file: dict[Path | None, np.ndarray] = {}
     for ident, (image_path, mask_path) in tqdm(
         list(zip(idents, pairs)), desc="NIfTI volumes", disable=not progress, unit="volume"
     ):
@@ -999,6 +1154,8 @@ def read_nifti_pairs(
                 f"{tuple(image_nii.shape)}",
                 mask_path,
             )
+        shape = tuple(int(s) for i, s in enumerate(image_nii.shape) if i != axis)
+        _check_slice_size(shape, image_path)  # from the header, before the data are read
         try:
             volume = np.asarray(image_nii.get_fdata(dtype=np.float32))
             labels = _integer_labels(np.asarray(mask_nii.dataobj), mask_path)
@@ -1011,7 +1168,7 @@ def read_nifti_pairs(
         volume, labels = np.moveaxis(volume, axis, 0), np.moveaxis(labels, axis, 0)
         zooms = tuple(float(z) for z in image_nii.header.get_zooms()[:3])
         in_plane = tuple(z for i, z in enumerate(zooms) if i != axis)
-        shape = volume.shape[1:]
+        labels_by_file[mask_path] = _distinct(labels)
         if first is None:
             first = (image_path, shape)
         elif image_size is None and shape != first[1]:
@@ -1024,7 +1181,7 @@ def read_nifti_pairs(
         if image_size is not None:
             volume = np.stack([_resize_image(s, image_size) for s in volume])
             labels = np.stack([_resize_mask(s, image_size) for s in labels])
-        max_label = max(max_label, int(labels.max()) if labels.size else 0)
+            in_plane = rescale_spacing(in_plane, shape, image_size)
         depth = volume.shape[0]
         parts_img.append(volume.astype(np.float32))
         parts_mask.append(labels)
@@ -1035,11 +1192,6 @@ def read_nifti_pairs(
         zoom_rows += [(in_plane[0], in_plane[1], zooms[axis])] * depth
     zoom_arr = np.asarray(zoom_rows, dtype=np.float64)
     uniform = bool(np.all(zoom_arr == zoom_arr[0]))
-    class_names = (
-        BINARY_CLASS_NAMES
-        if max_label <= 1
-        else ("background",) + tuple(f"class_{k}" for k in range(1, max_label + 1))
-    )
     return SliceDataset(
         images=np.concatenate(parts_img),
         masks=np.concatenate(parts_mask),
@@ -1048,7 +1200,7 @@ def read_nifti_pairs(
         slice_indices=np.asarray(slice_idx),
         source_paths=sources,
         unit="HU",
-        class_names=class_names,
+        class_names=_class_names_for_labels(labels_by_file, class_names),
         spacing=(zoom_arr[0, 0], zoom_arr[0, 1]) if uniform else None,
         slice_thickness=zoom_arr[0, 2] if uniform else None,
         extra={
@@ -1093,6 +1245,7 @@ def _mask_from_nifti_geometry(
     nii = _load_nifti(path)
     if len(nii.shape) != 3:
         raise DataError(f"expected a 3-D mask volume, got shape {nii.shape}", path)
+    _check_slice_size(nii.shape[:2], path)  # the in-plane axes of the usual (x, y, z) storage
     labels = _integer_labels(np.asarray(nii.dataobj), path)
     to_voxel = np.linalg.inv(nii.affine)
     _, rows, cols = shape
@@ -1127,47 +1280,17 @@ def _mask_from_nifti_geometry(
     return out
 
 
-def read_dicom_series(
-    folder: str | os.PathLike,
-    mask: np.ndarray | str | os.PathLike | None = None,
-    patient_id: str | None = None,
-    image_size: int | None = None,
-    progress: bool = True,
-) -> SliceDataset:
-    """Read one DICOM CT series (every file in the folder, any names) as HU slices.
-
-    Args:
-        folder: folder holding the series' files (hidden files and a ``DICOMDIR`` are skipped).
-        mask: optional labels: a (D, H, W) array in sorted slice order, a NIfTI file (aligned
-            through its affine and the DICOM geometry), or a folder of PNG masks (matched to the
-            DICOM files by stem, else taken in natural name order).
-        patient_id: overrides the files' PatientID.
-        image_size: resize every slice to image_size x image_size.
-        progress: show a progress bar.
-
-    Returns:
-        SliceDataset with ``unit="HU"`` (pixel x RescaleSlope + RescaleIntercept), slices sorted
-        along the slice normal (= ImagePositionPatient[2] for axial series; InstanceNumber when
-        positions are missing), case ids ``"<patient>_s003"``, spacing from PixelSpacing and
-        thickness from the position differences (else SliceThickness).
-
-    Raises:
-        DataError: empty folder, non-DICOM files, several series, slices of different sizes,
-            missing sort keys, or a mask that does not match the series.
-    """
+def _read_dicom_headers(paths: Sequence[Path], progress: bool) -> list[tuple[Path, Any]]:
+    """Each file's dataset, its pixel data left on disk until decoded; checked before decoding."""
     import pydicom
     from pydicom.errors import InvalidDicomError
     from tqdm.auto import tqdm
 
-    folder = _require_folder(folder)
-    image_size = _check_image_size(image_size)
-    paths = [p for p in _visible_files(folder) if p.name.upper() != "DICOMDIR"]
-    if not paths:
-        raise DataError("empty folder: expected the files of one DICOM series", folder)
     datasets = []
     for path in tqdm(paths, desc="DICOM files", disable=not progress, unit="file"):
         try:
-            ds = pydicom.dcmread(path)
+            # Values over 1 KB (the pixel data) are read from the file only when used.
+            ds = pydicom.dcmread(path, defer_size=1024)
         except InvalidDicomError as exc:
             raise DataError(
                 "is not a DICOM file (no DICM preamble); the folder must hold only one "
@@ -1178,16 +1301,34 @@ def read_dicom_series(
             raise DataError(f"cannot read DICOM ({type(exc).__name__}: {exc})", path) from exc
         if "PixelData" not in ds:
             raise DataError("DICOM file has no pixel data (not an image slice)", path)
+        _check_slice_size((ds.get("Rows") or 0, ds.get("Columns") or 0), path)
+        frames = int(ds.get("NumberOfFrames") or 1)
+        if frames > 1:
+            raise DataError(f"holds {frames} frames; expected one slice per file", path)
+        _rescale(ds, path)  # missing tags fail here, before any slice is decoded
         datasets.append((path, ds))
+    return datasets
 
-    series = {str(getattr(ds, "SeriesInstanceUID", "")) for _, ds in datasets}
-    if len(series) > 1:
+
+def _rescale(ds, path: Path) -> tuple[float, float]:
+    """(RescaleSlope, RescaleIntercept), which turn stored values into HU; both must be there."""
+    missing = [tag for tag in ("RescaleSlope", "RescaleIntercept") if ds.get(tag) in (None, "")]
+    if missing:
         raise DataError(
-            f"holds {len(series)} series (SeriesInstanceUID {sorted(series)[:5]}); put each series "
-            "in its own folder",
-            folder,
+            f"no {' and no '.join(missing)}: the stored values cannot be turned into HU (CT "
+            "often stores HU + 1024, so air would read +24 instead of -1000); add the scanner's "
+            "RescaleSlope and RescaleIntercept to the files (e.g. with pydicom) or export the "
+            "series again with them",
+            path,
         )
+    return float(ds.RescaleSlope), float(ds.RescaleIntercept)
 
+
+def _order_slices(
+    datasets: list[tuple[Path, Any]], folder: Path
+) -> tuple[list[tuple[Path, Any]], list[float], bool]:
+    """The slices in order along the slice normal (else by InstanceNumber), their sort keys and
+    whether those are positions; a gap in them (a missing file) is an error."""
     geometries = [_dicom_geometry(ds) for _, ds in datasets]
     by_position = True
     if all(g is not None for g in geometries):
@@ -1208,7 +1349,39 @@ def read_dicom_series(
     order = np.argsort(keys, kind="stable")
     datasets = [datasets[i] for i in order]
     keys = [keys[i] for i in order]
+    _check_slice_gaps(datasets, keys, by_position, folder)
+    return datasets, keys, by_position
 
+
+def _check_slice_gaps(
+    datasets: list[tuple[Path, Any]], keys: list[float], by_position: bool, folder: Path
+) -> None:
+    """A missing file must not be stacked away: its neighbours would pass for adjacent slices.
+
+    Positions: a step over 1.5 times the median step is a gap. Instance numbers: a step over 1.
+    """
+    steps = np.diff(keys)
+    fix = "add the missing files"
+    if by_position:
+        usual = float(np.median(steps)) if steps.size >= 2 else np.inf
+        gaps = np.flatnonzero(steps > 1.5 * usual)
+        what, unit, rule = "positions", " mm", f"the other slices are {usual:g} mm apart"
+        fix += ", or put parts with different spacing in separate folders"
+    else:
+        gaps = np.flatnonzero(steps > 1)
+        what, unit, rule = "instance numbers", "", "they should run without a gap"
+    if gaps.size == 0:
+        return
+    i = int(gaps[0])
+    raise DataError(
+        f"slices are missing: the {what} jump from {keys[i]:g} to {keys[i + 1]:g}{unit} between "
+        f"{datasets[i][0].name} and {datasets[i + 1][0].name} ({rule}; {gaps.size} gap(s)); {fix}",
+        folder,
+    )
+
+
+def _decode_slices(datasets: list[tuple[Path, Any]]) -> np.ndarray:
+    """The (D, H, W) volume in HU: each slice decoded and rescaled."""
     slices = []
     for path, ds in datasets:
         try:
@@ -1225,10 +1398,84 @@ def read_dicom_series(
                 f"{_shape_text(slices[0].shape)}",
                 path,
             )
-        slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-        intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+        slope, intercept = _rescale(ds, path)
         slices.append(pixels * np.float32(slope) + np.float32(intercept))
-    volume = np.stack(slices)
+    return np.stack(slices)
+
+
+def _series_labels(
+    mask: np.ndarray | str | os.PathLike | None,
+    datasets: list[tuple[Path, Any]],
+    shape: tuple[int, int, int],
+) -> tuple[np.ndarray, Path | None]:
+    """The labels of a series (``mask`` of :func:`read_dicom_series`) and the file they are from."""
+    if mask is None:
+        return np.zeros(shape, dtype=np.uint8), None
+    if isinstance(mask, np.ndarray):
+        if mask.shape != shape:
+            raise DataError(
+                f"mask array shape {mask.shape} differs from the series' {shape} (D, H, W)"
+            )
+        return _integer_labels(mask, None), None
+    mask_path = Path(mask)
+    if mask_path.is_dir():
+        return _png_masks_for_series(mask_path, [p for p, _ in datasets], shape), mask_path
+    if _nifti_id(mask_path) is not None:
+        return _mask_from_nifti_geometry(mask_path, [ds for _, ds in datasets], shape), mask_path
+    raise DataError("mask must be an array, a NIfTI file or a folder of PNG masks", mask_path)
+
+
+def read_dicom_series(
+    folder: str | os.PathLike,
+    mask: np.ndarray | str | os.PathLike | None = None,
+    patient_id: str | None = None,
+    image_size: int | None = None,
+    progress: bool = True,
+    class_names: Sequence[str] | None = None,
+) -> SliceDataset:
+    """Read one DICOM CT series (every file in the folder, any names) as HU slices.
+
+    Args:
+        folder: folder holding the series' files (hidden files and a ``DICOMDIR`` are skipped).
+        mask: optional labels: a (D, H, W) array in sorted slice order, a NIfTI file (aligned
+            through its affine and the DICOM geometry), or a folder of PNG masks (matched to the
+            DICOM files by stem, else taken in natural name order).
+        patient_id: overrides the files' PatientID.
+        image_size: resize every slice to image_size x image_size; the pixel spacing is scaled
+            with it (:func:`strokekit.preprocess.rescale_spacing`).
+        progress: show a progress bar.
+        class_names: label names, as in :func:`read_nifti_pairs`.
+
+    Returns:
+        SliceDataset with ``unit="HU"`` (pixel x RescaleSlope + RescaleIntercept), slices sorted
+        along the slice normal (= ImagePositionPatient[2] for axial series; InstanceNumber when
+        positions are missing), case ids ``"<patient>_s003"``, spacing from PixelSpacing and
+        thickness from the position differences (else SliceThickness).
+
+    Raises:
+        DataError: empty folder, non-DICOM files, several series, a file without
+            RescaleSlope/RescaleIntercept, Rows or Columns above :data:`MAX_SLICE_SIDE` (checked
+            before decoding), multi-frame files, slices of different sizes, missing sort keys,
+            a missing slice (a gap in the positions or instance numbers), or a mask that does not
+            match the series.
+    """
+    from .preprocess import rescale_spacing
+
+    folder = _require_folder(folder)
+    image_size = _check_image_size(image_size)
+    paths = [p for p in _visible_files(folder) if p.name.upper() != "DICOMDIR"]
+    if not paths:
+        raise DataError("empty folder: expected the files of one DICOM series", folder)
+    datasets = _read_dicom_headers(paths, progress)
+    series = {str(getattr(ds, "SeriesInstanceUID", "")) for _, ds in datasets}
+    if len(series) > 1:
+        raise DataError(
+            f"holds {len(series)} series (SeriesInstanceUID {sorted(series)[:5]}); put each series "
+            "in its own folder",
+            folder,
+        )
+    datasets, keys, by_position = _order_slices(datasets, folder)
+    volume = _decode_slices(datasets)
     depth, rows, cols = volume.shape
 
     first = datasets[0][1]
@@ -1241,30 +1488,13 @@ def read_dicom_series(
     elif "SliceThickness" in first and first.SliceThickness not in (None, ""):
         thickness = float(first.SliceThickness)
 
-    if mask is None:
-        labels = np.zeros(volume.shape, dtype=np.uint8)
-    elif isinstance(mask, np.ndarray):
-        if mask.shape != volume.shape:
-            raise DataError(
-                f"mask array shape {mask.shape} differs from the series' {volume.shape} (D, H, W)"
-            )
-        labels = _integer_labels(mask, None)
-    else:
-        mask_path = Path(mask)
-        if mask_path.is_dir():
-            labels = _png_masks_for_series(mask_path, [p for p, _ in datasets], (depth, rows, cols))
-        elif _nifti_id(mask_path) is not None:
-            labels = _mask_from_nifti_geometry(
-                mask_path, [ds for _, ds in datasets], (depth, rows, cols)
-            )
-        else:
-            raise DataError(
-                "mask must be an array, a NIfTI file or a folder of PNG masks", mask_path
-            )
-
+    labels, mask_file = _series_labels(mask, datasets, (depth, rows, cols))
+    names = _class_names_for_labels({mask_file: _distinct(labels)}, class_names)
     if image_size is not None:
         volume = np.stack([_resize_image(s, image_size) for s in volume])
         labels = np.stack([_resize_mask(s, image_size) for s in labels])
+        if spacing is not None:
+            spacing = rescale_spacing(spacing, (rows, cols), image_size)
     if patient_id is None:
         patient_id = str(getattr(first, "PatientID", "") or folder.name)
     patient_id = str(patient_id)
@@ -1276,9 +1506,7 @@ def read_dicom_series(
         slice_indices=np.arange(depth),
         source_paths=[str(p) for p, _ in datasets],
         unit="HU",
-        class_names=BINARY_CLASS_NAMES
-        if int(labels.max(initial=0)) <= 1
-        else ("background",) + tuple(f"class_{k}" for k in range(1, int(labels.max()) + 1)),
+        class_names=names,
         spacing=spacing,
         slice_thickness=thickness,
     )

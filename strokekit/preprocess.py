@@ -222,16 +222,25 @@ def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return out.astype(mask.dtype)
 
 
+def rescale_spacing(spacing: Sequence[float], shape: Sequence[int], size: int) -> tuple[float, float]:
+    """Pixel spacing (row, col) in mm after resizing a (rows, cols) slice to ``size``×``size``.
+
+    The field of view stays the same, so a slice shrunk from 512 to 128 pixels has pixels four
+    times as wide: the rule every resize in the kit (:func:`resize_dataset`, the readers'
+    ``image_size``) applies, so areas in mm² do not change with the image size.
+    """
+    return (float(spacing[0]) * int(shape[0]) / size, float(spacing[1]) * int(shape[1]) / size)
+
+
 def resize_dataset(dataset: SliceDataset, size: int) -> SliceDataset:
     """A copy of the dataset at ``size``×``size`` (images linear, masks nearest); spacing rescaled."""
     if dataset.image_shape[:2] == (size, size):
         return dataset.replace()
-    h, w = dataset.image_shape[:2]
     images = np.stack([resize_image(im, size) for im in dataset.images]) if len(dataset) else dataset.images
     masks = np.stack([resize_mask(m, size) for m in dataset.masks]) if len(dataset) else dataset.masks
     spacing = None
     if dataset.spacing is not None:
-        spacing = (dataset.spacing[0] * h / size, dataset.spacing[1] * w / size)
+        spacing = rescale_spacing(dataset.spacing, dataset.image_shape[:2], size)
     return dataset.replace(images=images, masks=masks, spacing=spacing)
 
 

@@ -932,6 +932,10 @@ def _request_sizes(n: int, test: float | int, val: float | int) -> dict[str, int
             value, (int, float, np.integer, np.floating)
         ):
             raise ValueError(f"{name} must be a fraction (float) or a count (int), got {value!r}")
+        if not np.isfinite(value):
+            raise ValueError(
+                f"{name}={value} is not a finite number; expected a fraction in [0, 1) or a count >= 0"
+            )
         if value < 0:
             raise ValueError(
                 f"{name}={value} is negative; expected a fraction in [0, 1) or a count >= 0"
@@ -1150,8 +1154,9 @@ def cluster_split(
         a :class:`Split` with method ``"cluster"``.
 
     Raises:
-        ValueError: negative fractions, fractions summing to 1 or more, no patient ids when
-            grouping, more subsets than patients (or slices), a cluster label per slice missing.
+        ValueError: negative or non-finite (nan, inf) fractions, fractions summing to 1 or more,
+            no patient ids when grouping, more subsets than patients (or slices), a cluster label
+            per slice missing.
     """
     n = len(dataset)
     clusters = np.asarray(

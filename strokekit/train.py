@@ -495,18 +495,50 @@ def load_run(folder: str | os.PathLike) -> dict[str, Any]:
     return out
 
 
-def load_model(path: str | os.PathLike):
-    """Load a saved ``.keras`` model (or a run folder's) in Keras safe mode with the kit's objects."""
-    import keras
+def _check_keras_file(path: Path) -> None:
+    """A ``.keras`` file is a zip archive holding ``config.json``; check that before Keras reads it.
 
-    from . import losses  # noqa: F401  (registers the custom losses and metrics)
+    Keras answers a truncated or empty file with "File not found", which sends people looking
+    for the wrong problem.
+    """
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            complete = "config.json" in archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        complete = False
+    if not complete:
+        raise DataError(
+            "model file is damaged or not a Keras model (not a complete .keras archive)", path
+        )
+
+
+def load_model(path: str | os.PathLike):
+    """Load a saved ``.keras`` model (or a run folder's) in Keras safe mode with the kit's objects.
+
+    Raises:
+        DataError: no model at ``path``, or the file is damaged (truncated, empty, not a zip
+            archive, a corrupted member) or not a Keras model.
+    """
+    import zipfile
 
     path = Path(path)
     if path.is_dir():
         path = path / "model.keras"
     if not path.is_file():
         raise DataError("no saved model here", path)
-    return keras.saving.load_model(path, safe_mode=True)
+    if path.suffix.lower() not in (".h5", ".hdf5"):  # legacy HDF5 files are Keras' to check
+        _check_keras_file(path)
+
+    import keras
+
+    from . import losses  # noqa: F401  (registers the custom losses and metrics)
+
+    try:
+        return keras.saving.load_model(path, safe_mode=True)
+    except zipfile.BadZipFile as exc:  # a member fails its CRC check
+        raise DataError(f"model file is damaged or not a Keras model ({exc})", path) from None
 
 
 def train_grid(

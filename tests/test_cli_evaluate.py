@@ -134,7 +134,91 @@ def test_evaluate_keras_file_with_threshold(setup, tmp_path, capsys):
                for i, c in enumerate(data.case_ids))
 
 
-def test_evaluate_folder_without_config_is_refused(setup, tmp_path):
+def test_evaluate_folder_without_config_is_refused(setup, tmp_path, capsys):
     _, folder, _ = setup
-    with pytest.raises(DataError, match="not a run folder"):
-        cli.main(["evaluate", "--model", str(tmp_path), "--data", str(folder)])
+    code = cli.main(["evaluate", "--model", str(tmp_path), "--data", str(folder)])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"strokekit evaluate: error: {tmp_path}: not a run folder (no config.json)\n"
+    )
+
+
+# --------------------------------------------------------------------------- bad models and data
+def _damaged_models(folder, good):
+    """name → a file that is not a loadable .keras model, each damaged in another way."""
+    data = good.read_bytes()
+    corrupted = bytearray(data)
+    corrupted[len(data) // 2] ^= 0xFF  # inside the weights member: its CRC check fails
+    files = {
+        "truncated": data[: len(data) // 2],
+        "empty": b"",
+        "text": b"not a model at all",
+        "corrupted": bytes(corrupted),
+    }
+    out = {}
+    for name, content in files.items():
+        out[name] = folder / f"{name}.keras"
+        out[name].write_bytes(content)
+    import zipfile
+
+    with zipfile.ZipFile(folder / "other.keras", "w") as archive:
+        archive.writestr("notes.txt", "a zip, but no Keras model in it")
+    out["other"] = folder / "other.keras"
+    return out
+
+
+def test_load_model_says_a_damaged_file_is_damaged(setup, tmp_path):
+    run, _, _ = setup
+    for name, path in _damaged_models(tmp_path, run / "model.keras").items():
+        with pytest.raises(DataError) as info:
+            load_model(path)
+        message = str(info.value)
+        assert message.startswith(f"{path}: model file is damaged or not a Keras model ("), name
+        assert "File not found" not in message
+
+
+def test_cli_bad_model_or_data_is_one_line_and_exit_code_2(setup, tmp_path, capsys):
+    run, folder, _ = setup
+    truncated = _damaged_models(tmp_path, run / "model.keras")["truncated"]
+    code = cli.main(["evaluate", "--model", str(truncated), "--data", str(folder)])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"strokekit evaluate: error: {truncated}: model file is damaged or not a Keras model "
+        "(not a complete .keras archive)\n"
+    )
+    bad_data = tmp_path / "bad-data"
+    two_ids = _tiny_dataset().subset([0, 1]).replace(case_ids=["1", "01"])
+    io.write_study_layout(two_ids, bad_data, progress=False)
+    code = cli.main(["evaluate", "--model", str(run), "--data", str(bad_data)])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"strokekit evaluate: error: {bad_data}: two files share the id '1' ('01' and '1' are one "
+        "number): 01.png and 1.png; keep one\n"
+    )
+
+
+def test_python_m_strokekit_on_a_damaged_model_prints_no_traceback(setup, tmp_path):
+    import subprocess
+    import sys
+
+    _, folder, _ = setup
+    (tmp_path / "model.keras").write_bytes(b"")
+    result = subprocess.run(
+        [sys.executable, "-m", "strokekit", "evaluate", "--model", str(tmp_path / "model.keras"),
+         "--data", str(folder)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"strokekit evaluate: error: {tmp_path / 'model.keras'}: model file is damaged or not a "
+        "Keras model (not a complete .keras archive)\n"
+    )
+
+
+def test_cli_keeps_tracebacks_for_bugs(monkeypatch):
+    def broken(args):
+        raise KeyError("a bug in the kit")
+
+    monkeypatch.setitem(cli.COMMANDS, "evaluate", (broken, "broken"))
+    with pytest.raises(KeyError, match="a bug in the kit"):
+        cli.main(["evaluate", "--model", "m", "--data", "d"])

@@ -239,7 +239,7 @@ def test_read_paired_folders_detects_the_folders(tmp_path, dirs):
     written = _paired_folder(tmp_path, dirs=dirs)
     (tmp_path / "cases.csv").write_text(
         "file,patient_id,slice_index_in_volume,has_mask,note\n"
-        "1.png,7,1,1,x\n2.png,7,2,0,y\n10.png,9,1,1,z\n99.png,9,2,0,unused\n"
+        "1.png,7,1,1,x\n2.png,7,2,0,y\n10.png,9,1,1,z\n"
     )
     ds = read_paired_folders(tmp_path, patients_csv="cases.csv", progress=False)
     assert ds.case_ids == ["1", "2", "10"]
@@ -687,3 +687,244 @@ def test_readers_and_writer_leave_source_files_untouched(tmp_path):
     write_study_layout(study, tmp_path / "out_study", progress=False)
     write_study_layout(nifti, tmp_path / "out_nifti", progress=False)
     assert _snapshot(src) == before
+
+
+# --------------------------------------------------------------------------- bad input (issue 16)
+def _edit_dicom(path: Path, **changes) -> Path:
+    """Rewrite a DICOM file with some elements changed (a value of None deletes the element)."""
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    for keyword, value in changes.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    ds.save_as(path)
+    return path
+
+
+def _png_declaring(path: Path, width: int, height: int) -> Path:
+    """A 68-byte PNG whose header declares width x height pixels (its pixel data is a stub)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 10))
+        + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def test_nifti_id_with_both_nii_and_nii_gz_is_an_error_naming_both(tmp_path):
+    import shutil
+
+    _nifti_folder(tmp_path)
+    # images/P1.nii.gz next to images/P1.nii: one of them used to be dropped silently, and a lone
+    # masks/P1.nii was then paired with whichever scan won.
+    shutil.copy(tmp_path / "images" / "P2.nii.gz", tmp_path / "images" / "P1.nii.gz")
+    with pytest.raises(
+        DataError, match=r"images: two files share the id 'P1': P1\.nii and P1\.nii\.gz; keep one"
+    ):
+        read_nifti_pairs(tmp_path, progress=False)
+    (tmp_path / "images" / "P1.nii.gz").unlink()
+    shutil.copy(tmp_path / "masks" / "P1.nii", tmp_path / "masks" / "P2.nii")
+    with pytest.raises(
+        DataError, match=r"masks: two files share the id 'P2': P2\.nii and P2\.nii\.gz; keep one"
+    ):
+        load_dataset(tmp_path, progress=False)
+
+
+def test_nifti_mask_of_0_and_128_is_not_read_as_129_classes(tmp_path):
+    import nibabel as nib
+
+    volumes = _nifti_folder(tmp_path)
+    affine = nib.load(tmp_path / "masks" / "P1.nii").affine
+    labels = volumes["P1"][1]
+    nib.Nifti1Image(labels * 128, affine).to_filename(tmp_path / "masks" / "P1.nii")
+    with pytest.raises(DataError) as info:
+        read_nifti_pairs(tmp_path, progress=False)
+    message = str(info.value)
+    assert message.startswith(str(tmp_path / "masks" / "P1.nii"))
+    assert "mask values [0, 128] are not binary (expected {0, 255} or {0, 1})" in message
+    assert "are in no mask" in message and "pass class_names=" in message
+    with pytest.raises(DataError, match=r"P1\.nii: mask values \[0, 128\] are not labels 0\.\.1"):
+        read_nifti_pairs(tmp_path, progress=False, class_names=("background", "lesion"))
+
+    # Labels 0..2 that all occur are a label map; labels that skip one need their names.
+    nib.Nifti1Image(labels * 2, affine).to_filename(tmp_path / "masks" / "P1.nii")
+    alone = [(tmp_path / "images" / "P1.nii", tmp_path / "masks" / "P1.nii")]
+    with pytest.raises(DataError, match=r"P1\.nii: mask values \[0, 2\] are not binary"):
+        read_nifti_pairs(alone, progress=False)
+    names = ("background", "hemorrhagic", "ischemic")
+    assert read_nifti_pairs(alone, progress=False, class_names=names).class_names == names
+    multi = labels.copy()
+    multi[4, 0, 2] = 2
+    nib.Nifti1Image(multi, affine).to_filename(tmp_path / "masks" / "P1.nii")
+    assert read_nifti_pairs(tmp_path, progress=False).class_names == (
+        "background", "class_1", "class_2",
+    )
+
+
+def test_image_size_scales_the_spacing_like_resize_dataset(tmp_path):
+    import nibabel as nib
+
+    from strokekit.preprocess import dataset_statistics, resize_dataset
+
+    # A 16 mm² lesion (4 x 4 pixels of 1 mm) on a 40 x 40 slice; at 10 px it is one 4 mm pixel.
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    labels = np.zeros((40, 40, 1), np.uint8)
+    labels[8:12, 20:24] = 1
+    nib.Nifti1Image(np.zeros((40, 40, 1), np.int16), np.eye(4)).to_filename(tmp_path / "images/a.nii")
+    nib.Nifti1Image(labels, np.eye(4)).to_filename(tmp_path / "masks/a.nii")
+    small = read_nifti_pairs(tmp_path, image_size=10, progress=False)
+    assert small.spacing == pytest.approx((4.0, 4.0))
+    assert small.extra["spacing_row"][0] == pytest.approx(4.0)
+    assert dataset_statistics(small)["lesion_mm2"][0] == pytest.approx(16.0)
+    full = read_nifti_pairs(tmp_path, progress=False)
+    assert dataset_statistics(full)["lesion_mm2"][0] == pytest.approx(16.0)
+    assert resize_dataset(full, 10).spacing == pytest.approx(small.spacing)
+
+    _dicom_folder(tmp_path / "series")  # 5 x 6 slices of 0.7 x 0.8 mm
+    dicom = read_dicom_series(tmp_path / "series", image_size=10, progress=False)
+    assert dicom.spacing == pytest.approx((0.7 * 5 / 10, 0.8 * 6 / 10))
+    full = read_dicom_series(tmp_path / "series", progress=False)
+    assert resize_dataset(full, 10).spacing == pytest.approx(dicom.spacing)
+
+
+def test_dicom_without_rescale_tags_is_an_error_saying_how_to_fix_it(tmp_path):
+    _dicom_folder(tmp_path / "series")
+    _edit_dicom(tmp_path / "series" / "IM0007", RescaleIntercept=None)
+    with pytest.raises(DataError) as info:
+        read_dicom_series(tmp_path / "series", progress=False)
+    message = str(info.value)
+    assert message.startswith(str(tmp_path / "series" / "IM0007") + ": no RescaleIntercept:")
+    assert "cannot be turned into HU" in message and "add the scanner's RescaleSlope" in message
+    _edit_dicom(tmp_path / "series" / "IM0007", RescaleSlope=None)
+    with pytest.raises(DataError, match=r"IM0007: no RescaleSlope and no RescaleIntercept:"):
+        read_dicom_series(tmp_path / "series", progress=False)
+
+
+def test_dicom_series_with_a_missing_slice_names_the_gap(tmp_path):
+    folder = tmp_path / "series"
+    folder.mkdir()
+    raw = np.zeros((ROWS, COLS))
+    for k, z in enumerate((0.0, 2.5, 5.0, 10.0, 12.5)):  # the slice at 7.5 mm is missing
+        _dicom_slice(folder / f"s{k}.dcm", raw, z=z, instance=k + 1, series="1.2.3.9")
+    with pytest.raises(DataError) as info:
+        read_dicom_series(folder, progress=False)
+    assert str(info.value) == (
+        f"{folder}: slices are missing: the positions jump from 5 to 10 mm between s2.dcm and "
+        "s3.dcm (the other slices are 2.5 mm apart; 1 gap(s)); add the missing files, or put "
+        "parts with different spacing in separate folders"
+    )
+
+    # Without positions the instance numbers order the slices; 1, 2, 4, 5 lacks number 3.
+    for k, path in enumerate(sorted(folder.iterdir())):
+        _edit_dicom(path, ImagePositionPatient=None, InstanceNumber=k + 1 + (k >= 2))
+    with pytest.raises(
+        DataError, match=r"series: slices are missing: the instance numbers jump from 2 to 4 "
+        r"between s1\.dcm and s2\.dcm"
+    ):
+        read_dicom_series(folder, progress=False)
+
+
+def test_16_bit_png_is_read_as_hu_plus_1024(tmp_path):
+    from strokekit.preprocess import prepare_inputs
+
+    # HU + 1024 as CT exports store it: -24..117 HU around the brain window's 0..80 HU.
+    stored = (1000 + np.arange(48).reshape(6, 8) * 3).astype(np.uint16)
+    for stem in ("1", "2"):
+        _png(tmp_path / "images" / f"{stem}.png", stored)
+        _png(tmp_path / "masks" / f"{stem}.png", _binary(1) * 255)
+    data = load_dataset(tmp_path, progress=False)
+    assert data.unit == "HU"
+    np.testing.assert_array_equal(data.images[0], stored.astype(np.float32) - 1024)
+    x, _ = prepare_inputs(data)
+    assert len(np.unique(x[0])) > 20  # read as display values it gave 2-3 grey levels
+
+    _png(tmp_path / "images" / "2.png", _grey(2))
+    with pytest.raises(DataError) as info:
+        load_dataset(tmp_path, progress=False)
+    assert str(info.value) == (
+        f"{tmp_path / 'images' / '2.png'}: is an 8-bit image (display values) but 1.png is a "
+        "16-bit image (HU + 1024); use one kind in a dataset"
+    )
+    _png(tmp_path / "images" / "2.png", np.full((6, 8), 60000, np.uint16))
+    with pytest.raises(
+        DataError, match=r"2\.png: 16-bit image with values up to 60000: 16-bit slices are read "
+        r"as HU \+ 1024 \(0\.\.4095\), so this is not CT in HU"
+    ):
+        load_dataset(tmp_path, progress=False)
+
+
+def test_csv_rows_naming_absent_files_are_an_error(tmp_path):
+    _paired_folder(tmp_path)
+    rows = "".join(f"{k}.png,p{k}\n" for k in (1, 2, 10, 99, 100, 101, 102, 103, 104))
+    (tmp_path / "slices.csv").write_text("file,patient_id\n" + rows)
+    with pytest.raises(DataError) as info:
+        load_dataset(tmp_path, progress=False)
+    assert str(info.value) == (
+        f"{tmp_path / 'slices.csv'}: 6 row(s) name files that are not in {tmp_path / 'images'}: "
+        "['99.png', '100.png', '101.png', '102.png', '103.png'] ..."
+    )
+    _study_folder(tmp_path / "study")
+    (tmp_path / "study" / "cases.csv").write_text("case_id,patient_id\n1,a\n2,a\n10,b\n11,b\n")
+    with pytest.raises(DataError, match=r"cases\.csv: 1 row\(s\) name files that are not in .*study: \['11'\]"):
+        read_study_layout(tmp_path / "study", progress=False)
+
+
+def test_1_png_and_01_png_are_one_id(tmp_path):
+    _study_folder(tmp_path / "study", stems=("1", "01", "2"))
+    with pytest.raises(DataError) as info:
+        read_study_layout(tmp_path / "study", progress=False)
+    assert str(info.value) == (
+        f"{tmp_path / 'study'}: two files share the id '1' ('01' and '1' are one number): 01.png "
+        "and 1.png; keep one"
+    )
+    _paired_folder(tmp_path / "paired", stems=("7", "007"))
+    with pytest.raises(DataError, match=r"images: two files share the id '7' .*: 007\.png and 7\.png"):
+        read_paired_folders(tmp_path / "paired", progress=False)
+
+
+def test_declared_sizes_are_checked_before_decoding(tmp_path, monkeypatch):
+    import nibabel as nib
+    from PIL import ImageFile
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    monkeypatch.setattr(nib.Nifti1Image, "get_fdata", no_decoding)
+    Image.fromarray(np.zeros((1, 5000), np.uint8)).save(tmp_path / "wide.png")  # 5000 x 1: cheap
+    too_big = r"declares {} pixels; slices are read up to 4096 pixels a side"
+    with pytest.raises(DataError, match=r"wide\.png: " + too_big.format("1x5000")):
+        read_image(tmp_path / "wide.png")
+    # The issue's case: 68 bytes declaring 8000 x 8000 (took 44 s and 4.3 GB to decode).
+    with pytest.raises(DataError, match=too_big.format("8000x8000")):
+        read_image(_png_declaring(tmp_path / "big.png", 8000, 8000))
+    with pytest.raises(DataError, match=r"huge\.png: declares too many pixels .* up to 4096 pixels"):
+        read_image(_png_declaring(tmp_path / "huge.png", 20000, 20000))  # Pillow's bomb guard
+    np.save(tmp_path / "long.npy", np.zeros((5000, 2), np.float32))
+    with pytest.raises(DataError, match=r"long\.npy: " + too_big.format("5000x2")):
+        read_image(tmp_path / "long.npy")
+
+    (tmp_path / "nii" / "images").mkdir(parents=True)
+    (tmp_path / "nii" / "masks").mkdir()
+    for sub in ("images", "masks"):
+        nib.Nifti1Image(np.zeros((5000, 1, 2), np.uint8), np.eye(4)).to_filename(
+            tmp_path / "nii" / sub / "a.nii"
+        )
+    with pytest.raises(DataError, match=r"images/a\.nii: " + too_big.format("5000x1")):
+        read_nifti_pairs(tmp_path / "nii", progress=False)
+
+    # A DICOM declaring 12000 x 12000 with 60 bytes of pixel data: decoding would fail differently.
+    _dicom_folder(tmp_path / "series")
+    _edit_dicom(tmp_path / "series" / "x91", Rows=12000, Columns=12000)
+    with pytest.raises(DataError, match=r"x91: " + too_big.format("12000x12000")):
+        read_dicom_series(tmp_path / "series", progress=False)

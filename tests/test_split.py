@@ -341,6 +341,15 @@ def test_bad_requests_give_clear_errors(tempting):
     assert sk.check_leakage(flat)["checked"] is False
 
 
+@pytest.mark.parametrize("bad", [float("nan"), np.float64("nan"), float("inf"), -float("inf")])
+def test_non_finite_fractions_are_refused(tempting, bad):
+    # test=nan used to compare false with every bound and give an empty test set.
+    with pytest.raises(ValueError, match=rf"^test={bad} is not a finite number; expected a fraction"):
+        sk.cluster_split(tempting, tempting.extra["level"], test=bad)
+    with pytest.raises(ValueError, match=rf"^val={bad} is not a finite number"):
+        sk.random_split(tempting, val=bad)
+
+
 # ------------------------------------------------------------------------------------ the file
 @pytest.mark.parametrize("suffix", [".json", ".csv"])
 def test_split_file_round_trips(tmp_path, tempting, suffix):
