@@ -612,6 +612,10 @@ class FewShotRecipe:
         candidate_channel: add the threshold-in-brain map (:func:`threshold_in_brain`, band
             fitted on the training slices by :func:`fit_threshold`) as an input channel: the
             network then learns which bright candidates are blood rather than finding them.
+        context_slices: neighbouring slices on each side of a slice given as extra input
+            channels (2.5-D): the slices ``k`` positions above and below in the same patient's
+            scan (:func:`attach_context`); a slice whose neighbour is absent (the end of a scan,
+            a single uploaded slice) repeats itself there.
         n_models: networks trained (member ``k`` with seed ``seed + 1000·k``, so member 0 is
             the single-network run of the same seed) whose probabilities are averaged. In the
             kit's cross-validation three members scored like one network (0.29-0.31 against
@@ -633,6 +637,7 @@ class FewShotRecipe:
     recalibrate_bn: bool = True
     display_windows: tuple[tuple[float, float], ...] = ()
     candidate_channel: bool = False
+    context_slices: int = 0
     n_models: int = 1
 
     def __post_init__(self) -> None:
@@ -652,6 +657,9 @@ class FewShotRecipe:
             raise ValueError(f"foreground_fraction must lie in [0, 1], got {self.foreground_fraction!r}")
         if not np.isfinite(self.empty_ratio) or self.empty_ratio < 0:
             raise ValueError(f"empty_ratio must be a finite number >= 0, got {self.empty_ratio!r}")
+        if isinstance(self.context_slices, bool) or not isinstance(self.context_slices, (int, np.integer)) \
+                or not 0 <= self.context_slices <= 3:
+            raise ValueError(f"context_slices must be an integer in 0..3, got {self.context_slices!r}")
         if self.brain_dilation < 0:
             raise ValueError(f"brain_dilation must be >= 0, got {self.brain_dilation!r}")
         for window in self.display_windows:
@@ -756,6 +764,78 @@ def _choose_slices(data: SliceDataset, ratio: float, seed: int) -> SliceDataset:
     return data.subset(keep)
 
 
+#: The brain window of the CT-ICH PNGs, (level, width) in HU (about L40/W120, ``SOURCE.md`` of the data):
+#: :func:`as_display` maps HU slices through it, so a recipe trained on those PNGs sees a CT scan
+#: in HU (DICOM, NIfTI) the way it saw its training slices.
+DISPLAY_WINDOW = (40.0, 120.0)
+
+
+def as_display(data: SliceDataset, window: tuple[float, float] = DISPLAY_WINDOW) -> SliceDataset:
+    """Slices in display levels 0..255: HU slices through ``window``; display slices unchanged.
+
+    Introduced in notebooks/10_what_generalizes.ipynb.
+    """
+    if data.unit == "display":
+        return data
+    from .preprocess import window_hu
+
+    levels = (window_hu(data.images, window) * 255.0).astype(np.float32)
+    extra = {k: (window_hu(v, window) * 255.0).astype(np.float32) if k in _CONTEXT_COLUMNS else v
+             for k, v in data.extra.items()}
+    return data.replace(images=levels, unit="display", extra=extra)
+
+
+_CONTEXT_COLUMNS = frozenset(f"slice{d:+d}" for d in (*range(-3, 0), *range(1, 4)))
+
+
+def context_keys(k: int) -> list[str]:
+    """The ``extra`` columns that hold the neighbours of :func:`attach_context`: ``slice-1``, ``slice+1``, ..."""
+    return [f"slice{offset:+d}" for offset in (*range(-k, 0), *range(1, k + 1))]
+
+
+def attach_context(data: SliceDataset, k: int = 1, source: SliceDataset | None = None) -> SliceDataset:
+    """The dataset with its slices' neighbours in ``extra`` (``slice-1``, ``slice+1``, ...), for 2.5-D inputs.
+
+    The neighbour ``d`` positions away is the slice of the same patient whose slice index differs
+    by ``d``, looked up in ``source`` (default ``data`` itself: pass the whole scans when ``data``
+    holds only some of their slices). Where there is none (the end of the scan, a slice without
+    patient id or index, a slice not loaded) the slice stands in for its own neighbour. Columns
+    already present are kept, so subsets of a dataset with context keep the neighbours they had.
+
+    Introduced in notebooks/10_what_generalizes.ipynb.
+
+    Args:
+        data: single-channel slices.
+        k: neighbours on each side.
+        source: where to look the neighbours up (same image size and unit).
+
+    Returns:
+        A new dataset; ``data`` is unchanged.
+    """
+    keys = context_keys(int(k))
+    if all(key in data.extra for key in keys):
+        return data
+    if data.images.ndim != 3:
+        raise DataError(f"context slices need single-channel slices; got images of shape {data.images.shape}")
+    source = data if source is None else source
+    if source.image_shape != data.image_shape:
+        raise DataError(f"context source slices are {source.image_shape}, the slices {data.image_shape}")
+    where = {}
+    if source.patient_ids is not None:
+        where = {(p, int(i)): n for n, (p, i) in enumerate(zip(source.patient_ids, source.slice_indices)) if i >= 0}
+    pids = data.patient_ids or [None] * len(data)
+    extra = dict(data.extra)
+    for key in keys:
+        offset = int(key[len("slice"):])
+        planes = data.images.copy()
+        for n, (p, i) in enumerate(zip(pids, data.slice_indices)):
+            hit = where.get((p, int(i) + offset)) if p is not None and i >= 0 else None
+            if hit is not None:
+                planes[n] = source.images[hit]
+        extra[key] = planes
+    return data.replace(extra=extra)
+
+
 def _model_inputs(recipe: FewShotRecipe, data: SliceDataset,
                   band: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Model inputs (N, S, S, C), masks (N, S, S) and dilated brain masks (N, S, S) for a recipe.
@@ -768,7 +848,14 @@ def _model_inputs(recipe: FewShotRecipe, data: SliceDataset,
     from .train import to_arrays
 
     config = recipe.config
+    if recipe.display_windows or recipe.candidate_channel:
+        data = as_display(data)
     x, y = to_arrays(config, data)
+    if recipe.context_slices:
+        with_context = attach_context(data, recipe.context_slices)
+        planes = [to_arrays(config, data.replace(images=with_context.extra[key]))[0]
+                  for key in context_keys(recipe.context_slices)]
+        x = np.concatenate([x, *planes], axis=-1)
     need_brain = recipe.strip_skull or recipe.restrict_to_brain or recipe.candidate_channel
     if need_brain:
         small = resize_dataset(data, config.image_size) if data.image_shape[:2] != x.shape[1:3] else data
@@ -782,7 +869,8 @@ def _model_inputs(recipe: FewShotRecipe, data: SliceDataset,
     extra = []
     if recipe.display_windows or recipe.candidate_channel:
         if data.unit != "display":
-            raise DataError("display_windows and candidate_channel need display-unit slices (0..255 PNG levels)")
+            raise DataError("display_windows and candidate_channel need display-unit slices (0..255 PNG levels): "
+                            "pass HU slices through fewshot.as_display first")
         levels = x[..., 0] * 255.0
         for low, high in recipe.display_windows:
             extra.append(np.clip((levels - low) / (high - low), 0.0, 1.0))
@@ -997,6 +1085,9 @@ def fit_recipe(
         raise DataError("fit_recipe: no validation slices")
     if model is not None and recipe.n_models > 1:
         raise ValueError(f"a pre-built model trains one network; got n_models={recipe.n_models}")
+    if recipe.context_slices:  # neighbours from the whole scans, before slices are drawn
+        train_data = attach_context(train_data, recipe.context_slices)
+        val_data = attach_context(val_data, recipe.context_slices)
     # the band depends on the lesion slices only, which every member trains on
     band = _fit_band(recipe, train_data) if recipe.candidate_channel else None
     x_val, y_val, brains_val = _model_inputs(recipe, val_data, band)
@@ -1130,6 +1221,125 @@ def predict_recipe(
     if probabilities:
         return prob
     return (prob >= fitted.threshold).astype(np.uint8)
+
+
+#: File that marks a run folder as a fitted few-shot recipe (beside ``config.json`` and ``model.keras``).
+FEWSHOT_FILE = "fewshot.json"
+
+
+def recipe_to_dict(recipe: FewShotRecipe) -> dict[str, Any]:
+    """A JSON-ready dict of a recipe (its training config nested under ``config``)."""
+    from .config import to_dict
+
+    return to_dict(recipe)
+
+
+def recipe_from_dict(data: dict[str, Any]) -> FewShotRecipe:
+    """The recipe :func:`recipe_to_dict` wrote (unknown fields raise ValueError)."""
+    from .train import config_from_dict
+
+    fields = {f.name for f in dataclasses.fields(FewShotRecipe)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ValueError(f"unknown few-shot recipe fields {unknown}")
+    values = dict(data)
+    values["config"] = config_from_dict(values.get("config", {}))
+    if "thresholds" in values:
+        values["thresholds"] = tuple(float(t) for t in values["thresholds"])
+    if "display_windows" in values:
+        values["display_windows"] = tuple(tuple(float(v) for v in w) for w in values["display_windows"])
+    return FewShotRecipe(**values)
+
+
+def save_fitted(fitted: FittedRecipe, folder: str | os.PathLike, trained_on: str,
+                scores: dict[str, Any] | None = None, overwrite: bool = False):
+    """Write a fitted recipe as a run folder the app and :func:`load_fitted` can apply.
+
+    Writes ``model.keras`` (and ``model_1.keras``... for more members), ``config.json`` (the
+    network's training config), ``fewshot.json`` (kind ``"few-shot"``: the whole recipe, threshold,
+    threshold-map band, what it was trained on, its scores) and ``metrics.json``
+    (``dice`` = the validation per-patient Dice, plus ``scores``).
+
+    Introduced in notebooks/10_what_generalizes.ipynb.
+
+    Args:
+        fitted: from :func:`fit_recipe`.
+        folder: the run folder.
+        trained_on: what the training data was, in words (shown by the app).
+        scores: further figures to keep, e.g. ``{"test_per_patient_dice": 0.38, "test_data": "..."}``.
+        overwrite: replace a folder that already holds a run.
+
+    Returns:
+        The folder (a Path).
+
+    Raises:
+        FileExistsError: the folder holds a run and ``overwrite`` is False.
+    """
+    import json
+    from pathlib import Path
+
+    from .config import to_dict
+    from .paths import write_text_atomic
+
+    folder = Path(folder)
+    if (folder / "model.keras").exists() and not overwrite:
+        raise FileExistsError(f"{folder} already holds a run; pass overwrite=True to replace it")
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, member in enumerate(fitted.models):
+        member.save(folder / ("model.keras" if k == 0 else f"model_{k}.keras"))
+    info = dict(kind="few-shot", recipe=recipe_to_dict(fitted.recipe), threshold=float(fitted.threshold),
+                band=fitted.band, val_dice=float(fitted.val_dice), n_train=int(fitted.n_train),
+                seconds=float(fitted.seconds), members=len(fitted.models), trained_on=str(trained_on),
+                scores=dict(scores or {}))
+    write_text_atomic(folder / "config.json", json.dumps(to_dict(fitted.recipe.config), indent=2))
+    write_text_atomic(folder / FEWSHOT_FILE, json.dumps(to_dict(info), indent=2))
+    write_text_atomic(folder / "metrics.json", json.dumps(to_dict(dict(dice=float(fitted.val_dice), **(scores or {}))),
+                                                          indent=2))
+    return folder
+
+
+def load_fitted(folder: str | os.PathLike) -> FittedRecipe:
+    """A fitted recipe from a run folder written by :func:`save_fitted` (models in Keras safe mode).
+
+    Introduced in notebooks/10_what_generalizes.ipynb.
+
+    Raises:
+        DataError: the folder is not a few-shot run, or a file in it is damaged.
+    """
+    import json
+    from pathlib import Path
+
+    from .train import load_model
+
+    folder = Path(folder)
+    path = folder / FEWSHOT_FILE
+    if not path.is_file():
+        raise DataError(f"not a few-shot run (no {FEWSHOT_FILE})", folder)
+    try:
+        info = json.loads(path.read_text())
+        recipe = recipe_from_dict(info["recipe"])
+        members = int(info.get("members", 1))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"damaged few-shot run description ({exc})", path) from None
+    models = tuple(load_model(folder / ("model.keras" if k == 0 else f"model_{k}.keras")) for k in range(members))
+    return FittedRecipe(models[0], recipe, float(info["threshold"]), None, float(info.get("seconds", 0.0)),
+                        float("nan"), int(info.get("n_train", 0)), float(info.get("val_dice", float("nan"))),
+                        info.get("band"), models)
+
+
+def fewshot_run_info(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """What ``fewshot.json`` of a run folder says (trained on, scores, threshold), or None if it has none."""
+    import json
+    from pathlib import Path
+
+    path = Path(folder) / FEWSHOT_FILE
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except ValueError:
+        return None
+    return info if isinstance(info, dict) and info.get("kind") == "few-shot" else None
 
 
 def profile_recipe(profile=None) -> FewShotRecipe:

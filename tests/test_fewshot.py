@@ -523,3 +523,56 @@ def test_train_config_few_shot_is_the_default_recipes_network():
     assert config.batch_norm and config.loss == "bce_dice" and config.augment == fs.STRONG_AUGMENT
     assert TrainConfig.few_shot(seed=3).seed == 3 and TrainConfig.few_shot(seed=3).filters == config.filters
     assert TrainConfig().batch_norm is False   # the class defaults stay the study's shape
+
+
+def test_attach_context_finds_neighbours_of_the_same_patient_or_repeats_the_slice():
+    images = np.arange(5 * 4 * 4, dtype=np.float32).reshape(5, 4, 4)
+    data = SliceDataset(images=images, masks=np.zeros((5, 4, 4), np.uint8), case_ids=list("abcde"),
+                        patient_ids=["1", "1", "1", "2", "2"], slice_indices=[1, 2, 4, 1, 2], unit="display")
+    ctx = fs.attach_context(data, 1)
+    below, above = ctx.extra["slice-1"][:, 0, 0], ctx.extra["slice+1"][:, 0, 0]
+    np.testing.assert_array_equal(below, [0, 0, 32, 48, 48])    # a: none below -> itself; c (4): 3 absent
+    np.testing.assert_array_equal(above, [16, 16, 32, 64, 64])  # b: 3 absent -> itself; 2nd patient apart
+    sub = ctx.subset([1])                                        # a subset keeps the neighbours it had
+    assert sub.extra["slice-1"][0, 0, 0] == 0 and fs.attach_context(sub, 1) is sub
+    only_b = fs.attach_context(data.subset([1]), 1, source=data)  # neighbours from the whole scans
+    assert only_b.extra["slice-1"][0, 0, 0] == 0
+    recipe = fs.FewShotRecipe(config=TrainConfig(image_size=4, filters=(4, 8)), context_slices=1)
+    x, _, _ = fs._model_inputs(recipe, data)
+    assert x.shape == (5, 4, 4, 3)
+    np.testing.assert_allclose(x[0, ..., 2], images[1] / 255.0, atol=1e-6)   # image, below, above
+    with pytest.raises(ValueError, match="context_slices"):
+        fs.FewShotRecipe(context_slices=5)
+
+
+def test_hu_slices_reach_a_display_recipe_through_the_ctich_window():
+    hu = np.array([[[-20.0, 40.0, 100.0, 1000.0]]], np.float32)  # window L40/W120: -20 -> 0, 100 -> 255
+    data = SliceDataset(images=hu, masks=np.zeros((1, 1, 4), np.uint8), case_ids=["0"], unit="HU")
+    shown = fs.as_display(data)
+    assert shown.unit == "display" and data.unit == "HU"
+    np.testing.assert_allclose(shown.images[0, 0], [0.0, 127.5, 255.0, 255.0], atol=1e-3)
+    assert fs.as_display(shown) is shown
+
+
+def test_save_and_load_a_fitted_recipe_round_trip(tmp_path):
+    data = fake_ctich(vanish=False)
+    train = data.select_patients(["49", "50", "51"])
+    val = data.subset(np.flatnonzero((np.asarray(data.patient_ids) == "66") & (data.extra["has_mask"] == 1)))
+    recipe = fs.FewShotRecipe(
+        config=TrainConfig(image_size=16, filters=(4, 8), batch_norm=True, num_epochs=1, batch_size=4,
+                           early_stopping_patience=0, reduce_lr_patience=0, workers=1),
+        empty_ratio=1.0, patch_size=8, display_windows=((130.0, 230.0),), candidate_channel=True,
+        restrict_to_brain=True, tta_flip=True, tune_threshold=True, thresholds=(0.3, 0.6))
+    fitted = fs.fit_recipe(recipe, train, val, seed=0)
+    folder = fs.save_fitted(fitted, tmp_path / "ct", trained_on="fake CT-ICH 49/50/51", scores={"test": 0.5})
+    assert fs.fewshot_run_info(folder)["trained_on"] == "fake CT-ICH 49/50/51"
+    back = fs.load_fitted(folder)
+    assert back.recipe == fitted.recipe and back.threshold == fitted.threshold and back.band == fitted.band
+    np.testing.assert_allclose(fs.predict_recipe(back, val, probabilities=True),
+                               fs.predict_recipe(fitted, val, probabilities=True), atol=1e-5)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        fs.save_fitted(fitted, folder, trained_on="again")
+    fs.save_fitted(fitted, folder, trained_on="again", overwrite=True)
+    assert fs.fewshot_run_info(tmp_path) is None
+    with pytest.raises(DataError, match="not a few-shot run"):
+        fs.load_fitted(tmp_path)
