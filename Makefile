@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 
 run: install
 	$(PY) -m strokekit phantom --out data/phantom
-	$(PY) -m strokekit run-notebooks --out build/notebooks
+	$(PY) -m strokekit run-notebooks --out build/notebooks --parallel
 
 test: install
 	$(MAKE) --no-print-directory test-unit test-jax test-notebooks test-smoke

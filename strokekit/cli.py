@@ -46,7 +46,7 @@ def _cmd_run_notebooks(args: argparse.Namespace) -> int:
 
     # --profile, else $STROKEKIT_PROFILE, else quick (so `STROKEKIT_PROFILE=full make run` runs the full profile)
     results = run_notebooks(notebooks, args.out, profile=get_profile(args.profile).name,
-                            timeout=args.timeout)
+                            timeout=args.timeout, parallel=args.parallel)
     width = max(len("notebook"), *(len(r["notebook"]) for r in results))
     print(f"\n{'notebook':<{width}}  status  seconds  figures")
     for r in results:
@@ -177,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="build/notebooks")
     p.add_argument("--profile", default=None)
     p.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
+    p.add_argument("--parallel", action="store_true",
+                   help="run the two chains of strokekit.runner.CHAINS at the same time")
     p = sub.add_parser("train", help=COMMANDS["train"][1])
     p.add_argument("--model", default="unet", help="architecture: unet, resunet, ...")
     p.add_argument("--activation", default="leaky_relu")

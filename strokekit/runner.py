@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from datetime import datetime, timezone
@@ -36,6 +38,15 @@ KERNEL_ENV = {
 KERNEL_ARGS = ("--IPKernelApp.capture_fd_output=False",)
 #: File in the output folder that lists every notebook's record.
 SUMMARY_NAME = "summary.json"
+#: Notebooks that can run at the same time as the other chain (``run-notebooks --parallel``, and nbval's
+#: ``NBVAL_A``/``NBVAL_B`` in the Makefile, which a test keeps equal to these). Notebooks that hand files to
+#: each other share a chain: 02 saves the course split that 04, 06 and 09 read, and 06 evaluates the runs
+#: of 04 and 05. Most of a quick notebook is single-threaded Python, so two chains share 2 cores well.
+CHAINS: tuple[tuple[str, ...], ...] = (
+    ("01_preprocessing", "02_cluster_split", "04_unet_vs_resunet", "05_transfer_learning", "06_evaluation",
+     "09_3d_reconstruction"),
+    ("03_augmentation", "07_multiclass", "08_ctp_core_penumbra", "10_what_generalizes"),
+)
 
 
 def find_notebooks(
@@ -53,11 +64,15 @@ def run_notebooks(
     timeout: int = 1800,
     html: bool = True,
     progress_every: float | None = 30.0,
+    parallel: bool = False,
 ) -> list[dict]:
     """Execute each notebook top to bottom in a fresh kernel, in its own folder.
 
     Prints ``[k/n] name …`` before each notebook and, while it runs, its elapsed time and current
     cell every ``progress_every`` seconds. A notebook that fails does not stop the others.
+    With ``parallel``, the notebooks of each chain in :data:`CHAINS` run in order while the other
+    chain runs beside it (notebooks in no chain run after both); kernels talk over Unix sockets,
+    so two kernels starting at once cannot take each other's ports.
 
     Args:
         notebooks: paths of the notebooks, run in the given order.
@@ -67,6 +82,7 @@ def run_notebooks(
         timeout: seconds allowed per cell.
         html: also export HTML.
         progress_every: seconds between progress lines; ``None`` or 0 prints none.
+        parallel: run the two :data:`CHAINS` at the same time.
 
     Returns:
         one dict per notebook, also written to ``out_dir/summary.json`` under ``"notebooks"``:
@@ -75,61 +91,95 @@ def run_notebooks(
         :func:`strokekit.report.record`, up to where it stopped), ``ipynb``, ``html`` (``None``
         without HTML) and ``log``.
     """
-    import nbformat
-    from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
-
     out_dir = Path(out_dir)
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)
     (out_dir / ".figures").mkdir(exist_ok=True)
     paths = [Path(p) for p in notebooks]
-    records = []
-    for k, path in enumerate(paths, 1):
-        name = path.stem
-        print(f"[{k}/{len(paths)}] {name} …", flush=True)
-        figures_file = (out_dir / ".figures" / f"{name}.json").resolve()
-        figures_file.unlink(missing_ok=True)
-        env = {**os.environ, **KERNEL_ENV, "STROKEKIT_PROFILE": profile,
-               FIGURES_ENV: str(figures_file)}
-        nb = nbformat.read(path, as_version=4)
-        watch = _Progress(name, len(nb.cells), progress_every)
-        client = NotebookClient(
-            nb, timeout=timeout, kernel_name="python3", extra_arguments=list(KERNEL_ARGS),
-            resources={"metadata": {"path": str(path.parent)}}, on_cell_start=watch.on_cell_start,
-        )
-        log = out_dir / "logs" / f"{name}.log"
-        error = None
-        with open(log, "w", encoding="utf-8") as log_file, watch:
-            try:
-                client.execute(env=env, stdout=log_file, stderr=subprocess.STDOUT)
-            except CellExecutionError as exc:
-                error = f"cell {watch.cell}: {exc.ename}: {exc.evalue}"
-            except (CellTimeoutError, DeadKernelError) as exc:
-                detail = str(exc).strip().splitlines()[:1]  # "Kernel died", "A cell timed out ..."
-                error = ": ".join([f"cell {watch.cell}", type(exc).__name__, *detail])
-        executed = out_dir / path.name
-        nbformat.write(nb, executed)
-        html_path = None
-        if html:
-            from nbconvert import HTMLExporter
+    counter = iter(range(1, len(paths) + 1))
+    lock = threading.Lock()
+    found: dict[Path, dict] = {}
 
-            body, _ = HTMLExporter().from_notebook_node(nb)
-            html_path = executed.with_suffix(".html")
-            html_path.write_text(body, encoding="utf-8")
-        figures = {}
-        if figures_file.is_file():
-            figures = json.loads(figures_file.read_text(encoding="utf-8"))
-        records.append({
-            "notebook": name, "seconds": round(watch.seconds, 1), "ok": error is None,
-            "error": error, "figures": figures, "ipynb": str(executed),
-            "html": str(html_path) if html_path else None, "log": str(log),
-        })
+    def run_chain(chain: list[Path]) -> None:
+        for path in chain:
+            with lock:
+                k = next(counter)
+            found[path] = _run_one(path, k, len(paths), out_dir, profile, timeout, html, progress_every)
+
+    if parallel:
+        *chains, rest = _chains(paths)
+        threads = [threading.Thread(target=run_chain, args=(chain,)) for chain in chains if chain]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        run_chain(rest)  # the notebooks in no chain, after both
+    else:
+        run_chain(paths)
+    records = [found[path] for path in paths]
     _write_json(out_dir / SUMMARY_NAME, {
         "profile": profile,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "notebooks": records,
     })
     return records
+
+
+def _chains(paths: list[Path]) -> list[list[Path]]:
+    """The paths grouped by :data:`CHAINS` (in the given order), plus a last group of the others."""
+    groups = [[p for p in paths if p.stem in chain] for chain in CHAINS]
+    return [*groups, [p for p in paths if not any(p.stem in chain for chain in CHAINS)]]
+
+
+def _run_one(path: Path, k: int, n: int, out_dir: Path, profile: str, timeout: int, html: bool,
+             progress_every: float | None) -> dict:
+    """Execute one notebook (see :func:`run_notebooks`) and return its record."""
+    import nbformat
+    from jupyter_client.manager import KernelManager
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+
+    name = path.stem
+    print(f"[{k}/{n}] {name} …", flush=True)
+    figures_file = (out_dir / ".figures" / f"{name}.json").resolve()
+    figures_file.unlink(missing_ok=True)
+    env = {**os.environ, **KERNEL_ENV, "STROKEKIT_PROFILE": profile,
+           FIGURES_ENV: str(figures_file)}
+    nb = nbformat.read(path, as_version=4)
+    watch = _Progress(name, len(nb.cells), progress_every)
+    sockets = tempfile.mkdtemp(prefix="strokekit-kernel-")
+    km = KernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(sockets, "kernel"))
+    client = NotebookClient(
+        nb, km=km, timeout=timeout, kernel_name="python3", extra_arguments=list(KERNEL_ARGS),
+        resources={"metadata": {"path": str(path.parent)}}, on_cell_start=watch.on_cell_start,
+    )
+    log = out_dir / "logs" / f"{name}.log"
+    error = None
+    with open(log, "w", encoding="utf-8") as log_file, watch:
+        try:
+            client.execute(env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        except CellExecutionError as exc:
+            error = f"cell {watch.cell}: {exc.ename}: {exc.evalue}"
+        except (CellTimeoutError, DeadKernelError) as exc:
+            detail = str(exc).strip().splitlines()[:1]  # "Kernel died", "A cell timed out ..."
+            error = ": ".join([f"cell {watch.cell}", type(exc).__name__, *detail])
+    executed = out_dir / path.name
+    nbformat.write(nb, executed)
+    html_path = None
+    if html:
+        from nbconvert import HTMLExporter
+
+        body, _ = HTMLExporter().from_notebook_node(nb)
+        html_path = executed.with_suffix(".html")
+        html_path.write_text(body, encoding="utf-8")
+    figures = {}
+    if figures_file.is_file():
+        figures = json.loads(figures_file.read_text(encoding="utf-8"))
+    shutil.rmtree(sockets, ignore_errors=True)
+    return {
+        "notebook": name, "seconds": round(watch.seconds, 1), "ok": error is None,
+        "error": error, "figures": figures, "ipynb": str(executed),
+        "html": str(html_path) if html_path else None, "log": str(log),
+    }
 
 
 class _Progress:

@@ -156,3 +156,27 @@ def test_run_notebooks_takes_the_profile_from_the_environment(tmp_path, monkeypa
     assert seen["profile"] == "full"            # `STROKEKIT_PROFILE=full make run` runs the full profile
     cli.main(["run-notebooks", "x.ipynb", "--out", str(tmp_path), "--profile", "smoke"])
     assert seen["profile"] == "smoke"
+
+
+def test_parallel_runs_the_two_chains_side_by_side_and_keeps_the_course_order(tmp_path, monkeypatch):
+    pytest.importorskip("nbclient")
+    from strokekit import runner
+
+    monkeypatch.setattr(runner, "CHAINS", (("01_a", "03_c"), ("02_b",)))
+    cell = "import time; t0 = time.time(); time.sleep(4); from strokekit import report; report.record(t0=t0)"
+    paths = [_notebook(tmp_path / f"{name}.ipynb", cell) for name in ("01_a", "02_b", "03_c", "04_free")]
+    records = run_notebooks(paths, tmp_path / "build", html=False, progress_every=None, parallel=True)
+    assert [r["notebook"] for r in records] == ["01_a", "02_b", "03_c", "04_free"] and all(r["ok"] for r in records)
+    start = {r["notebook"]: r["figures"]["t0"] for r in records}
+    assert abs(start["02_b"] - start["01_a"]) < 3              # the chains ran at the same time (in turn: > 4 s)
+    assert start["03_c"] >= start["01_a"] + 4                  # a chain runs in order
+    assert start["04_free"] >= max(start["03_c"], start["02_b"]) + 4   # a notebook in no chain runs after both
+
+
+def test_the_makefile_nbval_chains_are_the_runners_chains():
+    from strokekit.runner import CHAINS
+
+    text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    for var, chain in zip(("NBVAL_A", "NBVAL_B"), CHAINS):
+        listed = re.search(rf"^{var} \?=(.*)$", text, re.M).group(1).split()
+        assert [Path(p).stem for p in listed] == list(chain)
