@@ -1,7 +1,7 @@
 # strokekit — two commands do everything (each creates .venv and installs what it needs):
 #   make run    generate the phantom and execute every notebook (quick profile) into build/
-#   make test   unit tests, the JAX-backend pass, every notebook under nbval, and the full profile's
-#               code paths at tiny sizes (make test-smoke)
+#   make test   ruff (make lint), unit tests, the JAX-backend pass, every notebook under nbval, and the
+#               full profile's code paths at tiny sizes (make test-smoke)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -13,7 +13,7 @@ export TF_ENABLE_ONEDNN_OPTS ?= 1
 export PYTHONHASHSEED ?= 0
 export MPLBACKEND ?= Agg
 
-.PHONY: install run test test-unit test-jax test-notebooks test-smoke full-profile lab app notebooks benchmark clean
+.PHONY: install run lint test test-unit test-jax test-notebooks test-smoke full-profile lab app notebooks benchmark clean
 
 install: $(VENV)/.installed
 
@@ -29,7 +29,11 @@ run: install
 	$(PY) -m strokekit run-notebooks --out build/notebooks --parallel
 
 test: install
-	$(MAKE) --no-print-directory test-unit test-jax test-notebooks test-smoke
+	$(MAKE) --no-print-directory lint test-unit test-jax test-notebooks test-smoke
+
+# Style and import checks of the package, tests, tools and the notebooks' .py twins ([tool.ruff] in pyproject.toml).
+lint: install
+	$(PY) -m ruff check .
 
 test-unit: install
 	$(PY) -m pytest tests -q --durations=12

@@ -200,7 +200,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append(_row("(3) threshold in brain", [result], [fit_s], []))
             patients["(3) threshold in brain"] = fs.patient_dice(pred, test)
         elif method == "background":
-            rows.append(_row("(4) all-background", [fs.evaluate_protocol(fs.all_background(test.images), test)], [], []))
+            rows.append(
+                _row("(4) all-background", [fs.evaluate_protocol(fs.all_background(test.images), test)], [], [])
+            )
 
     table = format_table(rows)
     total = time.perf_counter() - started

@@ -31,7 +31,6 @@
 # %matplotlib inline
 import ipywidgets as widgets
 import keras
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from IPython.display import display
@@ -139,7 +138,8 @@ display(widgets.interactive(show_k, k=widgets.IntSlider(value=K, min=2, max=12, 
 rows = []
 for name, feats in [("vgg16", features), ("intensity", cheap), ("hog", splitting.embed(data, "hog"))]:
     for k in (3, K):
-        rows.append({"embedding": name, "k": k, "ARI vs level": splitting.adjusted_rand(splitting.cluster(feats, k, seed=SEED), levels)})
+        rows.append({"embedding": name, "k": k,
+                     "ARI vs level": splitting.adjusted_rand(splitting.cluster(feats, k, seed=SEED), levels)})
 ari = pd.DataFrame(rows).pivot(index="embedding", columns="k", values="ARI vs level").round(3)
 display(ari)
 assert ari.to_numpy().max() <= 1.0 and ari.to_numpy().min() >= -1.0
@@ -199,7 +199,8 @@ if ctich is None:
 else:
     real = io.load_ctich(ctich, image_size=128, lesion_only=True, progress=False)
     if REAL_EMBEDDING == "vgg16":
-        real_features = splitting.embed_vgg16(real, use_overlay=USE_OVERLAY, image_size=VGG_SIZE, seed=SEED, progress=False)
+        real_features = splitting.embed_vgg16(real, use_overlay=USE_OVERLAY, image_size=VGG_SIZE, seed=SEED,
+                                              progress=False)
     else:
         real_features = splitting.embed(real, REAL_EMBEDDING, use_overlay=USE_OVERLAY)
     real_clusters = splitting.cluster(real_features, K, seed=SEED)

@@ -16,9 +16,11 @@
 # Forty slices are not enough to learn from — unless every epoch shows them a little differently.
 #
 # **Learning goals**
-# - Apply the same geometry to an image and its mask (nearest neighbour for the mask), intensity changes to the image only.
+# - Apply the same geometry to an image and its mask (nearest neighbour for the mask), intensity
+#   changes to the image only.
 # - See what each transform does and how strong is too strong.
-# - Feed augmented batches to Keras with a loader that keeps the CPU busy, and oversample a rare class offline without touching the originals.
+# - Feed augmented batches to Keras with a loader that keeps the CPU busy, and oversample a rare
+#   class offline without touching the originals.
 #
 # **Runtime**: under a minute on a laptop CPU (quick profile); the same on a GPU.
 
@@ -28,12 +30,9 @@
 # %%
 # %matplotlib inline
 import dataclasses
-import hashlib
 import time
-from pathlib import Path
 
 import ipywidgets as widgets
-import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import display
 
@@ -170,13 +169,15 @@ assert rate > 0
 # the same — into a **separate folder**, never over the originals — and check the class balance.
 
 # %%
-display_data = data.replace(images=(preprocess.window_hu(data.images, "brain") * 255).astype(np.float32), unit="display")
+display_data = data.replace(images=(preprocess.window_hu(data.images, "brain") * 255).astype(np.float32),
+                            unit="display")
 counts = {name: int((display_data.masks == k).any(axis=(1, 2)).sum()) for k, name in enumerate(data.class_names) if k}
 rare = 1 + int(np.argmin([counts[n] for n in data.class_names[1:]]))
 balanced = augment.oversample_offline(display_data, OVERSAMPLE_DIR, target_label=rare, factor=2,
                                       config=augment.STUDY_AUGMENT, seed=SEED, overwrite=True, progress=False)
 after = {name: int((balanced.masks == k).any(axis=(1, 2)).sum()) for k, name in enumerate(data.class_names) if k}
-print(f"slices per class before {counts} → after {after}; copies written to {OVERSAMPLE_DIR.relative_to(paths.project_root())}")
+print(f"slices per class before {counts} → after {after}; "
+      f"copies written to {OVERSAMPLE_DIR.relative_to(paths.project_root())}")
 assert after[data.class_names[rare]] == 3 * counts[data.class_names[rare]]
 assert int(balanced.extra["augmented"].sum()) == 2 * counts[data.class_names[rare]]
 

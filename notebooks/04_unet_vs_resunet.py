@@ -132,7 +132,8 @@ epochs = sorted({1, max(1, best // 2), best, len(previews)})   # first, halfway 
 shown = [previews[e - 1] for e in epochs]
 fig, axes = plt.subplots(len(shown), 1, figsize=(9, 3.6 * len(shown)))
 for ax, path in zip(np.atleast_1d(axes), shown):
-    ax.imshow(plt.imread(path)); ax.set_axis_off()
+    ax.imshow(plt.imread(path))
+    ax.set_axis_off()
 plt.show()
 
 # %%
@@ -215,7 +216,8 @@ for ax, arch in zip(axes, ARCHS):
         mean = np.mean([c[:n] for c in curves], axis=0)
         ax.plot(np.arange(1, n + 1), mean, marker="o", label=act)
     ax.set(title=f"{arch}: validation loss (mean over seeds)", xlabel="epoch")
-axes[0].legend(); axes[0].set_ylabel("loss")
+axes[0].legend()
+axes[0].set_ylabel("loss")
 plt.show()
 
 # %% [markdown]

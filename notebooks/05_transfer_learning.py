@@ -16,13 +16,16 @@
 # Pretrain where labels are plentiful, fine-tune where they are few — then measure whether it helped.
 #
 # **Learning goals**
-# - Freeze, unfreeze and gradually unfreeze the encoder of a U-Net, and know why Keras needs a recompile and what happens to batch norm.
-# - Pretrain on a larger source task (hemorrhage phantoms; optionally real CT-ICH) and fine-tune on a few ischemic slices.
-# - Read a learning curve (Dice vs number of training slices, mean ± sd over seeds) and say honestly whether transfer helped.
+# - Freeze, unfreeze and gradually unfreeze the encoder of a U-Net, and know why Keras needs a
+#   recompile and what happens to batch norm.
+# - Pretrain on a larger source task (hemorrhage phantoms; optionally real CT-ICH) and fine-tune on
+#   a few ischemic slices.
+# - Read a learning curve (Dice vs number of training slices, mean ± sd over seeds) and say honestly
+#   whether transfer helped.
 #
 # **Runtime**: about 3 minutes on a 2-core CPU (quick profile: 64 px, 162 source slices, 8
-# fine-tuning epochs at batch 4, 2 seeds); the full profile (the study's U-Net at 256 px, a larger source set, 3 seeds, ImageNet
-# and CT-ICH sections) needs a GPU (1–2 hours).
+# fine-tuning epochs at batch 4, 2 seeds); the full profile (the study's U-Net at 256 px, a larger
+# source set, 3 seeds, ImageNet and CT-ICH sections) needs a GPU (1–2 hours).
 
 # %% [markdown]
 # ## Setup
@@ -85,8 +88,10 @@ SCHEDULES = {
     "gradual": transfer.FineTuneSchedule("gradual", lr_scale=LR_SCALE,
                                          unfreeze_every=max(3, BASE.num_epochs // (len(PROFILE.filters) + 1))),
 }
-SHOTS = {"quick": (8, "all"), "full": (4, 8, 16, 32, "all"), "smoke": (4, "all")}[PROFILE.name]  # target training slices
-CURVE_METHODS = {"quick": ("scratch", "unfrozen"), "full": ("scratch", *SCHEDULES)}[PROFILE.mode]  # the others: all slices only
+SHOTS = {"quick": (8, "all"), "full": (4, 8, 16, 32, "all"),
+         "smoke": (4, "all")}[PROFILE.name]  # target training slices
+CURVE_METHODS = {"quick": ("scratch", "unfrozen"),
+                 "full": ("scratch", *SCHEDULES)}[PROFILE.mode]  # the others: all slices only
 SEEDS = tuple(range(PROFILE.num_seeds))
 CHECK_LEARNING = PROFILE.name == "quick"   # assert the learning floors (measured in the quick profile)
 IMAGENET_ENCODER = "vgg16"
@@ -187,7 +192,8 @@ del demo
 
 # %%
 plan = SCHEDULES["gradual"].phases(blocks, BASE.num_epochs)
-display(pd.DataFrame([{"epochs": f"{p.start_epoch + 1}–{p.end_epoch}", "trainable encoder blocks": ", ".join(p.blocks) or "none",
+display(pd.DataFrame([{"epochs": f"{p.start_epoch + 1}–{p.end_epoch}",
+                       "trainable encoder blocks": ", ".join(p.blocks) or "none",
                        "learning rate": BASE.learning_rate * p.lr_factor} for p in plan]))
 assert plan[0].blocks == () and plan[1].blocks == (blocks[-1],)
 assert plan[-1].end_epoch == BASE.num_epochs
@@ -315,7 +321,10 @@ shown = np.argsort(-(y_val > 0).reshape(len(y_val), -1).sum(axis=1), kind="stabl
 prob = train.predict_numpy(transfer.load_pretrained(f"{best_run['run_dir']}/model.keras"), x_val[shown])
 train.save_preview(x_val[shown], y_val[shown], prob, RUNS / "best_predictions.png",
                    title=f"{best_run['method']}, all {n_all} slices, seed {SEEDS[0]}: truth (top), prediction (bottom)")
-plt.figure(figsize=(9, 4.8)); plt.imshow(plt.imread(RUNS / "best_predictions.png")); plt.axis("off"); plt.show()
+plt.figure(figsize=(9, 4.8))
+plt.imshow(plt.imread(RUNS / "best_predictions.png"))
+plt.axis("off")
+plt.show()
 assert prob.shape[:3] == y_val[shown].shape
 
 # %% [markdown]
@@ -355,7 +364,9 @@ display(widgets.interactive(
 # **random** weights and one warning says so — the message is printed below either way.
 
 # %%
-imagenet_model, found = transfer.imagenet_unet(IMAGENET_ENCODER, input_shape=(BASE.image_size, BASE.image_size, len(BASE.windows)), seed=0)
+imagenet_model, found = transfer.imagenet_unet(IMAGENET_ENCODER,
+                                               input_shape=(BASE.image_size, BASE.image_size, len(BASE.windows)),
+                                               seed=0)
 print(found.message)
 print(f"ImageNet weights found: {found.weights_found}")
 encoder_names = [name for name, _ in models.encoder_blocks(imagenet_model)]
@@ -370,7 +381,8 @@ assert encoder_names[0] == ("block1" if IMAGENET_ENCODER == "vgg16" else "conv1"
 # %%
 if not TRAIN_IMAGENET:
     print(f"Training the {IMAGENET_ENCODER} U-Net is left to the full profile (a GPU job): "
-          f"{total:,d} parameters is {total / models.count_params(models.build_model(BASE.arch, **BASE.model_kwargs())):.0f}x "
+          f"{total:,d} parameters is "
+          f"{total / models.count_params(models.build_model(BASE.arch, **BASE.model_kwargs())):.0f}x "
           "the quick profile's U-Net.")
 else:
     imagenet_config = dataclasses.replace(BASE, arch="pretrained_unet")

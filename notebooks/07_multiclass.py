@@ -18,7 +18,8 @@
 # **Learning goals**
 # - Read colour-coded masks through an explicit colour map, and reject colours the map does not know.
 # - Train a softmax U-Net with cross-entropy + multiclass Dice from one configuration object.
-# - Handle class imbalance by offline oversampling or by class weights, and compare them honestly (mean ± sd over seeds, per class, background excluded).
+# - Handle class imbalance by offline oversampling or by class weights, and compare them honestly
+#   (mean ± sd over seeds, per class, background excluded).
 #
 # **Runtime**: about 3 minutes on a laptop CPU (quick profile: 64 px, 12 epochs, 2 seeds × 2 strategies);
 # the full profile (256 px, up to 200 epochs with early stopping, 3 seeds) needs a GPU (~1 hour).
@@ -224,7 +225,8 @@ better = means.mean(axis=1).idxmax()             # the better imbalance strategy
 print(f"better strategy here: {better} (hemorrhagic {means.loc[better, 'dice_hemorrhagic']:.3f}, "
       f"ischemic {means.loc[better, 'dice_ischemic']:.3f}, mean over seeds)")
 # Both lesion classes learned (quick profile floors: hemorrhagic >= 0.6, ischemic >= 0.3).
-assert not CHECK_LEARNING or (means.loc[better, "dice_hemorrhagic"] >= 0.6 and means.loc[better, "dice_ischemic"] >= 0.3)
+assert not CHECK_LEARNING or (means.loc[better, "dice_hemorrhagic"] >= 0.6
+                              and means.loc[better, "dice_ischemic"] >= 0.3)
 report.record(better_strategy=better, hemorrhagic_dice=means.loc[better, "dice_hemorrhagic"],
               ischemic_dice=means.loc[better, "dice_ischemic"])
 
@@ -256,7 +258,8 @@ previews = sorted((watched.run_dir / "previews").glob("epoch_*.png"))
 shown = [previews[0], previews[len(previews) // 2], previews[-1]]
 fig, axes = plt.subplots(len(shown), 1, figsize=(8.8, 4.4 * len(shown)))
 for ax, path in zip(np.atleast_1d(axes), shown):
-    ax.imshow(plt.imread(path)); ax.set_axis_off()
+    ax.imshow(plt.imread(path))
+    ax.set_axis_off()
 plt.tight_layout()
 plt.show()
 assert len(previews) == len(history) == watched.metrics["epochs_run"]
@@ -269,7 +272,8 @@ assert {"val_dice_hemorrhagic", "val_dice_ischemic"} <= set(history.columns)
 
 # %%
 table = multiclass.evaluate(watched.model, watched.config, test_data)
-display(table[["class_name", "truth_pixels", "pred_pixels", "dice", "iou", "sensitivity", "precision", "lesion_f1"]].round(3))
+display(table[["class_name", "truth_pixels", "pred_pixels", "dice", "iou", "sensitivity", "precision",
+               "lesion_f1"]].round(3))
 x_test, y_test = multiclass.to_arrays(CONFIG, test_data)
 with_bg = per_class_metrics(y_test, multiclass.predict_labels(watched.model, CONFIG, x_test), 3,
                             data.class_names, include_background=True)
@@ -292,8 +296,10 @@ display(written.drop(columns=["image", "prediction"]).head())
 picks = [test_data.case_ids[i] for i in np.argsort(-test_data.lesion_area())[:4]]
 fig, axes = plt.subplots(2, len(picks), figsize=(3 * len(picks), 6))
 for k, case in enumerate(picks):
-    axes[0, k].imshow(Image.open(test_folder / f"{case}_result.png")); axes[0, k].set_title(f"{case} truth", fontsize=8)
-    axes[1, k].imshow(Image.open(out_folder / f"{case}_pred.png")); axes[1, k].set_title("prediction", fontsize=8)
+    axes[0, k].imshow(Image.open(test_folder / f"{case}_result.png"))
+    axes[0, k].set_title(f"{case} truth", fontsize=8)
+    axes[1, k].imshow(Image.open(out_folder / f"{case}_pred.png"))
+    axes[1, k].set_title("prediction", fontsize=8)
 for ax in axes.ravel():
     ax.set_axis_off()
 plt.show()

@@ -13,7 +13,8 @@
 
 # %% [markdown]
 # # 08 · CT perfusion: infarct core and penumbra
-# Five parametric maps in, four classes out — and a check of whether the network works as well behind a distal occlusion as behind a large one.
+# Five parametric maps in, four classes out — and a check of whether the network works as well
+# behind a distal occlusion as behind a large one.
 #
 # **Learning goals**
 # - Read CT-perfusion maps (CBF, CBV, Tmax, TTP, MIP) and the rules that separate the infarct core from the penumbra.
@@ -119,7 +120,8 @@ ax.set(xlabel="core + penumbra (mL)", ylabel="NIHSS", title=f"Spearman ρ = {rho
 ax.legend()
 plt.show()
 assert set(patients["occlusion"]) == {"LVO", "other"} and rho > 0.5
-assert patients.groupby("occlusion")["penumbra_ml"].mean()["LVO"] > patients.groupby("occlusion")["penumbra_ml"].mean()["other"]
+assert (patients.groupby("occlusion")["penumbra_ml"].mean()["LVO"]
+        > patients.groupby("occlusion")["penumbra_ml"].mean()["other"])
 
 # %% [markdown]
 # ## 3. Split by patient, stratified by occlusion group, and the classical rule
@@ -241,9 +243,12 @@ cmap = plt.matplotlib.colors.ListedColormap(["black", "#555555", "#f2c94c", "#d6
 fig, axes = plt.subplots(len(picks), 4, figsize=(11, 2.9 * len(picks)))
 for r, i in enumerate(picks):
     tmax = perfusion.to_physical(test_data.images[i])["tmax"]
-    axes[r, 0].imshow(tmax, cmap="turbo", vmin=0, vmax=14); axes[r, 0].set_title(f"{test_data.case_ids[i]} Tmax ({groups[i]})", fontsize=8)
-    for c, (labels, name) in enumerate(((test_data.masks[i], "truth"), (threshold[i], "threshold rule"), (pred[i], "network (gradual)")), start=1):
-        axes[r, c].imshow(labels, cmap=cmap, vmin=0, vmax=3, interpolation="nearest"); axes[r, c].set_title(name, fontsize=8)
+    axes[r, 0].imshow(tmax, cmap="turbo", vmin=0, vmax=14)
+    axes[r, 0].set_title(f"{test_data.case_ids[i]} Tmax ({groups[i]})", fontsize=8)
+    for c, (labels, name) in enumerate(((test_data.masks[i], "truth"), (threshold[i], "threshold rule"),
+                                        (pred[i], "network (gradual)")), start=1):
+        axes[r, c].imshow(labels, cmap=cmap, vmin=0, vmax=3, interpolation="nearest")
+        axes[r, c].set_title(name, fontsize=8)
 for ax in axes.ravel():
     ax.set_axis_off()
 plt.show()

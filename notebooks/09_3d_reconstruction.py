@@ -128,7 +128,8 @@ area_mm2 = truth.reshape(len(truth), -1).sum(axis=1) * np.prod(volume.spacing)
 fig, ax = plt.subplots(figsize=(8, 2.8))
 ax.bar(np.arange(len(area_mm2)), area_mm2, color="tab:green", alpha=0.6, label="reference")
 ax.set(xlabel="slice (skull base → vertex)", ylabel="lesion area (mm²)",
-       title=f"{volume.patient_id}: Σ area × {volume.slice_thickness:.0f} mm = {area_mm2.sum() * volume.slice_thickness / 1000:.2f} mL")
+       title=f"{volume.patient_id}: Σ area × {volume.slice_thickness:.0f} mm = "
+             f"{area_mm2.sum() * volume.slice_thickness / 1000:.2f} mL")
 ax.legend()
 plt.show()
 assert np.isclose(area_mm2.sum() * volume.slice_thickness / 1000, true_ml)
@@ -174,13 +175,16 @@ def components(mask):
 
 
 table = pd.DataFrame([
-    {"mask": name, "components": components(m), "volume (mL)": recon3d.lesion_volume_ml(m, volume.spacing, volume.slice_thickness),
+    {"mask": name, "components": components(m),
+     "volume (mL)": recon3d.lesion_volume_ml(m, volume.spacing, volume.slice_thickness),
      "Dice vs reference": metrics.dice(truth, m)}
     for name, m in (("reference", truth), ("with specks and holes", noisy), ("cleaned", cleaned_noisy))
 ]).set_index("mask")
 display(table.round(3))
-assert table.loc["cleaned", "components"] <= table.loc["reference", "components"] < table.loc["with specks and holes", "components"]
-assert abs(table.loc["cleaned", "volume (mL)"] - true_ml) < abs(table.loc["with specks and holes", "volume (mL)"] - true_ml)
+assert (table.loc["cleaned", "components"] <= table.loc["reference", "components"]
+        < table.loc["with specks and holes", "components"])
+assert (abs(table.loc["cleaned", "volume (mL)"] - true_ml)
+        < abs(table.loc["with specks and holes", "volume (mL)"] - true_ml))
 assert table.loc["cleaned", "Dice vs reference"] > table.loc["with specks and holes", "Dice vs reference"]
 
 # %% [markdown]

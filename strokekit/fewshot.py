@@ -664,7 +664,8 @@ class FewShotRecipe:
             raise ValueError(f"brain_dilation must be >= 0, got {self.brain_dilation!r}")
         for window in self.display_windows:
             if len(window) != 2 or not 0 <= window[0] < window[1] <= 255:
-                raise ValueError(f"display_windows must be (low, high) pairs with 0 <= low < high <= 255, got {window!r}")
+                raise ValueError(
+                    f"display_windows must be (low, high) pairs with 0 <= low < high <= 255, got {window!r}")
         if not self.thresholds or not all(0.0 < t < 1.0 for t in self.thresholds):
             raise ValueError(f"thresholds must be values in (0, 1), got {self.thresholds!r}")
 

@@ -318,7 +318,9 @@ def plot_statistics(dataset: SliceDataset):
     axes[0].set(title="Lesion area per lesion slice", xlabel=f"area ({unit})", ylabel="slices")
     names = [n for n in dataset.class_names[1:]]
     counts = [int(table[f"has_{n}"].sum()) for n in names] + [int((table["lesion_pixels"] == 0).sum())]
-    axes[1].bar(names + ["no lesion"], counts, color=["tab:red", "tab:green", "tab:blue", "tab:orange"][: len(names)] + ["grey"])
+    axes[1].bar(
+        names + ["no lesion"], counts, color=["tab:red", "tab:green", "tab:blue", "tab:orange"][: len(names)] + ["grey"]
+    )
     axes[1].set(title="Slices per class", ylabel="slices")
     if dataset.patient_ids is not None:
         per_patient = table.groupby("patient_id", sort=False)["lesion_pixels"].agg(lambda s: int((s > 0).sum()))

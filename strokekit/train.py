@@ -37,7 +37,9 @@ def cosine_learning_rate(epoch: int, num_epochs: int, learning_rate: float, fina
     ``final_fraction · learning_rate`` (last epoch).
     """
     progress = epoch / max(num_epochs - 1, 1)
-    return learning_rate * (final_fraction + (1.0 - final_fraction) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
+    return learning_rate * (
+        final_fraction + (1.0 - final_fraction) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,7 +210,9 @@ def compile_model(model, config: TrainConfig, learning_rate: float | None = None
     from .losses import LOSSES, DiceMetric, IoUMetric, Sensitivity, Specificity, get_loss
 
     wants_classes = "num_classes" in inspect.signature(LOSSES.get(config.loss, get_loss)).parameters
-    loss = get_loss(config.loss, **({"num_classes": config.num_classes} if config.num_classes > 1 and wants_classes else {}))
+    loss = get_loss(
+        config.loss, **({"num_classes": config.num_classes} if config.num_classes > 1 and wants_classes else {})
+    )
     metrics = []
     if config.num_classes == 1:
         metrics = [
@@ -367,7 +371,9 @@ def predict_numpy(model, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
-def evaluate_arrays(model, x: np.ndarray, y: np.ndarray, threshold: float = 0.5, batch_size: int = 32) -> dict[str, float]:
+def evaluate_arrays(
+    model, x: np.ndarray, y: np.ndarray, threshold: float = 0.5, batch_size: int = 32
+) -> dict[str, float]:
     """Pooled Dice, IoU, sensitivity, specificity, precision of a binary model on arrays.
 
     Uses :mod:`strokekit.metrics` (probability >= threshold is lesion; its empty-case rules).
@@ -487,7 +493,10 @@ def load_run(folder: str | os.PathLike) -> dict[str, Any]:
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise DataError("not a run folder (no config.json)", folder)
-    out: dict[str, Any] = {"folder": folder, "config": config_from_dict(json.loads((folder / "config.json").read_text()))}
+    out: dict[str, Any] = {
+        "folder": folder,
+        "config": config_from_dict(json.loads((folder / "config.json").read_text())),
+    }
     out["history"] = pd.read_csv(folder / "history.csv") if (folder / "history.csv").is_file() else None
     out["metrics"] = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
     out["model_path"] = folder / "model.keras" if (folder / "model.keras").is_file() else None

@@ -42,7 +42,9 @@ def test_notebook_follows_the_skeleton(path):
     markdown = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
     number = path.name[:2]
     assert re.search(rf"^# {number} · ", nb.cells[0].source, re.M), "title '# NN · ...' first"
-    for heading in ("**Learning goals**", "**Runtime**", "## Setup", "## Parameters", "## Exercises", "## Summary", "**Next →**"):
+    for heading in (
+        "**Learning goals**", "**Runtime**", "## Setup", "## Parameters", "## Exercises", "## Summary", "**Next →**"
+    ):
         if heading == "**Next →**" and path == NUMBERED[-1]:
             continue
         assert heading in markdown, f"{path.name} lacks {heading}"
@@ -87,7 +89,9 @@ def test_nbval_kernel_that_dies_at_start_is_retried_and_its_stderr_quoted(tmp_pa
     counter = tmp_path / "starts.txt"
     code = f"import sys; open({str(counter)!r}, 'a').write('x'); sys.stderr.write('boom: no such module'); sys.exit(3)"
     (spec_dir / "kernel.json").write_text(
-        json.dumps({"argv": [sys.executable, "-c", code, "{connection_file}"], "display_name": "dies", "language": "python"})
+        json.dumps(
+            {"argv": [sys.executable, "-c", code, "{connection_file}"], "display_name": "dies", "language": "python"}
+        )
     )
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
     plugin = _nbval_plugin()

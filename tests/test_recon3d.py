@@ -260,7 +260,10 @@ def test_predict_volume_returns_original_size_and_probabilities():
     prob = predict_volume(model, volume, _config(), batch_size=2, progress=False)
     assert prob.shape == (3, 48, 40) and prob.dtype == np.float32
     assert prob.min() >= 0.0 and prob.max() <= 1.0
-    sig = lambda v: 1.0 / (1.0 + math.exp(-v))
+
+    def sig(v):
+        return 1.0 / (1.0 + math.exp(-v))
+
     np.testing.assert_allclose(prob[:, :, :14], sig(5.0), atol=1e-3)  # left half stays left
     np.testing.assert_allclose(prob[:, :, 26:], sig(-5.0), atol=1e-3)
 
