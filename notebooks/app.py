@@ -14,8 +14,8 @@
 # %% [markdown]
 # # App · Upload and segment
 # Upload a head-CT slice or scan, pick a trained model, and see the lesion mask, its area or volume,
-# and a 3-D view; download the mask. *A teaching tool trained on synthetic data: not a medical
-# device, not for diagnosis.* How it works, and how to start it, is below the dashboard.
+# and a 3-D view; download the mask. *A teaching tool trained on a synthetic phantom and a few CT
+# scans: not a medical device, not for diagnosis.* How it works, and how to start it, is below the dashboard.
 
 # %%
 # %matplotlib inline
@@ -64,6 +64,10 @@ AUTO_DEMO = not IN_VOILA
 CHECK_LEARNING = PROFILE.name == "quick"   # assert the learning floors (measured in the quick profile)
 OVERLAY_WIDTH = 420                     # pixels on screen
 
+# %% [markdown]
+# The dashboard's parts, cell by cell: small helpers, the widgets, what each widget does, the demo
+# model, and the layout. Every number the page shows comes from `strokekit.app` (see *How it works* below).
+
 # %%
 def png_bytes(rgb: np.ndarray) -> bytes:
     buffer = io.BytesIO()
@@ -83,30 +87,9 @@ def download_link(data: bytes, filename: str, mime: str, label: str) -> str:
     return (f'<a class="sk-download-link" download="{html.escape(filename)}" '
             f'href="data:{mime};base64,{payload}">⬇ {html.escape(label)}</a>')
 
-
-def best_model(choices) -> str | None:
-    """The folder of the listed run with the highest validation Dice (else the first)."""
-    def dice(folder):
-        try:
-            value = json.loads((folder / "metrics.json").read_text()).get("dice")
-            return float(value) if isinstance(value, (int, float)) and np.isfinite(value) else -1.0
-        except (OSError, ValueError, AttributeError):
-            return -1.0
-    return str(max(choices, key=lambda item: dice(item[1]))[1]) if choices else None
-
-
-def train_demo_model():
-    """A small phantom model in runs/app-demo, so that the app has something to use."""
-    data = generate_phantom(DEMO_PHANTOM, progress=False)
-    split = splitting.load_or_make_split(data, DEMO_SPLIT, seed=0)
-    result = train.train(DEMO_TRAIN, split.dataset(data, "train"), split.dataset(data, "val"),
-                         run_dir=DEMO_RUN, split=split, progress=False, previews=False)
-    return result.run_dir
-
-
+# %%
 state = {"folder": None, "model": None, "config": None, "files": None, "result": None}
-
-model_dd = widgets.Dropdown(description="Model", layout=widgets.Layout(width="460px"))
+model_dd = widgets.Dropdown(description="Model", layout=widgets.Layout(width="98%"))
 refresh_btn = widgets.Button(icon="refresh", tooltip="look for new runs", layout=widgets.Layout(width="40px"))
 demo_btn = widgets.Button(description="train a small demo model", icon="cogs",
                           tooltip=f"trains a quick phantom model into {DEMO_RUN}",
@@ -116,12 +99,17 @@ upload = widgets.FileUpload(accept=".png,.jpg,.jpeg,.dcm,.nii,.nii.gz,.gz", mult
 threshold_sl = widgets.FloatSlider(value=0.5, min=0.05, max=0.95, step=0.05, description="Threshold",
                                    continuous_update=False, readout_format=".2f")
 pixel_mm = widgets.BoundedFloatText(value=0.0, min=0.0, max=10.0, step=0.05,
-                                    description="PNG pixel (mm)", style={"description_width": "initial"},
-                                    layout=widgets.Layout(width="190px"))
+                                    description="pixel size (mm)", style={"description_width": "initial"},
+                                    layout=widgets.Layout(width="200px"))
 slice_mm = widgets.BoundedFloatText(value=0.0, min=0.0, max=50.0, step=0.5,
                                     description="slice spacing (mm)", style={"description_width": "initial"},
                                     layout=widgets.Layout(width="210px"))
+geometry_hint = widgets.HTML(
+    "<small>mm² needs the pixel size; mL and the 3-D view also need the slice spacing. DICOM and NIfTI "
+    "files carry both, PNG and JPEG neither: type them for this upload (a new upload clears them).</small>")
 status = widgets.HTML("Pick a model, then upload a PNG/JPEG slice, a DICOM file or series, or a NIfTI volume.")
+
+# %%
 overlay = widgets.Image(format="png", width=OVERLAY_WIDTH, layout=widgets.Layout(display="none"))
 slice_sl = widgets.IntSlider(description="Slice", min=1, max=1, continuous_update=False,
                              layout=widgets.Layout(display="none", width=f"{OVERLAY_WIDTH}px"))
@@ -129,15 +117,27 @@ area = widgets.HTML()
 table = widgets.HTML()
 download = widgets.HTML()
 view3d = widgets.Image(format="png", width=OVERLAY_WIDTH, layout=widgets.Layout(display="none"))
-for w, css in ((status, "sk-status"), (overlay, "sk-overlay"), (slice_sl, "sk-slice"),
-               (area, "sk-area"), (table, "sk-table"), (download, "sk-download"), (view3d, "sk-3d")):
+for w, css in ((status, "sk-status"), (overlay, "sk-overlay"), (slice_sl, "sk-slice"), (area, "sk-area"),
+               (table, "sk-table"), (download, "sk-download"), (view3d, "sk-3d"), (pixel_mm, "sk-pixel"),
+               (slice_mm, "sk-spacing"), (model_dd, "sk-model")):
     w.add_class(css)
+# A spinner while the kernel segments: the page would otherwise look frozen for a few seconds.
+SPINNER = ('<style>@keyframes sk-spin {to {transform: rotate(360deg)}}</style>'
+           '<span style="display:inline-block; width:12px; height:12px; border:2px solid #bbb; '
+           'border-top-color:#333; border-radius:50%; animation:sk-spin 0.8s linear infinite"></span>')
+TABLE_STYLE = ("<style>.sk-table-inner {border-collapse: collapse; margin: 6px 0}"
+               " .sk-table-inner th, .sk-table-inner td {padding: 2px 10px; border-bottom: 1px solid #ddd;"
+               " text-align: right} .sk-table-inner th:first-child, .sk-table-inner td:first-child"
+               " {text-align: left}</style>")
 
-
-def say(message: str, error: bool = False) -> None:
-    colour = "#b00020" if error else "#222"
+# %%
+def say(message: str, error: bool = False, busy: bool = False) -> None:
     # Messages quote uploaded file names: escape them, they are not ours.
-    status.value = f'<span style="color:{colour}">{html.escape(message)}</span>'
+    text = html.escape(message)
+    if busy:
+        status.value = f'<span class="sk-busy">{SPINNER} {text}</span>'
+        return
+    status.value = f'<span style="color:{"#b00020" if error else "#222"}">{text}</span>'
 
 
 def set_quietly(widget, handler, **values) -> None:
@@ -150,12 +150,18 @@ def set_quietly(widget, handler, **values) -> None:
         widget.observe(handler, names="value")
 
 
+def set_busy(busy: bool) -> None:
+    """No new upload, model or threshold while the kernel segments."""
+    for w in (upload, model_dd, threshold_sl, refresh_btn):
+        w.disabled = busy
+
+# %%
 def refresh_models(select: str | None = None) -> None:
     choices = app.list_models(RUNS)
     folders = [str(folder) for _, folder in choices]
-    wanted = select if select in folders else best_model(choices)
-    set_quietly(model_dd, on_model, options=[(label, str(folder)) for label, folder in choices],
-                value=wanted)
+    best = app.default_model(choices, RUNS)   # the best for CT: a few-shot CT run, else the best phantom run
+    wanted = select if select in folders else (str(best) if best else None)
+    set_quietly(model_dd, on_model, options=[(label, str(folder)) for label, folder in choices], value=wanted)
     demo_btn.layout.display = "none" if choices else None
     if not choices:
         say(f"No trained model in {RUNS}: train one in notebooks 04-10, or press "
@@ -163,11 +169,10 @@ def refresh_models(select: str | None = None) -> None:
     elif wanted != state["folder"]:
         on_model({"new": wanted})
 
-
+# %%
 def on_model(change) -> None:
-    folder = change["new"]
+    folder = state["folder"] = change["new"]
     state["model"] = state["config"] = None
-    state["folder"] = folder
     if not folder:
         return
     try:
@@ -175,100 +180,51 @@ def on_model(change) -> None:
     except app.UploadError as exc:
         say(str(exc), error=True)
         return
-    set_quietly(threshold_sl, on_threshold, value=float(state["config"].threshold))
-    say(f"Model {os.path.relpath(folder, RUNS)} loaded ({state['config'].arch}, "
-        f"{state['config'].image_size} px input). Upload a file.")
+    config = state["config"]
+    set_quietly(threshold_sl, on_threshold, value=float(config.threshold))
+    say(f"Model loaded: {app.model_info(folder, RUNS)['label']} ({config.arch}, {config.image_size} px "
+        f"input, threshold {config.threshold:.2f}). Upload a file.")
     if state["files"]:
         run()
 
-
-def geometry(result):
-    """(pixel spacing (dy, dx) or None, slice thickness or None): from the file, else typed in."""
-    spacing = result["spacing"]
-    if spacing is None and pixel_mm.value > 0:
-        spacing = (pixel_mm.value, pixel_mm.value)
-    thickness = result["slice_thickness"] or (slice_mm.value if slice_mm.value > 0 else None)
-    return spacing, thickness
-
-
-def area_text(result, k: int) -> str:
-    spacing, thickness = geometry(result)
-    n = len(result["mask"])
-    parts = []
-    for name, px in result["area_px"].items():
-        text = f"{name} {int(px[k])} px"
-        if spacing is not None:
-            text += f" = {int(px[k]) * spacing[0] * spacing[1]:.1f} mm²"
-        parts.append(text)
-    label = "Lesion area" if len(parts) == 1 else "Area"
-    line = f"<b>{label}:</b> " + ("; ".join(parts) if len(parts) > 1 else parts[0].split(" ", 1)[1])
-    if spacing is None:
-        line += " (pixel size unknown: type it above for mm²)"
-    if n > 1:
-        line += f" · slice {k + 1} of {n}"
-        if spacing is not None and thickness:
-            voxel_ml = spacing[0] * spacing[1] * thickness / 1000.0
-            volumes = "; ".join(f"{name} {float(px.sum()) * voxel_ml:.2f} mL"
-                                for name, px in result["area_px"].items())
-            if len(result["area_px"]) == 1:
-                volumes = volumes.split(" ", 1)[1]
-            line = f"<b>Lesion volume:</b> {volumes}<br>" + line
-    return line
-
-
-def summary_table(result) -> str:
-    spacing, thickness = geometry(result)
-    rows = []
-    for name, px in result["area_px"].items():
-        row = {"class": name, "slices with lesion": int((px > 0).sum()), "pixels": int(px.sum())}
-        row["area, all slices (mm²)"] = round(float(px.sum()) * spacing[0] * spacing[1], 1) if spacing else None
-        row["volume (mL)"] = (round(float(px.sum()) * spacing[0] * spacing[1] * thickness / 1000.0, 3)
-                              if spacing and thickness and len(px) > 1 else None)
-        rows.append(row)
-    frame = pd.DataFrame(rows).dropna(axis=1, how="all")
-    style = ("<style>.sk-table-inner {border-collapse: collapse; margin: 6px 0}"
-             " .sk-table-inner th, .sk-table-inner td {padding: 2px 10px; border-bottom: 1px solid #ddd;"
-             " text-align: right} .sk-table-inner th:first-child, .sk-table-inner td:first-child"
-             " {text-align: left}</style>")
-    return style + frame.to_html(index=False, border=0, classes="sk-table-inner")
+# %%
+def shown_result():
+    """The last result, measured with the geometry that applies (the file's, else the typed one)."""
+    return app.with_geometry(state["result"], pixel_mm.value, slice_mm.value)
 
 
 def show_slice(k: int) -> None:
-    result = state["result"]
-    overlay.value = png_bytes(result["overlays"][k])
+    shown = shown_result()
+    overlay.value = png_bytes(shown["overlays"][k])
     overlay.layout.display = None
-    area.value = area_text(result, k)
+    area.value = app.slice_text(shown, k)
 
 
-def show(result) -> None:
-    mask = result["mask"]
-    n = len(mask)
-    lesion_px = (mask > 0).reshape(n, -1).sum(axis=1)
-    # The slider counts slices from 1, as the text does.
-    set_quietly(slice_sl, on_slice, max=n, value=int(np.argmax(lesion_px)) + 1)
-    slice_sl.layout.display = None if n > 1 else "none"
-    show_slice(slice_sl.value - 1)
-    table.value = summary_table(result)
-    spacing, thickness = geometry(result)
-    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", str(result["case_ids"][0]))[:60] or "upload"
-    if n == 1:
+def show_download(shown) -> None:
+    mask, spacing, thickness = shown["mask"], shown["spacing"], shown["slice_thickness"]
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", str(shown["case_ids"][0]))[:60] or "upload"
+    if len(mask) == 1:
         download.value = download_link(app.mask_to_png_bytes(mask[0]), f"{stem}_mask.png",
                                        "image/png", "download the mask (PNG)")
     else:
         dzyx = (thickness, *spacing) if spacing is not None and thickness else None
         download.value = download_link(app.mask_to_nifti_bytes(mask, dzyx), f"{stem}_mask.nii.gz",
                                        "application/gzip", "download the mask (NIfTI, .nii.gz)")
+
+# %%
+def show_3d(shown) -> None:
+    """The 3-D view of a stack, when its pixel size and slice spacing are known."""
     view3d.layout.display = "none"
-    if n > 1 and spacing is not None and thickness:
-        data = result["dataset"]
-        images = data.images[..., 0] if data.images.ndim == 4 else data.images
-        fig = recon3d.plot_3d(
-            mask > 0, (thickness, *spacing),
-            skull_mask=recon3d.skull_from_hu(images) if data.unit == "HU" else None,
-            truth_mask=data.masks if data.masks.any() else None,
-            figsize=(5.5, 5.0))
-        view3d.value = figure_png(fig)
-        view3d.layout.display = None
+    mask, spacing, thickness = shown["mask"], shown["spacing"], shown["slice_thickness"]
+    if len(mask) < 2 or spacing is None or not thickness:
+        return
+    data = shown["dataset"]
+    images = data.images[..., 0] if data.images.ndim == 4 else data.images
+    fig = recon3d.plot_3d(mask > 0, (thickness, *spacing),
+                          skull_mask=recon3d.skull_from_hu(images) if data.unit == "HU" else None,
+                          truth_mask=data.masks if data.masks.any() else None, figsize=(5.5, 5.0))
+    view3d.value = figure_png(fig)
+    view3d.layout.display = None
 
 
 def hide_results() -> None:
@@ -276,13 +232,29 @@ def hide_results() -> None:
         w.layout.display = "none"
     area.value = table.value = download.value = ""
 
+# %%
+def show(first: bool = False) -> None:
+    """Show the last result; a new one opens on the slice with the most lesion inside the brain."""
+    shown = shown_result()
+    n = len(shown["mask"])
+    if first:  # the slider counts slices from 1, as the text does
+        set_quietly(slice_sl, on_slice, max=n, value=int(shown["focus_slice"]) + 1)
+    slice_sl.layout.display = None if n > 1 else "none"
+    show_slice(slice_sl.value - 1)
+    table.value = TABLE_STYLE + pd.DataFrame(app.summary_rows(shown)).to_html(
+        index=False, border=0, classes="sk-table-inner")
+    show_download(shown)
+    show_3d(shown)
+    say(app.describe_result(shown, shown["label"]))   # the status line: the same numbers as the panel
 
+# %%
 def run() -> None:
     files = state["files"]
     if state["model"] is None:
         say("Choose a model first (or train the demo model).", error=True)
         return
-    say(f"Segmenting {len(files)} file(s) ...")
+    say(f"Segmenting {len(files)} file(s) ...", busy=True)
+    set_busy(True)
     try:
         result, message = app.handle_upload(files, state["model"], state["config"],
                                             work_dir=WORK_DIR, threshold=threshold_sl.value)
@@ -291,15 +263,19 @@ def run() -> None:
             hide_results()
             say(message, error=True)
             return
-        show(result)
-        say(message)
+        show(first=True)
     except Exception as exc:  # noqa: BLE001 - the page shows a message, never a traceback
         hide_results()
         say(f"Something went wrong while showing the result ({type(exc).__name__}: {exc})", error=True)
+    finally:
+        set_busy(False)
 
-
+# %%
 def on_files(files) -> None:
     """What an upload does; also called by the self-test below with (name, bytes) pairs."""
+    if state["result"] is not None:  # values typed for the upload on screen are not this one's
+        set_quietly(pixel_mm, on_geometry, value=0.0)
+        set_quietly(slice_mm, on_geometry, value=0.0)
     state["files"] = [(f["name"], bytes(f["content"])) if isinstance(f, dict) else f for f in files]
     run()
 
@@ -309,7 +285,7 @@ def on_upload(change) -> None:
         on_files(change["new"])
         upload.value = ()  # so that the same file can be uploaded again
 
-
+# %%
 def on_slice(change) -> None:
     if state["result"] is not None:
         show_slice(change["new"] - 1)
@@ -317,17 +293,26 @@ def on_slice(change) -> None:
 
 def on_geometry(change) -> None:
     if state["result"] is not None:
-        show(state["result"])
+        show()
 
 
 def on_threshold(change) -> None:
     if state["files"] and state["model"] is not None:
         run()
 
+# %%
+def train_demo_model():
+    """A small phantom model in runs/app-demo, so that the app has something to use."""
+    data = generate_phantom(DEMO_PHANTOM, progress=False)
+    split = splitting.load_or_make_split(data, DEMO_SPLIT, seed=0)
+    result = train.train(DEMO_TRAIN, split.dataset(data, "train"), split.dataset(data, "val"),
+                         run_dir=DEMO_RUN, split=split, progress=False, previews=False)
+    return result.run_dir
+
 
 def on_demo(button) -> None:
     demo_btn.disabled = True
-    say(f"Training a small demo model into {DEMO_RUN} (about a minute) ...")
+    say(f"Training a small demo model into {DEMO_RUN} (about a minute) ...", busy=True)
     try:
         folder = train_demo_model()
         refresh_models(select=str(folder))
@@ -339,7 +324,7 @@ def on_demo(button) -> None:
     finally:
         demo_btn.disabled = False
 
-
+# %%
 model_dd.observe(on_model, names="value")
 upload.observe(on_upload, names="value")
 slice_sl.observe(on_slice, names="value")
@@ -352,7 +337,7 @@ demo_btn.on_click(on_demo)
 dashboard = widgets.VBox([
     widgets.HBox([model_dd, refresh_btn, demo_btn]),
     widgets.HBox([upload, threshold_sl]),
-    widgets.HBox([pixel_mm, slice_mm]),
+    widgets.HBox([pixel_mm, slice_mm, geometry_hint]),
     status,
     widgets.HBox([widgets.VBox([overlay, slice_sl]),
                   widgets.VBox([area, table, download, view3d])]),
@@ -371,25 +356,39 @@ display(dashboard)
 # volume in a few seconds: `benchmarks/bench_app.py`). Without any trained model, the button trains a
 # small demo model on the phantom (about a minute in the quick profile).
 #
-# **Start it**: `make app` (it runs `tools/serve_app.sh`: Voila on 127.0.0.1, port 8866) and open
-# http://127.0.0.1:8866 — only this computer can reach it. The script raises the websocket message
+# **Start it**: `make app` (it runs `tools/serve_app.sh`: Voila on 127.0.0.1, port 8866, with the
+# settings in `tools/app_server/voila.py`) and open http://127.0.0.1:8866 — only this computer can
+# reach it. Each page visit starts its own kernel (0.4–0.95 GB: Keras, a model, the last upload);
+# closing or reloading the page shuts it down, and a kernel left without a page (a crashed browser, a
+# laptop put to sleep) is culled after 10 minutes idle. The settings also raise the websocket message
 # limit from Tornado's 10 MB to the app's 200 MB upload limit; with a bare `voila notebooks/app.ipynb`
-# a larger upload (a DICOM series, an uncompressed NIfTI) is silently dropped by the server. The
-# notebook also runs as an ordinary notebook in JupyterLab.
+# a larger upload (a DICOM series, an uncompressed NIfTI) is silently dropped by the server, and every
+# kernel lives until the server stops. The notebook also runs as an ordinary notebook in JupyterLab.
 #
 # **How it works.** The cells of this notebook only wire widgets to `strokekit.app`, where the logic
-# lives and is unit-tested: `list_models` / `load_model_for_app` (models only from the runs folder,
-# loaded in Keras safe mode), `handle_upload` (checks each file's name, size, type by extension *and*
-# content, reads it in a private folder under `runs/` that is deleted straight after, segments, and
-# returns a message instead of raising), `mask_to_png_bytes` / `mask_to_nifti_bytes` for the download
-# link (nothing is written to disk). PNG and JPEG files carry no pixel size: type it to get mm², and a
-# slice spacing for mL when you upload several slices of one scan.
+# lives and is unit-tested: `list_models` / `default_model` / `load_model_for_app` (models only from
+# the runs folder, loaded in Keras safe mode), `handle_upload` (checks each file's name, size, type by
+# extension *and* content, reads it in a private folder under `runs/` that is deleted straight after,
+# segments, and returns a message instead of raising), `with_geometry` / `describe_result` /
+# `slice_text` / `summary_rows` (the status line, the panel and the table, from the same numbers),
+# `mask_to_png_bytes` / `mask_to_nifti_bytes` for the download link (nothing is written to disk). A
+# stack opens on the slice with the most predicted lesion *inside the brain* (`focus_slice`): a
+# model's false positives sit mostly outside it, at the skull base or on the head rest. PNG and JPEG
+# files carry no pixel size: type it to get mm², and a slice spacing for mL and the 3-D view when you
+# upload several slices of one scan; the panel says which values it uses and where they come from,
+# and a new upload clears typed values.
 #
-# **Models.** The list shows every run folder under the runs folder that holds `model.keras` and
-# `config.json` (notebooks 04–10 write them), with its validation Dice; the best one is picked. If
-# there is none, the button trains a small demo model on the phantom; outside Voila (JupyterLab, CI)
-# the next cell trains it by itself (about 15 s) and checks that it finds the phantom's lesions, so
-# that the self-test below has a model that learned.
+# **Models.** The list shows the run folders under the runs folder that the app can apply, each with
+# what it was trained on and what it scored on which data: the phantom models of notebooks 04–06 and
+# 09 (a binary slice model and its `config.json`), and few-shot CT recipes that notebook 10 saves
+# with `strokekit.fewshot.save_fitted` when the CT-ICH slices are present (the whole recipe is
+# applied: input channels, flips, restriction to the brain, its tuned threshold). Notebook 07's
+# multiclass and notebook 08's perfusion runs are not listed. The model picked first is the best
+# *for CT*: the few-shot run with the best test Dice on CT patients, else the phantom model with the
+# best validation Dice — a phantom model finds phantom lesions, not real ones. If there is no model,
+# the button trains a small demo model on the phantom; outside Voila (JupyterLab, CI) the next cell
+# trains it by itself (about 15 s) and checks that it finds the phantom's lesions, so that the
+# self-test below has a model that learned.
 
 # %%
 if AUTO_DEMO:                           # headless: (re)train the demo model and check that it learned
@@ -404,7 +403,8 @@ if not IN_VOILA:
 
 # %% [markdown]
 # **Self-test without a browser.** A phantom slice saved as PNG goes through the same handler as a
-# browser upload, and then through the dashboard itself; a broken file must give a message, not a traceback.
+# browser upload, and then through the dashboard itself (a pixel size typed for it is cleared by the
+# next upload); a broken file must give a message, not a traceback.
 # (`tests/test_app_browser.py` does the same in Chromium through Voila.) Skipped when served by Voila.
 
 # %%
@@ -424,6 +424,13 @@ if not IN_VOILA:
     assert overlay.value[:8] == b"\x89PNG\r\n\x1a\n" and overlay.layout.display is None
     assert re.search(r"Lesion area:</b> \d+ px", area.value), area.value
     assert "download" in download.value and "data:image/png;base64," in download.value
+
+# %%
+if not IN_VOILA:
+    pixel_mm.value = 0.5                                      # typed for this upload: mm² appear ...
+    assert "mm²" in area.value and "typed above" in area.value and "mm²" in status.value, area.value
+    on_files([("phantom_P01.png", slice_png)])                # ... and a new upload clears it
+    assert pixel_mm.value == 0 and "mm² needs the pixel size" in area.value
 
     bad, message = app.handle_upload([("scan.png", b"GIF89a not really a png")], state["model"],
                                      state["config"], work_dir=WORK_DIR)

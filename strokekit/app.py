@@ -1,8 +1,11 @@
 """The logic of the upload-and-segment app, testable without a browser.
 
 ``notebooks/app.ipynb`` (served with Voila) only wires widgets to these functions: a model
-picker fed by :func:`list_models` and :func:`load_model_for_app`, a file upload whose callback
-calls :func:`handle_upload`, and download buttons fed by :func:`mask_to_png_bytes` and
+picker fed by :func:`list_models`, :func:`default_model` and :func:`load_model_for_app` (the
+phantom slice models of the notebooks and few-shot CT recipes saved by
+:func:`strokekit.fewshot.save_fitted`), a file upload whose callback calls :func:`handle_upload`,
+a result panel fed by :func:`with_geometry`, :func:`describe_result`, :func:`slice_text` and
+:func:`summary_rows`, and download links fed by :func:`mask_to_png_bytes` and
 :func:`mask_to_nifti_bytes`.
 
 Uploads are untrusted. Each file is checked for size, a safe name, an allowed type by its
@@ -35,19 +38,27 @@ from .errors import DataError
 
 __all__ = [
     "ALLOWED",
+    "CT_TEST_SCORES",
     "MAX_UPLOAD_BYTES",
     "MAX_VOXELS",
     "UploadError",
+    "default_model",
     "default_work_dir",
     "describe_result",
+    "focus_slice",
+    "geometry_text",
     "handle_upload",
     "list_models",
     "load_model_for_app",
     "mask_to_nifti_bytes",
     "mask_to_png_bytes",
+    "model_info",
     "read_upload",
     "read_uploads",
     "segment",
+    "slice_text",
+    "summary_rows",
+    "with_geometry",
 ]
 
 #: Largest upload accepted, per file and for all files of one upload together.
@@ -273,26 +284,17 @@ def _check_image_pixels(shape: Sequence[int], shown: str) -> None:
 
 # --------------------------------------------------------------------------- readers by kind
 def _read_images(items: list[tuple[str, Path]]) -> SliceDataset:
-    from PIL import Image
+    from .io import _mixed_units_text, _read_slice
 
-    from .io import read_image
-
-    images, names = [], []
+    images, names, units = [], [], []
     for name, path in items:
-        try:
-            with Image.open(path) as im:
-                size = im.size
-        except Exception:  # noqa: BLE001 - read_image below gives the precise message
-            size = None
-        if size is not None:
-            _check_image_pixels(size[::-1], name)
-        try:
-            image = read_image(path)
+        try:  # checks the declared size (io.MAX_SLICE_SIDE) before decoding; 16-bit grey = HU + 1024
+            image, unit = _read_slice(path)
         except DataError as exc:
             problem = exc.problem.replace(str(path), name).replace(path.name, name)
             raise UploadError(f"{name}: {problem}") from None
-        if image.size and float(image.max()) > 255.0:  # 16-bit grey PNG: bring to 0..255
-            image = image * np.float32(255.0 / 65535.0)
+        if units and unit != units[0]:
+            raise UploadError(f"{name}: " + _mixed_units_text(unit, Path(names[0])))
         if images and image.shape != images[0].shape:
             raise UploadError(
                 f"{name}: the slice is {image.shape[0]}x{image.shape[1]} but {names[0]} is "
@@ -300,6 +302,7 @@ def _read_images(items: list[tuple[str, Path]]) -> SliceDataset:
             )
         images.append(image)
         names.append(name)
+        units.append(unit)
     stems = _unique_stems(names)
     return SliceDataset(
         images=np.stack(images),
@@ -308,7 +311,7 @@ def _read_images(items: list[tuple[str, Path]]) -> SliceDataset:
         patient_ids=["upload"] * len(images),
         slice_indices=np.arange(len(images)),
         source_paths=names,
-        unit="display",
+        unit=units[0],
     )
 
 
@@ -499,54 +502,192 @@ def _runs_root(runs_root: str | os.PathLike | None) -> Path:
     return Path(runs_root) if runs_root is not None else runs_dir()
 
 
+def _finite(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    return float(value) if np.isfinite(value) else None
+
+
+def _read_json(path: Path) -> Any:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+#: Few-shot score keys that measure a recipe on held-out CT patients, best first (see
+#: :func:`strokekit.fewshot.save_fitted`'s ``scores``); the first one a run records ranks it.
+CT_TEST_SCORES = ("test_per_patient_dice", "test_3d_dice", "test_dice")
+
+
+def _score_words(key: str) -> str:
+    return key.replace("_", " ").replace("3d", "3-D").replace("dice", "Dice")
+
+
+def _fewshot_scores_text(info: Mapping[str, Any]) -> str:
+    """'test per patient Dice 0.380 on CT-ICH patients 70-72' from a few-shot run's scores.
+
+    A number under ``<prefix>_...`` is said to be measured on the text under ``<prefix>_data``
+    when the run records one; without numeric scores, the validation Dice (CT slices) is shown.
+    """
+    scores = info.get("scores") if isinstance(info.get("scores"), Mapping) else {}
+    parts = []
+    for key, value in scores.items():
+        number = _finite(value)
+        if number is None:
+            continue
+        text = f"{_score_words(str(key))} {number:.3f}"
+        data = scores.get(f"{str(key).split('_')[0]}_data")
+        if isinstance(data, str) and data.strip():
+            text += f" on {data.strip()}"
+        parts.append(text)
+    val = _finite(info.get("val_dice"))
+    if not parts and val is not None:
+        parts.append(f"val Dice {val:.3f} on CT validation slices")
+    return "; ".join(parts) if parts else "no score recorded"
+
+
+def model_info(folder: str | os.PathLike, runs_root: str | os.PathLike | None = None) -> dict[str, Any] | None:
+    """What the app knows about a run folder without loading its model, or None if it cannot apply it.
+
+    The app applies two kinds of run: a few-shot CT recipe written by
+    :func:`strokekit.fewshot.save_fitted` (``fewshot.json`` beside the model) and an ordinary
+    binary-or-softmax slice model whose ``config.json`` is a :class:`strokekit.train.TrainConfig`
+    (notebooks 04-06, 09, the demo model; all trained on the phantom). Runs with another
+    config (notebook 07's multiclass runs, notebook 08's perfusion runs), a damaged
+    ``fewshot.json`` or no ``model.keras`` give None.
+
+    Args:
+        folder: a run folder.
+        runs_root: the runs folder the label is relative to (default
+            :func:`strokekit.paths.runs_dir`).
+
+    Returns:
+        dict with ``folder`` (Path), ``kind`` (``"few-shot"`` or ``"slice"``), ``trained_on``
+        (words), ``scores`` (words), ``ct_score`` (the recorded test Dice on CT patients, the
+        validation Dice on CT slices when no test score was recorded, None for phantom runs),
+        ``ct_tested`` (True when ``ct_score`` is a test score), ``val_dice`` (float or None)
+        and ``label`` (what the model picker shows).
+    """
+    from .fewshot import fewshot_run_info, recipe_from_dict
+    from .train import config_from_dict
+
+    folder = Path(folder)
+    if not (folder / "model.keras").is_file():
+        return None
+    root = _runs_root(runs_root)
+    try:
+        name = folder.relative_to(root).as_posix()
+    except ValueError:
+        name = folder.name
+    if (folder / "fewshot.json").exists():
+        info = fewshot_run_info(folder)
+        if info is None:
+            return None
+        try:
+            recipe_from_dict(info["recipe"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        scores = info.get("scores") if isinstance(info.get("scores"), Mapping) else {}
+        tested = [_finite(scores.get(key)) for key in CT_TEST_SCORES]
+        tested = [value for value in tested if value is not None]
+        val = _finite(info.get("val_dice"))
+        trained_on = str(info.get("trained_on") or "CT (not recorded)")
+        scores_text = _fewshot_scores_text(info)
+        return dict(folder=folder, kind="few-shot", trained_on=trained_on, scores=scores_text,
+                    ct_score=tested[0] if tested else val, ct_tested=bool(tested), val_dice=val,
+                    label=f"{name} · few-shot CT recipe, trained on {trained_on} · {scores_text}")
+    config = _read_json(folder / "config.json")
+    try:
+        config_from_dict(config)
+    except (TypeError, ValueError, AttributeError):
+        return None
+    metrics = _read_json(folder / "metrics.json")
+    val = _finite(metrics.get("dice")) if isinstance(metrics, Mapping) else None
+    scores_text = f"val Dice {val:.3f} on phantom slices" if val is not None else "no score recorded"
+    return dict(folder=folder, kind="slice", trained_on="the phantom", scores=scores_text,
+                ct_score=None, ct_tested=False, val_dice=val,
+                label=f"{name} · trained on the phantom · {scores_text}")
+
+
 def list_models(runs_root: str | os.PathLike | None = None) -> list[tuple[str, Path]]:
-    """The trained runs the app can use: folders under ``runs_root`` with model.keras and config.json.
+    """The trained runs the app can apply: see :func:`model_info` for which ones and their labels.
 
     Args:
         runs_root: where to look (default :func:`strokekit.paths.runs_dir`), at any depth.
 
     Returns:
-        (label, run folder) pairs sorted by label; the label is the folder's path relative to
-        ``runs_root`` plus the validation Dice when ``metrics.json`` records it. Empty when the
-        folder does not exist.
+        (label, run folder) pairs sorted by label. A label is the folder's path relative to
+        ``runs_root``, what the model was trained on and what it scored on which data, e.g.
+        ``"04_unet_vs_resunet/single · trained on the phantom · val Dice 0.702 on phantom
+        slices"``. Empty when the folder does not exist.
     """
-    import json
-
     root = _runs_root(runs_root)
     if not root.is_dir():
         return []
     found = []
     for model_path in root.rglob("model.keras"):
-        folder = model_path.parent
-        if not (folder / "config.json").is_file() or not model_path.is_file():
-            continue
-        label = folder.relative_to(root).as_posix()
-        metrics_path = folder / "metrics.json"
-        if metrics_path.is_file():
-            try:
-                value = json.loads(metrics_path.read_text()).get("dice")
-                if isinstance(value, (int, float)):
-                    label += f" (val Dice {value:.3f})"
-            except (ValueError, OSError, AttributeError):
-                pass
-        found.append((label, folder))
+        info = model_info(model_path.parent, root)
+        if info is not None:
+            found.append((info["label"], model_path.parent))
     return sorted(found, key=lambda item: item[0])
 
 
+def default_model(choices: Sequence[tuple[str, Path]], runs_root: str | os.PathLike | None = None) -> Path | None:
+    """The model the picker starts on: the best one *for CT*.
+
+    A few-shot CT recipe when there is one (the best by its recorded test Dice on CT patients;
+    runs without a test score rank after those with one, by their validation Dice), else the
+    phantom model with the best validation Dice, else the first listed.
+
+    Args:
+        choices: (label, folder) pairs from :func:`list_models`.
+        runs_root: as for :func:`list_models`.
+
+    Returns:
+        The chosen folder, or None when there is no choice.
+    """
+    infos = [model_info(folder, runs_root) for _, folder in choices]
+    infos = [info for info in infos if info is not None]
+    if not infos:
+        return Path(choices[0][1]) if choices else None
+
+    def rank(info):
+        ct = info["ct_score"] if info["ct_score"] is not None else -1.0
+        val = info["val_dice"] if info["val_dice"] is not None else -1.0
+        return (info["kind"] == "few-shot", info["ct_tested"], ct, val)
+
+    return Path(max(infos, key=rank)["folder"])
+
+
+def _is_fitted(model: Any) -> bool:
+    from .fewshot import FittedRecipe
+
+    return isinstance(model, FittedRecipe)
+
+
 def load_model_for_app(folder: str | os.PathLike, runs_root: str | os.PathLike | None = None):
-    """Load a run's model (Keras safe mode) and its TrainConfig, only from inside ``runs_root``.
+    """Load a run for :func:`segment` (Keras safe mode), only from inside ``runs_root``.
 
     Args:
         folder: a run folder from :func:`list_models`.
         runs_root: the runs folder (default :func:`strokekit.paths.runs_dir`).
 
     Returns:
-        (model, TrainConfig).
+        (model, TrainConfig). For an ordinary run, the Keras model and its TrainConfig. For a
+        few-shot CT recipe (``fewshot.json``), the :class:`strokekit.fewshot.FittedRecipe`
+        (members, input channels, flips, brain restriction) and its network's TrainConfig with
+        ``threshold`` set to the recipe's tuned threshold. :func:`segment` applies either.
 
     Raises:
         UploadError: the folder lies outside ``runs_root`` (symbolic links are resolved first),
-            or is not a run folder, or its model cannot be loaded.
+            or is not a run folder, or is a run the app cannot apply (:func:`model_info`), or
+            its model cannot be loaded.
     """
+    import dataclasses
     import json
 
     from .train import config_from_dict, load_model
@@ -559,10 +700,27 @@ def load_model_for_app(folder: str | os.PathLike, runs_root: str | os.PathLike |
         )
     if not (target / "model.keras").is_file() or not (target / "config.json").is_file():
         raise UploadError(f"{folder}: not a run folder (it needs model.keras and config.json)")
+    if (target / "fewshot.json").exists():
+        from .fewshot import load_fitted
+
+        if model_info(target, root) is None:
+            raise UploadError(f"{folder}: fewshot.json is damaged or not a few-shot recipe")
+        try:
+            fitted = load_fitted(target)
+        except DataError as exc:
+            raise UploadError(f"{folder}: {exc.problem}") from None
+        except Exception as exc:  # noqa: BLE001 - Keras raises many types for bad or unsafe files
+            raise UploadError(
+                f"{folder}: cannot load the few-shot recipe's models in safe mode ({type(exc).__name__}: {exc})"
+            ) from None
+        return fitted, dataclasses.replace(fitted.recipe.config, threshold=float(fitted.threshold))
     try:
         config = config_from_dict(json.loads((target / "config.json").read_text()))
-    except (ValueError, TypeError) as exc:
-        raise UploadError(f"{folder}: config.json is not a training config ({exc})") from None
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise UploadError(
+            f"{folder}: config.json is not a slice model's training config ({exc}); the app applies "
+            "the binary slice models of notebooks 04-06 and 09 and few-shot CT recipes"
+        ) from None
     try:
         model = load_model(target)
     except Exception as exc:  # noqa: BLE001 - Keras raises many types for bad or unsafe files
@@ -573,6 +731,85 @@ def load_model_for_app(folder: str | os.PathLike, runs_root: str | os.PathLike |
 
 
 # --------------------------------------------------------------------------- segmentation
+def _predict_fitted(fitted: Any, dataset: SliceDataset, batch_size: int) -> np.ndarray:
+    """A few-shot recipe's lesion probabilities (N, H, W) at the uploaded slices' size.
+
+    :func:`strokekit.fewshot.predict_recipe` applies the whole recipe (HU slices through the
+    CT-ICH display window, input channels, flips, brain restriction) and returns square
+    probabilities; a non-square upload gets them resized to its own shape.
+    """
+    from .fewshot import predict_recipe
+    from .preprocess import resize_image
+
+    h, w = dataset.image_shape[:2]
+    prob = predict_recipe(fitted, dataset, probabilities=True, batch_size=max(int(batch_size), 1))
+    if prob.shape[1:] != (h, w):
+        prob = np.stack([resize_image(p, (h, w)) for p in prob])
+    return np.clip(prob, 0.0, 1.0).astype(np.float32)
+
+
+def _brain_stack(dataset: SliceDataset, side: int = 128) -> np.ndarray | None:
+    """Brain masks (N, H, W) of the uploaded slices, found at about ``side`` px (a few ms a slice).
+
+    Dilated by a few pixels, so a bleed on the brain's edge (subdural, epidural) counts as inside.
+    None when the slices are not CT of a head in a unit the brain finder reads.
+    """
+    from scipy import ndimage
+
+    from .fewshot import brain_mask_stack
+
+    images = dataset.images[..., 0] if dataset.images.ndim == 4 else dataset.images
+    n, h, w = images.shape[:3]
+    step = max(1, int(np.ceil(max(h, w) / side)))
+    try:
+        small = brain_mask_stack(np.asarray(images[:, ::step, ::step], np.float32), unit=dataset.unit)
+    except (ValueError, DataError):
+        return None
+    grown = ndimage.binary_dilation(small, structure=np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], bool),
+                                    iterations=2)
+    return np.repeat(np.repeat(grown, step, axis=1), step, axis=2)[:, :h, :w]
+
+
+def focus_slice(mask: np.ndarray, brain: np.ndarray | None) -> int:
+    """The slice a stack opens on: the most predicted lesion *inside the brain*.
+
+    A model's false positives sit mostly outside the brain (skull base, scalp, the head rest),
+    and they can be larger than the lesion, so the slice with the largest predicted area is often
+    the wrong one to show first. Without any lesion inside the brain, the slice showing the most
+    brain; without a brain mask, the slice with the most predicted lesion.
+
+    Args:
+        mask: (N, H, W) predicted labels (0 = background).
+        brain: (N, H, W) bool brain masks, or None.
+
+    Returns:
+        A slice index (0-based).
+    """
+    n = len(mask)
+    lesion = (np.asarray(mask) > 0).reshape(n, -1)
+    if brain is not None:
+        inside = (lesion & np.asarray(brain, bool).reshape(n, -1)).sum(axis=1)
+        if inside.any():
+            return int(np.argmax(inside))
+        area = np.asarray(brain, bool).reshape(n, -1).sum(axis=1)
+        if area.any():
+            return int(np.argmax(area))
+    return int(np.argmax(lesion.sum(axis=1))) if n else 0
+
+
+def _measure(area_px: Mapping[str, np.ndarray], spacing, thickness, n: int):
+    """(area_mm2 or None, volume_ml or None) from pixel counts and geometry."""
+    if spacing is None:
+        return None, None
+    pixel_mm2 = float(spacing[0]) * float(spacing[1])
+    area_mm2 = {name: px * pixel_mm2 for name, px in area_px.items()}
+    volume_ml = None
+    if n > 1 and thickness:
+        voxel_ml = pixel_mm2 * float(thickness) / 1000.0
+        volume_ml = {name: float(px.sum()) * voxel_ml for name, px in area_px.items()}
+    return area_mm2, volume_ml
+
+
 def segment(
     model: Any,
     config: Any,
@@ -585,7 +822,8 @@ def segment(
     """Segment every slice of an uploaded dataset and measure the result.
 
     Args:
-        model: a Keras slice model.
+        model: a Keras slice model, or a :class:`strokekit.fewshot.FittedRecipe` (as
+            :func:`load_model_for_app` returns for a few-shot CT run: its whole recipe is applied).
         config: its TrainConfig (``image_size``, ``windows``, ``threshold``).
         dataset: the slices, e.g. from :func:`read_uploads`.
         threshold: probability cut-off for a sigmoid model (default ``config.threshold``).
@@ -600,8 +838,10 @@ def segment(
         ``area_mm2`` {class: (N,) mm²} or None without spacing, ``volume_ml`` {class: mL} or None
         (needs more than one slice, spacing and slice thickness), ``overlays`` list of uint8 RGB
         (H, W, 3), ``dice`` against the dataset's masks when they hold any lesion (else None),
-        ``case_ids``, ``spacing``, ``slice_thickness``, ``threshold``, ``seconds`` (total) and
-        ``timing`` {"predict_s", "postprocess_s"}.
+        ``lesion_in_brain_px`` (N,) predicted lesion pixels inside the brain (None when no brain
+        mask could be made), ``focus_slice`` (the slice to show first, :func:`focus_slice`),
+        ``case_ids``, ``spacing``, ``slice_thickness`` (from the files), ``threshold``,
+        ``seconds`` (total) and ``timing`` {"predict_s", "postprocess_s"}.
     """
     from .metrics import dice as dice_score
     from .preprocess import overlay_mask, to_unit_range
@@ -610,7 +850,10 @@ def segment(
     if len(dataset) == 0:
         raise UploadError("nothing to segment: the upload holds no slices")
     start = time.perf_counter()
-    prob = predict_volume(model, dataset, config, batch_size=batch_size, progress=progress)
+    if _is_fitted(model):
+        prob = _predict_fitted(model, dataset, batch_size)
+    else:
+        prob = predict_volume(model, dataset, config, batch_size=batch_size, progress=progress)
     predicted = time.perf_counter()
     if threshold is None:
         threshold = float(getattr(config, "threshold", 0.5))
@@ -634,20 +877,15 @@ def segment(
         if label
     }
     spacing = dataset.spacing
-    area_mm2 = None
-    if spacing is not None:
-        pixel_mm2 = float(spacing[0]) * float(spacing[1])
-        area_mm2 = {name: px * pixel_mm2 for name, px in area_px.items()}
-    volume_ml = None
-    if n > 1 and spacing is not None and dataset.slice_thickness:
-        voxel_ml = pixel_mm2 * float(dataset.slice_thickness) / 1000.0
-        volume_ml = {name: float(px.sum()) * voxel_ml for name, px in area_px.items()}
+    area_mm2, volume_ml = _measure(area_px, spacing, dataset.slice_thickness, n)
     window = config.windows[0] if getattr(config, "windows", None) else "brain"
     overlays = []
     for image, m in zip(dataset.images, mask):
         grey = image[..., 0] if image.ndim == 3 else image
         overlays.append(overlay_mask(to_unit_range(grey, dataset.unit, window), m))
     truth_dice = float(dice_score(dataset.masks > 0, mask > 0)) if dataset.masks.any() else None
+    brain = _brain_stack(dataset) if n > 1 else None  # one slice: nothing to choose
+    in_brain = None if brain is None else ((mask > 0) & brain).reshape(n, -1).sum(axis=1)
     end = time.perf_counter()
     return {
         "probability": lesion_prob.astype(np.float32),
@@ -658,6 +896,8 @@ def segment(
         "volume_ml": volume_ml,
         "overlays": overlays,
         "dice": truth_dice,
+        "lesion_in_brain_px": in_brain,
+        "focus_slice": focus_slice(mask, brain),
         "case_ids": list(dataset.case_ids),
         "spacing": spacing,
         "slice_thickness": dataset.slice_thickness,
@@ -667,24 +907,151 @@ def segment(
     }
 
 
+def with_geometry(
+    result: Mapping[str, Any], pixel_mm: float | None = None, slice_mm: float | None = None
+) -> dict[str, Any]:
+    """The result measured with the geometry that applies: the file's, else what the user typed.
+
+    PNG and JPEG files carry neither pixel size nor slice spacing; DICOM and NIfTI carry both,
+    and then typed values are ignored. Applying it again to its own output starts again from
+    the files' values, so a value typed for one upload never sticks to the next.
+
+    Args:
+        result: from :func:`segment` (or from this function).
+        pixel_mm: typed pixel size in mm (square pixels); None or <= 0: not given.
+        slice_mm: typed slice spacing in mm; None or <= 0: not given.
+
+    Returns:
+        A copy with ``spacing`` and ``slice_thickness`` in effect, ``area_mm2`` and
+        ``volume_ml`` measured with them, ``pixel_source`` and ``slice_source`` (``"file"``,
+        ``"typed"`` or None: unknown) and the files' own values in ``file_spacing`` and
+        ``file_slice_thickness``.
+    """
+    out = dict(result)
+    file_spacing = result.get("file_spacing", result["spacing"])
+    file_thickness = result.get("file_slice_thickness", result["slice_thickness"])
+    typed_pixel = _finite(pixel_mm)
+    typed_slice = _finite(slice_mm)
+    spacing, pixel_source = file_spacing, "file" if file_spacing is not None else None
+    if spacing is None and typed_pixel is not None and typed_pixel > 0:
+        spacing, pixel_source = (typed_pixel, typed_pixel), "typed"
+    thickness, slice_source = file_thickness, "file" if file_thickness else None
+    if not thickness and typed_slice is not None and typed_slice > 0:
+        thickness, slice_source = typed_slice, "typed"
+    n = len(result["mask"])
+    out["area_mm2"], out["volume_ml"] = _measure(result["area_px"], spacing, thickness, n)
+    out.update(spacing=spacing, slice_thickness=thickness or None, pixel_source=pixel_source,
+               slice_source=slice_source, file_spacing=file_spacing, file_slice_thickness=file_thickness)
+    return out
+
+
+def _px_text(px: int, spacing) -> str:
+    text = f"{px} px"
+    if spacing is not None:
+        text += f" = {px * float(spacing[0]) * float(spacing[1]):.1f} mm²"
+    return text
+
+
 def describe_result(result: Mapping[str, Any], name: str = "upload") -> str:
-    """One line for the user: slices, time, lesion size (area or volume)."""
+    """One line for the user: slices, time, lesion size; the same numbers :func:`slice_text` shows.
+
+    A stack gives its total over all slices (the volume in mL when the geometry is known); one
+    slice its area. Pass the result through :func:`with_geometry` first to count typed values.
+    """
     mask = result["mask"]
     n, h, w = mask.shape
     head = f"{name}: {n} slice{'s' if n != 1 else ''} of {h}x{w} segmented in {result['seconds']:.2f} s"
+    spacing = result.get("spacing")
     parts = []
     for cls, px in result["area_px"].items():
-        if result["volume_ml"] is not None:
-            parts.append(f"{cls} volume {result['volume_ml'][cls]:.2f} mL")
-        elif result["area_mm2"] is not None:
-            parts.append(
-                f"{cls} {int(px.sum())} px ({float(result['area_mm2'][cls].sum()):.1f} mm²)"
-            )
-        else:
-            parts.append(f"{cls} {int(px.sum())} px")
+        total = int(np.sum(px))
+        if n == 1:
+            parts.append(f"{cls} {_px_text(total, spacing)}")
+            continue
+        text = f"{cls} on {int((np.asarray(px) > 0).sum())} of {n} slices, {_px_text(total, spacing)} in all"
+        if result.get("volume_ml") is not None:
+            text += f" = {result['volume_ml'][cls]:.2f} mL"
+        parts.append(text)
     if result.get("dice") is not None:
         parts.append(f"Dice vs uploaded mask {result['dice']:.3f}")
     return head + ("; " + ", ".join(parts) if parts else "")
+
+
+def geometry_text(result: Mapping[str, Any]) -> str:
+    """Which pixel size and slice spacing the numbers use, and what is missing for mm², mL and 3-D."""
+    n = len(result["mask"])
+    spacing, thickness = result.get("spacing"), result.get("slice_thickness")
+    where = {"file": "from the file", "typed": "typed above"}
+    parts = []
+    if spacing is not None:
+        parts.append(f"pixel {float(spacing[0]):.3g} × {float(spacing[1]):.3g} mm "
+                     f"({where.get(result.get('pixel_source'), 'from the file')})")
+    if n > 1 and thickness:
+        parts.append(f"slice spacing {float(thickness):.3g} mm "
+                     f"({where.get(result.get('slice_source'), 'from the file')})")
+    missing = [what for what, absent in (("the pixel size", spacing is None),
+                                         ("the slice spacing", n > 1 and not thickness)) if absent]
+    if missing:
+        if n == 1:
+            needs = "mm² needs"
+        elif spacing is None:
+            needs = "mm², mL and the 3-D view need"
+        else:
+            needs = "mL and the 3-D view need"
+        it = "it" if len(missing) == 1 else "them"
+        parts.append(f"{needs} {' and '.join(missing)}: the file does not carry {it}, type {it} above")
+    return " · ".join(parts)
+
+
+def slice_text(result: Mapping[str, Any], k: int) -> str:
+    """The result panel's text (HTML) for slice ``k`` (0-based) of a :func:`with_geometry` result.
+
+    The totals over all slices are the numbers of :func:`describe_result`'s status line.
+    """
+    n = len(result["mask"])
+    spacing = result.get("spacing")
+    names = list(result["area_px"])
+    one = len(names) == 1
+    lines = []
+    if n > 1:
+        totals = []
+        for cls, px in result["area_px"].items():
+            text = ("" if one else f"{cls} ") + _px_text(int(np.sum(px)), spacing)
+            if result.get("volume_ml") is not None:
+                text += f" = {result['volume_ml'][cls]:.2f} mL"
+            totals.append(text + f" on {int((np.asarray(px) > 0).sum())} of {n} slices")
+        label = "Lesion volume" if result.get("volume_ml") is not None else "All slices"
+        lines.append(f"<b>{label}:</b> " + "; ".join(totals))
+    here = "; ".join(("" if one else f"{cls} ") + _px_text(int(px[k]), spacing)
+                     for cls, px in result["area_px"].items())
+    line = f"<b>{'Lesion area' if one else 'Area'}:</b> {here}"
+    if n > 1:
+        line += f" · slice {k + 1} of {n}"
+        in_brain = result.get("lesion_in_brain_px")
+        if in_brain is not None and int(np.sum([px[k] for px in result["area_px"].values()])) > int(in_brain[k]):
+            line += f" ({int(in_brain[k])} px inside the brain)"
+    lines.append(line)
+    note = geometry_text(result)
+    if note:
+        lines.append(f'<span class="sk-geometry">{note}</span>')
+    return "<br>".join(lines)
+
+
+def summary_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per class for the result table (a :func:`with_geometry` result): the same totals."""
+    spacing, thickness = result.get("spacing"), result.get("slice_thickness")
+    n = len(result["mask"])
+    rows = []
+    for name, px in result["area_px"].items():
+        total = int(np.sum(px))
+        row: dict[str, Any] = {"class": name, "slices with lesion": int((np.asarray(px) > 0).sum()),
+                               "pixels, all slices": total}
+        if spacing is not None:
+            row["area, all slices (mm²)"] = round(total * float(spacing[0]) * float(spacing[1]), 1)
+        if result.get("volume_ml") is not None and n > 1 and thickness:
+            row["volume (mL)"] = round(float(result["volume_ml"][name]), 3)
+        rows.append(row)
+    return rows
 
 
 # --------------------------------------------------------------------------- downloads
@@ -785,7 +1152,8 @@ def handle_upload(
         threshold: probability cut-off (default ``config.threshold``).
 
     Returns:
-        (result of :func:`segment` with ``dataset`` added, message) on success, or
+        (result of :func:`segment` with ``dataset`` and ``label`` (the files, in words) added,
+        message of :func:`describe_result`) on success, or
         (None, message saying which file failed and why). It never raises for a bad upload.
     """
     if model is None or config is None:
@@ -809,4 +1177,5 @@ def handle_upload(
     except Exception as exc:  # noqa: BLE001 - shown in the app instead of a traceback
         return None, f"{label}: segmentation failed ({type(exc).__name__}: {exc})"
     result["dataset"] = dataset
+    result["label"] = label
     return result, describe_result(result, label)

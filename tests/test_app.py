@@ -267,6 +267,25 @@ def test_dicom_error_names_the_uploaded_file(work):
     assert text.startswith("b.dcm: ") and "a.dcm" in text and "f000" not in text
 
 
+def test_oversized_slices_are_refused_from_the_header_by_the_io_check(work):
+    import pydicom
+
+    wide = _png_bytes(np.zeros((1, 5000), np.uint8))
+    with pytest.raises(
+        UploadError,
+        match=r"^wide\.png: declares 1x5000 pixels; slices are read up to 4096 pixels a side "
+        r"\(strokekit\.io\.MAX_SLICE_SIDE, checked before decoding\)",
+    ):
+        app.read_upload("wide.png", wide, work_dir=work)
+    # 12000 x 12000 declared, 60 bytes of pixel data: decoding would fail with another message.
+    ds = pydicom.dcmread(io.BytesIO(_dicom_bytes(np.zeros((6, 5), np.uint16), z=0.0, instance=1)))
+    ds.Rows, ds.Columns = 12000, 12000
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    with pytest.raises(UploadError, match=r"^big\.dcm: declares 12000x12000 pixels; slices are"):
+        app.read_upload("big.dcm", buffer.getvalue(), work_dir=work)
+
+
 # --------------------------------------------------------------------------- segmentation
 @pytest.mark.backend
 def test_handle_upload_segments_a_png(work):
@@ -405,7 +424,7 @@ def test_list_and_load_models_only_inside_runs(tmp_path):
     (run / "metrics.json").write_text(json.dumps({"dice": 0.5}))
     (root / "half-done").mkdir()
     (root / "half-done" / "config.json").write_text("{}")
-    assert app.list_models(root) == [("exp/run-a (val Dice 0.500)", run)]
+    assert app.list_models(root) == [("exp/run-a · trained on the phantom · val Dice 0.500 on phantom slices", run)]
     assert app.list_models(tmp_path / "missing") == []
 
     loaded, loaded_config = app.load_model_for_app(run, runs_root=root)
@@ -426,3 +445,300 @@ def test_list_and_load_models_only_inside_runs(tmp_path):
         app.load_model_for_app(root / "link", runs_root=root)
     with pytest.raises(UploadError, match="not a run folder"):
         app.load_model_for_app(root / "half-done", runs_root=root)
+
+
+# --------------------------------------------------------------------------- which models the app lists
+def _slice_run(folder: Path, dice: float | None = None, **config) -> Path:
+    """An ordinary run folder (a TrainConfig); model.keras only has to exist to be listed."""
+    from strokekit.config import to_dict
+
+    folder.mkdir(parents=True)
+    (folder / "model.keras").write_bytes(b"PK")
+    (folder / "config.json").write_text(json.dumps(to_dict(_config(**config))))
+    if dice is not None:
+        (folder / "metrics.json").write_text(json.dumps({"dice": dice}))
+    return folder
+
+
+def _fewshot_run(folder: Path, trained_on: str, scores: dict, val_dice: float = 0.7) -> Path:
+    """A few-shot run folder as strokekit.fewshot.save_fitted writes it (without a real model)."""
+    from strokekit import fewshot as fs
+    from strokekit.config import to_dict
+
+    folder.mkdir(parents=True)
+    (folder / "model.keras").write_bytes(b"PK")
+    (folder / "config.json").write_text(json.dumps(to_dict(_config())))
+    info = dict(kind="few-shot", recipe=fs.recipe_to_dict(fs.FewShotRecipe(config=_config())), threshold=0.4,
+                band=None, val_dice=val_dice, n_train=10, seconds=1.0, members=1, trained_on=trained_on,
+                scores=scores)
+    (folder / "fewshot.json").write_text(json.dumps(to_dict(info)))
+    (folder / "metrics.json").write_text(json.dumps({"dice": val_dice, **scores}))
+    return folder
+
+
+def test_list_models_says_what_each_run_learned_and_skips_runs_the_app_cannot_apply(tmp_path):
+    root = tmp_path / "runs"
+    phantom = _slice_run(root / "04" / "single", dice=0.702)
+    undecided = _slice_run(root / "09" / "model")
+    ct = _fewshot_run(root / "10" / "fewshot", "CT-ICH patients 49, 50, 51",
+                      {"test_per_patient_dice": 0.38, "test_data": "CT-ICH test patients 70-72"})
+    # Notebook 07's multiclass and notebook 08's perfusion runs: config.json is no slice TrainConfig.
+    multiclass = root / "07_multiclass" / "class_weights-s0"
+    multiclass.mkdir(parents=True)
+    (multiclass / "config.json").write_text(json.dumps({"base_filters": 8, "num_levels": 3,
+                                                        "class_names": ["background", "a", "b"]}))
+    (multiclass / "model.keras").write_bytes(b"PK")
+    perfusion = root / "08_ctp_core_penumbra" / "pretrain"
+    perfusion.mkdir(parents=True)
+    (perfusion / "config.json").write_text(json.dumps({"filters": [8, 16], "use_clinical": True}))
+    (perfusion / "model.keras").write_bytes(b"PK")
+    damaged = _fewshot_run(root / "10" / "damaged", "x", {})
+    (damaged / "fewshot.json").write_text("{ not json")
+
+    assert app.list_models(root) == [
+        ("04/single · trained on the phantom · val Dice 0.702 on phantom slices", phantom),
+        ("09/model · trained on the phantom · no score recorded", undecided),
+        ("10/fewshot · few-shot CT recipe, trained on CT-ICH patients 49, 50, 51 · "
+         "test per patient Dice 0.380 on CT-ICH test patients 70-72", ct),
+    ]
+    for folder, why in ((multiclass, "not a slice model's training config"), (perfusion, "not a slice model's"),
+                        (damaged, "fewshot.json is damaged")):
+        with pytest.raises(UploadError, match=why):
+            app.load_model_for_app(folder, runs_root=root)
+    info = app.model_info(ct, root)
+    assert info["kind"] == "few-shot" and info["ct_score"] == 0.38 and info["ct_tested"]
+    assert app.model_info(multiclass, root) is None and app.model_info(damaged, root) is None
+
+
+def test_default_model_is_the_best_for_ct(tmp_path):
+    root = tmp_path / "runs"
+    best_phantom = _slice_run(root / "a", dice=0.9)
+    _slice_run(root / "b", dice=0.5)
+    _slice_run(root / "c")
+    assert app.default_model(app.list_models(root), root) == best_phantom
+    # Few-shot CT runs win over any phantom run; among them the best recorded test Dice on CT
+    # patients, and a run with only a validation score ranks after every tested one.
+    _fewshot_run(root / "ct-1", "CT-ICH 49-51", {"test_per_patient_dice": 0.30})
+    best_ct = _fewshot_run(root / "ct-2", "CT-ICH 49-51", {"test_3d_dice": 0.41}, val_dice=0.5)
+    _fewshot_run(root / "ct-untested", "CT-ICH 49-51", {}, val_dice=0.95)
+    assert app.default_model(app.list_models(root), root) == best_ct
+    assert app.default_model([], root) is None
+
+
+# --------------------------------------------------------------------------- a few-shot CT recipe in the app
+def _display_heads(patients: dict[str, int], size: int = 16):
+    """Display-unit heads (air 0, bone 255, brain 100, blood 180): lesion slices, then 2 without."""
+    from strokekit.dataset import SliceDataset
+
+    yy, xx = np.mgrid[:size, :size]
+    r = np.hypot(yy - (size - 1) / 2, xx - (size - 1) / 2)
+    images, masks, pids, index = [], [], [], []
+    for pid, n_lesion in patients.items():
+        for j in range(n_lesion + 2):
+            image = np.where(r < size * 0.45, 255.0, 0.0).astype(np.float32)
+            image[r < size * 0.38] = 100.0
+            mask = np.zeros((size, size), np.uint8)
+            if j < n_lesion:
+                image[6:9, 6:9], mask[6:9, 6:9] = 180.0, 1
+            images.append(image)
+            masks.append(mask)
+            pids.append(pid)
+            index.append(j)
+    return SliceDataset(images=np.stack(images), masks=np.stack(masks),
+                        case_ids=[f"{p}_{i}" for p, i in zip(pids, index)], patient_ids=pids,
+                        slice_indices=np.array(index), unit="display",
+                        class_names=("background", "hemorrhage"))
+
+
+@pytest.fixture(scope="module")
+def ct_run(tmp_path_factory):
+    """A tiny few-shot recipe (every part of the kit's default: channels, flips, brain, tuned
+    threshold) fitted in seconds and saved as a run folder: (runs root, folder, fitted, val data)."""
+    from strokekit import fewshot as fs
+    from strokekit.train import TrainConfig
+
+    data = _display_heads({"49": 2, "50": 1, "51": 3, "66": 2})
+    train = data.select_patients(["49", "50", "51"])
+    val = data.select_patients(["66"])
+    recipe = fs.FewShotRecipe(
+        config=TrainConfig(image_size=16, filters=(4, 8), batch_norm=True, num_epochs=1, batch_size=4,
+                           early_stopping_patience=0, reduce_lr_patience=0, workers=1),
+        empty_ratio=1.0, patch_size=8, display_windows=((130.0, 230.0),), candidate_channel=True,
+        restrict_to_brain=True, tta_flip=True, tune_threshold=True, thresholds=(0.3, 0.6))
+    fitted = fs.fit_recipe(recipe, train, val, seed=0)
+    root = tmp_path_factory.mktemp("ct") / "runs"
+    folder = fs.save_fitted(fitted, root / "10_what_generalizes" / "fewshot-default",
+                            trained_on="fake CT-ICH 49/50/51",
+                            scores={"test_per_patient_dice": 0.25, "test_data": "fake patient 66"})
+    return root, folder, fitted, val
+
+
+def test_a_fewshot_run_is_listed_chosen_loaded_and_applied_with_its_whole_recipe(ct_run, tmp_path):
+    from strokekit import fewshot as fs
+
+    root, folder, fitted, val = ct_run
+    phantom = _slice_run(root / "04" / "single", dice=0.99)
+    try:
+        labels = dict((f, label) for label, f in app.list_models(root))
+        assert "few-shot CT recipe, trained on fake CT-ICH 49/50/51" in labels[folder]
+        assert "test per patient Dice 0.250 on fake patient 66" in labels[folder]
+        assert app.default_model(app.list_models(root), root) == folder  # not the phantom's 0.99
+    finally:
+        import shutil
+
+        shutil.rmtree(phantom)
+    model, config = app.load_model_for_app(folder, runs_root=root)
+    assert isinstance(model, fs.FittedRecipe) and model.recipe == fitted.recipe
+    assert config.threshold == fitted.threshold and config.image_size == 16
+    result = app.segment(model, config, val)
+    expected = fs.predict_recipe(fitted, val, probabilities=True)
+    np.testing.assert_allclose(result["probability"], expected, atol=1e-5)
+    np.testing.assert_array_equal(result["mask"], (expected >= fitted.threshold).astype(np.uint8))
+    # The recipe keeps predictions inside the (dilated) brain: nothing in the corners' air.
+    yy, xx = np.mgrid[:16, :16]
+    corners = np.hypot(yy - 7.5, xx - 7.5) >= 10.0
+    assert not result["probability"][:, corners].any()
+    # A non-square upload comes back at its own shape.
+    wide = val.replace(images=np.pad(val.images, ((0, 0), (0, 0), (0, 8))),
+                       masks=np.pad(val.masks, ((0, 0), (0, 0), (0, 8))))
+    assert app.segment(model, config, wide)["mask"].shape == (len(val), 16, 24)
+
+
+def test_a_png_upload_through_a_fewshot_run(ct_run, work):
+    root, folder, fitted, val = ct_run
+    model, config = app.load_model_for_app(folder, runs_root=root)
+    png = _png_bytes(val.images[0].astype(np.uint8))
+    result, text = app.handle_upload([("slice.png", png)], model, config, work_dir=work)
+    assert result is not None, text
+    assert text.startswith("slice.png: 1 slice of 16x16 segmented in")
+    assert result["threshold"] == fitted.threshold and result["label"] == "slice.png"
+
+
+# --------------------------------------------------------------------------- what the stack opens on
+def test_focus_slice_is_the_most_lesion_inside_the_brain():
+    mask = np.zeros((3, 8, 8), np.uint8)
+    brain = np.zeros((3, 8, 8), bool)
+    brain[:, 2:6, 2:6] = True
+    mask[0, :2, :] = 1          # a large false positive outside the brain (skull base)
+    mask[1, 3:5, 3:4] = 1       # a small lesion inside
+    mask[2, 3, 3] = 1           # a smaller one inside
+    assert app.focus_slice(mask, brain) == 1
+    assert app.focus_slice(mask, None) == 0  # without a brain mask: the largest area
+    outside_only = np.zeros_like(mask)
+    outside_only[0, :2, :] = 1
+    brain[2, 1:7, 1:7] = True
+    assert app.focus_slice(outside_only, brain) == 2  # no lesion in the brain: the most brain
+
+
+@pytest.mark.backend
+def test_segment_opens_a_stack_on_the_lesion_inside_the_brain_not_a_larger_false_positive():
+    from strokekit.dataset import SliceDataset
+
+    # Five identical heads in HU (air, a bone ring, brain at 30 HU); slice 1 holds a 70 HU bleed,
+    # slice 3 a larger bright band in the air above the head (a head rest, a skull-base streak).
+    yy, xx = np.mgrid[:64, :64]
+    r = np.hypot(yy - 36, xx - 31.5)
+    head = np.where(r < 24, 1000.0, -1000.0).astype(np.float32)
+    head[r < 20] = 30.0
+    hu = np.repeat(head[None], 5, axis=0)
+    hu[1, 30:36, 28:34] = 70.0
+    hu[3, :6, 8:56] = 80.0
+    data = SliceDataset(images=hu, masks=np.zeros(hu.shape, np.uint8), case_ids=[str(i) for i in range(5)])
+    result = app.segment(_constant_model(bias=-5.0, weight=10.0), _config(), data, threshold=0.9)
+    px = result["area_px"]["lesion"]
+    assert px[3] > px[1] > px[0] > 0  # the band is predicted and the largest area (the bone ring too)
+    assert result["focus_slice"] == 1
+    inside = result["lesion_in_brain_px"]
+    assert inside[1] > inside[0] == inside[3]  # the band is not in the brain, the bleed is
+
+
+# --------------------------------------------------------------------------- geometry and the texts
+def _stack_result(n=3, spacing=None, thickness=None):
+    px = np.array([0, 120, 30][:n])
+    mask = np.zeros((n, 20, 20), np.uint8)
+    return {"mask": mask, "area_px": {"lesion": px}, "spacing": spacing, "slice_thickness": thickness,
+            "seconds": 0.5, "dice": None, "lesion_in_brain_px": np.array([0, 100, 30][:n])}
+
+
+def test_typed_geometry_applies_only_where_the_file_has_none_and_never_sticks():
+    png = _stack_result()
+    shown = app.with_geometry(png, pixel_mm=0.5, slice_mm=5.0)
+    assert shown["spacing"] == (0.5, 0.5) and shown["slice_thickness"] == 5.0
+    assert shown["pixel_source"] == shown["slice_source"] == "typed"
+    assert shown["volume_ml"]["lesion"] == pytest.approx(150 * 0.25 * 5.0 / 1000)
+    again = app.with_geometry(shown)  # the fields were reset for the next upload
+    assert again["spacing"] is None and again["volume_ml"] is None and again["area_mm2"] is None
+    dicom = app.with_geometry(_stack_result(spacing=(0.7, 0.8), thickness=2.5), pixel_mm=0.5, slice_mm=5.0)
+    assert dicom["spacing"] == (0.7, 0.8) and dicom["slice_thickness"] == 2.5
+    assert dicom["pixel_source"] == dicom["slice_source"] == "file"
+    text = app.geometry_text(dicom)
+    assert "pixel 0.7 × 0.8 mm (from the file)" in text and "slice spacing 2.5 mm (from the file)" in text
+
+
+def test_the_panel_says_what_mm2_ml_and_3d_need():
+    none = app.with_geometry(_stack_result())
+    assert "mm², mL and the 3-D view need the pixel size and the slice spacing" in app.geometry_text(none)
+    pixel_only = app.with_geometry(_stack_result(), pixel_mm=0.5)
+    assert "mL and the 3-D view need the slice spacing: the file does not carry it, type it above" \
+        in app.geometry_text(pixel_only)
+    assert "pixel 0.5 × 0.5 mm (typed above)" in app.geometry_text(pixel_only)
+    one = app.with_geometry(_stack_result(n=1))
+    assert app.geometry_text(one).startswith("mm² needs the pixel size")
+    assert "slice spacing" not in app.geometry_text(one)
+
+
+def test_status_line_and_panel_give_the_same_numbers():
+    import re
+
+    shown = app.with_geometry(_stack_result(), pixel_mm=0.5, slice_mm=5.0)
+    status = app.describe_result(shown, "stack")
+    panel = app.slice_text(shown, 1)
+    assert status == ("stack: 3 slices of 20x20 segmented in 0.50 s; lesion on 2 of 3 slices, "
+                      "150 px = 37.5 mm² in all = 0.19 mL")
+    assert "<b>Lesion volume:</b> 150 px = 37.5 mm² = 0.19 mL on 2 of 3 slices" in panel
+    assert "<b>Lesion area:</b> 120 px = 30.0 mm² · slice 2 of 3 (100 px inside the brain)" in panel
+    assert app.summary_rows(shown) == [{"class": "lesion", "slices with lesion": 2, "pixels, all slices": 150,
+                                        "area, all slices (mm²)": 37.5, "volume (mL)": 0.188}]
+    for number in ("150 px", "37.5 mm²", "0.19 mL"):
+        assert number in status and number in re.sub("<[^>]+>", "", panel)
+    single = app.with_geometry(_stack_result(n=1))
+    assert app.describe_result(single, "a.png").endswith("; lesion 0 px")
+    assert "<b>Lesion area:</b> 0 px" in app.slice_text(single, 0)
+
+
+# --------------------------------------------------------------------------- the server's settings
+def test_voila_settings_free_kernels_and_take_the_largest_upload():
+    """tools/app_server/voila.py, read as Voila reads it (tests/test_app_browser.py checks it live)."""
+    from traitlets.config import Config
+
+    config = Config()
+    path = Path(__file__).resolve().parents[1] / "tools" / "app_server" / "voila.py"
+    exec(compile(path.read_text(), str(path), "exec"), {"get_config": lambda: config})
+    kernels = config.MappingKernelManager
+    assert 0 < kernels.cull_idle_timeout <= 3600 and 0 < kernels.cull_interval <= kernels.cull_idle_timeout
+    assert kernels.cull_connected is False  # an open page keeps its kernel
+    assert config.Voila.tornado_settings["websocket_max_message_size"] >= app.MAX_UPLOAD_BYTES
+    assert config.Voila.ip == "127.0.0.1"
+
+    class Page:  # Tornado sets the _xsrf cookie when a handler first reads xsrf_token
+        read = False
+
+        @property
+        def xsrf_token(self):
+            Page.read = True
+            return b"token"
+
+    assert config.VoilaConfiguration.prelaunch_hook(Page(), notebook=None, cwd=".") is None and Page.read
+
+
+def test_a_16_bit_png_upload_is_read_as_hu_plus_1024_like_the_readers(work):
+    hu = np.array([[-1000, 0, 40, 80], [1000, 60, 20, 0]], np.int32)
+    stored = Image.fromarray((hu + 1024).astype(np.uint16))
+    buffer = io.BytesIO()
+    stored.save(buffer, format="PNG")
+    data = app.read_uploads([("ct.png", buffer.getvalue())], work_dir=work)
+    assert data.unit == "HU"
+    np.testing.assert_array_equal(data.images[0], hu.astype(np.float32))
+    eight = _png_bytes(np.full((2, 4), 100, np.uint8))
+    with pytest.raises(UploadError, match="8-bit image .* use one kind"):
+        app.read_uploads([("ct.png", buffer.getvalue()), ("b.png", eight)], work_dir=work)
