@@ -551,21 +551,15 @@ def _display_heads(patients: dict[str, int], size: int = 16):
 
 
 @pytest.fixture(scope="module")
-def ct_run(tmp_path_factory):
-    """A tiny few-shot recipe (every part of the kit's default: channels, flips, brain, tuned
+def ct_run(tmp_path_factory, tiny_recipe):
+    """The tiny few-shot recipe (every part of the kit's default: channels, flips, brain, tuned
     threshold) fitted in seconds and saved as a run folder: (runs root, folder, fitted, val data)."""
     from strokekit import fewshot as fs
-    from strokekit.train import TrainConfig
 
     data = _display_heads({"49": 2, "50": 1, "51": 3, "66": 2})
     train = data.select_patients(["49", "50", "51"])
     val = data.select_patients(["66"])
-    recipe = fs.FewShotRecipe(
-        config=TrainConfig(image_size=16, filters=(4, 8), batch_norm=True, num_epochs=1, batch_size=4,
-                           early_stopping_patience=0, reduce_lr_patience=0, workers=1),
-        empty_ratio=1.0, patch_size=8, display_windows=((130.0, 230.0),), candidate_channel=True,
-        restrict_to_brain=True, tta_flip=True, tune_threshold=True, thresholds=(0.3, 0.6))
-    fitted = fs.fit_recipe(recipe, train, val, seed=0)
+    fitted = fs.fit_recipe(tiny_recipe, train, val, seed=0)
     root = tmp_path_factory.mktemp("ct") / "runs"
     folder = fs.save_fitted(fitted, root / "10_what_generalizes" / "fewshot-default",
                             trained_on="fake CT-ICH 49/50/51",

@@ -554,16 +554,11 @@ def test_hu_slices_reach_a_display_recipe_through_the_ctich_window():
     assert fs.as_display(shown) is shown
 
 
-def test_save_and_load_a_fitted_recipe_round_trip(tmp_path):
+def test_save_and_load_a_fitted_recipe_round_trip(tmp_path, tiny_recipe):
     data = fake_ctich(vanish=False)
     train = data.select_patients(["49", "50", "51"])
     val = data.subset(np.flatnonzero((np.asarray(data.patient_ids) == "66") & (data.extra["has_mask"] == 1)))
-    recipe = fs.FewShotRecipe(
-        config=TrainConfig(image_size=16, filters=(4, 8), batch_norm=True, num_epochs=1, batch_size=4,
-                           early_stopping_patience=0, reduce_lr_patience=0, workers=1),
-        empty_ratio=1.0, patch_size=8, display_windows=((130.0, 230.0),), candidate_channel=True,
-        restrict_to_brain=True, tta_flip=True, tune_threshold=True, thresholds=(0.3, 0.6))
-    fitted = fs.fit_recipe(recipe, train, val, seed=0)
+    fitted = fs.fit_recipe(tiny_recipe, train, val, seed=0)
     folder = fs.save_fitted(fitted, tmp_path / "ct", trained_on="fake CT-ICH 49/50/51", scores={"test": 0.5})
     assert fs.fewshot_run_info(folder)["trained_on"] == "fake CT-ICH 49/50/51"
     back = fs.load_fitted(folder)
