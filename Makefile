@@ -43,16 +43,18 @@ test-unit: install
 test-jax: install
 	XLA_FLAGS=--xla_backend_optimization_level=0 KERAS_BACKEND=jax $(PY) -m pytest tests -q -m "backend and not slow" -p no:cacheprovider
 
-# Notebooks validated in CI, in course order, in two chains that run at the same time (most of a quick
-# notebook is single-threaded Python, so two share the 2 cores of a small machine well). Notebooks that
-# hand files to each other share a chain: 02 saves the course split that 04, 06 and 09 read, and 06
-# evaluates the runs of 04 and 05. The other chain only reads data it generates, the CT-ICH slices or
-# (07) the course split, which is saved atomically. The app notebook lists every run folder, so it runs
-# after both. `make test-notebooks NBVAL_B= NBVAL_AFTER= NBVAL_A=notebooks` runs every notebook in one chain.
+# Notebooks validated in CI in two chains that run at the same time (most of a quick notebook is
+# single-threaded Python, so two share the 2 cores of a small machine well); the same chains as `make run`
+# (strokekit.runner.CHAINS, kept equal by a test). Notebooks that hand files to each other share a chain:
+# 02 saves the course split that 04, 06 and 09 read, and 06 evaluates the runs of 04 and 05. 03 needs
+# nothing and ends chain A so the two chains take about as long. The other chain only reads data it
+# generates, the CT-ICH slices or (07) the course split, which is saved atomically. The app notebook
+# lists every run folder, so it runs after both.
+# `make test-notebooks NBVAL_B= NBVAL_AFTER= NBVAL_A=notebooks` runs every notebook in one chain.
 NBVAL_A ?= notebooks/01_preprocessing.ipynb notebooks/02_cluster_split.ipynb notebooks/04_unet_vs_resunet.ipynb \
-	notebooks/05_transfer_learning.ipynb notebooks/06_evaluation.ipynb notebooks/09_3d_reconstruction.ipynb
-NBVAL_B ?= notebooks/03_augmentation.ipynb notebooks/07_multiclass.ipynb notebooks/08_ctp_core_penumbra.ipynb \
-	notebooks/10_what_generalizes.ipynb
+	notebooks/05_transfer_learning.ipynb notebooks/06_evaluation.ipynb notebooks/09_3d_reconstruction.ipynb \
+	notebooks/03_augmentation.ipynb
+NBVAL_B ?= notebooks/07_multiclass.ipynb notebooks/08_ctp_core_penumbra.ipynb notebooks/10_what_generalizes.ipynb
 NBVAL_AFTER ?= notebooks/app.ipynb
 NBVAL_LOG ?= build/nbval-b.log
 NBVAL_OPTS = --nbval-lax --nbval-cell-timeout=900 -q -p no:cacheprovider --durations=12
