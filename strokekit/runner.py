@@ -139,7 +139,7 @@ def _run_one(path: Path, k: int, n: int, out_dir: Path, profile: str, timeout: i
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
     name = path.stem
-    print(f"[{k}/{n}] {name} …", flush=True)
+    print(f"[{k}/{n}] {name} …\n", end="", flush=True)  # one write: the other chain's lines cannot split it
     figures_file = (out_dir / ".figures" / f"{name}.json").resolve()
     figures_file.unlink(missing_ok=True)
     env = {**os.environ, **KERNEL_ENV, "STROKEKIT_PROFILE": profile,
@@ -213,7 +213,7 @@ class _Progress:
         while not self._stop.wait(self.every):
             elapsed = _duration(time.perf_counter() - self._start)
             where = f"cell {self.cell}/{self.num_cells}" if self.cell else "starting the kernel"
-            print(f"  {self.name}: {elapsed}, {where}", flush=True)
+            print(f"  {self.name}: {elapsed}, {where}\n", end="", flush=True)
 
 
 def _duration(seconds: float) -> str:
