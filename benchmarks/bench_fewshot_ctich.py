@@ -188,11 +188,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             run_recipe(f"(2) study U-Net 31M, BCE, {recipe.config.num_epochs} ep", recipe, args.study_seeds, base_size)
         elif method == "threshold":
             start = time.perf_counter()
-            dev = [lesion_only_train, val]
-            band = fs.fit_threshold(np.concatenate([d.images for d in dev]), np.concatenate([d.masks for d in dev]),
-                                    patient_ids=sum((list(d.patient_ids) for d in dev), []))
+            band, pred = fs.threshold_baseline(lesion_only_train, val, test)
             fit_s = time.perf_counter() - start
-            pred = fs.threshold_in_brain(test.images, low=band["low"], high=band["high"], erosion=band["erosion"])
             result = fs.evaluate_protocol(pred, test)
             print(f"  threshold band {band['low']:.0f}–{band['high']:.0f}, erosion {band['erosion']} "
                   f"(per-patient Dice {band['dice']:.3f} on train+val): test {result['per_patient_dice']:.3f}",

@@ -108,10 +108,7 @@ else:
 
 # %%
 if HAVE_DATA:
-    dev = [train_data.subset(np.flatnonzero(fs.lesion_flags(train_data))), val_data]
-    band = fs.fit_threshold(np.concatenate([d.images for d in dev]), np.concatenate([d.masks for d in dev]),
-                            patient_ids=sum((list(d.patient_ids) for d in dev), []))
-    thr_pred = fs.threshold_in_brain(test_data.images, low=band["low"], high=band["high"], erosion=band["erosion"])
+    band, thr_pred = fs.threshold_baseline(train_data, val_data, test_data)   # band fitted on their lesion slices
     baseline = fs.evaluate_protocol(thr_pred, test_data)
     background = fs.evaluate_protocol(fs.all_background(test_data.images), test_data)
     print(f"band {band['low']:.0f}–{band['high']:.0f}, erosion {band['erosion']}: test per-patient Dice "
@@ -245,9 +242,10 @@ if HAVE_DATA:
 # %%
 if HAVE_DATA:
     started = time.perf_counter()
-    own, own_split = fs.load_protocol(PROTOCOL, image_size=DEFAULT.config.image_size, progress=False)
     proto_size = fs.PROTOCOLS[PROTOCOL]["image_size"]
-    small, small_split = fs.load_protocol(PROTOCOL, image_size=proto_size, progress=False)
+    def protocol_at(size):   # the slices of section 1 when this run already read them at that size
+        return (data, split) if size == SIZE else fs.load_protocol(PROTOCOL, image_size=size, progress=False)
+    (own, own_split), (small, small_split) = protocol_at(DEFAULT.config.image_size), protocol_at(proto_size)
     test_small = small_split.dataset(small, "test")
     if PROFILE.mode == "full" and STEPS[-1][1] == DEFAULT:
         ct_fit = models[(len(STEPS) - 1, SEEDS[0])]
@@ -255,14 +253,9 @@ if HAVE_DATA:
         ct_fit = fs.fit_recipe(DEFAULT, own_split.dataset(own, "train"), own_split.dataset(own, "val"), seed=SEEDS[0])
     ct_pred = fs.predict_recipe(ct_fit, own_split.dataset(own, "test"), output_size=proto_size)
     ct_result = fs.evaluate_protocol(ct_pred, test_small)
-    dev_small = [small_split.dataset(small, s) for s in ("train", "val")]
-    dev_small[0] = dev_small[0].subset(np.flatnonzero(fs.lesion_flags(dev_small[0])))
-    band_small = fs.fit_threshold(np.concatenate([d.images for d in dev_small]),
-                                  np.concatenate([d.masks for d in dev_small]),
-                                  patient_ids=sum((list(d.patient_ids) for d in dev_small), []))
-    thr_small = fs.evaluate_protocol(fs.threshold_in_brain(test_small.images, low=band_small["low"],
-                                                           high=band_small["high"], erosion=band_small["erosion"]),
-                                     test_small)
+    _, thr_small_pred = fs.threshold_baseline(small_split.dataset(small, "train"), small_split.dataset(small, "val"),
+                                              test_small)
+    thr_small = fs.evaluate_protocol(thr_small_pred, test_small)
     print(f"kit default at {DEFAULT.config.image_size} px (seed {SEEDS[0]}, threshold {ct_fit.threshold}): test "
           f"per-patient Dice {ct_result['per_patient_dice']:.3f} against the threshold's "
           f"{thr_small['per_patient_dice']:.3f} (both on the {proto_size} px masks); "

@@ -449,6 +449,23 @@ def fit_threshold(
     return best
 
 
+def threshold_baseline(train: SliceDataset, val: SliceDataset,
+                       test: SliceDataset) -> tuple[dict[str, float], np.ndarray]:
+    """The protocol's classical baseline: a band fitted on the lesion slices of train and val, applied to test.
+
+    Introduced in notebooks/10_what_generalizes.ipynb.
+
+    Returns:
+        (band from :func:`fit_threshold`, 0/1 masks of :func:`threshold_in_brain` on ``test``).
+    """
+    dev = [d.subset(np.flatnonzero(lesion_flags(d))) for d in (train, val)]
+    band = fit_threshold(np.concatenate([d.images for d in dev]), np.concatenate([d.masks for d in dev]),
+                         unit=train.unit, patient_ids=sum((list(d.patient_ids or []) for d in dev), []) or None)
+    pred = threshold_in_brain(test.images, unit=test.unit, low=band["low"], high=band["high"],
+                              erosion=int(band["erosion"]))
+    return band, pred
+
+
 def _dice_of(counts: np.ndarray) -> float:
     tp, fp, fn, _ = (int(c) for c in counts)
     return 1.0 if tp + fp + fn == 0 else 2.0 * tp / (2.0 * tp + fp + fn)
@@ -786,12 +803,12 @@ def as_display(data: SliceDataset, window: tuple[float, float] = DISPLAY_WINDOW)
     return data.replace(images=levels, unit="display", extra=extra)
 
 
-_CONTEXT_COLUMNS = frozenset(f"slice{d:+d}" for d in (*range(-3, 0), *range(1, 4)))
-
-
 def context_keys(k: int) -> list[str]:
     """The ``extra`` columns that hold the neighbours of :func:`attach_context`: ``slice-1``, ``slice+1``, ..."""
     return [f"slice{offset:+d}" for offset in (*range(-k, 0), *range(1, k + 1))]
+
+
+_CONTEXT_COLUMNS = frozenset(context_keys(3))  # every neighbour column a recipe can ask for
 
 
 def attach_context(data: SliceDataset, k: int = 1, source: SliceDataset | None = None) -> SliceDataset:

@@ -571,3 +571,17 @@ def test_save_and_load_a_fitted_recipe_round_trip(tmp_path, tiny_recipe):
     assert fs.fewshot_run_info(tmp_path) is None
     with pytest.raises(DataError, match="not a few-shot run"):
         fs.load_fitted(tmp_path)
+
+
+def test_threshold_baseline_fits_on_lesion_slices_of_train_and_val_and_segments_test():
+    data = fake_ctich(vanish=False)
+    split = fs.protocol_split(data, empty_slices=True)
+    train, val, test = (split.dataset(data, s) for s in ("train", "val", "test"))
+    band, pred = fs.threshold_baseline(train, val, test)
+    dev = [train.subset(np.flatnonzero(fs.lesion_flags(train))), val]
+    expected = fs.fit_threshold(np.concatenate([d.images for d in dev]), np.concatenate([d.masks for d in dev]),
+                                patient_ids=sum((list(d.patient_ids) for d in dev), []))
+    assert band == expected and band["low"] <= 180.0 <= band["high"]   # the blood level of the fake heads
+    np.testing.assert_array_equal(pred, fs.threshold_in_brain(test.images, low=band["low"], high=band["high"],
+                                                              erosion=band["erosion"]))
+    assert pred.shape == test.masks.shape and pred[test.masks > 0].mean() > 0.5
