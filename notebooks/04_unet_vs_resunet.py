@@ -113,7 +113,8 @@ del study
 # 0.5, and 4 augmented passes over the slices per epoch.
 
 # %%
-first = train.train(BASE, train_data, val_data, run_dir=RUNS / "single", split=split, progress=False)
+first = train.train(BASE, train_data, val_data, run_dir=RUNS / "single", split=split, progress=False,
+                    overwrite=True)  # the notebook's own folder: running it again replaces the run
 display(first.history.round(3))
 print({k: round(v, 3) for k, v in first.metrics.items()})
 assert (first.run_dir / "model.keras").is_file() and (first.run_dir / "history.csv").is_file()

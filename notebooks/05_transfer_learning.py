@@ -207,7 +207,7 @@ assert plan[-1].end_epoch == BASE.num_epochs
 
 # %%
 PRETRAINED = transfer.pretrain_on_source(PRETRAIN, source_train, source_val, run_dir=RUNS / "pretrain",
-                                         model=new_model(PRETRAIN.seed), progress=False)
+                                         model=new_model(PRETRAIN.seed), progress=False, overwrite=True)
 source_metrics = json.loads((PRETRAINED.parent / "metrics.json").read_text())
 pretrained = transfer.load_pretrained(PRETRAINED)
 zero_shot = train.evaluate_arrays(pretrained, *train.to_arrays(BASE, target_val), BASE.threshold)
@@ -224,7 +224,8 @@ del pretrained
 # the number of target training slices, drawn by patient (few-shot means few annotated patients).
 # `CURVE_METHODS` get every number of shots; the other schedules are trained on all slices.
 # Each run writes its own folder (config, `split.json` with the slices it drew, history, model,
-# metrics) under `RUNS / "curve"`.
+# metrics) under `RUNS / "curve"`; `overwrite=True` replaces the runs of an earlier execution
+# (without it, a folder that already holds a run stops the training with an error).
 
 # %%
 methods = {"scratch": (new_model, transfer.SCRATCH),
@@ -233,9 +234,9 @@ on_curve = {name: start for name, start in methods.items() if name in CURVE_METH
 at_all = {name: start for name, start in methods.items() if name not in CURVE_METHODS}
 curve = pd.concat([
     transfer.learning_curve(BASE, target_train, target_val, shots=SHOTS, seeds=SEEDS, methods=on_curve,
-                            run_root=RUNS / "curve", progress=False),
+                            run_root=RUNS / "curve", progress=False, overwrite=True),
     transfer.learning_curve(BASE, target_train, target_val, shots=("all",), seeds=SEEDS, methods=at_all,
-                            run_root=RUNS / "curve", progress=False) if at_all else None,
+                            run_root=RUNS / "curve", progress=False, overwrite=True) if at_all else None,
 ], ignore_index=True)
 n_all = len(target_train)
 display(train.summarize(curve[curve.shots == n_all], by=["method"]))
@@ -390,7 +391,7 @@ else:
         imagenet_config, target_train, target_val, shots=SHOTS, seeds=SEEDS,
         methods={f"{IMAGENET_ENCODER} frozen": (imagenet_model, SCHEDULES["frozen"]),
                  f"{IMAGENET_ENCODER} gradual": (imagenet_model, SCHEDULES["gradual"])},
-        run_root=RUNS / "imagenet", progress=False)
+        run_root=RUNS / "imagenet", progress=False, overwrite=True)
     both = pd.concat([curve[curve.method == "scratch"], imagenet_curve], ignore_index=True)
     display(train.summarize(both[both.shots == n_all], by=["method"]))
     display(transfer.plot_learning_curve(both))
@@ -418,10 +419,11 @@ else:
     ctich_val = ctich.select_patients(held_out)
     ctich_train = ctich.select_patients([p for p in ctich.patients() if p not in held_out])
     ctich_model = transfer.pretrain_on_source(PRETRAIN, ctich_train, ctich_val, run_dir=RUNS / "pretrain-ctich",
-                                              progress=False)
+                                              progress=False, overwrite=True)
     ctich_curve = transfer.learning_curve(
         BASE, target_train, target_val, shots=SHOTS, seeds=SEEDS,
-        methods={"ct-ich unfrozen": (ctich_model, SCHEDULES["unfrozen"])}, run_root=RUNS / "ctich", progress=False)
+        methods={"ct-ich unfrozen": (ctich_model, SCHEDULES["unfrozen"])}, run_root=RUNS / "ctich", progress=False,
+        overwrite=True)
     both = pd.concat([curve[curve.method.isin(["scratch", "unfrozen"])], ctich_curve], ignore_index=True)
     display(transfer.plot_learning_curve(both))
     display(transfer.transfer_effect(both, "ct-ich unfrozen"))

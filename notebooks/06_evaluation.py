@@ -59,6 +59,7 @@ from strokekit.dataset import concat
 from strokekit.phantom import generate_phantom, make_volume, volume_to_dataset
 from strokekit.preprocess import brain_mask, window_hu
 from strokekit.recon3d import predict_volume
+from strokekit.runs import list_runs
 
 # Many small models are loaded one after the other: TensorFlow's retracing notes are noise here.
 logging.getLogger("tensorflow").setLevel(logging.ERROR)
@@ -126,8 +127,8 @@ assert set(test_data.patients()).isdisjoint(val_data.patients())
 # %% [markdown]
 # ## 2. Which models: the runs of notebooks 04 and 05 — or, alone, a few trained here
 # This is the one cell that decides what gets evaluated, with four rules:
-# 1. a run is a finished run folder (`model.keras`, `config.json` and `metrics.json`) under
-#    `runs/04_unet_vs_resunet/grid` or `runs/05_transfer_learning`;
+# 1. a run is a finished binary run folder (`model.keras`, `config.json` and `metrics.json`; found
+#    by `strokekit.runs.list_runs`) under `runs/04_unet_vs_resunet/grid` or `runs/05_transfer_learning`;
 # 2. when it saved a `split.json`, its test slices must be ours — otherwise its training set may
 #    contain our test slices and its score would be flattered; runs without `split.json` (e.g.
 #    notebook 05's fine-tuning folders) are kept, but flagged `split_checked=False`;
@@ -145,26 +146,26 @@ run_columns = ["model", "seed", "source", "split_checked", "folder", "config", "
 
 def find_runs(root, source):
     rows = []
-    for model_file in sorted(root.rglob("model.keras")) if root.is_dir() else []:
-        folder = model_file.parent
+    for run in list_runs(root, kind="binary"):
+        folder = run.folder
         try:
-            run = train.load_run(folder)
-        except ValueError as err:  # DataError, or files this kit cannot read
+            config = train.config_from_dict(run.config)
+        except ValueError as err:  # a config this kit cannot read
             print(f"skipped {folder.name}: {err}")
             continue
-        config = run["config"]
-        if not run["metrics"] or config.num_classes != 1:
+        metrics_saved = run.metrics
+        if not metrics_saved or config.num_classes != 1:
             print(f"skipped {folder.name}: unfinished (no metrics.json) or not a binary model")
             continue
-        checked = run["split_path"] is not None
-        if checked and sorted(splitting.Split.load(run["split_path"]).cases("test")) != TEST_CASES:
+        checked = run.split_path is not None
+        if checked and sorted(splitting.Split.load(run.split_path).cases("test")) != TEST_CASES:
             print(f"skipped {folder.name}: trained on another split")
             continue
         rel = folder.relative_to(root)
         name = "/".join([*rel.parts[:-1], seed_suffix.sub("", rel.name)])
-        saved_dice = run["metrics"].get("dice", np.nan)
+        saved_dice = metrics_saved.get("dice", np.nan)
         rows.append([name if source != "05" else f"05:{name}", config.seed, source, checked,
-                     folder, config, saved_dice, model_file.stat().st_mtime])
+                     folder, config, saved_dice, run.model_path.stat().st_mtime])
     table = pd.DataFrame(rows, columns=run_columns)
     table = table.sort_values("mtime").drop_duplicates(["model", "seed"], keep="last")
     return table.sort_values(["model", "seed"]).reset_index(drop=True)

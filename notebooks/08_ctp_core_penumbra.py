@@ -172,7 +172,7 @@ source_split = splitting.random_split(source, test=0, val=0.2, seed=0)
 pool = perfusion.ModelPool()
 pretrained = perfusion.train_perfusion(
     perfusion.build_perfusion_model(TRAIN, PROFILE.image_size), source_split.dataset(source, "train"),
-    source_split.dataset(source, "val"), TRAIN, "scratch", pool=pool, run_dir=RUNS / "pretrain")
+    source_split.dataset(source, "val"), TRAIN, "scratch", pool=pool, run_dir=RUNS / "pretrain", overwrite=True)
 display(pretrained.history[["epoch", "loss", "val_loss", "val_dice_penumbra", "val_dice_core"]].round(3))
 assert np.isfinite(pretrained.history["loss"]).all()
 assert pretrained.history["loss"].iloc[-1] < pretrained.history["loss"].iloc[0]

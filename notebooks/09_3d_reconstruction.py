@@ -22,9 +22,8 @@
 # - Clean a 3-D mask (specks, holes) and measure the lesion volume in mL against the reference.
 # - Draw the lesion surface (marching cubes) inside the brain and skull, and scroll through the slices.
 #
-# **Runtime**: about 2 minutes on a laptop CPU (quick profile: a 64 px U-Net trained here for a few
-# epochs — a weak model, so the 3-D numbers are illustrative); the full profile (256 px, the study's
-# U-Net) needs a GPU (~15 minutes).
+# **Runtime**: about 2 minutes on a laptop CPU (quick profile: a slim U-Net trained here at 96 px for
+# half a minute); the full profile (256 px, the study's U-Net) needs a GPU (~15 minutes).
 
 # %% [markdown]
 # ## Setup
@@ -56,11 +55,13 @@ print(f"keras {keras.__version__} · backend {keras.backend.backend()}")
 # %% tags=["parameters"]
 PROFILE = get_profile()
 PHANTOM = phantom_config(PROFILE)      # the course's standard phantom (same in every notebook)
-TRAIN = PROFILE.train_config(        # the profile's sizes and training recipe (strokekit/config.py)
+MODEL_SIZE = 96 if PROFILE.name == "quick" else PROFILE.image_size  # a volume needs a finer outline than 64 px
+TRAIN = PROFILE.train_config(        # the profile's training recipe (strokekit/config.py)
     arch="unet",
     loss="bce_dice",
     augment=STUDY_AUGMENT,
     preview_slices=0,
+    image_size=MODEL_SIZE,
 )
 MODEL_RUN = None                       # or a run folder, e.g. paths.runs_dir() / "04_unet_vs_resunet" / "single"
 PATIENT_INDEX = PHANTOM.n_patients     # the first patient the course's phantom never contains: held out
@@ -83,8 +84,10 @@ print(PROFILE.name, TRAIN)
 # Everything in this notebook works with any slice model. `MODEL_RUN = None` trains one here on the
 # split saved by notebook 02, so this notebook runs on its own; set `MODEL_RUN` to a run folder
 # (e.g. notebook 04's `runs/04_unet_vs_resunet/single`, trained on the same split) to reuse a model
-# instead. In the quick profile the model works at 64 px on 128 px slices: it finds the lesion, but
-# its outline is coarse, so expect its volume to be off by some tens of percent (step 5 prints by how much).
+# instead. A volume adds up the outline of every slice, so here the quick profile trains at 96 px rather
+# than its usual 64 px: the phantom's slices are 128 px, and at 64 px each outline pixel is 3.6 mm wide.
+# With 42 training slices a network still depends on its seed: step 5 prints this seed's figures;
+# `benchmarks/recon3d_log.md` (2026-12-05) gives five seeds at 64, 96 and 128 px.
 # The run folder written here is also offered by the app (`notebooks/app.ipynb`).
 
 # %%
@@ -94,7 +97,7 @@ else:
     data = generate_phantom(PHANTOM, progress=False)
     split = splitting.load_or_make_split(data, SPLIT_FILE, seed=0)
     result = train.train(TRAIN, split.dataset(data, "train"), split.dataset(data, "val"),
-                         run_dir=RUNS / "model", split=split, progress=False, previews=False)
+                         run_dir=RUNS / "model", split=split, progress=False, previews=False, overwrite=True)
     model, config = result.model, TRAIN
     print({k: round(v, 3) for k, v in result.metrics.items()})
     assert 0.0 <= result.metrics["dice"] <= 1.0
@@ -213,13 +216,14 @@ volumes = pd.DataFrame({
     "cleaned": recon3d.volume_report(cleaned, truth, spacing),
 }).T
 display(volumes.round(3))
-assert np.allclose(volumes["true_ml"], true_ml) and (volumes["predicted_ml"] >= 0).all()
-assert volumes["dice_3d"].between(0, 1).all()
-# The model found the held-out patient's lesion (quick profile: 3-D Dice 0.57 raw; floor 0.3).
-assert not CHECK_LEARNING or volumes.loc["cleaned", "dice_3d"] >= 0.3
 report.record(phantom_true_ml=true_ml, phantom_predicted_ml=volumes.loc["cleaned", "predicted_ml"],
               phantom_volume_error=volumes.loc["cleaned", "relative_difference"],
               phantom_dice_3d=volumes.loc["cleaned", "dice_3d"])
+assert np.allclose(volumes["true_ml"], true_ml) and (volumes["predicted_ml"] >= 0).all()
+assert volumes["dice_3d"].between(0, 1).all()
+# The model found the held-out patient's lesion and measured it (floors of the quick profile, seed 0).
+assert not CHECK_LEARNING or volumes.loc["cleaned", "dice_3d"] >= 0.6
+assert not CHECK_LEARNING or abs(volumes.loc["cleaned", "relative_difference"]) <= 0.25
 
 # %%
 pred_mm2 = cleaned.reshape(len(cleaned), -1).sum(axis=1) * np.prod(volume.spacing)

@@ -306,7 +306,7 @@ def train_demo_model():
     data = generate_phantom(DEMO_PHANTOM, progress=False)
     split = splitting.load_or_make_split(data, DEMO_SPLIT, seed=0)
     result = train.train(DEMO_TRAIN, split.dataset(data, "train"), split.dataset(data, "val"),
-                         run_dir=DEMO_RUN, split=split, progress=False, previews=False)
+                         run_dir=DEMO_RUN, split=split, progress=False, previews=False, overwrite=True)
     return result.run_dir
 
 

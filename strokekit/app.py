@@ -509,15 +509,6 @@ def _finite(value: Any) -> float | None:
     return float(value) if np.isfinite(value) else None
 
 
-def _read_json(path: Path) -> Any:
-    import json
-
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 #: Few-shot score keys that measure a recipe on held-out CT patients, best first (see
 #: :func:`strokekit.fewshot.save_fitted`'s ``scores``); the first one a run records ranks it.
 CT_TEST_SCORES = ("test_per_patient_dice", "test_3d_dice", "test_dice")
@@ -553,12 +544,12 @@ def _fewshot_scores_text(info: Mapping[str, Any]) -> str:
 def model_info(folder: str | os.PathLike, runs_root: str | os.PathLike | None = None) -> dict[str, Any] | None:
     """What the app knows about a run folder without loading its model, or None if it cannot apply it.
 
-    The app applies two kinds of run: a few-shot CT recipe written by
-    :func:`strokekit.fewshot.save_fitted` (``fewshot.json`` beside the model) and an ordinary
-    binary-or-softmax slice model whose ``config.json`` is a :class:`strokekit.train.TrainConfig`
-    (notebooks 04-06, 09, the demo model; all trained on the phantom). Runs with another
-    config (notebook 07's multiclass runs, notebook 08's perfusion runs), a damaged
-    ``fewshot.json`` or no ``model.keras`` give None.
+    The app applies two kinds of run (:class:`strokekit.runs.RunFolder`): a few-shot CT recipe
+    (``"fewshot"``, written by :func:`strokekit.fewshot.save_fitted`, ``fewshot.json`` beside the
+    model) and an ordinary binary-or-softmax slice model (``"binary"``, whose ``config.json`` is a
+    :class:`strokekit.train.TrainConfig`: notebooks 04-06, 09, the demo model; all trained on the
+    phantom). Other kinds (notebook 07's multiclass and notebook 08's perfusion runs), a damaged
+    ``fewshot.json`` or ``config.json`` and no ``model.keras`` give None.
 
     Args:
         folder: a run folder.
@@ -572,18 +563,26 @@ def model_info(folder: str | os.PathLike, runs_root: str | os.PathLike | None = 
         ``ct_tested`` (True when ``ct_score`` is a test score), ``val_dice`` (float or None)
         and ``label`` (what the model picker shows).
     """
+    from .runs import RunFolder
+
+    try:
+        run = RunFolder.open(folder)
+    except DataError:
+        return None
+    return _run_info(run, _runs_root(runs_root)) if run.finished else None
+
+
+def _run_info(run, root: Path) -> dict[str, Any] | None:
+    """:func:`model_info` of an opened :class:`strokekit.runs.RunFolder`."""
     from .fewshot import fewshot_run_info, recipe_from_dict
     from .train import config_from_dict
 
-    folder = Path(folder)
-    if not (folder / "model.keras").is_file():
-        return None
-    root = _runs_root(runs_root)
+    folder = run.folder
     try:
         name = folder.relative_to(root).as_posix()
     except ValueError:
         name = folder.name
-    if (folder / "fewshot.json").exists():
+    if run.kind == "fewshot":
         info = fewshot_run_info(folder)
         if info is None:
             return None
@@ -600,12 +599,16 @@ def model_info(folder: str | os.PathLike, runs_root: str | os.PathLike | None = 
         return dict(folder=folder, kind="few-shot", trained_on=trained_on, scores=scores_text,
                     ct_score=tested[0] if tested else val, ct_tested=bool(tested), val_dice=val,
                     label=f"{name} · few-shot CT recipe, trained on {trained_on} · {scores_text}")
-    config = _read_json(folder / "config.json")
+    if run.kind != "binary":
+        return None
     try:
-        config_from_dict(config)
+        config_from_dict(run.config)
     except (TypeError, ValueError, AttributeError):
         return None
-    metrics = _read_json(folder / "metrics.json")
+    try:
+        metrics = run.metrics
+    except (OSError, ValueError):  # a damaged metrics.json: the run is listed without a score
+        metrics = None
     val = _finite(metrics.get("dice")) if isinstance(metrics, Mapping) else None
     scores_text = f"val Dice {val:.3f} on phantom slices" if val is not None else "no score recorded"
     return dict(folder=folder, kind="slice", trained_on="the phantom", scores=scores_text,
@@ -617,7 +620,8 @@ def list_models(runs_root: str | os.PathLike | None = None) -> list[tuple[str, P
     """The trained runs the app can apply: see :func:`model_info` for which ones and their labels.
 
     Args:
-        runs_root: where to look (default :func:`strokekit.paths.runs_dir`), at any depth.
+        runs_root: where to look (default :func:`strokekit.paths.runs_dir`), at any depth
+            (:func:`strokekit.runs.list_runs` of the ``"binary"`` and ``"fewshot"`` kinds).
 
     Returns:
         (label, run folder) pairs sorted by label. A label is the folder's path relative to
@@ -625,14 +629,14 @@ def list_models(runs_root: str | os.PathLike | None = None) -> list[tuple[str, P
         ``"04_unet_vs_resunet/single · trained on the phantom · val Dice 0.702 on phantom
         slices"``. Empty when the folder does not exist.
     """
+    from .runs import list_runs
+
     root = _runs_root(runs_root)
-    if not root.is_dir():
-        return []
     found = []
-    for model_path in root.rglob("model.keras"):
-        info = model_info(model_path.parent, root)
+    for run in list_runs(root, kind=("binary", "fewshot")):
+        info = _run_info(run, root)
         if info is not None:
-            found.append((info["label"], model_path.parent))
+            found.append((info["label"], run.folder))
     return sorted(found, key=lambda item: item[0])
 
 
@@ -688,9 +692,10 @@ def load_model_for_app(folder: str | os.PathLike, runs_root: str | os.PathLike |
             its model cannot be loaded.
     """
     import dataclasses
-    import json
 
-    from .train import config_from_dict, load_model
+    from .fewshot import FEWSHOT_FILE, load_fitted
+    from .runs import RunFolder
+    from .train import config_from_dict
 
     root = _runs_root(runs_root).resolve()
     target = Path(folder).resolve()
@@ -698,16 +703,20 @@ def load_model_for_app(folder: str | os.PathLike, runs_root: str | os.PathLike |
         raise UploadError(
             f"{folder}: refused, the app only loads models from inside the runs folder {root}"
         )
-    if not (target / "model.keras").is_file() or not (target / "config.json").is_file():
+    try:
+        run = RunFolder.open(target)
+    except DataError as exc:  # no config.json, or a damaged one
+        raise UploadError(f"{folder}: {exc.problem}") from None
+    if not run.finished:
         raise UploadError(f"{folder}: not a run folder (it needs model.keras and config.json)")
-    if (target / "fewshot.json").exists():
-        from .fewshot import load_fitted
-
-        if model_info(target, root) is None:
-            raise UploadError(f"{folder}: fewshot.json is damaged or not a few-shot recipe")
+    if run.kind == "fewshot":
         try:
-            fitted = load_fitted(target)
+            fitted = load_fitted(target)  # reads fewshot.json once, checks it and loads the members
         except DataError as exc:
+            if exc.path is not None and Path(exc.path).name == FEWSHOT_FILE:
+                raise UploadError(
+                    f"{folder}: {FEWSHOT_FILE} is damaged or not a few-shot recipe ({exc.problem})"
+                ) from None
             raise UploadError(f"{folder}: {exc.problem}") from None
         except Exception as exc:  # noqa: BLE001 - Keras raises many types for bad or unsafe files
             raise UploadError(
@@ -715,14 +724,18 @@ def load_model_for_app(folder: str | os.PathLike, runs_root: str | os.PathLike |
             ) from None
         return fitted, dataclasses.replace(fitted.recipe.config, threshold=float(fitted.threshold))
     try:
-        config = config_from_dict(json.loads((target / "config.json").read_text()))
+        if run.kind != "binary":
+            raise ValueError(f"a {run.kind} run")
+        config = config_from_dict(run.config)
     except (ValueError, TypeError, AttributeError) as exc:
         raise UploadError(
             f"{folder}: config.json is not a slice model's training config ({exc}); the app applies "
             "the binary slice models of notebooks 04-06 and 09 and few-shot CT recipes"
         ) from None
     try:
-        model = load_model(target)
+        model = run.load_model()
+    except DataError as exc:  # a damaged model.keras: say so, not a generic wrap
+        raise UploadError(f"{folder}: {exc.problem}") from None
     except Exception as exc:  # noqa: BLE001 - Keras raises many types for bad or unsafe files
         raise UploadError(
             f"{folder}: cannot load model.keras in safe mode ({type(exc).__name__}: {exc})"

@@ -104,7 +104,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                              ("batch_size", args.batch_size)) if v},
     )
     result = train(config, split.dataset(data, "train"), split.dataset(data, "val"),
-                   run_dir=args.out, split=split, progress=not args.quiet)
+                   run_dir=args.out, split=split, progress=not args.quiet, overwrite=args.overwrite)
     print(f"run folder: {result.run_dir}")
     print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()
                                      if isinstance(v, float)))
@@ -114,20 +114,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .io import load_dataset
     from .metrics import aggregate, segmentation_report
-    from .train import load_model, load_run, predict_numpy, to_arrays
+    from .runs import RunFolder
+    from .train import TrainConfig, config_from_dict, load_model, predict_numpy, to_arrays
 
     path = Path(args.model)
     if path.is_dir():
-        run = load_run(path)
+        run = RunFolder.open(path)
     elif (path.parent / "config.json").is_file():  # a .keras file inside a run folder
-        run = load_run(path.parent)
+        run = RunFolder.open(path.parent)
     else:
         run = None
+    if run is not None and run.kind != "binary":
+        print(f"evaluate handles binary slice models; {run.folder} is a {run.kind} run", file=sys.stderr)
+        return 2
     model = load_model(args.model)
-    config = run["config"] if run else None
-    if config is None:
-        from .train import TrainConfig
-
+    if run is not None:
+        config = config_from_dict(run.config)
+    else:
         shape = model.input_shape
         config = TrainConfig(image_size=int(shape[1]), windows=("brain",) * int(shape[-1]))
     if config.num_classes != 1:
@@ -192,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help="split file (default: a cluster split made now)")
     p.add_argument("--out", default=None,
                    help="run folder (default: runs/<arch>-<activation>-s<seed>-<time>)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--profile", default=None)
     p.add_argument("--quiet", action="store_true")
     p = sub.add_parser("evaluate", help=COMMANDS["evaluate"][1])
@@ -204,17 +208,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a command; bad data or a damaged model is one line on stderr and exit code 2.
+    """Run a command; bad data, a damaged model or a run folder already in use is one line on
+    stderr and exit code 2.
 
     Those are the user's to fix, so the message says what is wrong and where (a
-    :class:`~strokekit.errors.DataError`, e.g. from the readers or ``load_model``); any other
+    :class:`~strokekit.errors.DataError`, e.g. from the readers or ``load_model``, or the
+    ``FileExistsError`` of ``train --out`` into a folder that holds a run); any other
     exception is a bug in the kit and keeps its traceback.
     """
     args = build_parser().parse_args(argv)
     handler, _ = COMMANDS[args.command]
     try:
         return handler(args)
-    except DataError as exc:
+    except (DataError, FileExistsError) as exc:
         message = " ".join(str(exc).split())
         print(f"strokekit {args.command}: error: {message}", file=sys.stderr)
         return 2

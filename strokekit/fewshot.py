@@ -39,6 +39,7 @@ from scipy import ndimage
 from .augment import STUDY_AUGMENT, AugmentConfig
 from .dataset import SliceDataset, concat
 from .errors import DataError
+from .runs import FEWSHOT_FILE, RunFolder
 from .train import TrainConfig
 
 #: Fixed few-shot protocols: training and validation patients (all their lesion slices), input
@@ -1241,10 +1242,6 @@ def predict_recipe(
     return (prob >= fitted.threshold).astype(np.uint8)
 
 
-#: File that marks a run folder as a fitted few-shot recipe (beside ``config.json`` and ``model.keras``).
-FEWSHOT_FILE = "fewshot.json"
-
-
 def recipe_to_dict(recipe: FewShotRecipe) -> dict[str, Any]:
     """A JSON-ready dict of a recipe (its training config nested under ``config``)."""
     from .config import to_dict
@@ -1273,8 +1270,9 @@ def save_fitted(fitted: FittedRecipe, folder: str | os.PathLike, trained_on: str
                 scores: dict[str, Any] | None = None, overwrite: bool = False):
     """Write a fitted recipe as a run folder the app and :func:`load_fitted` can apply.
 
-    Writes ``model.keras`` (and ``model_1.keras``... for more members), ``config.json`` (the
-    network's training config), ``fewshot.json`` (kind ``"few-shot"``: the whole recipe, threshold,
+    A :class:`strokekit.runs.RunFolder` of kind ``"fewshot"``: ``model.keras`` (and
+    ``model_1.keras``... for more members), ``config.json`` (the network's training config),
+    ``fewshot.json`` (kind ``"few-shot"``: the whole recipe, threshold,
     threshold-map band, what it was trained on, its scores) and ``metrics.json``
     (``dice`` = the validation per-patient Dice, plus ``scores``).
 
@@ -1293,27 +1291,17 @@ def save_fitted(fitted: FittedRecipe, folder: str | os.PathLike, trained_on: str
     Raises:
         FileExistsError: the folder holds a run and ``overwrite`` is False.
     """
-    import json
-    from pathlib import Path
-
-    from .config import to_dict
-    from .paths import write_text_atomic
-
-    folder = Path(folder)
-    if (folder / "model.keras").exists() and not overwrite:
-        raise FileExistsError(f"{folder} already holds a run; pass overwrite=True to replace it")
-    folder.mkdir(parents=True, exist_ok=True)
-    for k, member in enumerate(fitted.models):
-        member.save(folder / ("model.keras" if k == 0 else f"model_{k}.keras"))
+    run = RunFolder.create(folder, "fewshot", fitted.recipe.config, overwrite=overwrite)
     info = dict(kind="few-shot", recipe=recipe_to_dict(fitted.recipe), threshold=float(fitted.threshold),
                 band=fitted.band, val_dice=float(fitted.val_dice), n_train=int(fitted.n_train),
                 seconds=float(fitted.seconds), members=len(fitted.models), trained_on=str(trained_on),
                 scores=dict(scores or {}))
-    write_text_atomic(folder / "config.json", json.dumps(to_dict(fitted.recipe.config), indent=2))
-    write_text_atomic(folder / FEWSHOT_FILE, json.dumps(to_dict(info), indent=2))
-    write_text_atomic(folder / "metrics.json", json.dumps(to_dict(dict(dice=float(fitted.val_dice), **(scores or {}))),
-                                                          indent=2))
-    return folder
+    run.write_json(FEWSHOT_FILE, info)  # before the models: a listed model always has its recipe
+    for k, member in enumerate(fitted.models):
+        run.save_model(member, member=k)
+    run.write_metrics(dict(dice=float(fitted.val_dice), **(scores or {})),
+                      data="the fit's validation slices (per-patient Dice)")
+    return run.folder
 
 
 def load_fitted(folder: str | os.PathLike) -> FittedRecipe:
@@ -1322,7 +1310,8 @@ def load_fitted(folder: str | os.PathLike) -> FittedRecipe:
     Introduced in notebooks/10_what_generalizes.ipynb.
 
     Raises:
-        DataError: the folder is not a few-shot run, or a file in it is damaged.
+        DataError: the folder is not a few-shot run, or a file in it is damaged (a damaged
+            ``fewshot.json`` is the error's ``path``).
     """
     import json
     from pathlib import Path
@@ -1335,12 +1324,16 @@ def load_fitted(folder: str | os.PathLike) -> FittedRecipe:
         raise DataError(f"not a few-shot run (no {FEWSHOT_FILE})", folder)
     try:
         info = json.loads(path.read_text())
+        if info.get("kind") != "few-shot":
+            raise ValueError(f"kind {info.get('kind')!r}, not 'few-shot'")
         recipe = recipe_from_dict(info["recipe"])
         members = int(info.get("members", 1))
-    except (ValueError, KeyError, TypeError) as exc:
+        threshold = float(info["threshold"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DataError(f"damaged few-shot run description ({exc})", path) from None
-    models = tuple(load_model(folder / ("model.keras" if k == 0 else f"model_{k}.keras")) for k in range(members))
-    return FittedRecipe(models[0], recipe, float(info["threshold"]), None, float(info.get("seconds", 0.0)),
+    run = RunFolder(folder, "fewshot", {})
+    models = tuple(load_model(run.model_file(k)) for k in range(members))
+    return FittedRecipe(models[0], recipe, threshold, None, float(info.get("seconds", 0.0)),
                         float("nan"), int(info.get("n_train", 0)), float(info.get("val_dice", float("nan"))),
                         info.get("band"), models)
 

@@ -14,7 +14,6 @@ Introduced in notebooks/07_multiclass.ipynb.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -179,7 +178,8 @@ class MulticlassConfig:
 
 
 def config_from_dict(data: Mapping[str, Any]) -> MulticlassConfig:
-    """Rebuild a :class:`MulticlassConfig` from its ``config.json`` (lists become tuples)."""
+    """Rebuild a :class:`MulticlassConfig` from its ``config.json`` (lists become tuples; its ``kind`` is skipped)."""
+    data = {k: v for k, v in data.items() if k != "kind"}
     names = {f.name for f in dataclasses.fields(MulticlassConfig)}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -397,10 +397,12 @@ def train_multiclass(
     name: str | None = None,
     progress: bool = True,
     previews: bool = True,
+    overwrite: bool = False,
 ):
     """Train a softmax U-Net on a :class:`MulticlassConfig` and write its run folder.
 
-    Like :func:`strokekit.train.train` (same loader, callbacks and folder: ``config.json``,
+    Like :func:`strokekit.train.train` (same loader, callbacks and folder: a
+    :class:`strokekit.runs.RunFolder` of kind ``"multiclass"`` with ``config.json``,
     ``history.csv``, ``model.keras`` at the best validation loss, ``previews/epoch_NNN.png``,
     ``metrics.json``) plus ``curves.png``; the loss carries the config's class weights.
 
@@ -414,16 +416,22 @@ def train_multiclass(
         name: run name prefix.
         progress: a progress bar over epochs.
         previews: save per-epoch previews.
+        overwrite: replace a run already in ``run_dir``.
 
     Returns:
         :class:`strokekit.train.RunResult`; ``metrics`` hold ``dice_<class>`` and ``iou_<class>``
         on the validation set (background excluded), ``mean_dice``, ``best_epoch``, ``epochs_run``.
+
+    Raises:
+        DataError: empty training or validation data.
+        FileExistsError: ``run_dir`` already holds a run and ``overwrite`` is False.
     """
     import keras
     import pandas as pd
 
     from .augment import SegmentationLoader
-    from .config import seed_everything, to_dict
+    from .config import seed_everything
+    from .runs import RunFolder, data_text
     from .train import RunResult, TqdmCallback, _preview_indices, make_run_dir, repeat_arrays, schedule_callbacks
 
     if len(train_data) == 0 or len(val_data) == 0:
@@ -433,13 +441,10 @@ def train_multiclass(
     x_val, y_val = to_arrays(config, val_data)
     model = compile_model(build_model(config), config)
 
-    if run_dir is False:
-        folder = None
-    elif run_dir is None:
-        folder = make_run_dir(name or f"multiclass-s{config.seed}")
-    else:
-        folder = Path(run_dir)
-        folder.mkdir(parents=True, exist_ok=True)
+    run = None
+    if run_dir is not False:
+        folder = run_dir if run_dir is not None else make_run_dir(name or f"multiclass-s{config.seed}")
+        run = RunFolder.create(folder, "multiclass", config, overwrite=overwrite)
     x_train, y_train = repeat_arrays(x_train, y_train, config.repeats)
     loader = SegmentationLoader(x_train, y_train, batch_size=config.batch_size,
                                 augment=config.augment, shuffle=True, seed=config.seed,
@@ -452,14 +457,13 @@ def train_multiclass(
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=config.early_stopping_patience, restore_best_weights=True))
     callbacks += schedule_callbacks(config)
-    if folder is not None:
-        (folder / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+    if run is not None:
         callbacks.append(keras.callbacks.ModelCheckpoint(
-            str(folder / "model.keras"), monitor="val_loss", save_best_only=True))
-        callbacks.append(keras.callbacks.CSVLogger(str(folder / "history.csv")))
+            str(run.model_path), monitor="val_loss", save_best_only=True))
+        callbacks.append(keras.callbacks.CSVLogger(str(run.history_path)))
         if previews and config.preview_slices:
             chosen = _preview_indices(y_val, config.preview_slices)
-            callbacks.append(_preview_callback(x_val[chosen], y_val[chosen], folder / "previews"))
+            callbacks.append(_preview_callback(x_val[chosen], y_val[chosen], run.previews_dir))
     if progress:
         callbacks.append(TqdmCallback(config.num_epochs, desc=name or "multiclass"))
 
@@ -469,8 +473,8 @@ def train_multiclass(
     seconds = time.perf_counter() - start
     history = pd.DataFrame(fit.history)
     history.insert(0, "epoch", np.arange(1, len(history) + 1))
-    if folder is not None and (folder / "model.keras").exists():
-        model = keras.saving.load_model(folder / "model.keras", safe_mode=True)
+    if run is not None and run.model_path.exists():
+        model = run.load_model()
     pred = predict_labels(model, config, x_val)
     from .metrics import per_class_metrics
 
@@ -483,13 +487,12 @@ def train_multiclass(
     metrics["best_epoch"] = int(history["val_loss"].idxmin()) + 1
     metrics["epochs_run"] = len(history)
     images_per_second = len(x_train) * len(history) / seconds if seconds else float("nan")
-    if folder is not None:
-        (folder / "metrics.json").write_text(json.dumps(
-            {**metrics, "seconds": round(seconds, 2), "images_per_second": round(images_per_second, 2)},
-            indent=2))
+    if run is not None:
+        run.write_metrics({**metrics, "seconds": round(seconds, 2), "images_per_second": round(images_per_second, 2)},
+                          data=data_text(val_data))
         fig = plot_history(history, config.class_names)
-        fig.savefig(folder / "curves.png", dpi=80)
-    return RunResult(model, history, metrics, folder, config, seconds, images_per_second)
+        fig.savefig(run.folder / "curves.png", dpi=80)
+    return RunResult(model, history, metrics, run.folder if run else None, config, seconds, images_per_second)
 
 
 def _inference_images(folder: Path) -> list[Path]:

@@ -36,7 +36,6 @@ Introduced in notebooks/08_ctp_core_penumbra.ipynb.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 import zlib
@@ -1087,6 +1086,7 @@ def train_perfusion(
     run_dir: str | os.PathLike | None = None,
     restore_best: bool = True,
     pool: ModelPool | None = None,
+    overwrite: bool = False,
 ) -> PerfusionRun:
     """Train (or fine-tune) a multi-input model following a freezing schedule.
 
@@ -1107,20 +1107,27 @@ def train_perfusion(
         config: the training settings (seed, loss, learning rate, ...).
         schedule: a name of :data:`SCHEDULES` or a FineTuneSchedule.
         num_epochs: overrides ``config.num_epochs`` (e.g. for pretraining).
-        run_dir: when given, ``config.json``, ``history.csv`` and ``model.keras`` are written there.
+        run_dir: when given, a :class:`strokekit.runs.RunFolder` of kind ``"perfusion"``:
+            ``config.json`` (with the schedule and epochs), ``history.csv`` and ``model.keras``.
         restore_best: end with the weights of the epoch with the lowest validation loss.
         pool: a :class:`ModelPool` to reuse compiled copies across calls (much faster for many
             runs of one architecture); None compiles ``model`` itself.
+        overwrite: replace a run already in ``run_dir``.
 
     Returns:
         :class:`PerfusionRun`; ``history`` has ``epoch``, ``phase``, ``trainable_blocks``,
         ``learning_rate`` and Keras' logs (``loss``, ``val_loss``, ``val_dice_core``, ...).
+
+    Raises:
+        DataError: empty training or validation data.
+        FileExistsError: ``run_dir`` already holds a run and ``overwrite`` is False.
     """
     import keras
     import pandas as pd
 
     from .config import seed_everything, to_dict
     from .models import encoder_blocks
+    from .runs import RunFolder
     from .transfer import freeze, trainable_blocks, unfreeze
 
     if len(train_data) == 0 or len(val_data) == 0:
@@ -1135,6 +1142,8 @@ def train_perfusion(
     val_loader = loader_for(val_data, config, training=False)
     rows: list[dict[str, Any]] = []
     best = {"loss": np.inf, "epoch": 0, "weights": None}
+    run = None if run_dir is None else RunFolder.create(
+        run_dir, "perfusion", {**to_dict(config), "schedule": name, "epochs": epochs}, overwrite=overwrite)
 
     class _Track(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
@@ -1172,16 +1181,11 @@ def train_perfusion(
     if restore_best and best["weights"] is not None:
         model.set_weights(best["weights"])
     history = pd.DataFrame(rows)
-    folder = None
-    if run_dir is not None:
-        folder = Path(run_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(
-            {**to_dict(config), "schedule": name, "epochs": epochs}, indent=2, default=str))
-        history.to_csv(folder / "history.csv", index=False)
-        model.save(folder / "model.keras")
+    if run is not None:
+        run.write_history(history)
+        run.save_model(model)
     best_epoch = int(best["epoch"]) if best["epoch"] else len(history)
-    return PerfusionRun(model, history, name, config, folder, seconds, best_epoch)
+    return PerfusionRun(model, history, name, config, run.folder if run else None, seconds, best_epoch)
 
 
 def predict_labels(model, dataset: SliceDataset, use_clinical: bool | None = None,

@@ -1,8 +1,9 @@
 """Training on a config: one call, one run folder with everything needed to trust or redo it.
 
-A run folder holds ``config.json``, ``split.json`` (when a split was given), ``history.csv``,
-``model.keras`` (best epoch by validation loss), ``previews/epoch_NNN.png`` (predicted masks on a
-few fixed validation slices, so students watch the mask form), and ``metrics.json``.
+A run folder (:class:`strokekit.runs.RunFolder`, kind ``"binary"``) holds ``config.json``,
+``split.json`` (when a split was given), ``history.csv``, ``model.keras`` (best epoch by validation
+loss), ``previews/epoch_NNN.png`` (predicted masks on a few fixed validation slices, so students
+watch the mask form), and ``metrics.json``.
 
 Introduced in notebooks/04_unet_vs_resunet.ipynb.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import json
 import math
 import os
 import time
@@ -21,10 +21,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from .augment import NO_AUGMENT, STUDY_AUGMENT, AugmentConfig
-from .config import seed_everything, to_dict
+from .config import seed_everything
 from .dataset import SliceDataset
 from .errors import DataError
 from .paths import runs_dir
+from .runs import RunFolder, data_text
 
 #: Learning-rate schedules :class:`TrainConfig` knows (see its ``lr_schedule``).
 LR_SCHEDULES: tuple[str, ...] = ("plateau", "cosine", "constant")
@@ -146,8 +147,9 @@ class TrainConfig:
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
-    """Rebuild a TrainConfig from ``config.json`` (nested augment settings included)."""
+    """Rebuild a TrainConfig from ``config.json`` (nested augment settings included; its ``kind`` is skipped)."""
     data = dict(data)
+    data.pop("kind", None)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -394,6 +396,7 @@ def train(
     model: Any = None,
     progress: bool = True,
     previews: bool = True,
+    overwrite: bool = False,
 ) -> RunResult:
     """Train a segmentation model on a config and write its run folder.
 
@@ -407,10 +410,15 @@ def train(
         model: a pre-built (e.g. pretrained) model to train instead of building one from the config.
         progress: show a progress bar over epochs.
         previews: save per-epoch prediction previews in the run folder.
+        overwrite: replace a run already in ``run_dir`` (see :meth:`strokekit.runs.RunFolder.create`).
 
     Returns:
         RunResult with the model (weights of the epoch with the lowest validation loss),
         history, final validation metrics, run folder, timing.
+
+    Raises:
+        DataError: empty training or validation data.
+        FileExistsError: ``run_dir`` already holds a run and ``overwrite`` is False.
     """
     import keras
     import pandas as pd
@@ -427,14 +435,11 @@ def train(
         model = build_model(config.arch, **config.model_kwargs())
     compile_model(model, config)
 
-    folder: Path | None
-    if run_dir is False:
-        folder = None
-    elif run_dir is None:
-        folder = make_run_dir(name or f"{config.arch}-{config.activation}-s{config.seed}")
-    else:
-        folder = Path(run_dir)
-        folder.mkdir(parents=True, exist_ok=True)
+    run = None
+    if run_dir is not False:
+        folder = run_dir if run_dir is not None else make_run_dir(
+            name or f"{config.arch}-{config.activation}-s{config.seed}")
+        run = RunFolder.create(folder, "binary", config, overwrite=overwrite, split=split)
 
     x_train, y_train = repeat_arrays(x_train, y_train, config.repeats)
     loader = SegmentationLoader(
@@ -449,16 +454,13 @@ def train(
     if config.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience))
     callbacks += schedule_callbacks(config)
-    if folder is not None:
-        (folder / "config.json").write_text(json.dumps(to_dict(config), indent=2))
-        if split is not None:
-            split.save(folder / "split.json")
+    if run is not None:
         callbacks.append(keras.callbacks.ModelCheckpoint(
-            str(folder / "model.keras"), monitor="val_loss", save_best_only=True))
-        callbacks.append(keras.callbacks.CSVLogger(str(folder / "history.csv")))
+            str(run.model_path), monitor="val_loss", save_best_only=True))
+        callbacks.append(keras.callbacks.CSVLogger(str(run.history_path)))
         if previews and config.preview_slices:
             chosen = _preview_indices(y_val, config.preview_slices)
-            callbacks.append(PreviewCallback(x_val[chosen], y_val[chosen], folder / "previews", config.threshold))
+            callbacks.append(PreviewCallback(x_val[chosen], y_val[chosen], run.previews_dir, config.threshold))
     if progress:
         callbacks.append(TqdmCallback(config.num_epochs, desc=name or config.arch))
 
@@ -474,10 +476,10 @@ def train(
     metrics["best_epoch"] = int(history["val_loss"].idxmin()) + 1
     metrics["epochs_run"] = len(history)
     images_per_second = len(x_train) * len(history) / seconds if seconds else float("nan")
-    if folder is not None:
-        (folder / "metrics.json").write_text(json.dumps(
-            {**metrics, "seconds": round(seconds, 2), "images_per_second": round(images_per_second, 2)}, indent=2))
-    return RunResult(model, history, metrics, folder, config, seconds, images_per_second)
+    if run is not None:
+        run.write_metrics({**metrics, "seconds": round(seconds, 2), "images_per_second": round(images_per_second, 2)},
+                          data=data_text(val_data))
+    return RunResult(model, history, metrics, run.folder if run else None, config, seconds, images_per_second)
 
 
 def _preview_indices(masks: np.ndarray, count: int) -> np.ndarray:
@@ -487,21 +489,13 @@ def _preview_indices(masks: np.ndarray, count: int) -> np.ndarray:
 
 
 def load_run(folder: str | os.PathLike) -> dict[str, Any]:
-    """Read a run folder: config (TrainConfig), history (DataFrame), metrics, model path."""
-    import pandas as pd
-
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise DataError("not a run folder (no config.json)", folder)
-    out: dict[str, Any] = {
-        "folder": folder,
-        "config": config_from_dict(json.loads((folder / "config.json").read_text())),
-    }
-    out["history"] = pd.read_csv(folder / "history.csv") if (folder / "history.csv").is_file() else None
-    out["metrics"] = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
-    out["model_path"] = folder / "model.keras" if (folder / "model.keras").is_file() else None
-    out["split_path"] = folder / "split.json" if (folder / "split.json").is_file() else None
-    return out
+    """Read a slice model's run folder (:meth:`strokekit.runs.RunFolder.open`) as a dict: folder,
+    config (TrainConfig), history (DataFrame or None), metrics ({} when none), model path and
+    split path (None when absent)."""
+    run = RunFolder.open(folder)
+    return {"folder": run.folder, "config": config_from_dict(run.config), "history": run.history,
+            "metrics": run.metrics or {}, "model_path": run.model_path if run.model_path.is_file() else None,
+            "split_path": run.split_path}
 
 
 def _check_keras_file(path: Path) -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import json
 import os
 import time
 import warnings
@@ -38,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import seed_everything, to_dict
+from .config import seed_everything
 from .dataset import SliceDataset
 from .errors import DataError
 from .train import RunResult, TrainConfig
@@ -616,6 +615,7 @@ def fine_tune(
     progress: bool = True,
     restore_best: bool = True,
     callbacks: Sequence[Any] = (),
+    overwrite: bool = False,
 ) -> RunResult:
     """Fine-tunes a (pretrained) model on target data following a schedule.
 
@@ -645,9 +645,10 @@ def fine_tune(
         val_data: validation slices (best epoch, early stopping, metrics).
         schedule: the :class:`FineTuneSchedule`; :data:`SCRATCH` trains everything at the
             config's rate.
-        run_dir: the run folder, as in :func:`strokekit.train.train`: it receives
-            ``config.json``, ``schedule.json``, ``split.json``, ``history.csv``, ``model.keras``
-            and ``metrics.json``; None creates ``<runs>/finetune-<mode>-s<seed>-<timestamp>``;
+        run_dir: the run folder, as in :func:`strokekit.train.train` (a
+            :class:`strokekit.runs.RunFolder` of kind ``"binary"``): it receives ``config.json``,
+            ``schedule.json``, ``split.json``, ``history.csv``, ``model.keras`` and
+            ``metrics.json``; None creates ``<runs>/finetune-<mode>-s<seed>-<timestamp>``;
             False writes nothing.
         split: the :class:`strokekit.split.Split` saved as ``split.json``; its ``"train"`` and
             ``"val"`` cases must be exactly ``train_data``'s and ``val_data``'s. None saves the
@@ -657,6 +658,7 @@ def fine_tune(
             (as :func:`strokekit.train.train` does when it writes a run folder).
         callbacks: more Keras callbacks, passed to every phase's ``fit`` (their ``model`` is
             the one training in that phase: phases before the last train a compiled copy).
+        overwrite: replace a run already in ``run_dir``.
 
     Returns:
         :class:`strokekit.train.RunResult`; its ``history`` has one row per epoch with
@@ -670,12 +672,14 @@ def fine_tune(
         ValueError: a model whose input does not match the config, a schedule that needs
             encoder blocks the model lacks, or (with a run folder) a split that does not hold
             exactly the slices trained and validated on.
+        FileExistsError: ``run_dir`` already holds a run and ``overwrite`` is False.
     """
     import keras
     import pandas as pd
     from tqdm.auto import tqdm
 
     from .augment import SegmentationLoader
+    from .runs import RunFolder, data_text
     from .train import evaluate_arrays, make_run_dir, to_arrays
 
     if len(train_data) == 0 or len(val_data) == 0:
@@ -703,6 +707,11 @@ def fine_tune(
         x_val, y_val, batch_size=val_batch, augment=None, shuffle=False,
         seed=config.seed, num_classes=config.num_classes, workers=1,
     )
+    run = None
+    if run_dir is not False:  # written before training, so a folder that holds a run stops it at once
+        folder = run_dir if run_dir is not None else make_run_dir(f"finetune-{schedule.mode}-s{config.seed}")
+        run = RunFolder.create(folder, "binary", config, overwrite=overwrite, split=split)
+        run.write_json("schedule.json", schedule)
     bar = tqdm(total=config.num_epochs, desc=f"fine-tune ({schedule.mode})", unit="epoch",
                leave=False, disable=not progress)
     tracker = _phase_tracker(config.early_stopping_patience, restore_best, bar)
@@ -753,24 +762,14 @@ def fine_tune(
     metrics["epochs_run"] = len(history)
     images_per_second = len(x_train) * len(history) / seconds if seconds else float("nan")
 
-    folder = None
-    if run_dir is not False:
-        if run_dir is None:
-            folder = make_run_dir(f"finetune-{schedule.mode}-s{config.seed}")
-        else:
-            folder = Path(run_dir)
-            folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(to_dict(config), indent=2))
-        (folder / "schedule.json").write_text(json.dumps(to_dict(schedule), indent=2))
-        split.save(folder / "split.json")
+    if run is not None:
         saved = history.copy()
         saved["trainable_blocks"] = ["+".join(b) for b in saved["trainable_blocks"]]
-        saved.to_csv(folder / "history.csv", index=False)
-        model.save(folder / "model.keras")
-        (folder / "metrics.json").write_text(json.dumps(
-            {**metrics, "seconds": round(seconds, 2), "images_per_second": round(images_per_second, 2)},
-            indent=2, default=float))
-    return RunResult(model, history, metrics, folder, config, seconds, images_per_second)
+        run.write_history(saved)
+        run.save_model(model)
+        run.write_metrics({**metrics, "seconds": round(seconds, 2), "images_per_second": round(images_per_second, 2)},
+                          data=data_text(val_data))
+    return RunResult(model, history, metrics, run.folder if run else None, config, seconds, images_per_second)
 
 
 # --------------------------------------------------------------------------- source tasks
@@ -849,6 +848,7 @@ def pretrain_on_source(
     run_dir: str | os.PathLike | None = None,
     model=None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Trains a network on the source task with :func:`strokekit.train.train` and saves it.
 
@@ -862,6 +862,7 @@ def pretrain_on_source(
         run_dir: the run folder; None creates ``<runs>/pretrain-<timestamp>``.
         model: a pre-built model instead of one built from the config.
         progress: a progress bar over epochs.
+        overwrite: replace a run already in ``run_dir``.
 
     Returns:
         Path of the saved ``model.keras`` (best validation loss), for :func:`load_pretrained`.
@@ -875,7 +876,8 @@ def pretrain_on_source(
     if run_dir is False:
         raise ValueError("pretrain_on_source saves the model: give a run_dir or None, not False")
     result = train(config, source_data, val_data, run_dir=run_dir, model=model,
-                   name=f"pretrain-{config.arch}-s{config.seed}", progress=progress, previews=False)
+                   name=f"pretrain-{config.arch}-s{config.seed}", progress=progress, previews=False,
+                   overwrite=overwrite)
     path = result.run_dir / "model.keras"
     if not path.is_file():
         raise DataError("source training saved no checkpoint (was the validation loss finite?)", path)
@@ -1120,6 +1122,7 @@ def learning_curve(
     eval_data: SliceDataset | None = None,
     run_root: str | os.PathLike | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ):
     """Trains every method on k target slices for every k and seed: one tidy row per run.
 
@@ -1150,6 +1153,7 @@ def learning_curve(
             ``<method>-k<shots>-s<seed>`` (see :func:`fine_tune`; its ``split.json`` holds the
             slices drawn); None writes nothing.
         progress: a progress bar over runs.
+        overwrite: replace runs already in those folders (e.g. when a notebook runs again).
 
     Returns:
         pandas DataFrame with columns :data:`CURVE_COLUMNS` plus ``patients`` (in the draw),
@@ -1214,7 +1218,7 @@ def learning_curve(
             subset, target_val, seed=seed, shots=int(k), drawn_from=len(target_train),
             draw="strokekit.transfer.few_shot_subset")
         result = fine_tune(worker, config, subset, target_val, method_schedule, run_dir=folder,
-                           split=used, progress=False)
+                           split=used, progress=False, overwrite=overwrite)
         metrics = result.metrics
         if eval_arrays is not None:
             metrics = {**metrics, **evaluate_arrays(worker, *eval_arrays, config.threshold)}
