@@ -132,6 +132,17 @@ def _inside_skull(bone: np.ndarray, head: np.ndarray) -> np.ndarray:
     return filled if filled.sum() >= 0.6 * hull.sum() else hull
 
 
+def _tissue_classes(image: np.ndarray, unit: str, threshold: tuple[float, float] | None = None):
+    """(image in the units of the band, soft-tissue band, bone, head) of one slice."""
+    if threshold is None:
+        if unit == "HU":
+            return image, (-5.0, 100.0), image > 250.0, image > -500.0
+        # brain window L40/W120 maps 0..100 HU to ~0.17..1; bone saturates at 1.0
+        scaled = to_unit_range(image, "display")
+        return scaled, (0.12, 0.97), scaled >= 0.99, scaled > 0.02
+    return image, threshold, image > threshold[1], image > threshold[0]
+
+
 def brain_mask(image: np.ndarray, unit: str = "HU", threshold: tuple[float, float] | None = None) -> np.ndarray:
     """Intracranial soft-tissue mask of one slice (skull stripping by thresholds and morphology).
 
@@ -158,21 +169,7 @@ def brain_mask(image: np.ndarray, unit: str = "HU", threshold: tuple[float, floa
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 2:
         raise DataError(f"brain_mask expects one 2-D slice, got shape {image.shape}")
-    if threshold is None:
-        if unit == "HU":
-            threshold = (-5.0, 100.0)
-            bone = image > 250.0
-            head = image > -500.0
-        else:
-            scaled = to_unit_range(image, "display")
-            # brain window L40/W120 maps 0..100 HU to ~0.17..1; bone saturates at 1.0
-            image = scaled
-            threshold = (0.12, 0.97)
-            bone = scaled >= 0.99
-            head = scaled > 0.02
-    else:
-        bone = image > threshold[1]
-        head = image > threshold[0]
+    image, threshold, bone, head = _tissue_classes(image, unit, threshold)
     low, high = threshold
     soft = (image > low) & (image < high)
     head = ndimage.binary_fill_holes(_largest_component(head))
@@ -186,6 +183,47 @@ def brain_mask(image: np.ndarray, unit: str = "HU", threshold: tuple[float, floa
     sizes = ndimage.sum(candidate, labels, index=np.arange(1, count + 1))
     keep = np.flatnonzero(sizes >= BRAIN_COMPARTMENT_FRACTION * sizes.max()) + 1
     return ndimage.binary_fill_holes(np.isin(labels, keep))
+
+
+SKULL_RAYS = 72
+"""Directions from the brain's centre that :func:`skull_enclosure` follows."""
+
+
+def skull_enclosure(image: np.ndarray, brain: np.ndarray, unit: str = "HU") -> float:
+    """Share of directions in which the skull surrounds ``brain`` on this slice (0..1).
+
+    From the centre of the mask, :data:`SKULL_RAYS` rays run outwards until they leave the head;
+    a ray counts when it meets bone first. Inside the cranium the skull is met in (almost) every
+    direction, also at the skull base; on slices through the neck and the face the bones
+    (vertebrae, jaw, sinus walls) stand in a few directions only, so the soft tissue that
+    :func:`brain_mask` finds there is not brain. Measured on the CT-ICH scans at 256 px: every
+    lesion slice of the protocol's training and validation patients has 0.9 or more.
+
+    Args:
+        image: one slice (H, W), in HU or display units.
+        brain: its brain mask (H, W), e.g. from :func:`brain_mask`.
+        unit: ``"HU"`` or ``"display"``.
+
+    Returns:
+        The share of rays that meet bone; 0.0 for an empty mask.
+    """
+    brain = np.asarray(brain, dtype=bool)
+    if not brain.any():
+        return 0.0
+    _, _, bone, head = _tissue_classes(np.asarray(image, dtype=np.float32), unit)
+    head = ndimage.binary_fill_holes(head)
+    cy, cx = ndimage.center_of_mass(brain)
+    angles = np.linspace(0.0, 2.0 * np.pi, SKULL_RAYS, endpoint=False)
+    radii = np.arange(1, int(np.hypot(*image.shape)) + 1)
+    ys = np.rint(cy + np.sin(angles)[:, None] * radii).astype(int)
+    xs = np.rint(cx + np.cos(angles)[:, None] * radii).astype(int)
+    inside = (ys >= 0) & (ys < image.shape[0]) & (xs >= 0) & (xs < image.shape[1])
+    ys, xs = np.clip(ys, 0, image.shape[0] - 1), np.clip(xs, 0, image.shape[1] - 1)
+    in_head = inside & head[ys, xs]
+    # Along each ray: the first step out of the head, and whether bone comes before it.
+    leaves = np.where(in_head.all(axis=1), len(radii), np.argmin(in_head, axis=1))
+    hits_bone = bone[ys, xs] & in_head & (np.arange(len(radii))[None] < leaves[:, None])
+    return float(hits_bone.any(axis=1).mean())
 
 
 def skull_strip(image: np.ndarray, unit: str = "HU", fill: float | None = None) -> np.ndarray:

@@ -585,3 +585,23 @@ def test_threshold_baseline_fits_on_lesion_slices_of_train_and_val_and_segments_
     np.testing.assert_array_equal(pred, fs.threshold_in_brain(test.images, low=band["low"], high=band["high"],
                                                               erosion=band["erosion"]))
     assert pred.shape == test.masks.shape and pred[test.masks > 0].mean() > 0.5
+
+
+def test_cranial_slices_keep_the_head_and_drop_the_neck_and_predict_nothing_there():
+    size = fs.ENCLOSURE_SIDE
+    image, _, _ = head(size, blood=None)
+    yy, xx = np.mgrid[:size, :size]
+    neck = np.zeros((size, size), np.float32)
+    neck[np.hypot(yy - size / 2, xx - size / 2) < 0.4 * size] = 100.0  # soft tissue
+    neck[np.hypot(yy - size * 0.7, xx - size / 2) < 0.07 * size] = 255.0  # a vertebra
+    neck[np.hypot(yy - size * 0.25, xx - size / 2) < 0.05 * size] = 255.0  # the jaw; no skull
+    data = SliceDataset(images=np.stack([image, neck]), masks=np.zeros((2, size, size), np.uint8),
+                        case_ids=["0", "1"], patient_ids=["p", "p"], unit="display")
+    assert fs.brain_mask_stack(neck).any()  # the brain finder takes the neck's soft tissue for brain
+    assert fs.cranial_slices(data).tolist() == [True, False]
+    prob = fs.predict_recipe(_fitted(restrict_to_brain=True), data, probabilities=True)
+    assert prob[0].max() > 0 and prob[1].max() == 0
+    assert fs.predict_recipe(_fitted(), data, probabilities=True)[1].max() > 0  # no restriction: no gate
+    # below ENCLOSURE_SIDE the bone is lost to resizing: every slice counts as cranial
+    small = data.replace(images=data.images[:, ::4, ::4], masks=data.masks[:, ::4, ::4])
+    assert fs.cranial_slices(small).tolist() == [True, True]

@@ -50,6 +50,28 @@ def test_brain_mask_excludes_skull_and_scalp_and_keeps_holes():
     assert not pp.brain_mask(np.full((32, 32), -1000.0)).any()
 
 
+def neck(size=64):
+    """A neck slice: soft tissue (35 HU) with a vertebra and a jaw bone, no skull around it."""
+    yy, xx = np.mgrid[:size, :size]
+    image = np.full((size, size), -1000.0, np.float32)
+    image[np.hypot(yy - size / 2, xx - size / 2) < 0.4 * size] = 35.0
+    image[np.hypot(yy - size * 0.7, xx - size / 2) < 0.07 * size] = 1200.0  # vertebra
+    image[np.hypot(yy - size * 0.25, xx - size / 2) < 0.05 * size] = 1200.0  # jaw
+    return image
+
+
+def test_skull_enclosure_tells_a_cranial_slice_from_a_neck_slice():
+    image, truth = head()
+    assert pp.skull_enclosure(image, pp.brain_mask(image)) == 1.0
+    display = pp.window_hu(image, (40, 120)) * 255
+    assert pp.skull_enclosure(display, pp.brain_mask(display, unit="display"), unit="display") == 1.0
+    soft = neck()
+    tissue = pp.brain_mask(soft)
+    assert tissue.any()  # the brain finder takes the neck's soft tissue for brain ...
+    assert pp.skull_enclosure(soft, tissue) < 0.5  # ... but no skull surrounds it
+    assert pp.skull_enclosure(image, np.zeros_like(truth)) == 0.0
+
+
 def test_resize_keeps_labels_and_rescales_spacing():
     mask = np.zeros((10, 10), np.uint8)
     mask[2:5, 2:5] = 2
