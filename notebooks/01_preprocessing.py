@@ -114,6 +114,11 @@ def show_window(case=index, level=40, width=80):
         a.set_axis_off()
     plt.show()
 
+# %% [markdown]
+# `widgets.interactive` builds one slider per argument of `show_window` and calls it again whenever a
+# slider moves; `continuous_update=False` waits until you let go, so the figure is not redrawn on every pixel.
+
+# %%
 panel = widgets.interactive(
     show_window,
     case=widgets.IntSlider(value=index, min=0, max=len(data) - 1, description="slice"),

@@ -203,6 +203,13 @@ else:
                                               progress=False)
     else:
         real_features = splitting.embed(real, REAL_EMBEDDING, use_overlay=USE_OVERLAY)
+
+# %% [markdown]
+# Then the same steps as on the phantom: cluster the features, assign whole patients to the subsets by
+# cluster, and check that no patient is on both sides.
+
+# %%
+if ctich is not None:
     real_clusters = splitting.cluster(real_features, K, seed=SEED)
     real_split = splitting.cluster_split(real, real_clusters, test=TEST, val=VAL, seed=SEED)
     splitting.check_leakage(real_split)

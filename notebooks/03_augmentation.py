@@ -46,10 +46,8 @@ from strokekit.phantom import PhantomConfig, generate_phantom
 # %% tags=["parameters"]
 PROFILE = get_profile()
 PHANTOM = PhantomConfig(
-    n_patients=PROFILE.phantom_patients,
-    slices_per_patient=PROFILE.phantom_slices_per_patient,
-    image_size=PROFILE.phantom_size,
-    multiclass=True,
+    n_patients=PROFILE.phantom_patients, slices_per_patient=PROFILE.phantom_slices_per_patient,
+    image_size=PROFILE.phantom_size, multiclass=True,
     lesion_types=("ischemic", "ischemic", "ischemic", "hemorrhagic"),   # drawn per patient: hemorrhage is rarer
     seed=0,
 )
@@ -103,6 +101,10 @@ def preview(rotation=15.0, shift=0.1, shear=0.1, zoom=0.1, elastic_alpha=6.0, co
                                  elastic_alpha=elastic_alpha, contrast=contrast, noise=noise)
     display(augment.show_random_grid(image, mask, config, n=8, seed=SEED))
 
+# %% [markdown]
+# One slider per argument of `preview`; each moves only that strength, the others keep their values.
+
+# %%
 slider = dict(continuous_update=False)
 display(widgets.interactive(
     preview,
@@ -128,6 +130,11 @@ report = augment.check_masks_valid(masks_aug, allowed_labels=[0, 1, 2])
 print(report)
 assert report["valid"]
 
+# %% [markdown]
+# Check (2): the brain mask rides along as if it were a lesion mask, with geometry only (intensity changes
+# would move the brain mask found on the image). A flipped image without its mask is the bug to catch.
+
+# %%
 brains = np.stack([preprocess.brain_mask(im, unit="display") for im in x[..., 0]]).astype(np.uint8)
 geometry_only = dataclasses.replace(AUGMENT, contrast=0.0, gamma=0.0, noise=0.0, blur=0.0)
 moved_images, moved_brains = augment.augment_batch(x[..., 0], brains, geometry_only, seed=SEED)

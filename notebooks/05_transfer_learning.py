@@ -49,6 +49,7 @@ from strokekit.augment import STUDY_AUGMENT
 from strokekit.config import get_profile, phantom_config
 from strokekit.phantom import generate_phantom
 
+# %%
 print(f"keras {keras.__version__} · backend {keras.backend.backend()}")
 
 # %% [markdown]
@@ -100,6 +101,8 @@ CTICH_SOURCE = PROFILE.mode == "full"     # 2814 real slices: GPU only
 CTICH_PATIENTS = {"full": None, "smoke": 4}.get(PROFILE.name)   # None: every patient
 SPLIT_FILE = paths.data_dir() / "splits" / "phantom_ischemic_split.json"
 RUNS = paths.runs_dir() / "05_transfer_learning"
+
+# %%
 print(PROFILE.name, BASE)
 
 # %% [markdown]
@@ -115,6 +118,12 @@ target = generate_phantom(TARGET_PHANTOM, progress=False)
 split = splitting.load_or_make_split(target, SPLIT_FILE, seed=0)
 splitting.check_leakage(split)
 target_train, target_val = split.dataset(target, "train"), split.dataset(target, "val")
+
+# %% [markdown]
+# The source comes from another phantom seed. Its patients are exchangeable, so the first tenth of them
+# validate the pretraining; the checks below confirm that no patient is shared and which lesions each set holds.
+
+# %%
 source = transfer.phantom_source(n_patients=SOURCE_PATIENTS, seed=SOURCE_SEED, target=TARGET_PHANTOM, progress=False)
 n_val = max(2, len(source.patients()) // 10)   # source patients are exchangeable: hold out the first 10 %
 source_val = source.select_patients(source.patients()[:n_val])
@@ -172,6 +181,11 @@ def new_model(seed=0):
     transfer.set_batchnorm_momentum(model, BN_MOMENTUM)
     return model
 
+# %% [markdown]
+# Build one and freeze its whole encoder: how many of its parameters are left to train, and which
+# batch-norm layers switched to inference mode?
+
+# %%
 demo = new_model()
 blocks = [name for name, _ in models.encoder_blocks(demo)]
 total = models.count_params(demo)
@@ -346,6 +360,10 @@ def try_schedule(schedule="unfrozen", learning_rate=BASE.learning_rate, shots=n_
     display(result.history[["epoch", "trainable_blocks", "learning_rate", "loss", "val_loss", "val_dice"]].round(4))
     print({k: round(v, 3) for k, v in result.metrics.items()}, "· run folder:", folder)
 
+# %% [markdown]
+# The panel: one control per argument of `try_schedule`; nothing trains until you press **Train**.
+
+# %%
 display(widgets.interactive(
     try_schedule, {"manual": True, "manual_name": "Train"},
     schedule=widgets.Dropdown(options=["scratch", *SCHEDULES], value="unfrozen"),
@@ -392,6 +410,13 @@ else:
         methods={f"{IMAGENET_ENCODER} frozen": (imagenet_model, SCHEDULES["frozen"]),
                  f"{IMAGENET_ENCODER} gradual": (imagenet_model, SCHEDULES["gradual"])},
         run_root=RUNS / "imagenet", progress=False, overwrite=True)
+
+# %% [markdown]
+# When it trained (full profile), its runs are summarised and its learning curve is drawn next to training
+# from scratch (the same slices and seeds).
+
+# %%
+if TRAIN_IMAGENET:
     both = pd.concat([curve[curve.method == "scratch"], imagenet_curve], ignore_index=True)
     display(train.summarize(both[both.shots == n_all], by=["method"]))
     display(transfer.plot_learning_curve(both))
@@ -420,6 +445,13 @@ else:
     ctich_train = ctich.select_patients([p for p in ctich.patients() if p not in held_out])
     ctich_model = transfer.pretrain_on_source(PRETRAIN, ctich_train, ctich_val, run_dir=RUNS / "pretrain-ctich",
                                               progress=False, overwrite=True)
+
+# %% [markdown]
+# Fine-tune the CT-ICH network with the unfrozen schedule and compare it with training from scratch and
+# with the phantom-pretrained network.
+
+# %%
+if CTICH_SOURCE and ctich_path is not None:
     ctich_curve = transfer.learning_curve(
         BASE, target_train, target_val, shots=SHOTS, seeds=SEEDS,
         methods={"ct-ich unfrozen": (ctich_model, SCHEDULES["unfrozen"])}, run_root=RUNS / "ctich", progress=False,
@@ -446,6 +478,12 @@ for row in effects.itertuples():
     print(f"{row.schedule:>8s}, {row.shots:3d} slices: transfer {words[row.verdict]} "
           f"(Dice {row.method_mean:.3f} vs scratch {row.baseline_mean:.3f}, paired difference "
           f"{row.mean_difference:+.3f} ± {row.sd_difference:.3f}, better in {row.improved_seeds}/{row.seeds} seeds)")
+
+# %% [markdown]
+# Two more facts for the verdict: which schedules started ahead of scratch (a lower training loss after the
+# first epoch), and the best mean Dice of any method at any number of slices.
+
+# %%
 first_loss = {name: np.mean([pd.read_csv(f"{r}/history.csv")["loss"].iloc[0]
                              for r in curve[(curve.method == name) & (curve.shots == n_all)]["run_dir"]])
               for name in methods}
@@ -453,6 +491,12 @@ ahead = [name for name in SCHEDULES if first_loss[name] < first_loss["scratch"]]
 best = summary.loc[summary["mean"].idxmax()]
 helped = sorted({r.schedule for r in effects.itertuples() if r.verdict == "helped"})
 hurt = sorted({r.schedule for r in effects.itertuples() if r.verdict == "hurt"})
+
+# %% [markdown]
+# The verdict in words, by fixed rules: first whether any method learned at all (a best mean Dice of
+# at least 0.1), then whether any schedule helped or hurt.
+
+# %%
 if best["mean"] < 0.1:
     verdict = (f"No method reached a mean Dice of 0.1 (best: {best['method']} with {best['shots']} slices, "
                f"{best['mean']:.3f}): the networks have barely begun to find infarcts, so these verdicts say "
@@ -467,6 +511,8 @@ if 0.1 <= best["mean"] < 0.3:
     verdict += (f" Keep in mind that every Dice here is low (best {best['mean']:.3f}): {BASE.num_epochs} epochs "
                 "have only begun to find infarcts, so this run shows how to make the comparison more than it "
                 "settles it.")
+
+# %%
 print(f"\n{verdict}\nBest mean Dice: {best['mean']:.3f} ({best['method']}, {best['shots']} slices); "
       f"zero-shot Dice of the pretrained network on the target: {zero_shot['dice']:.3f}.")
 print(f"After the first epoch the training loss was lower than scratch's for: {', '.join(ahead) or 'none'} "

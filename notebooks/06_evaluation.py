@@ -39,7 +39,6 @@
 # %%
 # %matplotlib inline
 import logging
-import re
 import time
 
 import ipywidgets as widgets
@@ -59,8 +58,8 @@ from strokekit.dataset import concat
 from strokekit.phantom import generate_phantom, make_volume, volume_to_dataset
 from strokekit.preprocess import brain_mask, window_hu
 from strokekit.recon3d import predict_volume
-from strokekit.runs import list_runs
 
+# %%
 # Many small models are loaded one after the other: TensorFlow's retracing notes are noise here.
 logging.getLogger("tensorflow").setLevel(logging.ERROR)
 print(f"keras {keras.__version__} · backend {keras.backend.backend()} · pandas {pd.__version__}")
@@ -78,13 +77,10 @@ RUN_SOURCES = {  # where earlier notebooks saved their runs
 }
 OUT = paths.runs_dir() / "06_evaluation"
 # Used only when no earlier run is found (this notebook run on its own): a small grid trained here.
-FALLBACK_BASE = train.TrainConfig(
-    arch="unet", filters=PROFILE.filters, activation="leaky_relu", loss="bce",
-    batch_size=PROFILE.batch_size, num_epochs=PROFILE.num_epochs,
-    image_size=PROFILE.image_size, augment=STUDY_AUGMENT,
-)
-FALLBACK_VARIANTS = [{"arch": "unet", "activation": "leaky_relu"},
-                     {"arch": "resunet", "activation": "leaky_relu"}]
+FALLBACK_BASE = train.TrainConfig(arch="unet", filters=PROFILE.filters, activation="leaky_relu", loss="bce",
+                                  batch_size=PROFILE.batch_size, num_epochs=PROFILE.num_epochs,
+                                  image_size=PROFILE.image_size, augment=STUDY_AUGMENT)
+FALLBACK_VARIANTS = [{"arch": "unet", "activation": "leaky_relu"}, {"arch": "resunet", "activation": "leaky_relu"}]
 SEEDS = tuple(range(PROFILE.num_seeds))
 CHECK_LEARNING = PROFILE.name == "quick"   # assert the learning floors (measured in the quick profile)
 BASELINE_CUTOFFS = np.arange(40.0, 85.0, 5.0)  # HU cut-offs the baseline may choose (on train)
@@ -126,7 +122,8 @@ assert set(test_data.patients()).isdisjoint(val_data.patients())
 
 # %% [markdown]
 # ## 2. Which models: the runs of notebooks 04 and 05 — or, alone, a few trained here
-# This is the one cell that decides what gets evaluated, with four rules:
+# This is the one cell that decides what gets evaluated, with four rules (`evaluation.find_runs`
+# applies the first three, and prints why it left a folder out):
 # 1. a run is a finished binary run folder (`model.keras`, `config.json` and `metrics.json`; found
 #    by `strokekit.runs.list_runs`) under `runs/04_unet_vs_resunet/grid` or `runs/05_transfer_learning`;
 # 2. when it saved a `split.json`, its test slices must be ours — otherwise its training set may
@@ -139,50 +136,25 @@ assert set(test_data.patients()).isdisjoint(val_data.patients())
 #    an earlier run of this notebook left it there. This is the only training in the notebook.
 
 # %%
-seed_suffix = re.compile(r"-s\d+(-\d{8}-\d{6}(-\d+)?)?$")  # "<label>-s<seed>-<time>" → "<label>"
-run_columns = ["model", "seed", "source", "split_checked", "folder", "config", "saved_val_dice",
-               "mtime"]
-
-
-def find_runs(root, source):
-    rows = []
-    for run in list_runs(root, kind="binary"):
-        folder = run.folder
-        try:
-            config = train.config_from_dict(run.config)
-        except ValueError as err:  # a config this kit cannot read
-            print(f"skipped {folder.name}: {err}")
-            continue
-        metrics_saved = run.metrics
-        if not metrics_saved or config.num_classes != 1:
-            print(f"skipped {folder.name}: unfinished (no metrics.json) or not a binary model")
-            continue
-        checked = run.split_path is not None
-        if checked and sorted(splitting.Split.load(run.split_path).cases("test")) != TEST_CASES:
-            print(f"skipped {folder.name}: trained on another split")
-            continue
-        rel = folder.relative_to(root)
-        name = "/".join([*rel.parts[:-1], seed_suffix.sub("", rel.name)])
-        saved_dice = metrics_saved.get("dice", np.nan)
-        rows.append([name if source != "05" else f"05:{name}", config.seed, source, checked,
-                     folder, config, saved_dice, run.model_path.stat().st_mtime])
-    table = pd.DataFrame(rows, columns=run_columns)
-    table = table.sort_values("mtime").drop_duplicates(["model", "seed"], keep="last")
-    return table.sort_values(["model", "seed"]).reset_index(drop=True)
-
-
 start = time.perf_counter()
-runs = pd.concat([find_runs(root, src) for src, root in RUN_SOURCES.items()], ignore_index=True)
+runs = pd.concat([evaluation.find_runs(root, TEST_CASES, source=src, prefix="05:" if src == "05" else "", log=print)
+                  for src, root in RUN_SOURCES.items()], ignore_index=True)
 if runs.empty:
-    runs = find_runs(OUT / "runs", "06")
+    runs = evaluation.find_runs(OUT / "runs", TEST_CASES, source="06", log=print)
 if runs.empty:
     print(f"No runs from notebooks 04/05: training {len(FALLBACK_VARIANTS)} configurations × "
           f"{len(SEEDS)} seeds here (quick profile: a few minutes) …")
     train.train_grid(FALLBACK_BASE, FALLBACK_VARIANTS, SEEDS, split.dataset(data, "train"),
                      val_data, root=OUT / "runs", split=split, progress=False)
-    runs = find_runs(OUT / "runs", "06")
+    runs = evaluation.find_runs(OUT / "runs", TEST_CASES, source="06", log=print)
 print(f"{len(runs)} runs of {runs['model'].nunique()} configurations from notebook(s) "
       f"{sorted(runs['source'].unique())} ({time.perf_counter() - start:.0f} s)")
+
+# %% [markdown]
+# One row per configuration and seed. `saved_val_dice` is what each run measured on validation when
+# it was trained; a 0 there means the run did not find a single lesion pixel of the validation slices.
+
+# %%
 display(runs[["model", "seed", "source", "split_checked", "saved_val_dice"]])
 found_nothing = int((runs["saved_val_dice"] == 0).sum())
 print(f"{found_nothing} of {len(runs)} runs found no lesion pixel on validation "
@@ -214,7 +186,11 @@ def baseline_probability(dataset):
     smooth, brain = hu_evidence(dataset, MARGIN)
     return (brain * expit((smooth - CUTOFF) / BASELINE_SOFTNESS)).astype(np.float32)
 
+# %% [markdown]
+# Fit the two parameters on the training slices: the Dice of every cut-off and margin, and the best
+# pair. The baseline then joins the runs as one more "model".
 
+# %%
 train_data = split.dataset(data, "train")
 fit = {}
 for margin in BASELINE_MARGINS_MM:
@@ -224,7 +200,9 @@ for margin in BASELINE_MARGINS_MM:
 fit = pd.DataFrame(fit).rename_axis(index="cut-off (HU)", columns="margin (mm)")
 CUTOFF, MARGIN = fit.stack().idxmax()
 baseline_row = [f"baseline HU≥{CUTOFF:.0f}", 0, "baseline", True, None, None, np.nan, np.nan]
-runs = pd.concat([runs, pd.DataFrame([baseline_row], columns=run_columns)], ignore_index=True)
+runs = pd.concat([runs, pd.DataFrame([baseline_row], columns=list(evaluation.RUN_COLUMNS))], ignore_index=True)
+
+# %%
 display(fit.round(3))
 kinds = pd.Series(train_data.extra["lesion_type"], index=train_data.patient_ids)
 infarcts = (kinds[kinds != "none"].groupby(level=0).first() == "ischemic").sum()
@@ -233,7 +211,11 @@ print(f"fitted on the training slices: HU ≥ {CUTOFF:.0f}, {MARGIN:g} mm trimme
       f"{len(train_data.patients())} training patients have an infarct, which it cannot see)")
 assert fit.loc[CUTOFF, MARGIN] == fit.max().max() and np.all((fit >= 0) & (fit <= 1))
 
+# %% [markdown]
+# One function gives the probabilities of any run, a saved network or the baseline, on any slices;
+# every later step predicts through it.
 
+# %%
 def predict(i, *datasets):
     """Probabilities of run ``i`` on each dataset, at the dataset's own pixel size."""
     if runs.loc[i, "source"] == "baseline":
@@ -263,6 +245,11 @@ for i, run in runs.iterrows():
         slice_thickness=test_data.slice_thickness, threshold=THRESHOLD, progress=False)
     rows.append(per_slice.assign(model=run["model"], seed=run["seed"], run=i))
     runs.loc[i, "val_dice"] = metrics.dice(val_data.masks, prob_val[i] >= THRESHOLD)
+
+# %% [markdown]
+# The result: one row per model run and test slice, with every metric and the confusion counts behind it.
+
+# %%
 slices = pd.concat(rows, ignore_index=True)
 print(f"{len(runs)} models × {len(test_data)} test slices predicted and measured "
       f"in {time.perf_counter() - start:.0f} s")
@@ -293,6 +280,11 @@ best_run = int(runs[runs["model"] == BEST]["val_dice"].idxmax())
 print(f"chosen on validation: {BEST} (val Dice {by_config.loc[BEST, 'mean']:.3f}) vs "
       f"{RUNNER_UP} ({by_config.loc[RUNNER_UP, 'mean']:.3f}); pictures use run {best_run} "
       f"(seed {runs.loc[best_run, 'seed']})")
+
+# %% [markdown]
+# The floor below is a test of the run: in the quick profile both compared networks must have learned.
+
+# %%
 assert by_config.loc[BEST, "mean"] >= by_config.loc[RUNNER_UP, "mean"] and BEST != RUNNER_UP
 assert runs["val_dice"].between(0, 1).all()
 # Both compared networks learned (quick profile floor: validation Dice >= 0.4, mean over seeds).
@@ -324,6 +316,11 @@ for model_name, g in slices.groupby("model", sort=False):
                         "patients": dice_ci.n}
     assert 0 <= dice_ci.low <= dice_ci.high <= 1 and 0 <= iou_ci.low <= iou_ci.high <= 1
 view = pd.DataFrame(view).T
+
+# %% [markdown]
+# The study's columns next to the patient-level intervals, each written as "estimate [low, high]".
+
+# %%
 as_text = {c: view[c].map(lambda x: f"{x.estimate:.3f} [{x.low:.3f}, {x.high:.3f}]")
            for c in view.columns[:2]}
 display(study.round(4).join(view.assign(**as_text)))
@@ -402,6 +399,12 @@ for model_name, i in chosen.items():
         threshold=THRESHOLD, progress=False)
     patients3d.append(table.assign(model=model_name, seed=runs.loc[i, "seed"], run=i))
 patients3d = pd.concat(patients3d, ignore_index=True)
+
+# %% [markdown]
+# One row per model and test patient. The checks: units are mm and mL, every test patient has a lesion,
+# and the volume difference is the predicted minus the true volume.
+
+# %%
 display(patients3d[["model", "patient_id", "n_slices", "dice", "hd95", "assd", "truth_volume",
                     "pred_volume", "volume_difference", "n_true_lesions", "n_pred_lesions",
                     "lesion_f1"]].round(2))
@@ -431,6 +434,12 @@ cmp = evaluation.paired_comparison(paired[BEST], paired[RUNNER_UP], names=(BEST,
 patient_of = dict(zip(test_data.case_ids, test_data.patient_ids))
 by_patient = evaluation.bootstrap_ci(paired[BEST] - paired[RUNNER_UP], n_boot=N_BOOT, ci=CI,
                                      seed=SEED, groups=[patient_of[c] for c in paired.index])
+
+# %% [markdown]
+# The comparison in one sentence, then checks that its parts agree: the mean difference is the
+# difference of the means, and both intervals contain the same estimate.
+
+# %%
 print(f"{BEST} − {RUNNER_UP} on {cmp['n']} test lesion slices: mean Dice difference "
       f"{cmp['mean_difference']:+.3f}, 95% CI [{cmp['ci_low']:+.3f}, {cmp['ci_high']:+.3f}] "
       f"resampling slices, [{by_patient.low:+.3f}, {by_patient.high:+.3f}] resampling patients; "
@@ -482,7 +491,7 @@ val_curve = sweep.groupby("threshold")["dice"].mean()
 show_case = int(np.argmax(val_data.lesion_area()))
 val_image = window_hu(val_data.images[show_case], "brain")
 
-
+# %%
 def show_threshold(threshold=chosen_threshold):
     _, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot(val_curve.index, val_curve.to_numpy(), marker="o", ms=3)
@@ -497,7 +506,7 @@ def show_threshold(threshold=chosen_threshold):
     ax2.set_axis_off()
     plt.show()
 
-
+# %%
 display(widgets.interactive(show_threshold, threshold=widgets.FloatSlider(
     value=chosen_threshold, min=0.05, max=0.95, step=0.05, continuous_update=False)))
 
@@ -535,6 +544,11 @@ ring = np.zeros_like(truth_test)
 ring.flat[nearest[truth_test.sum(): truth_test.sum() + budget]] = True
 made_up = {"marks nothing": np.zeros_like(truth_test), "lesion + ring": truth_test | ring,
            "ring only": ring}
+
+# %% [markdown]
+# Score the three made-up predictions like a model:
+
+# %%
 illusion_table = pd.DataFrame({
     name: metrics.metrics_from_counts(*metrics.confusion(truth_test, pred))
     for name, pred in made_up.items()}).T[["specificity", "sensitivity", "dice"]]
@@ -558,6 +572,12 @@ classes = metrics.per_class_metrics(truth_test.astype(np.uint8), pred_test.astyp
                                     num_classes=2, class_names=("background", "lesion"),
                                     include_background=True)
 display(classes[["class_name", "truth_pixels", "pred_pixels", "dice", "iou"]].round(4))
+
+# %% [markdown]
+# The same prediction, four numbers: the right Dice, the wrong formula, the mean over classes with
+# background, and the micro-average over pixels, which equals pixel accuracy.
+
+# %%
 tp_all, fp_all, fn_all = classes["tp"].sum(), classes["fp"].sum(), classes["fn"].sum()
 micro = 2 * tp_all / (2 * tp_all + fp_all + fn_all)
 accuracy = (truth_test == pred_test).mean()
@@ -588,6 +608,12 @@ long = pd.concat([
     patients3d.assign(case_id=patients3d["patient_id"])
     .melt(ids, patient_metrics, var_name="metric").assign(level="patient_3d"),
 ], ignore_index=True)
+
+# %% [markdown]
+# Each row says its unit, the threshold and the run folder it came from; the file is read back to
+# check that nothing was lost.
+
+# %%
 long["unit"] = long["metric"].map(units).fillna("")
 long["threshold"] = THRESHOLD
 long["folder"] = long["run"].map(runs["folder"].astype(str))

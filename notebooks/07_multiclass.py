@@ -48,6 +48,7 @@ from strokekit.errors import DataError
 from strokekit.metrics import per_class_metrics
 from strokekit.phantom import generate_phantom
 
+# %%
 print(f"keras {keras.__version__} · backend {keras.backend.backend()}")
 
 # %% [markdown]
@@ -59,23 +60,13 @@ print(f"keras {keras.__version__} · backend {keras.backend.backend()}")
 PROFILE = get_profile()
 PHANTOM = phantom_config(PROFILE, multiclass=True)    # the course's phantom, labels 1 = hemorrhagic, 2 = ischemic
 CONFIG = multiclass.MulticlassConfig(
-    base_filters=PROFILE.filters[0],
-    num_levels=len(PROFILE.filters) - 1,
-    kernel_size=3,
-    dilation_rate=1,
-    dropout=0.0,
-    batch_norm=PROFILE.batch_norm,       # the profile's training recipe (strokekit/config.py)
-    bn_momentum=PROFILE.bn_momentum,
-    learning_rate=PROFILE.learning_rate,
-    lr_schedule=PROFILE.lr_schedule,
-    head_bias=PROFILE.head_bias,
-    repeats=PROFILE.repeats,
+    base_filters=PROFILE.filters[0], num_levels=len(PROFILE.filters) - 1, kernel_size=3, dilation_rate=1, dropout=0.0,
+    # the profile's training recipe (strokekit/config.py)
+    batch_norm=PROFILE.batch_norm, bn_momentum=PROFILE.bn_momentum, learning_rate=PROFILE.learning_rate,
+    lr_schedule=PROFILE.lr_schedule, head_bias=PROFILE.head_bias, repeats=PROFILE.repeats,
     batch_size=PROFILE.batch_size,
     num_epochs=2 * PROFILE.num_epochs,   # three classes learn more slowly than one lesion class
-    image_size=PROFILE.image_size,
-    augment=STUDY_AUGMENT,
-    early_stopping_patience=10,
-    reduce_lr_patience=5,
+    image_size=PROFILE.image_size, augment=STUDY_AUGMENT, early_stopping_patience=10, reduce_lr_patience=5,
 )
 OVERSAMPLE_FACTOR = 2          # augmented copies of every training slice that holds the rare class
 WEIGHT_POWER = 0.5             # class weight = (background pixels / class pixels) ** WEIGHT_POWER
@@ -149,6 +140,12 @@ if COURSE_SPLIT.is_file():
             print(f"notebook 02's {subset:5s}: lesion types {sorted(set(part.extra['lesion_type']) - {'none'})}")
 else:
     print("notebook 02 has not saved its split yet; skipping the check")
+
+# %% [markdown]
+# Our split: each slice is labelled with its patient's lesion type, and `cluster_split` stratifies by that
+# label instead of a cluster (whole patients per subset, as before). The table counts pixels per class.
+
+# %%
 patient_type = frame[frame.lesion_pixels > 0].groupby("patient_id")["lesion_type"].first()
 lesion_of_slice = np.array([patient_type[p] for p in data.patient_ids])
 split = splitting.cluster_split(data, clusters=lesion_of_slice, test=0.25, val=0.2, seed=0)
@@ -197,6 +194,24 @@ print(f"filters {CONFIG.filters} · kernel {CONFIG.kernel_size} · dilation {CON
 assert model.output_shape == (None, CONFIG.image_size, CONFIG.image_size, 3)
 del model
 
+# %% [markdown]
+# How one trained run is scored: per-class Dice and lesion-wise F1 on the test patients, the number of
+# lesion pixels it predicts, and whether its validation loss stopped moving ("stuck", see below).
+
+# %%
+def score_run(result, config):
+    scores = multiclass.evaluate(result.model, config, test_data).set_index("class_name")
+    flat = np.ptp(result.history["val_loss"].to_numpy()[1:]) < 1e-6   # same loss every epoch: stuck
+    return {"epochs": result.metrics["epochs_run"], "stuck": bool(flat),
+            "lesion_px_predicted": int(scores["pred_pixels"].sum()),
+            **{f"dice_{c}": scores.loc[c, "dice"] for c in scores.index},
+            **{f"lesion_f1_{c}": scores.loc[c, "lesion_f1"] for c in scores.index}}
+
+# %% [markdown]
+# Every strategy with every seed: oversampling trains on the enlarged set, class weights on the
+# original slices with `weights` in the loss.
+
+# %%
 runs, rows = {}, []
 for strategy in STRATEGIES:
     for seed in SEEDS:
@@ -208,18 +223,20 @@ for strategy in STRATEGIES:
                                              run_dir=train.make_run_dir(f"{strategy}-s{seed}", RUNS),
                                              progress=False)
         runs[(strategy, seed)] = result
-        scores = multiclass.evaluate(result.model, config, test_data).set_index("class_name")
-        flat = np.ptp(result.history["val_loss"].to_numpy()[1:]) < 1e-6   # same loss every epoch: stuck
-        rows.append({"strategy": strategy, "seed": seed, "epochs": result.metrics["epochs_run"],
-                     "stuck": bool(flat), "lesion_px_predicted": int(scores["pred_pixels"].sum()),
-                     **{f"dice_{c}": scores.loc[c, "dice"] for c in scores.index},
-                     **{f"lesion_f1_{c}": scores.loc[c, "lesion_f1"] for c in scores.index}})
+        rows.append({"strategy": strategy, "seed": seed, **score_run(result, config)})
+
+# %%
 results = pd.DataFrame(rows)
 display(results.round(3))
 metric_cols = ["dice_hemorrhagic", "dice_ischemic", "lesion_f1_hemorrhagic", "lesion_f1_ischemic"]
 display(train.summarize(results, by=["strategy"], metrics=metric_cols))
 assert len(results) == len(STRATEGIES) * len(SEEDS)
 assert results[metric_cols].apply(lambda c: c.between(0, 1)).all().all()
+
+# %% [markdown]
+# The better strategy of this run, by the mean lesion Dice over seeds, and the floors it must clear.
+
+# %%
 means = results.groupby("strategy")[["dice_hemorrhagic", "dice_ischemic"]].mean()
 better = means.mean(axis=1).idxmax()             # the better imbalance strategy: higher mean lesion Dice
 print(f"better strategy here: {better} (hemorrhagic {means.loc[better, 'dice_hemorrhagic']:.3f}, "
@@ -293,6 +310,12 @@ out_folder = train.make_run_dir("predictions", RUNS)
 written = multiclass.predict_folder(watched.model, CONFIG, test_folder, out_folder, progress=False)
 after_files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(test_folder.iterdir())}
 display(written.drop(columns=["image", "prediction"]).head())
+
+# %% [markdown]
+# The test slices with the largest lesions: the study-layout overlay (truth) above the written prediction.
+# Then the two checks: the input folder is unchanged, and there is one prediction per slice.
+
+# %%
 picks = [test_data.case_ids[i] for i in np.argsort(-test_data.lesion_area())[:4]]
 fig, axes = plt.subplots(2, len(picks), figsize=(3 * len(picks), 6))
 for k, case in enumerate(picks):
@@ -320,6 +343,10 @@ def train_variant(kernel_size=3, dilation_rate=1, dropout=0.0, strategy="class_w
     display(multiclass.evaluate(result.model, config, test_data).round(3))
     print("→", result.run_dir)
 
+# %% [markdown]
+# The panel: one control per argument of `train_variant`; nothing trains until you press **Train**.
+
+# %%
 display(widgets.interactive(
     train_variant, {"manual": True, "manual_name": "Train"},
     kernel_size=widgets.Dropdown(options=[3, 5, 7], value=3),

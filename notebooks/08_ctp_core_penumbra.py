@@ -44,6 +44,7 @@ from strokekit import models, multiclass, paths, perfusion
 from strokekit import split as splitting
 from strokekit.config import get_profile, phantom_config
 
+# %%
 print(f"keras {keras.__version__} · backend {keras.backend.backend()}")
 
 # %% [markdown]
@@ -196,6 +197,12 @@ for schedule in SCHEDULES:
         finals[(schedule, seed)] = (run, pred)
         for row in perfusion.group_scores(test_data, pred).to_dict("records"):
             rows.append({"schedule": schedule, "seed": seed, **row})
+
+# %% [markdown]
+# The study's table: core and penumbra F1 per schedule and occlusion group, as mean ± sd over seeds, and
+# for each schedule the group it segments better.
+
+# %%
 scores = pd.DataFrame(rows)
 study = perfusion.schedule_table(scores)
 display(study[["Core F1", "Penumbra F1", "seeds"]])
@@ -239,6 +246,8 @@ threshold = perfusion.threshold_segmentation(test_data)
 groups = test_data.extra["occlusion"]
 cores = (test_data.masks == 3).sum(axis=(1, 2))
 picks = [int(np.argmax(np.where(groups == g, cores, -1))) for g in ("LVO", "other")]
+
+# %%
 cmap = plt.matplotlib.colors.ListedColormap(["black", "#555555", "#f2c94c", "#d62728"])
 fig, axes = plt.subplots(len(picks), 4, figsize=(11, 2.9 * len(picks)))
 for r, i in enumerate(picks):
@@ -253,6 +262,12 @@ for ax in axes.ravel():
     ax.set_axis_off()
 plt.show()
 assert pred.shape == test_data.masks.shape and pred.max() <= 3
+
+# %% [markdown]
+# The gradual run's history: its phases, the encoder blocks that trained in each, and the learning rate.
+# Phases only move forward, and the first one trains no encoder block.
+
+# %%
 history = run.history
 print(history[["epoch", "phase", "trainable_blocks", "learning_rate", "val_loss"]].to_string(index=False))
 assert history["phase"].is_monotonic_increasing and history["trainable_blocks"].iloc[0] == ""

@@ -47,6 +47,7 @@ from strokekit.augment import STUDY_AUGMENT
 from strokekit.config import get_profile, phantom_config
 from strokekit.phantom import generate_phantom, make_volume, volume_to_dataset
 
+# %%
 print(f"keras {keras.__version__} · backend {keras.backend.backend()}")
 
 # %% [markdown]
@@ -176,7 +177,11 @@ cleaned_noisy = recon3d.clean_mask(noisy, keep_largest=KEEP_LARGEST, spacing=spa
 def components(mask):
     return ndimage.label(mask, np.ones((3, 3, 3)))[1]          # 26-connectivity, as clean_mask
 
+# %% [markdown]
+# The three masks side by side: connected components, volume and Dice against the reference. Cleaning
+# must bring the components and the volume back towards the reference and raise the Dice.
 
+# %%
 table = pd.DataFrame([
     {"mask": name, "components": components(m),
      "volume (mL)": recon3d.lesion_volume_ml(m, volume.spacing, volume.slice_thickness),
@@ -303,6 +308,13 @@ else:
     lesion_ml = index[index["patient_id"].isin(test_patients)].groupby("patient_id")["lesion_pixels"].sum()
     patient = CTICH_PATIENT or str(lesion_ml.idxmax())
     assert patient in test_patients        # never a patient the recipe trained or chose its threshold on
+
+# %% [markdown]
+# Predict every slice of that patient's scan, stack the slices in scan order with the assumed spacing,
+# clean the mask in 3-D as in step 4, and compare the volumes.
+
+# %%
+if ctich is not None:
     scan = io.load_ctich(ctich, patients=[patient], progress=False)
     real_spacing = (CTICH_SLICE_MM, CTICH_PIXEL_MM, CTICH_PIXEL_MM)
     real_image, real_truth, real_spacing = recon3d.stack_slices(scan, patient, spacing=real_spacing)
@@ -316,6 +328,13 @@ else:
     assert real_image.shape == real_truth.shape == real_pred.shape and real_report["true_ml"] > 0
     # It learned hemorrhage: 3-D Dice on an unseen patient's whole scan (0.55 in the quick profile)
     assert not CHECK_LEARNING or real_report["dice_3d"] >= 0.3
+
+# %% [markdown]
+# This patient's figures are recorded, and the reconstruction drawn in 3-D: the cleaned prediction in red,
+# the reference as a green wireframe.
+
+# %%
+if ctich is not None:
     report.record(ctich_patient=patient, ctich_dice_3d=real_report["dice_3d"],
                   ctich_predicted_ml=real_report["predicted_ml"], ctich_true_ml=real_report["true_ml"])
     display(recon3d.plot_3d(real_pred, real_spacing, skull_mask=real_image >= 250, truth_mask=real_truth,

@@ -27,7 +27,7 @@
 #   (section 3b trains it there in every profile; the benchmark in section 6 has three seeds).
 #
 # **Runtime**: a few minutes on 2 CPU cores in the quick profile (the ablation at 64 px, 10 epochs, 2 seeds: the
-# Parameters cell prints them, the ablation cell its training time; then the default at 256 px, one seed, about
+# Parameters section prints them, the ablation cell its training time; then the default at 256 px, one seed, about
 # two minutes); the full profile (256 px like the default, the default's
 # 25 epochs, 3 seeds) takes about 1–2 hours on 2 CPU cores or a few minutes on a GPU.
 # The reference numbers at the end come from `benchmarks/bench_fewshot_ctich.py`, logged in
@@ -56,6 +56,7 @@ from strokekit import paths, report
 from strokekit.config import get_profile
 from strokekit.preprocess import overlay_mask
 
+# %%
 print(f"keras {keras.__version__} · backend {keras.backend.backend()}")
 
 # %% [markdown]
@@ -74,6 +75,8 @@ STEPS = fs.ablation_recipes(image_size=SIZE, num_epochs=EPOCHS, filters=FILTERS)
 DEFAULT = STEPS[-1][1] if PROFILE.name == "smoke" else fs.FEWSHOT_DEFAULT
 CT_RUN = paths.runs_dir() / "10_what_generalizes" / "ct_default"   # the app's model for real CT
 CTICH = paths.ctich_dir()
+
+# %%
 print(PROFILE.name, f"{SIZE} px · {EPOCHS} epochs · filters {FILTERS} · seeds {SEEDS}")
 for label, recipe in STEPS:
     print(" ", label, f"({recipe.patch_size} px crops)" if recipe.patch_size else "(whole slices)")
@@ -122,7 +125,7 @@ if HAVE_DATA:
 # Each step changes one lever and keeps the others; every step is trained with several seeds and scored on the
 # test patients (reported, never used to choose). Step 0 is the study's recipe shrunk to this profile's
 # network size. Crops (step 3) show the network a window of the slice (a quarter of its side at 256 px, never
-# under 32 px; the Parameters cell prints the size) that does not say *where* in the head it lies, and
+# under 32 px; the Parameters section prints the size) that does not say *where* in the head it lies, and
 # rotations up to 180° with vertical flips make every position look alike: they are there to take a position
 # prior away (section 4 measures where the models of this run paint). Step 4 gives the network the threshold
 # map of section 2 and a narrow "blood window" as extra channels. Step 5 changes nothing in training: it
@@ -145,6 +148,13 @@ if HAVE_DATA:
             models[(k, seed)], per_patient[(k, seed)] = fitted, fs.patient_dice(pred, test_data)
             rows.append(dict(step=label, seed=seed, val_dice=fitted.val_dice, threshold=fitted.threshold,
                              train_s=fitted.seconds, **result))
+
+# %% [markdown]
+# One row per step and seed: validation Dice, the threshold chosen on patient 66, the training time, and the
+# test scores.
+
+# %%
+if HAVE_DATA:
     runs = pd.DataFrame(rows)
     print(f"{len(runs)} runs in {time.perf_counter() - started:.0f} s")
     assert len(runs) == len(STEPS) * len(SEEDS) and runs["per_patient_dice"].between(0, 1).all()
@@ -205,6 +215,12 @@ if HAVE_DATA:
           f"(95 % CI over patients {paired['ci_low']:+.3f} to {paired['ci_high']:+.3f})")
     assert paired["n"] == 32 and paired["wins"] + paired["ties"] + paired["losses"] == 32
     assert paired["ci_low"] <= paired["mean_difference"] <= paired["ci_high"]
+
+# %% [markdown]
+# How large a bleed is at this run's resolution, and which way the comparison went in this run:
+
+# %%
+if HAVE_DATA:
     # how big a bleed is at this run's resolution (every test slice is a lesion slice)
     lesion_px = test_data.masks.reshape(len(test_data), -1).astype(bool).sum(1)
     q1_px, median_px = np.percentile(lesion_px, [25, 50])
@@ -215,6 +231,13 @@ if HAVE_DATA:
           + ("better than the threshold on more patients than it is worse" if paired["wins"] > paired["losses"]
              else "not better than the threshold on more patients than it is worse"))
     assert q1_px <= median_px < 0.05 * SIZE * SIZE   # bleeds: a small share of a slice
+
+# %% [markdown]
+# The headline figures of this run (`report.record`) and the floors they must clear in the quick
+# profile.
+
+# %%
+if HAVE_DATA:
     default_label, study_label = STEPS[-1][0], STEPS[0][0]
     figures = report.record(
         kit_default_pp_dice=table.loc[default_label, "per_patient_dice"],
@@ -247,6 +270,13 @@ if HAVE_DATA:
         return (data, split) if size == SIZE else fs.load_protocol(PROTOCOL, image_size=size, progress=False)
     (own, own_split), (small, small_split) = protocol_at(DEFAULT.config.image_size), protocol_at(proto_size)
     test_small = small_split.dataset(small, "test")
+
+# %% [markdown]
+# Train the default at its own size (the full profile reuses the ablation's last model), predict the test
+# patients at the protocol's mask size, and fit and score the threshold baseline at that size too.
+
+# %%
+if HAVE_DATA:
     if PROFILE.mode == "full" and STEPS[-1][1] == DEFAULT:
         ct_fit = models[(len(STEPS) - 1, SEEDS[0])]
     else:
@@ -310,6 +340,9 @@ if HAVE_DATA:
     prob_ours = fs.predict_recipe(ours_fit, test_data, probabilities=True)
     shown = {"study recipe": f"study recipe (step 0, seed {SEEDS[0]})",
              "kit default": f"kit default (step {len(STEPS) - 1}, seed {SEEDS[0]})"}
+
+# %%
+if HAVE_DATA:
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.8))
     for ax, img, title in zip(axes, [test_data.masks.mean(0), prob_study.mean(0), prob_ours.mean(0)],
                               ["where the test patients bled", f"{shown['study recipe']}\nmean probability",
@@ -330,6 +363,9 @@ if HAVE_DATA:
         picks.append(int(np.flatnonzero(pids == pid)[np.argmax(area[pids == pid])]))
     pred_study = (prob_study >= study_fit.threshold).astype(np.uint8)
     pred_ours = (prob_ours >= ours_fit.threshold).astype(np.uint8)
+
+# %%
+if HAVE_DATA:
     fig, axes = plt.subplots(3, len(picks), figsize=(3 * len(picks), 9))
     for j, i in enumerate(picks):
         image01 = test_data.images[i] / 255.0
@@ -358,8 +394,14 @@ if HAVE_DATA:   # where each model of the pictures paints
             "patients_painted": int(by_patient.any((1, 2)).sum()),
             "share_on_blood": (painted & truth).sum() / n_painted if n_painted else np.nan,
             "share_in_fixed_place": (painted & fixed_place).sum() / n_painted if n_painted else np.nan}
-        w = where[name]
-        if n_painted == 0:
+
+# %% [markdown]
+# The same numbers in words, one line per model:
+
+# %%
+if HAVE_DATA:
+    for name, w in where.items():
+        if w["painted_per_slice"] == 0:
             print(f"{shown[name]}: paints nothing on any of the {len(patients)} test patients")
         else:
             print(f"{shown[name]}: paints {w['painted_per_slice']:.0f} pixels per slice "
@@ -400,6 +442,13 @@ if HAVE_DATA:
     }, index=[shown["study recipe"], shown["kit default"], "all background"])
     display(counts.round(4))
     assert counts.loc["all background", "specificity"] == 1.0 and counts["specificity"].between(0, 1).all()
+
+# %% [markdown]
+# Specificity is just the share of background pixels left alone: the lines below compute that share by hand
+# for each model and say which failure, if either, it is.
+
+# %%
+if HAVE_DATA:
     background_px = int((~truth).sum())
     print(f"{SIZE} px slices: {SIZE * SIZE} pixels each, {truth.mean():.1%} of them blood on average")
     for name, pred in [("study recipe", pred_study), ("kit default", pred_ours)]:

@@ -19,9 +19,6 @@
 
 # %%
 # %matplotlib inline
-import base64
-import html
-import io
 import json
 import os
 import re
@@ -29,18 +26,17 @@ import re
 import ipywidgets as widgets
 import keras
 import numpy as np
-import pandas as pd
 from IPython.display import display
-from PIL import Image
 
 import strokekit
-from strokekit import app, paths, recon3d, report, train
+from strokekit import app, paths, report, train
 from strokekit import split as splitting
 from strokekit.augment import STUDY_AUGMENT
 from strokekit.config import get_profile, phantom_config
 from strokekit.phantom import generate_phantom, make_volume
 from strokekit.preprocess import window_hu
 
+# %%
 print(f"strokekit {strokekit.__version__} · keras {keras.__version__} ({keras.backend.backend()})")
 
 # %% tags=["parameters"]
@@ -51,13 +47,8 @@ WORK_DIR = app.default_work_dir()       # uploads are unpacked in a private fold
 DEMO_RUN = RUNS / "app-demo"
 DEMO_PHANTOM = phantom_config(PROFILE)  # the course's phantom and its saved split (notebook 02)
 DEMO_SPLIT = paths.data_dir() / "splits" / "phantom_split.json"
-DEMO_TRAIN = PROFILE.train_config(
-    loss="bce_dice",
-    augment=STUDY_AUGMENT,
-    early_stopping_patience=0,
-    reduce_lr_patience=0,
-    preview_slices=0,
-)
+DEMO_TRAIN = PROFILE.train_config(loss="bce_dice", augment=STUDY_AUGMENT, early_stopping_patience=0,
+                                  reduce_lr_patience=0, preview_slices=0)
 IN_VOILA = os.environ.get("SERVER_SOFTWARE", "").startswith("voila")
 # Without a person to press the button (nbval, a headless run), train the demo model automatically.
 AUTO_DEMO = not IN_VOILA
@@ -65,27 +56,11 @@ CHECK_LEARNING = PROFILE.name == "quick"   # assert the learning floors (measure
 OVERLAY_WIDTH = 420                     # pixels on screen
 
 # %% [markdown]
-# The dashboard's parts, cell by cell: small helpers, the widgets, what each widget does, the demo
-# model, and the layout. Every number the page shows comes from `strokekit.app` (see *How it works* below).
-
-# %%
-def png_bytes(rgb: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def figure_png(fig, dpi: int = 80) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    return buffer.getvalue()
-
-
-def download_link(data: bytes, filename: str, mime: str, label: str) -> str:
-    """An HTML link that downloads ``data``: nothing is written to disk."""
-    payload = base64.b64encode(data).decode("ascii")
-    return (f'<a class="sk-download-link" download="{html.escape(filename)}" '
-            f'href="data:{mime};base64,{payload}">⬇ {html.escape(label)}</a>')
+# The dashboard's parts, cell by cell: the widgets, what each widget does, the demo model, and the
+# layout. Every number, text and picture the page shows comes from `strokekit.app` (see *How it works* below);
+# these cells only put them into widgets.
+#
+# First the controls: which model, the upload, the threshold, and the geometry a PNG does not carry.
 
 # %%
 state = {"folder": None, "model": None, "config": None, "files": None, "result": None}
@@ -98,6 +73,8 @@ upload = widgets.FileUpload(accept=".png,.jpg,.jpeg,.dcm,.nii,.nii.gz,.gz", mult
                             description="Upload")
 threshold_sl = widgets.FloatSlider(value=0.5, min=0.05, max=0.95, step=0.05, description="Threshold",
                                    continuous_update=False, readout_format=".2f")
+
+# %%
 pixel_mm = widgets.BoundedFloatText(value=0.0, min=0.0, max=10.0, step=0.05,
                                     description="pixel size (mm)", style={"description_width": "initial"},
                                     layout=widgets.Layout(width="200px"))
@@ -108,6 +85,10 @@ geometry_hint = widgets.HTML(
     "<small>mm² needs the pixel size; mL and the 3-D view also need the slice spacing. DICOM and NIfTI "
     "files carry both, PNG and JPEG neither: type them for this upload (a new upload clears them).</small>")
 status = widgets.HTML("Pick a model, then upload a PNG/JPEG slice, a DICOM file or series, or a NIfTI volume.")
+
+# %% [markdown]
+# Then the result panel. Each part gets a CSS class (`sk-overlay`, `sk-area`, ...) by which the browser test
+# (`tests/test_app_browser.py`) finds it on the page.
 
 # %%
 overlay = widgets.Image(format="png", width=OVERLAY_WIDTH, layout=widgets.Layout(display="none"))
@@ -121,33 +102,14 @@ for w, css in ((status, "sk-status"), (overlay, "sk-overlay"), (slice_sl, "sk-sl
                (table, "sk-table"), (download, "sk-download"), (view3d, "sk-3d"), (pixel_mm, "sk-pixel"),
                (slice_mm, "sk-spacing"), (model_dd, "sk-model")):
     w.add_class(css)
-# A spinner while the kernel segments: the page would otherwise look frozen for a few seconds.
-SPINNER = ('<style>@keyframes sk-spin {to {transform: rotate(360deg)}}</style>'
-           '<span style="display:inline-block; width:12px; height:12px; border:2px solid #bbb; '
-           'border-top-color:#333; border-radius:50%; animation:sk-spin 0.8s linear infinite"></span>')
-TABLE_STYLE = ("<style>.sk-table-inner {border-collapse: collapse; margin: 6px 0}"
-               " .sk-table-inner th, .sk-table-inner td {padding: 2px 10px; border-bottom: 1px solid #ddd;"
-               " text-align: right} .sk-table-inner th:first-child, .sk-table-inner td:first-child"
-               " {text-align: left}</style>")
+
+# %% [markdown]
+# What each widget does. The status line (with a spinner while the kernel segments) and a lock on the
+# controls during segmentation:
 
 # %%
 def say(message: str, error: bool = False, busy: bool = False) -> None:
-    # Messages quote uploaded file names: escape them, they are not ours.
-    text = html.escape(message)
-    if busy:
-        status.value = f'<span class="sk-busy">{SPINNER} {text}</span>'
-        return
-    status.value = f'<span style="color:{"#b00020" if error else "#222"}">{text}</span>'
-
-
-def set_quietly(widget, handler, **values) -> None:
-    """Change a widget without running its callback (the caller does what is needed)."""
-    widget.unobserve(handler, names="value")
-    try:
-        for name, value in values.items():
-            setattr(widget, name, value)
-    finally:
-        widget.observe(handler, names="value")
+    status.value = app.status_html(message, error=error, busy=busy)
 
 
 def set_busy(busy: bool) -> None:
@@ -161,7 +123,7 @@ def refresh_models(select: str | None = None) -> None:
     folders = [str(folder) for _, folder in choices]
     best = app.default_model(choices, RUNS)   # the best for CT: a few-shot CT run, else the best phantom run
     wanted = select if select in folders else (str(best) if best else None)
-    set_quietly(model_dd, on_model, options=[(label, str(folder)) for label, folder in choices], value=wanted)
+    app.set_quietly(model_dd, on_model, options=[(label, str(folder)) for label, folder in choices], value=wanted)
     demo_btn.layout.display = "none" if choices else None
     if not choices:
         say(f"No trained model in {RUNS}: train one in notebooks 04-10, or press "
@@ -180,10 +142,8 @@ def on_model(change) -> None:
     except app.UploadError as exc:
         say(str(exc), error=True)
         return
-    config = state["config"]
-    set_quietly(threshold_sl, on_threshold, value=float(config.threshold))
-    say(f"Model loaded: {app.model_info(folder, RUNS)['label']} ({config.arch}, {config.image_size} px "
-        f"input, threshold {config.threshold:.2f}). Upload a file.")
+    app.set_quietly(threshold_sl, on_threshold, value=float(state["config"].threshold))
+    say(app.model_loaded_text(folder, state["config"], RUNS))
     if state["files"]:
         run()
 
@@ -195,36 +155,18 @@ def shown_result():
 
 def show_slice(k: int) -> None:
     shown = shown_result()
-    overlay.value = png_bytes(shown["overlays"][k])
+    overlay.value = app.png_bytes(shown["overlays"][k])
     overlay.layout.display = None
     area.value = app.slice_text(shown, k)
-
-
-def show_download(shown) -> None:
-    mask, spacing, thickness = shown["mask"], shown["spacing"], shown["slice_thickness"]
-    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", str(shown["case_ids"][0]))[:60] or "upload"
-    if len(mask) == 1:
-        download.value = download_link(app.mask_to_png_bytes(mask[0]), f"{stem}_mask.png",
-                                       "image/png", "download the mask (PNG)")
-    else:
-        dzyx = (thickness, *spacing) if spacing is not None and thickness else None
-        download.value = download_link(app.mask_to_nifti_bytes(mask, dzyx), f"{stem}_mask.nii.gz",
-                                       "application/gzip", "download the mask (NIfTI, .nii.gz)")
 
 # %%
 def show_3d(shown) -> None:
     """The 3-D view of a stack, when its pixel size and slice spacing are known."""
     view3d.layout.display = "none"
-    mask, spacing, thickness = shown["mask"], shown["spacing"], shown["slice_thickness"]
-    if len(mask) < 2 or spacing is None or not thickness:
-        return
-    data = shown["dataset"]
-    images = data.images[..., 0] if data.images.ndim == 4 else data.images
-    fig = recon3d.plot_3d(mask > 0, (thickness, *spacing),
-                          skull_mask=recon3d.skull_from_hu(images) if data.unit == "HU" else None,
-                          truth_mask=data.masks if data.masks.any() else None, figsize=(5.5, 5.0))
-    view3d.value = figure_png(fig)
-    view3d.layout.display = None
+    png = app.view_3d_png(shown)
+    if png is not None:
+        view3d.value = png
+        view3d.layout.display = None
 
 
 def hide_results() -> None:
@@ -238,14 +180,25 @@ def show(first: bool = False) -> None:
     shown = shown_result()
     n = len(shown["mask"])
     if first:  # the slider counts slices from 1, as the text does
-        set_quietly(slice_sl, on_slice, max=n, value=int(shown["focus_slice"]) + 1)
+        app.set_quietly(slice_sl, on_slice, max=n, value=int(shown["focus_slice"]) + 1)
     slice_sl.layout.display = None if n > 1 else "none"
     show_slice(slice_sl.value - 1)
-    table.value = TABLE_STYLE + pd.DataFrame(app.summary_rows(shown)).to_html(
-        index=False, border=0, classes="sk-table-inner")
-    show_download(shown)
+    table.value = app.result_table_html(shown)
+    download.value = app.mask_download_html(shown)
     show_3d(shown)
     say(app.describe_result(shown, shown["label"]))   # the status line: the same numbers as the panel
+
+# %%
+def segment_and_show(files) -> None:
+    """Segment the files with the chosen model and show the result, or say why not."""
+    result, message = app.handle_upload(files, state["model"], state["config"],
+                                        work_dir=WORK_DIR, threshold=threshold_sl.value)
+    state["result"] = result
+    if result is None:
+        hide_results()
+        say(message, error=True)
+        return
+    show(first=True)
 
 # %%
 def run() -> None:
@@ -256,14 +209,7 @@ def run() -> None:
     say(f"Segmenting {len(files)} file(s) ...", busy=True)
     set_busy(True)
     try:
-        result, message = app.handle_upload(files, state["model"], state["config"],
-                                            work_dir=WORK_DIR, threshold=threshold_sl.value)
-        state["result"] = result
-        if result is None:
-            hide_results()
-            say(message, error=True)
-            return
-        show(first=True)
+        segment_and_show(files)
     except Exception as exc:  # noqa: BLE001 - the page shows a message, never a traceback
         hide_results()
         say(f"Something went wrong while showing the result ({type(exc).__name__}: {exc})", error=True)
@@ -274,8 +220,8 @@ def run() -> None:
 def on_files(files) -> None:
     """What an upload does; also called by the self-test below with (name, bytes) pairs."""
     if state["result"] is not None:  # values typed for the upload on screen are not this one's
-        set_quietly(pixel_mm, on_geometry, value=0.0)
-        set_quietly(slice_mm, on_geometry, value=0.0)
+        app.set_quietly(pixel_mm, on_geometry, value=0.0)
+        app.set_quietly(slice_mm, on_geometry, value=0.0)
     state["files"] = [(f["name"], bytes(f["content"])) if isinstance(f, dict) else f for f in files]
     run()
 
@@ -309,7 +255,7 @@ def train_demo_model():
                          run_dir=DEMO_RUN, split=split, progress=False, previews=False, overwrite=True)
     return result.run_dir
 
-
+# %%
 def on_demo(button) -> None:
     demo_btn.disabled = True
     say(f"Training a small demo model into {DEMO_RUN} (about a minute) ...", busy=True)
@@ -334,6 +280,10 @@ slice_mm.observe(on_geometry, names="value")
 refresh_btn.on_click(lambda _: refresh_models(select=model_dd.value))
 demo_btn.on_click(on_demo)
 
+# %% [markdown]
+# The layout: the controls in three rows, the status line, then the picture on the left and the numbers on the right.
+
+# %%
 dashboard = widgets.VBox([
     widgets.HBox([model_dd, refresh_btn, demo_btn]),
     widgets.HBox([upload, threshold_sl]),
@@ -371,12 +321,13 @@ display(dashboard)
 # extension *and* content, reads it in a private folder under `runs/` that is deleted straight after,
 # segments, and returns a message instead of raising), `with_geometry` / `describe_result` /
 # `slice_text` / `summary_rows` (the status line, the panel and the table, from the same numbers),
-# `mask_to_png_bytes` / `mask_to_nifti_bytes` for the download link (nothing is written to disk). A
-# stack opens on the slice with the most predicted lesion *inside the brain* (`focus_slice`): a
-# model's false positives sit mostly outside it, at the skull base or on the head rest. PNG and JPEG
-# files carry no pixel size: type it to get mm², and a slice spacing for mL and the 3-D view when you
-# upload several slices of one scan; the panel says which values it uses and where they come from,
-# and a new upload clears typed values.
+# `mask_to_png_bytes` / `mask_to_nifti_bytes` for the download link (nothing is written to disk), and
+# `status_html` / `result_table_html` / `mask_download_html` / `view_3d_png`, which turn them into the
+# HTML and pictures the widgets show. A stack opens on the slice with the most predicted lesion *inside
+# the brain* (`focus_slice`): a model's false positives sit mostly outside it, at the skull base or
+# on the head rest. PNG and JPEG files carry no pixel size: type it to get mm², and a slice spacing for
+# mL and the 3-D view when you upload several slices of one scan; the panel says which values it uses
+# and where they come from, and a new upload clears typed values.
 #
 # **Models.** The list shows the run folders under the runs folder that the app can apply, each with
 # what it was trained on and what it scored on which data: the phantom models of notebooks 04–06 and
@@ -411,7 +362,7 @@ if not IN_VOILA:
 if not IN_VOILA:
     volume = make_volume(0, phantom_config(PROFILE))
     k = int(np.argmax(volume.lesion_area))
-    slice_png = png_bytes(np.rint(window_hu(volume.hu[k], "brain") * 255).astype(np.uint8))
+    slice_png = app.png_bytes(np.rint(window_hu(volume.hu[k], "brain") * 255).astype(np.uint8))
     result, message = app.handle_upload([("phantom_P01.png", slice_png)], state["model"],
                                         state["config"], work_dir=WORK_DIR)
     print(message)
@@ -419,6 +370,8 @@ if not IN_VOILA:
     assert result["overlays"][0].shape == volume.hu[k].shape + (3,)
     assert result["mask"].shape == (1,) + volume.hu[k].shape and result["area_px"]["lesion"][0] >= 0
 
+# %%
+if not IN_VOILA:                                              # the same file through the dashboard
     on_files([("phantom_P01.png", slice_png)])
     print(re.sub("<[^>]+>", "", area.value))
     assert overlay.value[:8] == b"\x89PNG\r\n\x1a\n" and overlay.layout.display is None

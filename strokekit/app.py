@@ -6,7 +6,10 @@ phantom slice models of the notebooks and few-shot CT recipes saved by
 :func:`strokekit.fewshot.save_fitted`), a file upload whose callback calls :func:`handle_upload`,
 a result panel fed by :func:`with_geometry`, :func:`describe_result`, :func:`slice_text` and
 :func:`summary_rows`, and download links fed by :func:`mask_to_png_bytes` and
-:func:`mask_to_nifti_bytes`.
+:func:`mask_to_nifti_bytes`. What the page shows is built here too, as bytes and HTML that the
+notebook puts into its widgets: :func:`status_html`, :func:`result_table_html`,
+:func:`mask_download_html`, :func:`view_3d_png`, :func:`png_bytes`; :func:`set_quietly` changes
+a widget without running its callback.
 
 Uploads are untrusted. Each file is checked for size, a safe name, an allowed type by its
 extension *and* its first bytes, and readability; it is written only into a private temporary
@@ -41,23 +44,34 @@ __all__ = [
     "CT_TEST_SCORES",
     "MAX_UPLOAD_BYTES",
     "MAX_VOXELS",
+    "SPINNER",
+    "TABLE_STYLE",
     "UploadError",
     "default_model",
     "default_work_dir",
     "describe_result",
+    "download_link",
+    "figure_png",
     "focus_slice",
     "geometry_text",
     "handle_upload",
     "list_models",
     "load_model_for_app",
+    "mask_download_html",
     "mask_to_nifti_bytes",
     "mask_to_png_bytes",
     "model_info",
+    "model_loaded_text",
+    "png_bytes",
     "read_upload",
     "read_uploads",
+    "result_table_html",
     "segment",
+    "set_quietly",
     "slice_text",
+    "status_html",
     "summary_rows",
+    "view_3d_png",
     "with_geometry",
 ]
 
@@ -1145,6 +1159,125 @@ def mask_to_nifti_bytes(
     image.header.set_xyzt_units("mm")
     raw = image.to_bytes()
     return gzip.compress(raw, mtime=0) if compress else raw
+
+
+# --------------------------------------------------------------------------- what the page shows
+#: A spinner for the status line while the kernel segments (CSS only): the page would otherwise look frozen.
+SPINNER = ('<style>@keyframes sk-spin {to {transform: rotate(360deg)}}</style>'
+           '<span style="display:inline-block; width:12px; height:12px; border:2px solid #bbb; '
+           'border-top-color:#333; border-radius:50%; animation:sk-spin 0.8s linear infinite"></span>')
+
+#: The CSS of the result table (:func:`result_table_html`): thin row lines, numbers right-aligned.
+TABLE_STYLE = ("<style>.sk-table-inner {border-collapse: collapse; margin: 6px 0}"
+               " .sk-table-inner th, .sk-table-inner td {padding: 2px 10px; border-bottom: 1px solid #ddd;"
+               " text-align: right} .sk-table-inner th:first-child, .sk-table-inner td:first-child"
+               " {text-align: left}</style>")
+
+
+def png_bytes(picture: np.ndarray) -> bytes:
+    """A uint8 picture, (H, W) grey or (H, W, 3) RGB (e.g. an overlay of :func:`segment`), as PNG bytes."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(picture)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def figure_png(fig, dpi: int = 80) -> bytes:
+    """A matplotlib Figure as PNG bytes at ``dpi`` dots per inch (for an ``ipywidgets.Image``)."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def download_link(data: bytes, filename: str, mime: str, label: str) -> str:
+    """An HTML link that downloads ``data`` as ``filename``: the bytes travel in the link, nothing is written
+    to disk. ``filename`` and ``label`` are HTML-escaped."""
+    import base64
+    import html
+
+    payload = base64.b64encode(data).decode("ascii")
+    return (f'<a class="sk-download-link" download="{html.escape(filename)}" '
+            f'href="data:{mime};base64,{payload}">⬇ {html.escape(label)}</a>')
+
+
+def status_html(message: str, error: bool = False, busy: bool = False) -> str:
+    """The status line as HTML: the message escaped (it quotes uploaded file names, which are not ours),
+    red for an error, after :data:`SPINNER` while busy."""
+    import html
+
+    text = html.escape(message)
+    if busy:
+        return f'<span class="sk-busy">{SPINNER} {text}</span>'
+    return f'<span style="color:{"#b00020" if error else "#222"}">{text}</span>'
+
+
+def set_quietly(widget: Any, handler: Any, **values: Any) -> None:
+    """Set attributes of a widget (``value``, ``options``, ``max`` ...) without running ``handler``, the
+    callback observing its ``value``: the caller does what is needed. The handler observes again afterwards,
+    also when setting a value fails."""
+    widget.unobserve(handler, names="value")
+    try:
+        for name, value in values.items():
+            setattr(widget, name, value)
+    finally:
+        widget.observe(handler, names="value")
+
+
+def model_loaded_text(folder: str | os.PathLike, config: Any, runs_root: str | os.PathLike | None = None) -> str:
+    """The status line after a model was loaded: its label (:func:`model_info`), architecture, input size and
+    threshold."""
+    return (f"Model loaded: {model_info(folder, runs_root)['label']} ({config.arch}, {config.image_size} px "
+            f"input, threshold {config.threshold:.2f}). Upload a file.")
+
+
+def result_table_html(result: Mapping[str, Any]) -> str:
+    """The result table of a :func:`with_geometry` result (:func:`summary_rows`) as HTML, with
+    :data:`TABLE_STYLE`."""
+    import pandas as pd
+
+    return TABLE_STYLE + pd.DataFrame(summary_rows(result)).to_html(index=False, border=0, classes="sk-table-inner")
+
+
+def mask_download_html(result: Mapping[str, Any]) -> str:
+    """A :func:`download_link` for the predicted mask of a :func:`with_geometry` result: one slice as PNG
+    (:func:`mask_to_png_bytes`), a stack as NIfTI ``.nii.gz`` (:func:`mask_to_nifti_bytes`) with its voxel
+    size when the pixel size and the slice spacing are known. The file is named after the first case id,
+    with anything but letters, digits, ``_``, ``.`` and ``-`` replaced (``upload`` when nothing is left)."""
+    mask, spacing, thickness = result["mask"], result["spacing"], result["slice_thickness"]
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", str(result["case_ids"][0]))[:60] or "upload"
+    if len(mask) == 1:
+        return download_link(mask_to_png_bytes(mask[0]), f"{stem}_mask.png", "image/png",
+                             "download the mask (PNG)")
+    dzyx = (thickness, *spacing) if spacing is not None and thickness else None
+    return download_link(mask_to_nifti_bytes(mask, dzyx), f"{stem}_mask.nii.gz", "application/gzip",
+                         "download the mask (NIfTI, .nii.gz)")
+
+
+def view_3d_png(result: Mapping[str, Any], dpi: int = 80) -> bytes | None:
+    """The 3-D view of a stack (:func:`strokekit.recon3d.plot_3d`: the predicted mask, the skull of a CT in HU,
+    the reference mask when the upload had one) as PNG bytes; None for one slice or when the pixel size or the
+    slice spacing is unknown.
+
+    Args:
+        result: a :func:`with_geometry` result with its ``dataset`` (:func:`handle_upload` adds it).
+        dpi: resolution of the PNG.
+    """
+    mask, spacing, thickness = result["mask"], result["spacing"], result["slice_thickness"]
+    if len(mask) < 2 or spacing is None or not thickness:
+        return None
+    from . import recon3d
+
+    data = result["dataset"]
+    images = data.images[..., 0] if data.images.ndim == 4 else data.images
+    fig = recon3d.plot_3d(mask > 0, (thickness, *spacing),
+                          skull_mask=recon3d.skull_from_hu(images) if data.unit == "HU" else None,
+                          truth_mask=data.masks if data.masks.any() else None, figsize=(5.5, 5.0))
+    return figure_png(fig, dpi=dpi)
 
 
 # --------------------------------------------------------------------------- the widget callback

@@ -12,6 +12,8 @@ applied to the test set. The metric conventions (empty masks, NaN) are those of
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,9 +24,11 @@ from .metrics import as_binary, metrics_from_counts, slice_confusion
 __all__ = [
     "ERROR_COLOURS",
     "ConfidenceInterval",
+    "RUN_COLUMNS",
     "bootstrap_ci",
     "choose_threshold",
     "error_overlay",
+    "find_runs",
     "paired_comparison",
     "plot_error_overlays",
     "plot_metric_boxes",
@@ -622,3 +626,74 @@ def study_table(
     out.columns = [_PRETTY.get(m, m) for m in metrics]
     out["n_slices"] = grouped.size()
     return out
+
+
+# --------------------------------------------------------------------------- which runs to evaluate
+#: Columns of :func:`find_runs`' table, in order.
+RUN_COLUMNS: tuple[str, ...] = ("model", "seed", "source", "split_checked", "folder", "config", "saved_val_dice",
+                                "mtime")
+# "<label>-s<seed>" with an optional "-<date>-<time>[-<n>]" of train.make_run_dir → "<label>"
+_SEED_SUFFIX = re.compile(r"-s\d+(-\d{8}-\d{6}(-\d+)?)?$")
+
+
+def find_runs(
+    root: str | os.PathLike,
+    test_cases: Sequence[str],
+    source: str = "",
+    prefix: str = "",
+    log: Callable[[str], Any] | None = None,
+):
+    """The finished binary runs under ``root`` that may be evaluated on a test set, one row per configuration
+    and seed. Introduced in notebooks/06_evaluation.ipynb (step 2), whose markdown states the rules:
+
+    1. a run is a finished binary run folder (:func:`strokekit.runs.list_runs`) with a readable
+       ``config.json`` (a slice :class:`strokekit.train.TrainConfig` with one class) and a ``metrics.json``;
+    2. a run that saved a ``split.json`` is kept only when that split's test cases are ``test_cases``
+       (otherwise it may have trained on them); a run without one is kept with ``split_checked=False``;
+    3. when a configuration and seed were trained more than once, the newest ``model.keras`` counts.
+
+    Args:
+        root: where to look, at any depth; a missing folder holds no runs.
+        test_cases: the case ids of the test set.
+        source: written into the ``source`` column (which notebook trained the runs).
+        prefix: put before each model name (to tell apart runs of two notebooks with the same folder names).
+        log: called with one line for each run folder left out, saying why (e.g. ``print``); None: silent.
+
+    Returns:
+        pandas DataFrame with the columns :data:`RUN_COLUMNS`, sorted by model and seed: ``model`` is the
+        run folder's path under ``root`` without its seed and time suffix, ``folder`` the run folder,
+        ``config`` the TrainConfig, ``saved_val_dice`` the Dice of its ``metrics.json`` (NaN when absent),
+        ``mtime`` the modification time of its ``model.keras``.
+    """
+    import pandas as pd
+
+    from .runs import list_runs
+    from .split import Split
+    from .train import config_from_dict
+
+    rows = []
+    for run in list_runs(root, kind="binary"):
+        folder = run.folder
+        try:
+            config = config_from_dict(run.config)
+        except ValueError as err:  # a config this kit cannot read
+            if log:
+                log(f"skipped {folder.name}: {err}")
+            continue
+        saved = run.metrics
+        if not saved or config.num_classes != 1:
+            if log:
+                log(f"skipped {folder.name}: unfinished (no metrics.json) or not a binary model")
+            continue
+        checked = run.split_path is not None
+        if checked and sorted(Split.load(run.split_path).cases("test")) != sorted(test_cases):
+            if log:
+                log(f"skipped {folder.name}: trained on another split")
+            continue
+        rel = folder.relative_to(root)
+        name = "/".join([*rel.parts[:-1], _SEED_SUFFIX.sub("", rel.name)])
+        rows.append([f"{prefix}{name}", config.seed, source, checked, folder, config,
+                     saved.get("dice", np.nan), run.model_path.stat().st_mtime])
+    table = pd.DataFrame(rows, columns=list(RUN_COLUMNS))
+    table = table.sort_values("mtime").drop_duplicates(["model", "seed"], keep="last")
+    return table.sort_values(["model", "seed"]).reset_index(drop=True)

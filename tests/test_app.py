@@ -700,6 +700,121 @@ def test_status_line_and_panel_give_the_same_numbers():
     assert "<b>Lesion area:</b> 0 px" in app.slice_text(single, 0)
 
 
+# --------------------------------------------------------------------------- what the page shows
+def _link_payload(link: str) -> bytes:
+    import base64
+    import re
+
+    return base64.b64decode(re.search(r'href="data:[^;]+;base64,([^"]+)"', link).group(1))
+
+
+def test_png_bytes_and_figure_png_give_pngs_that_read_back():
+    from matplotlib.figure import Figure
+
+    rgb = np.zeros((6, 7, 3), np.uint8)
+    rgb[1, 2] = (255, 10, 20)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(app.png_bytes(rgb)))), rgb)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(app.png_bytes(_grey())))), _grey())
+    fig = Figure(figsize=(2, 1))
+    fig.add_subplot().plot([0, 1])
+    for dpi in (50, 80):
+        png = app.figure_png(fig, dpi=dpi)
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and Image.open(io.BytesIO(png)).size == (2 * dpi, dpi)
+
+
+def test_download_link_carries_the_bytes_and_escapes_names():
+    link = app.download_link(b"\x00mask bytes", 'a"<b>.png', "image/png", "get <it>")
+    assert link.startswith('<a class="sk-download-link" download="a&quot;&lt;b&gt;.png" href="data:image/png;base64,')
+    assert link.endswith(">⬇ get &lt;it&gt;</a>") and _link_payload(link) == b"\x00mask bytes"
+
+
+def test_status_html_escapes_the_message_and_marks_errors_and_work_in_progress():
+    assert app.status_html("scan <1>.png: ok") == '<span style="color:#222">scan &lt;1&gt;.png: ok</span>'
+    assert app.status_html("bad & worse", error=True) == '<span style="color:#b00020">bad &amp; worse</span>'
+    assert app.status_html("Segmenting 2 file(s) ...", busy=True) == (
+        f'<span class="sk-busy">{app.SPINNER} Segmenting 2 file(s) ...</span>')
+    assert "@keyframes sk-spin" in app.SPINNER
+
+
+def test_set_quietly_changes_a_widget_without_its_callback_and_keeps_observing():
+    widgets = pytest.importorskip("ipywidgets")
+    from traitlets import TraitError
+
+    slider = widgets.IntSlider(value=1, min=1, max=3)
+    calls = []
+
+    def handler(change):
+        calls.append(change["new"])
+
+    slider.observe(handler, names="value")
+    app.set_quietly(slider, handler, max=10, value=7)
+    assert (slider.max, slider.value, calls) == (10, 7, [])
+    slider.value = 8  # observed again afterwards
+    assert calls == [8]
+    dropdown = widgets.Dropdown(options=["a", "b"], value="a")
+    dropdown.observe(handler, names="value")
+    with pytest.raises(TraitError):  # a value the widget refuses: the handler observes again all the same
+        app.set_quietly(dropdown, handler, value="z")
+    dropdown.value = "b"
+    assert calls == [8, "b"]
+
+
+def test_model_loaded_text_names_the_model_its_input_and_threshold(tmp_path):
+    root = tmp_path / "runs"
+    folder = _slice_run(root / "exp" / "run-a", dice=0.5, threshold=0.4)
+    assert app.model_loaded_text(folder, _config(threshold=0.4), root) == (
+        "Model loaded: exp/run-a · trained on the phantom · val Dice 0.500 on phantom slices "
+        "(unet, 32 px input, threshold 0.40). Upload a file.")
+
+
+def test_result_table_html_is_the_summary_rows_with_the_table_style():
+    import re
+
+    shown = app.with_geometry(_stack_result(), pixel_mm=0.5, slice_mm=5.0)
+    table = app.result_table_html(shown)
+    assert table.startswith(app.TABLE_STYLE) and 'class="dataframe sk-table-inner"' in table
+    cells = [c.strip() for c in re.findall(r"<t[hd][^>]*>([^<]*)</t[hd]>", table)]
+    assert cells == ["class", "slices with lesion", "pixels, all slices", "area, all slices (mm²)", "volume (mL)",
+                     "lesion", "2", "150", "37.5", "0.188"]
+
+
+def test_mask_download_html_gives_a_png_for_a_slice_and_a_nifti_with_its_voxel_size_for_a_stack(tmp_path):
+    import nibabel as nib
+
+    mask = np.zeros((3, 5, 6), np.uint8)
+    mask[1, 2:4, 1:3] = 1
+    one = app.mask_download_html({"mask": mask[1:2], "spacing": None, "slice_thickness": None,
+                                  "case_ids": ["scan 1/ä.png"]})
+    assert 'download="scan_1__.png_mask.png" href="data:image/png;base64,' in one
+    assert "download the mask (PNG)" in one and _link_payload(one) == app.mask_to_png_bytes(mask[1])
+    assert 'download="upload_mask.png"' in app.mask_download_html(
+        {"mask": mask[:1], "spacing": None, "slice_thickness": None, "case_ids": [""]})
+    for spacing, thickness, zooms in (((0.7, 0.8), 2.5, (0.7, 0.8, 2.5)), ((0.7, 0.8), None, (1.0, 1.0, 1.0))):
+        stack = app.mask_download_html({"mask": mask, "spacing": spacing, "slice_thickness": thickness,
+                                        "case_ids": ["ct", "ct2", "ct3"]})
+        assert 'download="ct_mask.nii.gz" href="data:application/gzip;base64,' in stack
+        (tmp_path / "back.nii.gz").write_bytes(_link_payload(stack))
+        back = nib.load(tmp_path / "back.nii.gz")
+        assert np.allclose(back.header.get_zooms(), zooms)
+        np.testing.assert_array_equal(np.moveaxis(np.asarray(back.dataobj), 2, 0), mask)
+
+
+def test_view_3d_png_draws_a_stack_with_its_geometry_and_nothing_else():
+    from strokekit.dataset import SliceDataset
+
+    images = np.full((4, 24, 24), 30.0, np.float32)
+    images[:, :2] = 1000.0  # bone: the skull drawn from HU
+    masks = np.zeros((4, 24, 24), np.uint8)
+    masks[1:3, 8:14, 8:14] = 1
+    data = SliceDataset(images, masks, ["a", "b", "c", "d"])
+    stack = {"mask": masks, "spacing": (1.0, 1.0), "slice_thickness": 5.0, "dataset": data}
+    png = app.view_3d_png(stack, dpi=40)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and Image.open(io.BytesIO(png)).size == (220, 200)  # 5.5 x 5 in
+    assert app.view_3d_png({**stack, "slice_thickness": None}) is None
+    assert app.view_3d_png({**stack, "spacing": None}) is None
+    assert app.view_3d_png({**stack, "mask": masks[:1]}) is None
+
+
 # --------------------------------------------------------------------------- the server's settings
 def test_voila_settings_free_kernels_and_take_the_largest_upload():
     """tools/app_server/voila.py, read as Voila reads it (tests/test_app_browser.py checks it live)."""

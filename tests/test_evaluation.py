@@ -226,3 +226,43 @@ def test_error_overlay_colours_and_plot():
     assert len(fig2.axes) == 1
     with pytest.raises(ValueError, match="Expected 'best', 'median', 'worst' or a case id"):
         E.plot_error_overlays(images, truths, preds, which=("nope",))
+
+
+def test_find_runs_keeps_checked_and_unchecked_runs_newest_first_and_says_what_it_left_out(tmp_path):
+    import dataclasses
+    import os
+
+    from strokekit import train
+    from strokekit.augment import NO_AUGMENT
+    from strokekit.runs import RunFolder
+    from strokekit.split import Split
+
+    base = train.TrainConfig(image_size=16, filters=(4, 8), num_epochs=1, batch_size=4, augment=NO_AUGMENT)
+    ours = Split(["a", "b", "c", "d"], ["train", "val", "test", "test"])
+    theirs = Split(["a", "b", "c", "d"], ["train", "test", "val", "test"])
+
+    def run(name, seed=0, split=None, dice=0.5, mtime=1000.0, metrics=True):
+        folder = tmp_path / "grid" / name
+        made = RunFolder.create(folder, "binary", dataclasses.replace(base, seed=seed), split=split)
+        made.model_path.write_bytes(b"PK")  # listed when it exists
+        os.utime(made.model_path, (mtime, mtime))
+        if metrics:
+            made.write_metrics({"dice": dice}, data="validation")
+        return folder
+
+    run("unet-s0-20260101-120000", split=ours, dice=0.2, mtime=1000.0)  # older: replaced by the next
+    newest = run("unet-s0-20260102-120000", split=ours, dice=0.4, mtime=2000.0)
+    run("unet-s1", seed=1, split=ours, dice=0.6)
+    run("resunet-s0", split=None, dice=0.0)  # no split.json: kept, flagged
+    run("elu-s0", split=theirs)  # trained on other test cases
+    run("selu-s0", metrics=False)  # unfinished
+    said = []
+    table = E.find_runs(tmp_path, ["d", "c"], source="04", prefix="04:", log=said.append)
+    assert list(table.columns) == list(E.RUN_COLUMNS)
+    assert table[["model", "seed", "split_checked", "saved_val_dice"]].values.tolist() == [
+        ["04:grid/resunet", 0, False, 0.0], ["04:grid/unet", 0, True, 0.4], ["04:grid/unet", 1, True, 0.6]]
+    assert table.loc[1, "folder"] == newest and table.loc[1, "config"].seed == 0 and set(table["source"]) == {"04"}
+    assert sorted(said) == ["skipped elu-s0: trained on another split",
+                            "skipped selu-s0: unfinished (no metrics.json) or not a binary model"]
+    assert E.find_runs(tmp_path / "missing", ["c", "d"]).empty
+    assert len(E.find_runs(tmp_path, ["c", "d"])) == 3  # silent without log
