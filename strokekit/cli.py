@@ -104,7 +104,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                              ("batch_size", args.batch_size)) if v},
     )
     result = train(config, split.dataset(data, "train"), split.dataset(data, "val"),
-                   run_dir=args.out, split=split, progress=not args.quiet, overwrite=args.overwrite)
+                   run_dir=args.out, split=split, progress=not args.quiet, overwrite=args.overwrite,
+                   resume=args.resume)
     print(f"run folder: {result.run_dir}")
     print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()
                                      if isinstance(v, float)))
@@ -196,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="run folder (default: runs/<arch>-<activation>-s<seed>-<time>)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out from the end of its last epoch")
     p.add_argument("--profile", default=None)
     p.add_argument("--quiet", action="store_true")
     p = sub.add_parser("evaluate", help=COMMANDS["evaluate"][1])

@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import engine
 from .augment import NO_AUGMENT, STUDY_AUGMENT, AugmentConfig
 from .dataset import SliceDataset
+
+# Shared with every trainer; kept here under the names notebook 07 knows.
+from .engine import jit_compile_setting, save_preview  # noqa: F401
 from .errors import DataError
 
 #: Class names of the multiclass phantom and of the study's colour masks.
@@ -121,9 +124,7 @@ class MulticlassConfig:
         need(0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)")
         need(self.learning_rate > 0, "learning_rate", "> 0")
         need(is_int(self.num_epochs) and self.num_epochs >= 1, "num_epochs", "an int >= 1")
-        from .train import LR_SCHEDULES
-
-        need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {list(LR_SCHEDULES)}")
+        need(self.lr_schedule in engine.LR_SCHEDULES, "lr_schedule", f"one of {list(engine.LR_SCHEDULES)}")
         need(is_int(self.repeats) and self.repeats >= 1, "repeats", "an int >= 1")
         need(is_int(self.image_size) and self.image_size % 2**self.num_levels == 0, "image_size",
              f"a multiple of 2 ** num_levels = {2 ** self.num_levels}")
@@ -229,42 +230,18 @@ def build_model(config: MulticlassConfig, seed: int | None = None):
     return unet(**config.model_kwargs(), seed=config.seed if seed is None else seed)
 
 
-def jit_compile_setting(value: bool | str = "auto") -> bool | str:
-    """Keras' ``jit_compile`` for short CPU runs: XLA off on TensorFlow without a GPU.
+def loss_and_metrics(config: MulticlassConfig) -> tuple[Any, list]:
+    """Cross-entropy + multiclass Dice (class-weighted) and the Dice of each lesion class."""
+    from .losses import DiceMetric, categorical_ce_dice_loss
 
-    Keras' own "auto" turns XLA on wherever the layers allow it; on a CPU the XLA compilation of
-    a U-Net takes several times longer than the few epochs of a classroom run. JAX and PyTorch
-    keep "auto" (JAX without jit would run eagerly, far slower).
-    """
-    if value != "auto":
-        return bool(value)
-    import keras
-
-    if keras.backend.backend() != "tensorflow":
-        return "auto"
-    import tensorflow as tf
-
-    return "auto" if tf.config.list_physical_devices("GPU") else False
+    loss = categorical_ce_dice_loss(config.num_classes, class_weights=config.class_weights,
+                                    w_ce=config.w_ce, w_dice=config.w_dice)
+    return loss, [DiceMetric(class_id=c, name=f"dice_{config.class_names[c]}") for c in range(1, config.num_classes)]
 
 
 def compile_model(model, config: MulticlassConfig):
     """Compile with Adam, cross-entropy + multiclass Dice (class-weighted) and per-class Dice."""
-    import keras
-
-    from .losses import DiceMetric, categorical_ce_dice_loss
-
-    model.compile(
-        optimizer=keras.optimizers.Adam(config.learning_rate),
-        loss=categorical_ce_dice_loss(config.num_classes, class_weights=config.class_weights,
-                                      w_ce=config.w_ce, w_dice=config.w_dice),
-        metrics=[DiceMetric(class_id=c, name=f"dice_{config.class_names[c]}")
-                 for c in range(1, config.num_classes)],
-        jit_compile=jit_compile_setting(),
-    )
-    from .train import build_optimizer
-
-    build_optimizer(model)
-    return model
+    return engine.compile_model(model, *loss_and_metrics(config), config.learning_rate)
 
 
 def to_arrays(config: MulticlassConfig, dataset: SliceDataset) -> tuple[np.ndarray, np.ndarray]:
@@ -323,7 +300,7 @@ def plot_history(history, class_names: Sequence[str] = CLASS_NAMES):
     """
     from matplotlib.figure import Figure
 
-    # Keras' CSVLogger counts epochs from 0, the returned history from 1: plot them from 1.
+    # Runs written before strokekit.engine counted epochs from 0 in history.csv: plot them from 1.
     epochs = np.arange(1, len(history) + 1)
     fig = Figure(figsize=(10, 3.4), layout="constrained")
     ax_loss, ax_dice = fig.subplots(1, 2)
@@ -346,49 +323,6 @@ def plot_history(history, class_names: Sequence[str] = CLASS_NAMES):
     return fig
 
 
-def save_preview(images: np.ndarray, masks: np.ndarray, prob: np.ndarray, path: str | os.PathLike,
-                 title: str = "") -> Path:
-    """Write a PNG grid: each slice with its true labels (top) and predicted labels (bottom).
-
-    Colours are :data:`strokekit.preprocess.DEFAULT_COLOURS` (red = hemorrhagic, green =
-    ischemic). Drawn on a bare ``matplotlib.figure.Figure``: the pyplot backend of a notebook
-    is left alone, so its inline plots keep working during training.
-    """
-    from matplotlib.figure import Figure
-
-    from .preprocess import overlay_mask
-
-    path = Path(path)
-    n = len(images)
-    fig = Figure(figsize=(2.2 * n, 4.6))
-    axes = fig.subplots(2, n, squeeze=False)
-    pred = np.argmax(prob, axis=-1).astype(np.uint8)
-    for i in range(n):
-        grey = np.clip(images[i][..., 0], 0.0, 1.0)
-        axes[0, i].imshow(overlay_mask(grey, masks[i]))
-        axes[1, i].imshow(overlay_mask(grey, pred[i]))
-        axes[0, i].set_axis_off()
-        axes[1, i].set_axis_off()
-    axes[0, 0].set_title("truth", fontsize=8, loc="left")
-    axes[1, 0].set_title("prediction", fontsize=8, loc="left")
-    fig.suptitle(title, fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    return path
-
-
-def _preview_callback(images: np.ndarray, masks: np.ndarray, folder: Path):
-    import keras
-
-    class _Preview(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            prob = np.asarray(self.model.predict(images, verbose=0))
-            save_preview(images, masks, prob, folder / f"epoch_{epoch + 1:03d}.png",
-                         title=f"epoch {epoch + 1}")
-
-    return _Preview()
-
-
 def train_multiclass(
     config: MulticlassConfig,
     train_data: SliceDataset,
@@ -401,7 +335,7 @@ def train_multiclass(
 ):
     """Train a softmax U-Net on a :class:`MulticlassConfig` and write its run folder.
 
-    Like :func:`strokekit.train.train` (same loader, callbacks and folder: a
+    Like :func:`strokekit.train.train` (same loader, :func:`strokekit.engine.fit` and folder: a
     :class:`strokekit.runs.RunFolder` of kind ``"multiclass"`` with ``config.json``,
     ``history.csv``, ``model.keras`` at the best validation loss, ``previews/epoch_NNN.png``,
     ``metrics.json``) plus ``curves.png``; the loss carries the config's class weights.
@@ -419,27 +353,26 @@ def train_multiclass(
         overwrite: replace a run already in ``run_dir``.
 
     Returns:
-        :class:`strokekit.train.RunResult`; ``metrics`` hold ``dice_<class>`` and ``iou_<class>``
-        on the validation set (background excluded), ``mean_dice``, ``best_epoch``, ``epochs_run``.
+        :class:`strokekit.train.RunResult`: the model with the weights of the epoch with the lowest
+        validation loss; ``metrics`` hold ``dice_<class>`` and ``iou_<class>`` of that model on the
+        validation set (background excluded), ``mean_dice``, ``best_epoch``, ``epochs_run``.
 
     Raises:
         DataError: empty training or validation data.
         FileExistsError: ``run_dir`` already holds a run and ``overwrite`` is False.
     """
-    import keras
-    import pandas as pd
-
     from .augment import SegmentationLoader
     from .config import seed_everything
+    from .metrics import per_class_metrics
     from .runs import RunFolder, data_text
-    from .train import RunResult, TqdmCallback, _preview_indices, make_run_dir, repeat_arrays, schedule_callbacks
+    from .train import RunResult, make_run_dir, repeat_arrays
 
     if len(train_data) == 0 or len(val_data) == 0:
         raise DataError("training and validation sets must not be empty")
     seed_everything(config.seed)
     x_train, y_train = to_arrays(config, train_data)
     x_val, y_val = to_arrays(config, val_data)
-    model = compile_model(build_model(config), config)
+    model = build_model(config)
 
     run = None
     if run_dir is not False:
@@ -452,39 +385,22 @@ def train_multiclass(
     val_loader = SegmentationLoader(x_val, y_val, batch_size=config.batch_size, augment=None,
                                     shuffle=False, seed=config.seed,
                                     num_classes=config.num_classes, workers=1)
-    callbacks: list[Any] = []
-    if config.early_stopping_patience:
-        callbacks.append(keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=config.early_stopping_patience, restore_best_weights=True))
-    callbacks += schedule_callbacks(config)
-    if run is not None:
-        callbacks.append(keras.callbacks.ModelCheckpoint(
-            str(run.model_path), monitor="val_loss", save_best_only=True))
-        callbacks.append(keras.callbacks.CSVLogger(str(run.history_path)))
-        if previews and config.preview_slices:
-            chosen = _preview_indices(y_val, config.preview_slices)
-            callbacks.append(_preview_callback(x_val[chosen], y_val[chosen], run.previews_dir))
-    if progress:
-        callbacks.append(TqdmCallback(config.num_epochs, desc=name or "multiclass"))
-
-    start = time.perf_counter()
-    fit = model.fit(loader, validation_data=val_loader, epochs=config.num_epochs, verbose=0,
-                    callbacks=callbacks)
-    seconds = time.perf_counter() - start
-    history = pd.DataFrame(fit.history)
-    history.insert(0, "epoch", np.arange(1, len(history) + 1))
-    if run is not None and run.model_path.exists():
-        model = run.load_model()
+    chosen = engine.preview_indices(y_val, config.preview_slices) if previews and config.preview_slices else None
+    fitted = engine.fit(
+        model, loader, val_loader, [engine.Phase(config.num_epochs, learning_rate=config.learning_rate)],
+        *loss_and_metrics(config), patience=config.early_stopping_patience, schedule=config.lr_schedule,
+        reduce_lr_patience=config.reduce_lr_patience, run=run, progress=progress,
+        previews=None if chosen is None else engine.Previews(x_val[chosen], y_val[chosen]),
+        desc=name or "multiclass")
+    history, seconds = fitted.history, fitted.seconds
     pred = predict_labels(model, config, x_val)
-    from .metrics import per_class_metrics
-
     table = per_class_metrics(y_val, pred, config.num_classes, config.class_names)
     metrics: dict[str, float] = {}
     for row in table.itertuples():
         metrics[f"dice_{row.class_name}"] = float(row.dice)
         metrics[f"iou_{row.class_name}"] = float(row.iou)
     metrics["mean_dice"] = float(table["dice"].mean())
-    metrics["best_epoch"] = int(history["val_loss"].idxmin()) + 1
+    metrics["best_epoch"] = fitted.best_epoch
     metrics["epochs_run"] = len(history)
     images_per_second = len(x_train) * len(history) / seconds if seconds else float("nan")
     if run is not None:

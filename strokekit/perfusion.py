@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -46,6 +45,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from . import engine
 from .dataset import SliceDataset, concat
 from .errors import DataError
 
@@ -777,6 +777,10 @@ def _make_loader_class():
             """Next epoch: a new seeded order and new augmentations."""
             self.inner.on_epoch_end()
 
+        def set_epoch(self, epoch: int) -> None:
+            """Jump to ``epoch`` (e.g. when a phase or a resumed run starts)."""
+            self.inner.set_epoch(epoch)
+
     MultiInputLoader.__module__ = __name__
     MultiInputLoader.__qualname__ = "MultiInputLoader"
     return MultiInputLoader
@@ -977,49 +981,23 @@ def make_schedule(schedule: Any, config: PerfusionTrainConfig):
                             lr_scale=float(config.lr_scale), keep_batchnorm_frozen=True)
 
 
-class ModelPool:
-    """Compiled copies of one architecture, reused across runs that share trainable blocks and loss.
+class ModelPool(engine.ModelPool):
+    """Compiled copies of one architecture, reused across runs that share trainable blocks and loss
+    (:class:`strokekit.engine.ModelPool`), and one shared copy for predictions.
 
-    Compiling a Keras model and tracing its training step takes seconds on a CPU, every time,
-    and a schedule comparison (several schedules × seeds × phases) compiles dozens of times for
-    only a handful of distinct settings. The pool keeps one compiled copy per (trainable blocks,
-    loss) and, for each phase, loads the run's weights into it and resets Adam (step count and
-    moments to zero, the phase's learning rate) — the state a new ``compile`` gives. Results are
-    the same as compiling afresh; only the waiting goes.
+    A schedule comparison (several schedules × seeds × phases) would otherwise compile dozens of
+    times for only a handful of distinct settings; results are the same as compiling afresh.
 
     Introduced in notebooks/08_ctp_core_penumbra.ipynb.
     """
 
     def __init__(self):
-        self._compiled: dict[Any, Any] = {}
+        super().__init__()
         self._predictor = None
-        self.compiles = 0
-
-    @staticmethod
-    def _mask(model) -> tuple:
-        return tuple((layer.name, bool(layer.trainable)) for layer in model.layers)
 
     def compiled(self, model, config: PerfusionTrainConfig, learning_rate: float):
         """A compiled copy of ``model`` with its trainable flags, holding its weights, at a rate."""
-        import keras
-
-        key = (model.name, tuple(tuple(w.shape) for w in model.weights), self._mask(model),
-               config.class_weights, config.alpha, config.beta, config.gamma)
-        twin = self._compiled.get(key)
-        if twin is None:
-            twin = keras.models.clone_model(model)
-            flags = dict(key[2])
-            for layer in twin.layers:
-                layer.trainable = flags[layer.name]
-            _compile(twin, config, learning_rate)
-            self._compiled[key] = twin
-            self.compiles += 1
-        else:
-            for variable in twin.optimizer.variables:
-                variable.assign(keras.ops.zeros(variable.shape, dtype=variable.dtype))
-            twin.optimizer.learning_rate = learning_rate
-        twin.set_weights(model.get_weights())
-        return twin
+        return self.runner(model, *loss_and_metrics(config), learning_rate)
 
     def predict(self, model, inputs, batch_size: int = 8) -> np.ndarray:
         """``model.predict`` through one shared copy (one traced prediction step for all runs)."""
@@ -1045,22 +1023,16 @@ class PerfusionRun:
     best_epoch: int
 
 
-def _compile(model, config: PerfusionTrainConfig, learning_rate: float) -> None:
-    import keras
-
+def loss_and_metrics(config: PerfusionTrainConfig) -> tuple[Any, list]:
+    """The class-weighted focal Tversky loss of a config, and the Dice of penumbra and core."""
     from .losses import DiceMetric
-    from .multiclass import jit_compile_setting
 
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss=weighted_focal_tversky_loss(config.class_weights, config.alpha, config.beta, config.gamma),
-        metrics=[DiceMetric(class_id=PENUMBRA, name="dice_penumbra"),
-                 DiceMetric(class_id=CORE, name="dice_core")],
-        jit_compile=jit_compile_setting(),
-    )
-    from .train import build_optimizer
+    return (weighted_focal_tversky_loss(config.class_weights, config.alpha, config.beta, config.gamma),
+            [DiceMetric(class_id=PENUMBRA, name="dice_penumbra"), DiceMetric(class_id=CORE, name="dice_core")])
 
-    build_optimizer(model)
+
+def _compile(model, config: PerfusionTrainConfig, learning_rate: float) -> None:
+    engine.compile_model(model, *loss_and_metrics(config), learning_rate)
 
 
 def loader_for(dataset: SliceDataset, config: PerfusionTrainConfig, training: bool):
@@ -1093,9 +1065,10 @@ def train_perfusion(
     The schedules are notebook 05's (:class:`strokekit.transfer.FineTuneSchedule`): each phase
     sets the encoder blocks' ``trainable`` flags with :func:`strokekit.transfer.freeze` /
     :func:`strokekit.transfer.unfreeze`, recompiles (Keras fixes the trainable weights at compile
-    time; Adam starts afresh at ``learning_rate * phase.lr_factor``) and trains its epochs. This
-    function exists beside :func:`strokekit.transfer.fine_tune` because the perfusion model takes
-    a dict of inputs (:class:`MultiInputLoader`) and a class-weighted focal Tversky loss.
+    time; Adam starts afresh at ``learning_rate * phase.lr_factor``) and trains its epochs, all
+    through :func:`strokekit.engine.fit`. This function exists beside
+    :func:`strokekit.transfer.fine_tune` because the perfusion model takes a dict of inputs
+    (:class:`MultiInputLoader`) and a class-weighted focal Tversky loss.
 
     Introduced in notebooks/08_ctp_core_penumbra.ipynb.
 
@@ -1122,9 +1095,6 @@ def train_perfusion(
         DataError: empty training or validation data.
         FileExistsError: ``run_dir`` already holds a run and ``overwrite`` is False.
     """
-    import keras
-    import pandas as pd
-
     from .config import seed_everything, to_dict
     from .models import encoder_blocks
     from .runs import RunFolder
@@ -1140,52 +1110,29 @@ def train_perfusion(
     seed_everything(config.seed)
     loader = loader_for(train_data, config, training=True)
     val_loader = loader_for(val_data, config, training=False)
-    rows: list[dict[str, Any]] = []
-    best = {"loss": np.inf, "epoch": 0, "weights": None}
     run = None if run_dir is None else RunFolder.create(
         run_dir, "perfusion", {**to_dict(config), "schedule": name, "epochs": epochs}, overwrite=overwrite)
 
-    class _Track(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            logs = {k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"}
-            rows.append({"epoch": epoch + 1, "phase": current["phase"], "learning_rate": current["lr"],
-                         "trainable_blocks": "+".join(current["blocks"]), **logs})
-            if restore_best and logs.get("val_loss", np.inf) < best["loss"]:
-                best.update(loss=logs["val_loss"], epoch=epoch + 1, weights=self.model.get_weights())
+    def phase(p) -> engine.Phase:
+        def set_flags(m) -> dict:
+            for layer in m.layers:
+                layer.trainable = True
+            if blocks:
+                freeze(m, blocks=blocks)
+                if p.blocks:
+                    unfreeze(m, blocks=list(p.blocks))
+            return {"trainable_blocks": "+".join(trainable_blocks(m))}
 
-    current: dict[str, Any] = {}
-    start = time.perf_counter()
-    for phase in phases:
-        for layer in model.layers:
-            layer.trainable = True
-        if blocks:
-            freeze(model, blocks=blocks)
-            if phase.blocks:
-                unfreeze(model, blocks=list(phase.blocks))
-        lr = config.learning_rate * phase.lr_factor
-        current.update(phase=phase.index, lr=lr, blocks=trainable_blocks(model))
-        if pool is None:
-            _compile(model, config, lr)
-            runner = model
-        else:
-            runner = pool.compiled(model, config, lr)
-        # fit() advances the loader once before its first epoch: keep the epoch numbering.
-        loader.inner.set_epoch(phase.start_epoch)
-        runner.fit(loader, validation_data=val_loader, initial_epoch=phase.start_epoch,
-                   epochs=phase.end_epoch, verbose=0, callbacks=[_Track()])
-        if runner is not model:
-            model.set_weights(runner.get_weights())
-    seconds = time.perf_counter() - start
+        return engine.Phase(p.end_epoch - p.start_epoch, set_flags, config.learning_rate * p.lr_factor)
+
+    fitted = engine.fit(model, loader, val_loader, [phase(p) for p in phases], *loss_and_metrics(config),
+                        restore_best=restore_best, run=run, progress=False, pool=pool, desc=f"perfusion ({name})")
     for layer in model.layers:
         layer.trainable = True
-    if restore_best and best["weights"] is not None:
-        model.set_weights(best["weights"])
-    history = pd.DataFrame(rows)
-    if run is not None:
-        run.write_history(history)
+    if run is not None:  # again, with every layer trainable as the model returned
         run.save_model(model)
-    best_epoch = int(best["epoch"]) if best["epoch"] else len(history)
-    return PerfusionRun(model, history, name, config, run.folder if run else None, seconds, best_epoch)
+    return PerfusionRun(model, fitted.history, name, config, run.folder if run else None, fitted.seconds,
+                        fitted.best_epoch)
 
 
 def predict_labels(model, dataset: SliceDataset, use_clinical: bool | None = None,

@@ -8,6 +8,9 @@ Every trainer of the kit writes the same layout through :class:`RunFolder`:
 - ``metrics.json``: the final scores and ``data``, the data they were measured on;
 - ``split.json``: the split the run trained on, when it was given one;
 - ``previews/``: predicted masks on a few validation slices after every epoch;
+- ``checkpoint.keras`` and ``checkpoint.json`` while a run trains: model, optimizer and training state at the
+  end of the last epoch, which ``resume=True`` continues from (:func:`strokekit.engine.fit`); removed when
+  training ends;
 - extras by kind: ``fewshot.json`` (a few-shot recipe's decisions), ``schedule.json`` (a fine-tuning
   schedule), ``curves.png``.
 
@@ -36,7 +39,7 @@ FEWSHOT_FILE = "fewshot.json"
 
 #: The files a run writes; ``overwrite=True`` removes these (and previews, extra members), nothing else.
 RUN_FILES: tuple[str, ...] = ("config.json", "model.keras", "history.csv", "metrics.json", "split.json",
-                              FEWSHOT_FILE, "schedule.json", "curves.png")
+                              FEWSHOT_FILE, "schedule.json", "curves.png", "checkpoint.keras", "checkpoint.json")
 
 # Runs written before config.json recorded its kind are told apart by fields only their config has.
 _LEGACY_FIELDS = {
@@ -131,10 +134,18 @@ class RunFolder:
         """``model.keras``, or ``model_<member>.keras`` for a further member of a few-shot recipe."""
         return self.folder / ("model.keras" if member == 0 else f"model_{member}.keras")
 
-    def save_model(self, model, member: int = 0) -> Path:
-        """Save a Keras model as :meth:`model_file` (``model.keras`` by default)."""
-        path = self.model_file(member)
-        model.save(path)
+    def save_model(self, model, member: int = 0, path: str | os.PathLike | None = None) -> Path:
+        """Save a Keras model as :meth:`model_file` (``model.keras`` by default) or as ``path``.
+
+        Written through a temporary file and a rename, so an interrupted save leaves the old file.
+        """
+        path = Path(path) if path is not None else self.model_file(member)
+        partial = path.with_name(f".{path.stem}.partial.keras")
+        try:
+            model.save(partial)
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
         return path
 
     def write_history(self, history) -> Path:
@@ -184,6 +195,16 @@ class RunFolder:
     @property
     def history_path(self) -> Path:
         return self.folder / "history.csv"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """``checkpoint.keras``: the model with its optimizer at the end of the last epoch trained."""
+        return self.folder / "checkpoint.keras"
+
+    @property
+    def checkpoint_state_path(self) -> Path:
+        """``checkpoint.json``: epoch, history and training state that go with ``checkpoint.keras``."""
+        return self.folder / "checkpoint.json"
 
     @property
     def previews_dir(self) -> Path:

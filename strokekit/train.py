@@ -12,35 +12,30 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import math
 import os
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from . import engine
 from .augment import NO_AUGMENT, STUDY_AUGMENT, AugmentConfig
 from .config import seed_everything
 from .dataset import SliceDataset
+
+# The engine's helpers, under the names notebooks 04-06 import from here.
+from .engine import (  # noqa: F401
+    LR_SCHEDULES,
+    PreviewCallback,
+    build_optimizer,
+    cosine_learning_rate,
+    predict_numpy,
+    preview_indices,
+    save_preview,
+)
 from .errors import DataError
 from .paths import runs_dir
 from .runs import RunFolder, data_text
-
-#: Learning-rate schedules :class:`TrainConfig` knows (see its ``lr_schedule``).
-LR_SCHEDULES: tuple[str, ...] = ("plateau", "cosine", "constant")
-
-
-def cosine_learning_rate(epoch: int, num_epochs: int, learning_rate: float, final_fraction: float = 0.01) -> float:
-    """The ``"cosine"`` schedule: the learning rate of epoch ``epoch`` (0-based) of ``num_epochs``.
-
-    Falls along a half cosine from ``learning_rate`` (first epoch) to
-    ``final_fraction · learning_rate`` (last epoch).
-    """
-    progress = epoch / max(num_epochs - 1, 1)
-    return learning_rate * (
-        final_fraction + (1.0 - final_fraction) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,11 +198,10 @@ def to_arrays(config: TrainConfig, dataset: SliceDataset) -> tuple[np.ndarray, n
     return prepare_inputs(dataset, image_size=config.image_size, windows=config.windows)
 
 
-def compile_model(model, config: TrainConfig, learning_rate: float | None = None):
-    """Compile with Adam, the config's loss and lesion-class metrics (never pixel accuracy)."""
+def loss_and_metrics(config: TrainConfig) -> tuple[Any, list]:
+    """The config's loss and its lesion-class metrics (never pixel accuracy): Dice, IoU,
+    sensitivity and specificity of a binary model, Dice per lesion class of a softmax one."""
     import inspect
-
-    import keras
 
     from .losses import LOSSES, DiceMetric, IoUMetric, Sensitivity, Specificity, get_loss
 
@@ -215,7 +209,6 @@ def compile_model(model, config: TrainConfig, learning_rate: float | None = None
     loss = get_loss(
         config.loss, **({"num_classes": config.num_classes} if config.num_classes > 1 and wants_classes else {})
     )
-    metrics = []
     if config.num_classes == 1:
         metrics = [
             DiceMetric(threshold=config.threshold, name="dice"),
@@ -225,42 +218,19 @@ def compile_model(model, config: TrainConfig, learning_rate: float | None = None
         ]
     else:
         metrics = [DiceMetric(class_id=c, name=f"dice_{c}") for c in range(1, config.num_classes)]
-    from .multiclass import jit_compile_setting  # XLA off for short CPU runs on TensorFlow
-
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate or config.learning_rate),
-        loss=loss,
-        metrics=metrics,
-        jit_compile=jit_compile_setting(),
-    )
-    build_optimizer(model)
-    return model
+    return loss, metrics
 
 
-def build_optimizer(model) -> None:
-    """Create the optimizer's slots for the model's trainable weights now, before ``fit``.
-
-    Otherwise TensorFlow creates them while tracing the first training step and then traces
-    that step a second time: 3-5 s per training run on a small CPU, most of a quick run.
-    The slots start at zero either way, so training is unchanged.
-    """
-    optimizer = getattr(model, "optimizer", None)
-    if optimizer is not None and not getattr(optimizer, "built", True) and model.trainable_variables:
-        optimizer.build(model.trainable_variables)
+def compile_model(model, config: TrainConfig, learning_rate: float | None = None):
+    """Compile with Adam, the config's loss and lesion-class metrics (:func:`strokekit.engine.compile_model`)."""
+    return engine.compile_model(model, *loss_and_metrics(config), learning_rate or config.learning_rate)
 
 
 def schedule_callbacks(config) -> list:
     """The Keras callbacks of a config's learning-rate schedule (``lr_schedule``, ``learning_rate``,
     ``num_epochs``, ``reduce_lr_patience``): halving on a validation-loss plateau, or the cosine."""
-    import keras
-
-    if config.lr_schedule == "plateau" and config.reduce_lr_patience:
-        return [keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss", factor=0.5, patience=config.reduce_lr_patience, min_lr=1e-6)]
-    if config.lr_schedule == "cosine":
-        return [keras.callbacks.LearningRateScheduler(
-            lambda epoch, lr: cosine_learning_rate(epoch, config.num_epochs, config.learning_rate))]
-    return []
+    return engine.schedule_callbacks(config.lr_schedule, config.learning_rate, config.num_epochs,
+                                     config.reduce_lr_patience)
 
 
 def repeat_arrays(x: np.ndarray, y: np.ndarray, repeats: int) -> tuple[np.ndarray, np.ndarray]:
@@ -269,108 +239,6 @@ def repeat_arrays(x: np.ndarray, y: np.ndarray, repeats: int) -> tuple[np.ndarra
     if repeats <= 1:
         return x, y
     return np.tile(x, (repeats,) + (1,) * (x.ndim - 1)), np.tile(y, (repeats,) + (1,) * (y.ndim - 1))
-
-
-class PreviewCallback:
-    """Factory for a Keras callback that saves predicted masks on fixed slices after every epoch."""
-
-    def __new__(cls, images: np.ndarray, masks: np.ndarray, folder: Path, threshold: float = 0.5,
-                every: int = 1):
-        import keras
-
-        class _Preview(keras.callbacks.Callback):
-            def on_epoch_end(self, epoch, logs=None):
-                if (epoch + 1) % every:
-                    return
-                prob = predict_numpy(self.model, images)
-                save_preview(images, masks, prob, folder / f"epoch_{epoch + 1:03d}.png",
-                             title=f"epoch {epoch + 1}", threshold=threshold)
-
-        return _Preview()
-
-
-class BestWeights:
-    """Factory for a Keras callback that keeps the weights of the best epoch (lowest monitored
-    value) in memory and puts them back when training ends — no reload from disk needed."""
-
-    def __new__(cls, monitor: str = "val_loss"):
-        import keras
-
-        class _Best(keras.callbacks.Callback):
-            best = float("inf")
-            weights = None
-
-            def on_epoch_end(self, epoch, logs=None):
-                value = (logs or {}).get(monitor)
-                if value is not None and value < self.best:
-                    self.best, self.weights = float(value), self.model.get_weights()
-
-            def on_train_end(self, logs=None):
-                if self.weights is not None:
-                    self.model.set_weights(self.weights)
-
-        return _Best()
-
-
-class TqdmCallback:
-    """Factory for a Keras callback showing one tqdm bar over epochs with the latest losses."""
-
-    def __new__(cls, num_epochs: int, desc: str = "training"):
-        import keras
-        from tqdm.auto import tqdm
-
-        class _Bar(keras.callbacks.Callback):
-            def on_train_begin(self, logs=None):
-                self.bar = tqdm(total=num_epochs, desc=desc, unit="epoch", leave=False)
-
-            def on_epoch_end(self, epoch, logs=None):
-                logs = logs or {}
-                self.bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k in ("loss", "val_loss", "val_dice")})
-                self.bar.update(1)
-
-            def on_train_end(self, logs=None):
-                self.bar.close()
-
-        return _Bar()
-
-
-def save_preview(images, masks, prob, path: Path, title: str = "", threshold: float = 0.5) -> Path:
-    """Write a PNG grid: image with true mask, predicted probability, thresholded prediction."""
-    from matplotlib.figure import Figure  # no pyplot: never changes the notebook's backend
-
-    from .preprocess import overlay_mask
-
-    n = len(images)
-    fig = Figure(figsize=(2.2 * n, 4.6))
-    axes = fig.subplots(2, n, squeeze=False)
-    for i in range(n):
-        grey = images[i][..., 0]
-        truth = masks[i] if masks[i].ndim == 2 else masks[i][..., 0]
-        p = prob[i][..., 0] if prob.shape[-1] == 1 else np.argmax(prob[i], axis=-1)
-        pred = (p >= threshold).astype(np.uint8) if prob.shape[-1] == 1 else p.astype(np.uint8)
-        axes[0, i].imshow(overlay_mask(grey, truth))
-        axes[1, i].imshow(overlay_mask(grey, pred))
-        axes[0, i].set_axis_off()
-        axes[1, i].set_axis_off()
-    axes[0, 0].set_title("truth", fontsize=8, loc="left")
-    axes[1, 0].set_title("prediction", fontsize=8, loc="left")
-    fig.suptitle(title, fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    return path
-
-
-def predict_numpy(model, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Model outputs as a NumPy array, computed eagerly batch by batch.
-
-    For the small arrays of this course an eager call is cheaper than ``model.predict``, which
-    compiles a new function for every model (and warns about retracing when many are trained).
-    """
-    import keras
-
-    out = [keras.ops.convert_to_numpy(model(x[i:i + batch_size], training=False))
-           for i in range(0, len(x), batch_size)]
-    return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
 def evaluate_arrays(
@@ -397,13 +265,15 @@ def train(
     progress: bool = True,
     previews: bool = True,
     overwrite: bool = False,
+    resume: bool = False,
+    callbacks: Sequence[Any] = (),
 ) -> RunResult:
     """Train a segmentation model on a config and write its run folder.
 
     Args:
         config: the TrainConfig.
         train_data: training slices.
-        val_data: validation slices (checkpointing, early stopping, learning-rate schedule).
+        val_data: validation slices (best epoch, early stopping, learning-rate schedule).
         run_dir: the run folder; None creates ``<runs>/<name>-<timestamp>``; False writes nothing.
         split: a ``strokekit.split.Split`` (anything with ``save(path)``) saved as ``split.json``.
         name: run name prefix (default ``<arch>-<activation>-s<seed>``).
@@ -411,6 +281,10 @@ def train(
         progress: show a progress bar over epochs.
         previews: save per-epoch prediction previews in the run folder.
         overwrite: replace a run already in ``run_dir`` (see :meth:`strokekit.runs.RunFolder.create`).
+        resume: continue the interrupted run in ``run_dir`` from the end of its last epoch, with its
+            optimizer state, history, best weights and schedule as they were; the result is that of
+            an uninterrupted run (:func:`strokekit.engine.fit`).
+        callbacks: more Keras callbacks.
 
     Returns:
         RunResult with the model (weights of the epoch with the lowest validation loss),
@@ -418,28 +292,27 @@ def train(
 
     Raises:
         DataError: empty training or validation data.
-        FileExistsError: ``run_dir`` already holds a run and ``overwrite`` is False.
+        FileExistsError: ``run_dir`` already holds a run and neither ``overwrite`` nor ``resume`` is set.
+        ValueError: ``resume`` without a ``run_dir``.
     """
-    import keras
-    import pandas as pd
-
     from .augment import SegmentationLoader
     from .models import build_model
 
     if len(train_data) == 0 or len(val_data) == 0:
         raise DataError("training and validation sets must not be empty")
+    if resume and (run_dir is None or run_dir is False):
+        raise ValueError("resume=True continues the run in run_dir: name the folder")
     seed_everything(config.seed)
     x_train, y_train = to_arrays(config, train_data)
     x_val, y_val = to_arrays(config, val_data)
     if model is None:
         model = build_model(config.arch, **config.model_kwargs())
-    compile_model(model, config)
 
     run = None
     if run_dir is not False:
         folder = run_dir if run_dir is not None else make_run_dir(
             name or f"{config.arch}-{config.activation}-s{config.seed}")
-        run = RunFolder.create(folder, "binary", config, overwrite=overwrite, split=split)
+        run = RunFolder.create(folder, "binary", config, overwrite=overwrite, resume=resume, split=split)
 
     x_train, y_train = repeat_arrays(x_train, y_train, config.repeats)
     loader = SegmentationLoader(
@@ -450,42 +323,25 @@ def train(
         x_val, y_val, batch_size=config.batch_size, augment=None, shuffle=False,
         seed=config.seed, num_classes=config.num_classes, workers=1,
     )
-    callbacks: list[Any] = [BestWeights("val_loss")]
-    if config.early_stopping_patience:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience))
-    callbacks += schedule_callbacks(config)
-    if run is not None:
-        callbacks.append(keras.callbacks.ModelCheckpoint(
-            str(run.model_path), monitor="val_loss", save_best_only=True))
-        callbacks.append(keras.callbacks.CSVLogger(str(run.history_path)))
-        if previews and config.preview_slices:
-            chosen = _preview_indices(y_val, config.preview_slices)
-            callbacks.append(PreviewCallback(x_val[chosen], y_val[chosen], run.previews_dir, config.threshold))
-    if progress:
-        callbacks.append(TqdmCallback(config.num_epochs, desc=name or config.arch))
-
-    start = time.perf_counter()
-    fit = model.fit(loader, validation_data=val_loader, epochs=config.num_epochs, verbose=0, callbacks=callbacks)
-    seconds = time.perf_counter() - start
-    history = pd.DataFrame(fit.history)
-    history.insert(0, "epoch", np.arange(1, len(history) + 1))
+    chosen = preview_indices(y_val, config.preview_slices) if previews and config.preview_slices else None
+    fitted = engine.fit(
+        model, loader, val_loader, [engine.Phase(config.num_epochs, learning_rate=config.learning_rate)],
+        *loss_and_metrics(config), patience=config.early_stopping_patience, schedule=config.lr_schedule,
+        reduce_lr_patience=config.reduce_lr_patience, run=run, resume=resume, progress=progress,
+        previews=None if chosen is None else engine.Previews(x_val[chosen], y_val[chosen], config.threshold),
+        callbacks=callbacks, desc=name or config.arch)
+    history, seconds = fitted.history, fitted.seconds
     if config.num_classes == 1:
         metrics = evaluate_arrays(model, x_val, y_val, config.threshold)
     else:
         metrics = {"val_loss": float(history["val_loss"].min())}
-    metrics["best_epoch"] = int(history["val_loss"].idxmin()) + 1
+    metrics["best_epoch"] = fitted.best_epoch
     metrics["epochs_run"] = len(history)
     images_per_second = len(x_train) * len(history) / seconds if seconds else float("nan")
     if run is not None:
         run.write_metrics({**metrics, "seconds": round(seconds, 2), "images_per_second": round(images_per_second, 2)},
                           data=data_text(val_data))
     return RunResult(model, history, metrics, run.folder if run else None, config, seconds, images_per_second)
-
-
-def _preview_indices(masks: np.ndarray, count: int) -> np.ndarray:
-    """Fixed preview slices: the validation slices with the largest lesions, then the rest."""
-    area = (masks > 0).reshape(len(masks), -1).sum(axis=1)
-    return np.argsort(-area, kind="stable")[: min(count, len(masks))]
 
 
 def load_run(folder: str | os.PathLike) -> dict[str, Any]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import os
-import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from . import engine
 from .config import seed_everything
 from .dataset import SliceDataset
 from .errors import DataError
@@ -268,18 +268,14 @@ def set_batchnorm_momentum(model, momentum: float) -> list[str]:
     return changed
 
 
-def _trainable_mask(model) -> tuple:
-    return (bool(model.trainable),) + tuple((layer.name, bool(layer.trainable)) for layer in model.layers)
-
-
 def recompile(model, config: TrainConfig, learning_rate: float | None = None):
     """Makes a model ready to train after its trainable flags changed: fresh Adam at a rate.
 
-    Uses :func:`strokekit.train.compile_model` (the config's loss and lesion metrics). When
-    the model was last compiled here with exactly the same trainable layers and the same
-    loss, the existing compiled step is kept and only the optimizer is reset (slots and
-    step count to zero, new learning rate): the same state a new compile gives, without
-    tracing the training step again (seconds per call on a CPU).
+    Uses :func:`strokekit.engine.compile_model` with the config's loss and lesion metrics
+    (:func:`strokekit.train.loss_and_metrics`). When the model was last compiled there with exactly
+    the same trainable layers, loss and metrics, the existing compiled step is kept and only the
+    optimizer is reset (slots and step count to zero, new learning rate): the same state a new
+    compile gives, without tracing the training step again (seconds per call on a CPU).
 
     Introduced in notebooks/05_transfer_learning.ipynb.
 
@@ -294,31 +290,12 @@ def recompile(model, config: TrainConfig, learning_rate: float | None = None):
     Raises:
         ValueError: a learning rate that is not positive.
     """
-    from .train import compile_model
+    from .train import loss_and_metrics
 
     lr = float(config.learning_rate if learning_rate is None else learning_rate)
     if not lr > 0:
         raise ValueError(f"learning_rate must be > 0. Received: learning_rate={learning_rate!r}")
-    optimizer = getattr(model, "optimizer", None)
-    key = (_trainable_mask(model), config.loss, config.num_classes, float(config.threshold),
-           id(optimizer))
-    if optimizer is not None and getattr(model, "_strokekit_compile_key", None) == key:
-        _reset_optimizer(optimizer, lr)
-        return model
-    compile_model(model, config, lr)
-    key = key[:-1] + (id(model.optimizer),)
-    # Set past Keras' attribute tracking: a plain marker, not model state.
-    object.__setattr__(model, "_strokekit_compile_key", key)
-    return model
-
-
-def _reset_optimizer(optimizer, learning_rate: float) -> None:
-    import keras
-
-    # compile_model always builds Adam, whose step count and moment slots all start at 0.
-    for variable in optimizer.variables:
-        variable.assign(keras.ops.zeros(variable.shape, dtype=variable.dtype))
-    optimizer.learning_rate = learning_rate
+    return engine.compile_model(model, *loss_and_metrics(config), lr)
 
 
 # --------------------------------------------------------------------------- schedules
@@ -447,35 +424,6 @@ def _apply_phase(model, phase: Phase, blocks: Sequence[str], keep_batchnorm_froz
 # --------------------------------------------------------------------------- fine-tuning
 
 
-def _phase_pool(model) -> dict:
-    pool = model.__dict__.get("_strokekit_phase_pool")
-    if pool is None:
-        pool = {}
-        # Set past Keras' attribute tracking: a cache, not part of the model's state.
-        object.__setattr__(model, "_strokekit_phase_pool", pool)
-    return pool
-
-
-def _runner(model, pool: dict, key: tuple):
-    """The compiled model that trains a phase: one per (open blocks, batch-norm rule).
-
-    The first setting met is trained on ``model`` itself; each other one on a clone made once
-    and kept in the pool, so that later runs through the same settings re-trace nothing.
-    """
-    import keras
-
-    if key not in pool:
-        pool[key] = model if all(m is not model for m in pool.values()) else keras.models.clone_model(model)
-    return pool[key]
-
-
-def _copy_variables(source, target) -> None:
-    """Every layer variable (weights, batch-norm statistics, seed states) from source to target."""
-    for a, b in zip(source.layers, target.layers):
-        for va, vb in zip(a.variables, b.variables):
-            vb.assign(va.value)
-
-
 _ONE_BATCH_MAX = 4  # validation sets up to this many training batches are evaluated in one
 
 
@@ -495,48 +443,6 @@ def _full_batch_loader(base):
             return picks
 
     return FullBatchLoader
-
-
-def _phase_tracker(patience: int, restore_best: bool, bar=None):
-    """A callback that lives through all phases: history rows, best weights, early stopping."""
-    import keras
-
-    class _Tracker(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.rows: list[dict[str, Any]] = []
-            self.best = np.inf
-            self.best_epoch = 0
-            self.best_weights = None
-            self.wait = 0
-            self.stopped = False
-            self.phase: Phase | None = None
-            self.blocks: tuple[str, ...] = ()
-            self.trainable_params = 0
-
-        def on_epoch_end(self, epoch, logs=None):
-            logs = dict(logs or {})
-            logs.pop("learning_rate", None)
-            lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-            self.rows.append({"epoch": epoch + 1, "phase": self.phase.index, "learning_rate": lr,
-                              "trainable_blocks": self.blocks,
-                              "trainable_params": self.trainable_params,
-                              **{k: float(v) for k, v in logs.items()}})
-            if bar is not None:
-                bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k in ("loss", "val_loss", "val_dice")})
-                bar.update(1)
-            current = logs.get("val_loss", np.nan)
-            if np.isfinite(current) and current < self.best:
-                self.best, self.best_epoch, self.wait = float(current), epoch + 1, 0
-                if restore_best:
-                    self.best_weights = self.model.get_weights()
-            else:
-                self.wait += 1
-                if patience and self.wait >= patience:
-                    self.stopped = True
-                    self.model.stop_training = True
-
-    return _Tracker()
 
 
 def _check_input(model, config: TrainConfig) -> None:
@@ -616,12 +522,14 @@ def fine_tune(
     restore_best: bool = True,
     callbacks: Sequence[Any] = (),
     overwrite: bool = False,
+    resume: bool = False,
 ) -> RunResult:
     """Fine-tunes a (pretrained) model on target data following a schedule.
 
-    Uses the machinery of :func:`strokekit.train.train`: the same inputs (:func:`to_arrays`),
-    seeded augmenting loader, loss, lesion metrics, learning-rate halving on plateaus (per
-    phase) and seeding (``config.seed``). Two differences keep every batch the same shape
+    Trains through :func:`strokekit.engine.fit`, with one engine phase per schedule phase, and
+    the inputs of :func:`strokekit.train.train` (:func:`to_arrays`): the same seeded augmenting
+    loader, loss, lesion metrics, learning-rate halving on plateaus (per phase) and seeding
+    (``config.seed``). Two differences keep every batch the same shape
     (each new shape costs a new trace of the training step): the last training batch of an
     epoch is filled up with slices from the start of that epoch's order, and a validation set
     of up to four batches is evaluated as one batch. Early stopping counts epochs without a better
@@ -631,9 +539,9 @@ def fine_tune(
     Every phase needs its own compiled training step (Keras fixes the trainable weights at
     compile time) and tracing one takes seconds on a CPU. So each setting of trainable blocks
     is trained by one compiled model kept with ``model`` (``model`` itself for the first
-    setting met, a clone for each other) and reused by later calls; the weights move from
-    phase to phase and end in ``model``. Before training ``model`` with Keras' own ``fit``,
-    call :func:`recompile`.
+    setting met, a clone for each other: :meth:`strokekit.engine.ModelPool.of`) and reused by
+    later calls; the weights move from phase to phase and end in ``model``. Before training
+    ``model`` with Keras' own ``fit``, call :func:`recompile`.
 
     Introduced in notebooks/05_transfer_learning.ipynb.
 
@@ -659,6 +567,7 @@ def fine_tune(
         callbacks: more Keras callbacks, passed to every phase's ``fit`` (their ``model`` is
             the one training in that phase: phases before the last train a compiled copy).
         overwrite: replace a run already in ``run_dir``.
+        resume: continue the interrupted run in ``run_dir`` (as :func:`strokekit.train.train`).
 
     Returns:
         :class:`strokekit.train.RunResult`; its ``history`` has one row per epoch with
@@ -674,16 +583,14 @@ def fine_tune(
             exactly the slices trained and validated on.
         FileExistsError: ``run_dir`` already holds a run and ``overwrite`` is False.
     """
-    import keras
-    import pandas as pd
-    from tqdm.auto import tqdm
-
     from .augment import SegmentationLoader
     from .runs import RunFolder, data_text
-    from .train import evaluate_arrays, make_run_dir, to_arrays
+    from .train import evaluate_arrays, loss_and_metrics, make_run_dir, to_arrays
 
     if len(train_data) == 0 or len(val_data) == 0:
         raise DataError("training and validation sets must not be empty")
+    if resume and (run_dir is None or run_dir is False):
+        raise ValueError("resume=True continues the run in run_dir: name the folder")
     if not isinstance(schedule, FineTuneSchedule):
         raise ValueError(f"schedule must be a FineTuneSchedule. Received: schedule={schedule!r}")  # noqa: TRY004
     _check_input(model, config)
@@ -710,63 +617,34 @@ def fine_tune(
     run = None
     if run_dir is not False:  # written before training, so a folder that holds a run stops it at once
         folder = run_dir if run_dir is not None else make_run_dir(f"finetune-{schedule.mode}-s{config.seed}")
-        run = RunFolder.create(folder, "binary", config, overwrite=overwrite, split=split)
+        run = RunFolder.create(folder, "binary", config, overwrite=overwrite, resume=resume, split=split)
         run.write_json("schedule.json", schedule)
-    bar = tqdm(total=config.num_epochs, desc=f"fine-tune ({schedule.mode})", unit="epoch",
-               leave=False, disable=not progress)
-    tracker = _phase_tracker(config.early_stopping_patience, restore_best, bar)
 
-    pool = _phase_pool(model)
-    current = model  # the model that holds the latest weights
-    start = time.perf_counter()
-    with warnings.catch_warnings():
-        # Each phase recompiles on purpose; Keras' "trainable state changed" note is moot.
-        warnings.filterwarnings("ignore", message=".*trainable.*state has changed.*")
-        for phase in phases:
-            # With no block open the batch-norm rule changes nothing: one key for both.
-            key = (phase.blocks, schedule.keep_batchnorm_frozen if phase.blocks else None)
-            runner = _runner(model, pool, key)
-            if runner is not current:
-                _copy_variables(current, runner)
-            _apply_phase(runner, phase, blocks, schedule.keep_batchnorm_frozen)
-            recompile(runner, config, config.learning_rate * phase.lr_factor)
-            current = runner
-            tracker.phase = phase
-            tracker.blocks = trainable_blocks(runner)
-            tracker.trainable_params = int(sum(int(np.prod(w.shape)) for w in runner.trainable_weights))
-            phase_callbacks: list[Any] = [tracker, *callbacks]
-            if config.reduce_lr_patience:
-                phase_callbacks.append(keras.callbacks.ReduceLROnPlateau(
-                    monitor="val_loss", factor=0.5, patience=config.reduce_lr_patience, min_lr=1e-7))
-            # fit() advances the loader once before its first epoch, so phases continue the
-            # loader's epoch numbering (and augmentation draws) where the last one stopped.
-            loader.set_epoch(phase.start_epoch)
-            runner.fit(loader, validation_data=val_loader, initial_epoch=phase.start_epoch,
-                       epochs=phase.end_epoch, verbose=0, callbacks=phase_callbacks)
-            if tracker.stopped:
-                break
-    bar.close()
-    seconds = time.perf_counter() - start
-    if current is not model:
-        _copy_variables(current, model)
-    _apply_phase(model, tracker.phase, blocks, schedule.keep_batchnorm_frozen)
-    if restore_best and tracker.best_weights is not None:
-        model.set_weights(tracker.best_weights)
+    def phase(p: Phase) -> engine.Phase:
+        def set_flags(m) -> dict:
+            _apply_phase(m, p, blocks, schedule.keep_batchnorm_frozen)
+            return {"trainable_blocks": trainable_blocks(m),
+                    "trainable_params": int(sum(int(np.prod(w.shape)) for w in m.trainable_weights))}
 
-    history = pd.DataFrame(tracker.rows)
+        return engine.Phase(p.end_epoch - p.start_epoch, set_flags, config.learning_rate * p.lr_factor)
+
+    # Halving on plateaus whatever config.lr_schedule says, down to 1e-7: fine-tuning's own settings.
+    fitted = engine.fit(
+        model, loader, val_loader, [phase(p) for p in phases], *loss_and_metrics(config),
+        patience=config.early_stopping_patience, restore_best=restore_best, schedule="plateau",
+        reduce_lr_patience=config.reduce_lr_patience, min_lr=1e-7, run=run, resume=resume,
+        progress=progress, callbacks=callbacks, pool=engine.ModelPool.of(model),
+        desc=f"fine-tune ({schedule.mode})")
+    history, seconds = fitted.history, fitted.seconds
     if config.num_classes == 1:
         metrics = evaluate_arrays(model, x_val, y_val, config.threshold)
     else:
         metrics = {"val_loss": float(history["val_loss"].min())}
-    metrics["best_epoch"] = int(tracker.best_epoch) if tracker.best_epoch else len(history)
+    metrics["best_epoch"] = fitted.best_epoch
     metrics["epochs_run"] = len(history)
     images_per_second = len(x_train) * len(history) / seconds if seconds else float("nan")
 
     if run is not None:
-        saved = history.copy()
-        saved["trainable_blocks"] = ["+".join(b) for b in saved["trainable_blocks"]]
-        run.write_history(saved)
-        run.save_model(model)
         run.write_metrics({**metrics, "seconds": round(seconds, 2), "images_per_second": round(images_per_second, 2)},
                           data=data_text(val_data))
     return RunResult(model, history, metrics, run.folder if run else None, config, seconds, images_per_second)
@@ -1058,10 +936,7 @@ def few_shot_subset(data: SliceDataset, shots: int | str | None, seed: int) -> S
     return data.subset(order[: int(shots)])
 
 
-def _architecture(model) -> tuple:
-    """What two models must share for one to take the other's weights: layers and shapes."""
-    return tuple((layer.__class__.__name__, layer.name, tuple(tuple(v.shape) for v in layer.variables))
-                 for layer in model.layers)
+_architecture = engine.architecture
 
 
 def _variable_values(model) -> list[list[np.ndarray]]:

@@ -176,3 +176,44 @@ def test_selu_unet_drops_batch_norm_and_profile_builds_its_config():
     quick = get_profile("quick").train_config(activation="elu")
     assert (quick.batch_norm, quick.lr_schedule, quick.head_bias, quick.activation) == (True, "cosine", -4.0, "elu")
     assert get_profile("full").train_config().lr_schedule == "plateau"
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
+    import keras
+
+    data = blobs()
+    # batch norm, augmentation, a plateau that halves the rate after epoch 5 and a best epoch (4)
+    # before the interruption: everything a resumed run has to carry over
+    config = dataclasses.replace(CONFIG, num_epochs=6, augment=STUDY_AUGMENT, learning_rate=1e-2, batch_norm=True,
+                                 head_bias=-4.0, reduce_lr_patience=1, early_stopping_patience=3)
+    train_data, val_data = data.subset(range(8)), data.subset(range(8, 12))
+    whole = train.train(config, train_data, val_data, run_dir=tmp_path / "whole", progress=False, previews=False)
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 5:
+                raise KeyboardInterrupt  # as the notebook's stop button does, during epoch 6
+
+    folder = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train.train(config, train_data, val_data, run_dir=folder, progress=False, previews=False,
+                    callbacks=[Interrupt()])
+    assert {"checkpoint.keras", "checkpoint.json"} <= {p.name for p in folder.iterdir()}
+    assert len(pd.read_csv(folder / "history.csv")) == 5
+    with pytest.raises(FileExistsError, match="resume=True"):
+        train.train(config, train_data, val_data, run_dir=folder, progress=False)
+    resumed = train.train(config, train_data, val_data, run_dir=folder, progress=False, previews=False, resume=True)
+
+    if keras.backend.backend() == "tensorflow":  # the backend this config was chosen on
+        assert whole.history["learning_rate"].iloc[-1] < whole.history["learning_rate"].iloc[0]  # the plateau acted
+        assert whole.metrics["best_epoch"] == 4
+    columns = ["loss", "dice", "val_loss", "val_dice", "learning_rate"]
+    np.testing.assert_allclose(resumed.history[columns].to_numpy(), whole.history[columns].to_numpy(), atol=1e-5)
+    assert resumed.metrics["best_epoch"] == whole.metrics["best_epoch"]
+    assert resumed.metrics["dice"] == pytest.approx(whole.metrics["dice"], abs=1e-5)
+    x, _ = train.to_arrays(config, val_data)
+    np.testing.assert_allclose(train.predict_numpy(resumed.model, x), train.predict_numpy(whole.model, x), atol=1e-5)
+    # the checkpoint goes when training ends: the folder is that of the uninterrupted run
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in (tmp_path / "whole").iterdir())
+    with pytest.raises(ValueError, match="finished"):
+        train.train(config, train_data, val_data, run_dir=folder, progress=False, resume=True)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from strokekit import models, transfer
-from strokekit.augment import NO_AUGMENT
+from strokekit.augment import NO_AUGMENT, STUDY_AUGMENT
 from strokekit.dataset import SliceDataset
 from strokekit.errors import DataError
 from strokekit.train import TrainConfig
@@ -278,6 +278,34 @@ def test_fine_tuning_writes_a_run_folder_with_the_split_it_used(fine_tuned):
     # The folder holds the fine-tuned weights.
     saved = transfer.load_pretrained(result.run_dir)
     assert same(values(saved, "enc1_conv1"), values(result.model, "enc1_conv1"))
+
+
+@pytest.mark.backend
+def test_gradual_fine_tuning_interrupted_at_a_phase_switch_resumes_to_the_same_run(tmp_path):
+    import keras
+
+    data = tiny_data()
+    config = dataclasses.replace(CONFIG, num_epochs=3, augment=STUDY_AUGMENT)
+    schedule = transfer.FineTuneSchedule("gradual", unfreeze_every=1, lr_scale=0.1)
+    whole = transfer.fine_tune(tiny_model(), config, data, VAL, schedule, run_dir=tmp_path / "whole", progress=False)
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:  # the first epoch of phase 1, which trains in another compiled copy
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        transfer.fine_tune(tiny_model(), config, data, VAL, schedule, run_dir=tmp_path / "cut", progress=False,
+                           callbacks=[Interrupt()])
+    resumed = transfer.fine_tune(tiny_model(), config, data, VAL, schedule, run_dir=tmp_path / "cut",
+                                 progress=False, resume=True)
+    assert list(resumed.history["trainable_blocks"]) == list(whole.history["trainable_blocks"])
+    columns = ["loss", "dice", "val_loss", "learning_rate", "trainable_params"]
+    np.testing.assert_allclose(resumed.history[columns].to_numpy(), whole.history[columns].to_numpy(), atol=1e-5)
+    assert resumed.metrics["best_epoch"] == whole.metrics["best_epoch"]
+    for a, b in zip(values(resumed.model, "enc1_conv1"), values(whole.model, "enc1_conv1")):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert not (tmp_path / "cut" / "checkpoint.keras").exists()
 
 
 @pytest.mark.backend
