@@ -97,7 +97,7 @@ def fit(model, train_loader, val_loader, phases: Sequence[Phase], loss, metrics:
         monitor: str = "val_loss", patience: int = 0, restore_best: bool = True, schedule: str = "constant",
         reduce_lr_patience: int = 0, min_lr: float = 1e-6, run=None, resume: bool = False,
         progress: bool = True, previews: Previews | None = None, callbacks: Sequence[Any] = (),
-        pool: ModelPool | None = None, desc: str = "training") -> FitResult:
+        pool: ModelPool | None = None, desc: str = "training", checkpoint: bool = True) -> FitResult:
     """Train ``model`` phase by phase; the one training loop of the kit.
 
     Args:
@@ -128,6 +128,8 @@ def fit(model, train_loader, val_loader, phases: Sequence[Phase], loss, metrics:
         callbacks: more Keras callbacks for every phase (their ``model`` is the one training it).
         pool: compiled copies to train in (:class:`ModelPool`); None trains ``model`` itself.
         desc: the progress bar's label.
+        checkpoint: write the per-epoch checkpoint into ``run`` (False for callers that cannot
+            resume: a large model's checkpoint is a full copy with the optimizer, every epoch).
 
     Returns:
         :class:`FitResult`.
@@ -144,7 +146,7 @@ def fit(model, train_loader, val_loader, phases: Sequence[Phase], loss, metrics:
     if not phases or (resume and run is None):
         raise ValueError("fit needs at least one phase, and resume=True needs a run folder")
     total = sum(int(p.epochs) for p in phases)
-    tracker = _Tracker(monitor, patience, restore_best, run)
+    tracker = _Tracker(monitor, patience, restore_best, run, checkpoint)
     done = tracker.resume() if resume else 0  # epochs already trained by an interrupted run
     extra = list(callbacks)
     if previews is not None and run is not None:
@@ -198,7 +200,7 @@ class _Tracker:
     after that epoch's update; it reads the learning rate when an epoch begins (after a schedule set it).
     """
 
-    def __new__(cls, monitor: str, patience: int, restore_best: bool, run):
+    def __new__(cls, monitor: str, patience: int, restore_best: bool, run, checkpoint: bool = True):
         import keras
 
         class Tracker(keras.callbacks.Callback):
@@ -252,6 +254,8 @@ class _Tracker:
                 if improved:
                     run.save_model(self.model)
                 run.write_history(_csv_ready(self.rows))
+                if not checkpoint:
+                    return
                 run.save_model(self.model, path=run.checkpoint_path)
                 plateau = None if self.plateau is None else {"best": _plain(self.plateau.best),
                     "wait": int(self.plateau.wait), "cooldown_counter": int(self.plateau.cooldown_counter)}

@@ -289,20 +289,23 @@ def cranial_slices(data: SliceDataset) -> np.ndarray:
     of the protocol's training and validation patients (49, 50, 51, 66) scores 0.958 or more; on the
     whole scans of the 32 test patients the slices below 0.9 hold 0.3 % of the lesion pixels and 37 %
     of the few-shot default's false positives. Slices smaller than :data:`ENCLOSURE_SIDE` (the
-    bone is lost) all count as cranial.
+    bone is lost; the shorter side counts) all count as cranial. HU slices are judged in the CT-ICH display window
+    (:func:`as_display`), where the threshold was measured.
 
     Introduced in notebooks/09_3d_reconstruction.ipynb.
     """
     from .preprocess import skull_enclosure
 
+    if data.unit != "display":  # measured in the display window: bone is what saturates it
+        data = as_display(data)
     images = data.images if data.images.ndim == 3 else data.images[..., 0]
-    side = max(images.shape[1:3]) if len(images) else 0
+    side = min(images.shape[1:3]) if len(images) else 0
     if side < ENCLOSURE_SIDE:
         return np.ones(len(images), dtype=bool)
     step = side // ENCLOSURE_SIDE
     small = np.asarray(images[:, ::step, ::step], dtype=np.float32)
-    brains = brain_mask_stack(small, unit=data.unit)
-    return np.array([skull_enclosure(image, brain, data.unit) >= MIN_SKULL_ENCLOSURE
+    brains = brain_mask_stack(small, unit="display")
+    return np.array([skull_enclosure(image, brain, "display") >= MIN_SKULL_ENCLOSURE
                      for image, brain in zip(small, brains)], dtype=bool)
 
 

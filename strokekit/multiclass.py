@@ -391,7 +391,7 @@ def train_multiclass(
         *loss_and_metrics(config), patience=config.early_stopping_patience, schedule=config.lr_schedule,
         reduce_lr_patience=config.reduce_lr_patience, run=run, progress=progress,
         previews=None if chosen is None else engine.Previews(x_val[chosen], y_val[chosen]),
-        desc=name or "multiclass")
+        desc=name or "multiclass", checkpoint=False)  # no resume here: no checkpoint
     history, seconds = fitted.history, fitted.seconds
     pred = predict_labels(model, config, x_val)
     table = per_class_metrics(y_val, pred, config.num_classes, config.class_names)

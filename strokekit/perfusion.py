@@ -1126,7 +1126,8 @@ def train_perfusion(
         return engine.Phase(p.end_epoch - p.start_epoch, set_flags, config.learning_rate * p.lr_factor)
 
     fitted = engine.fit(model, loader, val_loader, [phase(p) for p in phases], *loss_and_metrics(config),
-                        restore_best=restore_best, run=run, progress=False, pool=pool, desc=f"perfusion ({name})")
+                        restore_best=restore_best, run=run, progress=False, pool=pool, desc=f"perfusion ({name})",
+                        checkpoint=False)  # no resume here: no per-epoch checkpoint
     for layer in model.layers:
         layer.trainable = True
     if run is not None:  # again, with every layer trainable as the model returned

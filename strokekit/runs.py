@@ -114,6 +114,11 @@ class RunFolder:
             raise FileExistsError(f"{folder} already holds a run; pass overwrite=True to replace it "
                                   "or resume=True to continue it")
         run = cls(folder, kind, to_dict(config))
+        if resume and (folder / "config.json").exists():
+            saved = cls.open(folder)
+            if saved.kind != kind or json.loads(_dumps(saved.config)) != json.loads(_dumps(run.config)):
+                raise ValueError(f"{folder} holds a {saved.kind} run with other settings: resume=True continues "
+                                 "a run with its own settings; pass overwrite=True to start this one instead")
         if held and overwrite:
             run._remove_run_files()
         folder.mkdir(parents=True, exist_ok=True)
@@ -218,8 +223,10 @@ class RunFolder:
 
     @property
     def finished(self) -> bool:
-        """Whether the run saved its model (``model.keras`` beside ``config.json``)."""
-        return self.model_path.is_file() and (self.folder / "config.json").is_file()
+        """Whether the run ended: ``model.keras`` beside ``config.json`` and no ``checkpoint.json`` (a run
+        that is still training, or was interrupted, has one: its ``model.keras`` is only the best so far)."""
+        return (self.model_path.is_file() and (self.folder / "config.json").is_file()
+                and not self.checkpoint_state_path.exists())
 
     @property
     def history(self):
@@ -255,7 +262,7 @@ def _legacy_kind(folder: Path, config: dict[str, Any]) -> str:
 
 
 def list_runs(root: str | os.PathLike, kind: str | tuple[str, ...] | None = None) -> list[RunFolder]:
-    """The finished runs (``model.keras`` and ``config.json``) under ``root``, at any depth.
+    """The finished runs (:attr:`RunFolder.finished`) under ``root``, at any depth.
 
     Args:
         root: where to look; a missing folder holds no runs.
@@ -271,8 +278,8 @@ def list_runs(root: str | os.PathLike, kind: str | tuple[str, ...] | None = None
     root = Path(root)
     found = []
     for path in sorted(root.rglob("config.json")) if root.is_dir() else []:
-        if not (path.parent / "model.keras").is_file():
-            continue
+        if not (path.parent / "model.keras").is_file() or (path.parent / "checkpoint.json").exists():
+            continue  # no model yet, or a run still training (or interrupted): not finished
         try:
             run = RunFolder.open(path.parent)
         except DataError:

@@ -605,3 +605,17 @@ def test_cranial_slices_keep_the_head_and_drop_the_neck_and_predict_nothing_ther
     # below ENCLOSURE_SIDE the bone is lost to resizing: every slice counts as cranial
     small = data.replace(images=data.images[:, ::4, ::4], masks=data.masks[:, ::4, ::4])
     assert fs.cranial_slices(small).tolist() == [True, True]
+
+
+def test_cranial_slices_judge_hu_in_the_display_window_and_use_the_shorter_side():
+    size = fs.ENCLOSURE_SIDE
+    image, _, _ = head(size, blood=None)
+    hu = np.where(image >= 255, 1200.0, np.where(image > 0, 35.0, -1000.0)).astype(np.float32)  # bone, brain, air
+    masks = np.zeros((1, size, size), np.uint8)
+    data = SliceDataset(images=hu[None], masks=masks, case_ids=["0"], patient_ids=["p"], unit="HU")
+    assert fs.cranial_slices(data).tolist() == [True]
+    # a slice padded to twice the width is judged at its shorter side, where the skull is still whole
+    wide = np.pad(image, ((0, 0), (size // 2, size // 2)))[None]
+    data = SliceDataset(images=wide, masks=np.zeros(wide.shape, np.uint8), case_ids=["0"], patient_ids=["p"],
+                        unit="display")
+    assert fs.cranial_slices(data).tolist() == [True]

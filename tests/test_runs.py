@@ -119,3 +119,23 @@ def test_train_into_a_folder_that_holds_a_run_raises_unless_overwrite(tmp_path):
     assert run.metrics["dice"] == pytest.approx(result.metrics["dice"])
     assert [r.folder for r in list_runs(tmp_path, kind="binary")] == [folder]
     assert run.load_model().output_shape == result.model.output_shape
+
+
+def test_resume_with_other_settings_is_refused_before_anything_is_written(tmp_path):
+    _finished(tmp_path / "run")
+    before = (tmp_path / "run" / "config.json").read_text()
+    other = train.TrainConfig(**{**to_dict(CONFIG), "augment": NO_AUGMENT, "learning_rate": 0.5})
+    with pytest.raises(ValueError, match="other settings"):
+        RunFolder.create(tmp_path / "run", "binary", other, resume=True)
+    with pytest.raises(ValueError, match="other settings"):
+        RunFolder.create(tmp_path / "run", "multiclass", CONFIG, resume=True)
+    assert (tmp_path / "run" / "config.json").read_text() == before  # the run's own settings are kept
+    assert RunFolder.create(tmp_path / "run", "binary", CONFIG, resume=True).kind == "binary"
+
+
+def test_a_run_with_a_checkpoint_is_not_finished_and_not_listed(tmp_path):
+    run = _finished(tmp_path / "training")
+    _finished(tmp_path / "done")
+    run.checkpoint_state_path.write_text("{}")  # still training (or interrupted): model.keras is the best so far
+    assert not run.finished and RunFolder.open(tmp_path / "done").finished
+    assert [r.folder.name for r in list_runs(tmp_path)] == ["done"]
