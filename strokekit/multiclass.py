@@ -239,11 +239,6 @@ def loss_and_metrics(config: MulticlassConfig) -> tuple[Any, list]:
     return loss, [DiceMetric(class_id=c, name=f"dice_{config.class_names[c]}") for c in range(1, config.num_classes)]
 
 
-def compile_model(model, config: MulticlassConfig):
-    """Compile with Adam, cross-entropy + multiclass Dice (class-weighted) and per-class Dice."""
-    return engine.compile_model(model, *loss_and_metrics(config), config.learning_rate)
-
-
 def to_arrays(config: MulticlassConfig, dataset: SliceDataset) -> tuple[np.ndarray, np.ndarray]:
     """Model inputs (N, S, S, windows) in [0, 1] and labels (N, S, S) for a config."""
     from .train import to_arrays as _to_arrays

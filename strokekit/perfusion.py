@@ -995,10 +995,6 @@ class ModelPool(engine.ModelPool):
         super().__init__()
         self._predictor = None
 
-    def compiled(self, model, config: PerfusionTrainConfig, learning_rate: float):
-        """A compiled copy of ``model`` with its trainable flags, holding its weights, at a rate."""
-        return self.runner(model, *loss_and_metrics(config), learning_rate)
-
     def predict(self, model, inputs, batch_size: int = 8) -> np.ndarray:
         """``model.predict`` through one shared copy (one traced prediction step for all runs)."""
         import keras

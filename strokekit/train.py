@@ -26,7 +26,6 @@ from .dataset import SliceDataset
 # The engine's helpers, under the names notebooks 04-06 import from here.
 from .engine import (  # noqa: F401
     LR_SCHEDULES,
-    PreviewCallback,
     build_optimizer,
     cosine_learning_rate,
     predict_numpy,
@@ -224,13 +223,6 @@ def loss_and_metrics(config: TrainConfig) -> tuple[Any, list]:
 def compile_model(model, config: TrainConfig, learning_rate: float | None = None):
     """Compile with Adam, the config's loss and lesion-class metrics (:func:`strokekit.engine.compile_model`)."""
     return engine.compile_model(model, *loss_and_metrics(config), learning_rate or config.learning_rate)
-
-
-def schedule_callbacks(config) -> list:
-    """The Keras callbacks of a config's learning-rate schedule (``lr_schedule``, ``learning_rate``,
-    ``num_epochs``, ``reduce_lr_patience``): halving on a validation-loss plateau, or the cosine."""
-    return engine.schedule_callbacks(config.lr_schedule, config.learning_rate, config.num_epochs,
-                                     config.reduce_lr_patience)
 
 
 def repeat_arrays(x: np.ndarray, y: np.ndarray, repeats: int) -> tuple[np.ndarray, np.ndarray]:
