@@ -34,7 +34,6 @@
 # %matplotlib inline
 import dataclasses
 import itertools
-import json
 
 import ipywidgets as widgets
 import keras
@@ -46,8 +45,9 @@ from IPython.display import display
 from strokekit import models, paths, preprocess, report, train, transfer
 from strokekit import split as splitting
 from strokekit.augment import STUDY_AUGMENT
-from strokekit.config import get_profile, phantom_config
+from strokekit.config import get_profile, phantom_config, transfer_settings
 from strokekit.phantom import generate_phantom
+from strokekit.runs import RunFolder
 
 # %%
 print(f"keras {keras.__version__} · backend {keras.backend.backend()}")
@@ -58,28 +58,15 @@ print(f"keras {keras.__version__} · backend {keras.backend.backend()}")
 
 # %% tags=["parameters"]
 PROFILE = get_profile()
+SIZES = transfer_settings(PROFILE)  # shots, epochs, source patients, ... (config.py; printed below)
 TARGET_PHANTOM = phantom_config(PROFILE, lesion_types=("ischemic",))  # the course phantom, infarcts only
-SOURCE_PATIENTS = {"quick": 30, "full": 240, "smoke": 30}[PROFILE.name]  # hemorrhage patients to pretrain on
 SOURCE_SEED = 1000                   # another seed than the target's: other heads, no shared patient
-# Short CPU runs need many small steps: a 42-slice target gives 11 steps per epoch at batch 4.
-FINE_TUNE_EPOCHS = {"quick": 8, "full": max(4, PROFILE.num_epochs)}[PROFILE.mode]   # >= 4: gradual opens a block
-FINE_TUNE_BATCH = {"quick": 4, "full": PROFILE.batch_size}[PROFILE.mode]
-BN_MOMENTUM = {"quick": 0.8, "full": 0.99}[PROFILE.mode]  # see section 2: batch norm in short runs
 BASE = train.TrainConfig(
-    arch="unet",
-    filters=PROFILE.filters,
-    activation="relu",
-    batch_norm=True,
+    arch="unet", filters=PROFILE.filters, activation="relu", batch_norm=True, image_size=PROFILE.image_size,
     loss="soft_dice",  # in ~100 steps BCE first teaches "no lesion anywhere" and small infarcts stay lost
-    learning_rate=3e-3,
-    batch_size=FINE_TUNE_BATCH,
-    num_epochs=FINE_TUNE_EPOCHS,         # fine-tuning epochs, all phases together
-    image_size=PROFILE.image_size,
+    learning_rate=3e-3, batch_size=SIZES.fine_tune_batch, num_epochs=SIZES.fine_tune_epochs,  # all phases
     windows=("brain", "stroke", "subdural"),  # three windows as channels: blood, early ischemia, both
-    augment=STUDY_AUGMENT,
-    early_stopping_patience=10,
-    reduce_lr_patience=5,
-)
+    augment=STUDY_AUGMENT, early_stopping_patience=10, reduce_lr_patience=5)
 PRETRAIN = dataclasses.replace(BASE, batch_size=PROFILE.batch_size, num_epochs=PROFILE.num_epochs + 2)
 LR_SCALE = 0.3                      # learning-rate factor whenever encoder blocks train
 SCHEDULES = {
@@ -89,21 +76,15 @@ SCHEDULES = {
     "gradual": transfer.FineTuneSchedule("gradual", lr_scale=LR_SCALE,
                                          unfreeze_every=max(3, BASE.num_epochs // (len(PROFILE.filters) + 1))),
 }
-SHOTS = {"quick": (8, "all"), "full": (4, 8, 16, 32, "all"),
-         "smoke": (4, "all")}[PROFILE.name]  # target training slices
-CURVE_METHODS = {"quick": ("scratch", "unfrozen"),
-                 "full": ("scratch", *SCHEDULES)}[PROFILE.mode]  # the others: all slices only
 SEEDS = tuple(range(PROFILE.num_seeds))
 CHECK_LEARNING = PROFILE.name == "quick"   # assert the learning floors (measured in the quick profile)
 IMAGENET_ENCODER = "vgg16"
-TRAIN_IMAGENET = PROFILE.mode == "full"   # a 15M-parameter encoder: GPU only (smoke: a few tiny steps)
-CTICH_SOURCE = PROFILE.mode == "full"     # 2814 real slices: GPU only
-CTICH_PATIENTS = {"full": None, "smoke": 4}.get(PROFILE.name)   # None: every patient
 SPLIT_FILE = paths.data_dir() / "splits" / "phantom_ischemic_split.json"
 RUNS = paths.runs_dir() / "05_transfer_learning"
 
 # %%
-print(PROFILE.name, BASE)
+# The profile's sizes: change one in the cell above with e.g. SIZES = dataclasses.replace(SIZES, shots=(4, "all")).
+print(PROFILE.name, SIZES, BASE, sep="\n")
 
 # %% [markdown]
 # ## 1. Source and target: two lesion types, no shared patient
@@ -124,7 +105,8 @@ target_train, target_val = split.dataset(target, "train"), split.dataset(target,
 # validate the pretraining; the checks below confirm that no patient is shared and which lesions each set holds.
 
 # %%
-source = transfer.phantom_source(n_patients=SOURCE_PATIENTS, seed=SOURCE_SEED, target=TARGET_PHANTOM, progress=False)
+source = transfer.phantom_source(n_patients=SIZES.source_patients, seed=SOURCE_SEED, target=TARGET_PHANTOM,
+                                 progress=False)
 n_val = max(2, len(source.patients()) // 10)   # source patients are exchangeable: hold out the first 10 %
 source_val = source.select_patients(source.patients()[:n_val])
 source_train = source.select_patients(source.patients()[n_val:])
@@ -178,7 +160,7 @@ plt.show()
 def new_model(seed=0):
     """The U-Net of BASE (weights drawn from `seed`) with the batch-norm momentum of the parameters."""
     model = models.build_model(BASE.arch, seed=seed, **BASE.model_kwargs())
-    transfer.set_batchnorm_momentum(model, BN_MOMENTUM)
+    transfer.set_batchnorm_momentum(model, SIZES.bn_momentum)
     return model
 
 # %% [markdown]
@@ -196,7 +178,7 @@ print(f"frozen: {len(frozen_layers)} layers, from {frozen_layers[0]} to {frozen_
 print(f"{total:,d} parameters, {trainable:,d} trainable with the encoder frozen ({trainable / total:.0%})")
 assert transfer.trainable_blocks(demo) == () and 0 < trainable < total
 assert not demo.get_layer("enc1_bn1").trainable and demo.get_layer("dec1_bn1").trainable
-assert demo.get_layer("dec1_bn1").momentum == BN_MOMENTUM
+assert demo.get_layer("dec1_bn1").momentum == SIZES.bn_momentum
 del demo
 
 # %% [markdown]
@@ -222,7 +204,7 @@ assert plan[-1].end_epoch == BASE.num_epochs
 # %%
 PRETRAINED = transfer.pretrain_on_source(PRETRAIN, source_train, source_val, run_dir=RUNS / "pretrain",
                                          model=new_model(PRETRAIN.seed), progress=False, overwrite=True)
-source_metrics = json.loads((PRETRAINED.parent / "metrics.json").read_text())
+source_metrics = RunFolder.open(PRETRAINED.parent).metrics
 pretrained = transfer.load_pretrained(PRETRAINED)
 zero_shot = train.evaluate_arrays(pretrained, *train.to_arrays(BASE, target_val), BASE.threshold)
 print(f"source (hemorrhage) validation Dice after {source_metrics['epochs_run']} epochs: {source_metrics['dice']:.3f}")
@@ -236,7 +218,7 @@ del pretrained
 # training subset, loader order and augmentation are identical, so the methods differ only in
 # where they start (random or pretrained weights) and in which encoder blocks train. `shots` is
 # the number of target training slices, drawn by patient (few-shot means few annotated patients).
-# `CURVE_METHODS` get every number of shots; the other schedules are trained on all slices.
+# `SIZES.curve_methods` get every number of shots; the other schedules are trained on all slices.
 # Each run writes its own folder (config, `split.json` with the slices it drew, history, model,
 # metrics) under `RUNS / "curve"`; `overwrite=True` replaces the runs of an earlier execution
 # (without it, a folder that already holds a run stops the training with an error).
@@ -244,17 +226,17 @@ del pretrained
 # %%
 methods = {"scratch": (new_model, transfer.SCRATCH),
            **{name: (PRETRAINED, schedule) for name, schedule in SCHEDULES.items()}}
-on_curve = {name: start for name, start in methods.items() if name in CURVE_METHODS}
-at_all = {name: start for name, start in methods.items() if name not in CURVE_METHODS}
+on_curve = {name: start for name, start in methods.items() if name in SIZES.curve_methods}
+at_all = {name: start for name, start in methods.items() if name not in SIZES.curve_methods}
 curve = pd.concat([
-    transfer.learning_curve(BASE, target_train, target_val, shots=SHOTS, seeds=SEEDS, methods=on_curve,
+    transfer.learning_curve(BASE, target_train, target_val, shots=SIZES.shots, seeds=SEEDS, methods=on_curve,
                             run_root=RUNS / "curve", progress=False, overwrite=True),
     transfer.learning_curve(BASE, target_train, target_val, shots=("all",), seeds=SEEDS, methods=at_all,
                             run_root=RUNS / "curve", progress=False, overwrite=True) if at_all else None,
 ], ignore_index=True)
 n_all = len(target_train)
 display(train.summarize(curve[curve.shots == n_all], by=["method"]))
-assert len(curve) == (len(on_curve) * len(SHOTS) + len(at_all)) * len(SEEDS)
+assert len(curve) == (len(on_curve) * len(SIZES.shots) + len(at_all)) * len(SEEDS)
 assert curve[["dice", "iou", "sensitivity", "specificity"]].stack().between(0, 1).all()
 
 # %% [markdown]
@@ -263,7 +245,7 @@ assert curve[["dice", "iou", "sensitivity", "specificity"]].stack().between(0, 1
 
 # %%
 gradual_run = curve[(curve.method == "gradual") & (curve.shots == n_all)].iloc[0]["run_dir"]
-history = pd.read_csv(f"{gradual_run}/history.csv").fillna({"trainable_blocks": "none"})
+history = RunFolder.open(gradual_run).history.fillna({"trainable_blocks": "none"})
 display(history[["epoch", "phase", "trainable_blocks", "learning_rate", "loss", "val_loss", "val_dice"]].round(4))
 opened = [set(b.split("+")) - {"none"} for b in history["trainable_blocks"]]
 assert all(a <= b for a, b in itertools.pairwise(opened))     # blocks only ever open, never close
@@ -273,7 +255,7 @@ assert history["epoch"].tolist() == list(range(1, len(history) + 1))
 fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
 for name in methods:
     runs = curve[(curve.method == name) & (curve.shots == n_all)]["run_dir"]
-    logs = [pd.read_csv(f"{r}/history.csv") for r in runs]
+    logs = [RunFolder.open(r).history for r in runs]
     n = min(map(len, logs))
     for ax, column in zip(axes, ("loss", "val_loss")):
         ax.plot(np.arange(1, n + 1), np.mean([h[column].to_numpy()[:n] for h in logs], axis=0), marker="o", label=name)
@@ -313,11 +295,11 @@ del start, tuned
 fig = transfer.plot_learning_curve(curve, metric="dice")
 display(fig)
 summary = transfer.summarize_curve(curve)
-assert len(summary) == len(on_curve) * len(SHOTS) + len(at_all) and (summary["seeds"] == len(SEEDS)).all()
+assert len(summary) == len(on_curve) * len(SIZES.shots) + len(at_all) and (summary["seeds"] == len(SEEDS)).all()
 at_all_shots = summary[summary["shots"] == n_all].set_index("method")["mean"]
 fewest = summary["shots"].min()
 rises = {m: at_all_shots[m] - summary[(summary.method == m) & (summary.shots == fewest)]["mean"].item()
-         for m in CURVE_METHODS}
+         for m in SIZES.curve_methods}
 print(f"best schedule with all {n_all} slices: {at_all_shots.idxmax()} (mean Dice {at_all_shots.max():.3f}); "
       "rise from the fewest to all slices: " + ", ".join(f"{m} {v:+.3f}" for m, v in rises.items()))
 # Quick-profile floors: the best schedule learns the infarcts (>= 0.4) and more slices help every curve.
@@ -398,7 +380,7 @@ assert found.weights_found == (found.weights_path is not None)
 assert encoder_names[0] == ("block1" if IMAGENET_ENCODER == "vgg16" else "conv1") and 0 < trainable < total
 
 # %%
-if not TRAIN_IMAGENET:
+if not SIZES.train_imagenet:
     print(f"Training the {IMAGENET_ENCODER} U-Net is left to the full profile (a GPU job): "
           f"{total:,d} parameters is "
           f"{total / models.count_params(models.build_model(BASE.arch, **BASE.model_kwargs())):.0f}x "
@@ -406,7 +388,7 @@ if not TRAIN_IMAGENET:
 else:
     imagenet_config = dataclasses.replace(BASE, arch="pretrained_unet")
     imagenet_curve = transfer.learning_curve(
-        imagenet_config, target_train, target_val, shots=SHOTS, seeds=SEEDS,
+        imagenet_config, target_train, target_val, shots=SIZES.shots, seeds=SEEDS,
         methods={f"{IMAGENET_ENCODER} frozen": (imagenet_model, SCHEDULES["frozen"]),
                  f"{IMAGENET_ENCODER} gradual": (imagenet_model, SCHEDULES["gradual"])},
         run_root=RUNS / "imagenet", progress=False, overwrite=True)
@@ -416,13 +398,13 @@ else:
 # from scratch (the same slices and seeds).
 
 # %%
-if TRAIN_IMAGENET:
+if SIZES.train_imagenet:
     both = pd.concat([curve[curve.method == "scratch"], imagenet_curve], ignore_index=True)
     display(train.summarize(both[both.shots == n_all], by=["method"]))
     display(transfer.plot_learning_curve(both))
     if not found.weights_found:
         print("NB: these 'ImageNet' encoders started from random weights (see the message above).")
-    assert len(imagenet_curve) == 2 * len(SHOTS) * len(SEEDS)
+    assert len(imagenet_curve) == 2 * len(SIZES.shots) * len(SEEDS)
 
 # %% [markdown]
 # ## 8. Optional: real CT-ICH as the source (full profile)
@@ -433,13 +415,13 @@ if TRAIN_IMAGENET:
 
 # %%
 ctich_path = paths.ctich_dir()
-if not CTICH_SOURCE:
+if not SIZES.ctich_source:
     print("skipped: CT-ICH pretraining runs in the full profile only (STROKEKIT_PROFILE=full).")
 elif ctich_path is None:
     print("skipped: ../shared/data/ct-ich is absent (set $STROKEKIT_CTICH to use it).")
 else:
     ctich = transfer.load_source_dataset("ctich", image_size=BASE.image_size, progress=False,
-                                         max_patients=CTICH_PATIENTS)
+                                         max_patients=SIZES.ctich_patients)
     held_out = ctich.patients()[: max(2, len(ctich.patients()) // 10)]
     ctich_val = ctich.select_patients(held_out)
     ctich_train = ctich.select_patients([p for p in ctich.patients() if p not in held_out])
@@ -451,9 +433,9 @@ else:
 # with the phantom-pretrained network.
 
 # %%
-if CTICH_SOURCE and ctich_path is not None:
+if SIZES.ctich_source and ctich_path is not None:
     ctich_curve = transfer.learning_curve(
-        BASE, target_train, target_val, shots=SHOTS, seeds=SEEDS,
+        BASE, target_train, target_val, shots=SIZES.shots, seeds=SEEDS,
         methods={"ct-ich unfrozen": (ctich_model, SCHEDULES["unfrozen"])}, run_root=RUNS / "ctich", progress=False,
         overwrite=True)
     both = pd.concat([curve[curve.method.isin(["scratch", "unfrozen"])], ctich_curve], ignore_index=True)
@@ -484,7 +466,7 @@ for row in effects.itertuples():
 # first epoch), and the best mean Dice of any method at any number of slices.
 
 # %%
-first_loss = {name: np.mean([pd.read_csv(f"{r}/history.csv")["loss"].iloc[0]
+first_loss = {name: np.mean([RunFolder.open(r).history["loss"].iloc[0]
                              for r in curve[(curve.method == name) & (curve.shots == n_all)]["run_dir"]])
               for name in methods}
 ahead = [name for name in SCHEDULES if first_loss[name] < first_loss["scratch"]]
@@ -518,7 +500,7 @@ print(f"\n{verdict}\nBest mean Dice: {best['mean']:.3f} ({best['method']}, {best
 print(f"After the first epoch the training loss was lower than scratch's for: {', '.join(ahead) or 'none'} "
       f"(scratch {first_loss['scratch']:.3f}; " + ", ".join(f"{n} {first_loss[n]:.3f}" for n in SCHEDULES) + ").")
 assert set(effects["verdict"]) <= set(words)
-assert len(effects) == sum(len(SHOTS) if name in CURVE_METHODS else 1 for name in SCHEDULES)
+assert len(effects) == sum(len(SIZES.shots) if name in SIZES.curve_methods else 1 for name in SCHEDULES)
 assert all(np.isfinite(v) for v in first_loss.values()) and 0.0 <= best["mean"] <= 1.0
 
 # %% [markdown]

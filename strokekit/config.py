@@ -37,7 +37,7 @@ class Profile:
             study's 64→1024 network (31M parameters).
         learning_rate: Adam's learning rate (its start, under the cosine schedule).
         batch_norm: batch normalisation in the U-Net (the study had none).
-        lr_schedule: ``strokekit.train.LR_SCHEDULES`` name: the study halves on plateaus; the quick
+        lr_schedule: ``strokekit.engine.LR_SCHEDULES`` name: the study halves on plateaus; the quick
             profile falls along a cosine.
         bn_momentum: momentum of the batch-norm running statistics.
         repeats: passes over the training slices per epoch (see ``TrainConfig.repeats``).
@@ -48,25 +48,25 @@ class Profile:
     The quick profile has a few minutes on 2 CPU cores to train a network that *learns*: 10
     epochs of 4 augmented passes each (about 200 steps) with batch norm (momentum 0.9, so its
     running statistics keep up), a learning rate of 0.01 along a cosine, and a head that starts
-    at the lesion share of pixels instead of 0.5. The full profile keeps the study's recipe.
+    at the lesion share of pixels instead of 0.5. The full profile keeps the study's recipe: the defaults.
     """
 
     name: str
-    image_size: int
-    num_epochs: int
-    num_seeds: int
-    batch_size: int
-    phantom_patients: int
-    phantom_slices_per_patient: int
-    phantom_size: int
-    filters: tuple[int, ...]
+    image_size: int = 256
+    num_epochs: int = 50
+    num_seeds: int = 3
+    batch_size: int = 8
+    phantom_patients: int = 12
+    phantom_slices_per_patient: int = 5
+    phantom_size: int = 256
+    filters: tuple[int, ...] = (64, 128, 256, 512, 1024)
     learning_rate: float = 1e-3
     batch_norm: bool = False
     lr_schedule: str = "plateau"
     bn_momentum: float = 0.99
     repeats: int = 1
     head_bias: float | None = None
-    mode: str = "quick"
+    mode: str = "full"
 
     def train_config(self, **changes: Any):
         """A ``strokekit.train.TrainConfig`` with this profile's sizes and training recipe.
@@ -91,9 +91,6 @@ PROFILES: dict[str, Profile] = {
         image_size=64,
         num_epochs=10,
         num_seeds=2,
-        batch_size=8,
-        phantom_patients=12,
-        phantom_slices_per_patient=5,
         phantom_size=128,
         filters=(8, 16, 32, 64),
         learning_rate=1e-2,
@@ -102,19 +99,9 @@ PROFILES: dict[str, Profile] = {
         bn_momentum=0.9,
         repeats=4,
         head_bias=-4.0,
+        mode="quick",
     ),
-    "full": Profile(
-        name="full",
-        image_size=256,
-        num_epochs=50,
-        num_seeds=3,
-        batch_size=8,
-        phantom_patients=12,
-        phantom_slices_per_patient=5,
-        phantom_size=256,
-        filters=(64, 128, 256, 512, 1024),
-        mode="full",
-    ),
+    "full": Profile(name="full"),  # the study: the defaults
 }
 #: The full profile's code paths (and recipe) at tiny sizes, for CI (``make test-smoke``).
 PROFILES["smoke"] = dataclasses.replace(
@@ -206,3 +193,51 @@ def phantom_config(profile: Profile | str | None = None, **changes: Any):
         seed=0,
     )
     return dataclasses.replace(base, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferSettings:
+    """What notebook 05 (transfer learning) does in a profile: :func:`transfer_settings`.
+
+    The defaults are the full profile's (and the smoke profile's, at its sizes).
+
+    Attributes:
+        fine_tune_epochs: fine-tuning epochs, all phases together (at least 4, so that the gradual
+            schedule opens a block).
+        fine_tune_batch: fine-tuning batch size. Short CPU runs need many small steps: a 42-slice
+            target gives 11 steps per epoch at batch 4.
+        source_patients: hemorrhage phantom patients to pretrain on.
+        bn_momentum: batch-norm momentum of the U-Net (notebook 05, section 2: batch norm in short runs).
+        shots: target training slices on the learning curve (``"all"``: every one).
+        curve_methods: the methods that get every number of shots; the others train on all slices only.
+        train_imagenet: train the VGG16 U-Net (a 15M-parameter encoder: GPU only; smoke: a few tiny steps).
+        ctich_source: pretrain on the CT-ICH slices (2814 real slices: GPU only).
+        ctich_patients: CT-ICH patients to read (None: every one).
+    """
+
+    fine_tune_epochs: int
+    fine_tune_batch: int
+    source_patients: int = 240
+    bn_momentum: float = 0.99
+    shots: tuple[int | str, ...] = (4, 8, 16, 32, "all")
+    curve_methods: tuple[str, ...] = ("scratch", "frozen", "unfrozen", "gradual")
+    train_imagenet: bool = True
+    ctich_source: bool = True
+    ctich_patients: int | None = None
+
+
+def transfer_settings(profile: Profile | str | None = None) -> TransferSettings:
+    """Notebook 05's sizes for a profile (a Profile, a profile name, or None for :func:`get_profile`).
+
+    Introduced in notebooks/05_transfer_learning.ipynb (its Parameters cell prints them).
+    """
+    if not isinstance(profile, Profile):
+        profile = get_profile(profile)
+    if profile.mode == "quick":
+        return TransferSettings(fine_tune_epochs=8, fine_tune_batch=4, source_patients=30, bn_momentum=0.8,
+                                shots=(8, "all"), curve_methods=("scratch", "unfrozen"), train_imagenet=False,
+                                ctich_source=False)
+    settings = TransferSettings(fine_tune_epochs=max(4, profile.num_epochs), fine_tune_batch=profile.batch_size)
+    if profile.name == "smoke":
+        settings = dataclasses.replace(settings, source_patients=30, shots=(4, "all"), ctich_patients=4)
+    return settings

@@ -16,6 +16,22 @@ from .errors import DataError
 UNITS = ("HU", "display")
 
 
+def _strings(values: Sequence[Any] | None, what: str, n: int, items: str) -> list[str] | None:
+    """``values`` as strings, one per item (None stays None): the per-slice id lists."""
+    if values is None:
+        return None
+    values = [str(v) for v in values]
+    if len(values) != n:
+        raise DataError(f"{len(values)} {what} for {n} {items}")
+    return values
+
+
+def _check_unique(case_ids: Sequence[str]) -> None:
+    dup = [c for c, k in Counter(case_ids).items() if k > 1]
+    if dup:
+        raise DataError(f"duplicate case ids: {sorted(dup)[:5]}")
+
+
 @dataclasses.dataclass
 class SliceDataset:
     """A stack of 2-D slices with integer label masks and per-slice bookkeeping.
@@ -60,16 +76,9 @@ class SliceDataset:
             raise DataError(
                 f"masks shape {self.masks.shape} does not match images shape {self.images.shape[:3]}"
             )
-        self.case_ids = [str(c) for c in self.case_ids]
-        if len(self.case_ids) != n:
-            raise DataError(f"{len(self.case_ids)} case ids for {n} images")
-        dup = [c for c, k in Counter(self.case_ids).items() if k > 1]
-        if dup:
-            raise DataError(f"duplicate case ids: {sorted(dup)[:5]}")
-        if self.patient_ids is not None:
-            self.patient_ids = [str(p) for p in self.patient_ids]
-            if len(self.patient_ids) != n:
-                raise DataError(f"{len(self.patient_ids)} patient ids for {n} images")
+        self.case_ids = _strings(self.case_ids, "case ids", n, "images")
+        _check_unique(self.case_ids)
+        self.patient_ids = _strings(self.patient_ids, "patient ids", n, "images")
         if self.slice_indices is None:
             self.slice_indices = np.full(n, -1, dtype=np.int64)
         self.slice_indices = np.asarray(self.slice_indices, dtype=np.int64)

@@ -6,8 +6,8 @@ every study would otherwise write again: compiling (one optimizer, :func:`make_o
 off, :func:`jit_compile_setting`), reusing compiled models (:func:`compile_model`,
 :class:`ModelPool`), the best weights, early stopping, the learning-rate schedule, the progress bar,
 per-epoch previews, the history and, given a :class:`strokekit.runs.RunFolder`, what the run writes:
-``history.csv`` and ``model.keras`` as it goes, and a checkpoint at the end of every epoch that
-``resume=True`` continues from. The studies (:func:`strokekit.train.train`,
+``history.csv`` and ``model.keras`` as it goes, and a checkpoint at the end of every epoch (or every
+``checkpoint_every``-th) that ``resume=True`` continues from. The studies (:func:`strokekit.train.train`,
 :func:`strokekit.multiclass.train_multiclass`, :func:`strokekit.transfer.fine_tune`,
 :func:`strokekit.perfusion.train_perfusion`) supply data, model, loss and metrics.
 
@@ -97,7 +97,8 @@ def fit(model, train_loader, val_loader, phases: Sequence[Phase], loss, metrics:
         monitor: str = "val_loss", patience: int = 0, restore_best: bool = True, schedule: str = "constant",
         reduce_lr_patience: int = 0, min_lr: float = 1e-6, run=None, resume: bool = False,
         progress: bool = True, previews: Previews | None = None, callbacks: Sequence[Any] = (),
-        pool: ModelPool | None = None, desc: str = "training", checkpoint: bool = True) -> FitResult:
+        pool: ModelPool | None = None, desc: str = "training", checkpoint: bool = True,
+        checkpoint_every: int = 1) -> FitResult:
     """Train ``model`` phase by phase; the one training loop of the kit.
 
     Args:
@@ -116,58 +117,68 @@ def fit(model, train_loader, val_loader, phases: Sequence[Phase], loss, metrics:
             ``"constant"``.
         reduce_lr_patience, min_lr: of the ``"plateau"`` schedule (patience 0: no halving).
         run: a :class:`strokekit.runs.RunFolder` to write ``history.csv``, ``model.keras`` (the
-            best epoch so far, and at the end the model returned), ``previews/`` and, after every
-            epoch, ``checkpoint.keras`` (model and optimizer) with ``checkpoint.json`` (epoch,
-            history, best value, schedule state); the checkpoint is removed when training ends.
-            None writes nothing.
+            best epoch so far, and at the end the model returned), ``previews/`` and the checkpoint
+            (:meth:`strokekit.runs.RunFolder.save_checkpoint`: model, optimizer, epoch, history, best
+            value and weights, schedule state, whether early stopping ended the run); the checkpoint
+            is removed when training ends. None writes nothing.
         resume: continue the run in ``run`` from its checkpoint (history, weights, optimizer, best
             weights, schedule state and the random state of the batch order as they were), which
-            reproduces the uninterrupted run; with neither checkpoint nor model, start afresh.
+            reproduces the uninterrupted run; a checkpoint of the last epoch (or of an early stop)
+            only finishes the run. Without a checkpoint (interrupted in its first epochs), start afresh.
         progress: a progress bar over epochs.
         previews: slices drawn after every epoch into ``run``'s ``previews/`` (needs ``run``).
         callbacks: more Keras callbacks for every phase (their ``model`` is the one training it).
         pool: compiled copies to train in (:class:`ModelPool`); None trains ``model`` itself.
         desc: the progress bar's label.
-        checkpoint: write the per-epoch checkpoint into ``run`` (False for callers that cannot
-            resume: a large model's checkpoint is a full copy with the optimizer, every epoch).
+        checkpoint: write the checkpoint into ``run`` (False for callers that cannot resume).
+        checkpoint_every: write it after every this many epochs (and after the last one, or an early
+            stop); ``resume`` then repeats up to ``checkpoint_every - 1`` epochs, with the same
+            result. 1 suits the kit's models (a few MB); a checkpoint is a full copy of the model
+            with its optimizer state (about 370 MB for the study's 31M-parameter U-Net), so a large
+            model trained for many short epochs may write it less often.
 
     Returns:
         :class:`FitResult`.
 
     Raises:
-        ValueError: an unknown schedule, no phases, ``resume`` without a run folder, or ``resume``
-            of a run that finished (a model and no checkpoint).
+        ValueError: an unknown schedule, no phases, ``checkpoint_every`` below 1, ``resume`` without
+            a run folder, or ``resume`` of a run that finished (a model and no checkpoint).
     """
     import keras
     from tqdm.auto import tqdm
 
     if schedule not in LR_SCHEDULES:
         raise ValueError(f"Expected one of {list(LR_SCHEDULES)}. Received: schedule={schedule!r}")
-    if not phases or (resume and run is None):
-        raise ValueError("fit needs at least one phase, and resume=True needs a run folder")
+    if not phases or (resume and run is None) or checkpoint_every < 1:
+        raise ValueError("fit needs at least one phase and checkpoint_every >= 1, and resume=True needs a run "
+                         f"folder. Received: {len(phases)} phases, checkpoint_every={checkpoint_every}, run={run!r}")
     total = sum(int(p.epochs) for p in phases)
-    tracker = _Tracker(monitor, patience, restore_best, run, checkpoint)
-    done = tracker.resume() if resume else 0  # epochs already trained by an interrupted run
+    tracker = _Tracker(monitor, patience, restore_best, run, checkpoint_every if checkpoint else 0, total)
+    done = tracker.open(resume)  # epochs already trained by an interrupted run
     extra = list(callbacks)
     if previews is not None and run is not None:
         extra.append(PreviewCallback(previews.images, previews.masks, run.previews_dir, previews.threshold))
     tracker.bar = tqdm(total=total, initial=done, desc=desc, unit="epoch", leave=False, disable=not progress)
     tracker.start, last = time.perf_counter() - tracker.seconds, 0  # a resumed run counts its earlier time
+    trained = False
     with warnings.catch_warnings():
         # Each phase recompiles on purpose; Keras' "trainable state changed" note is moot.
         warnings.filterwarnings("ignore", message=".*trainable.*state has changed.*")
         for index, phase in enumerate(phases):
+            if tracker.stopped:
+                break
             first, last = last, last + int(phase.epochs)
             begin = max(first, done)
             if begin >= last:
                 continue
+            trained = True
             columns = phase.set_trainable(model)
             if pool is None:
                 runner = compile_model(model, loss, metrics, phase.learning_rate)
             else:
                 runner = pool.runner(model, loss, metrics, phase.learning_rate)
             if begin == done > 0:  # the phase an interrupted run stopped in (or before)
-                tracker.load_checkpoint(runner, mid_phase=begin > first)
+                tracker.load_checkpoint(runner, optimizer=begin > first)
             tracker.start_phase(index, columns)
             if hasattr(train_loader, "set_epoch"):
                 # fit() advances the loader once before its first epoch, so each phase continues the
@@ -181,8 +192,9 @@ def fit(model, train_loader, val_loader, phases: Sequence[Phase], loss, metrics:
                        verbose=0, callbacks=[*schedule_cbs, *extra, tracker])
             if runner is not model:
                 copy_variables(runner, model)
-            if tracker.stopped:
-                break
+    if done and not trained:  # every epoch was done (or an early stop had ended the run): finish it
+        phases[tracker.phase].set_trainable(model)
+        tracker.load_checkpoint(model)
     tracker.bar.close()
     seconds = time.perf_counter() - tracker.start
     history = tracker.finish(model)
@@ -198,9 +210,10 @@ class _Tracker:
 
     It runs after every other callback of an epoch, so the checkpoint holds the schedule's state
     after that epoch's update; it reads the learning rate when an epoch begins (after a schedule set it).
+    It checkpoints every ``every`` epochs (0: never), after the last of ``total`` and after an early stop.
     """
 
-    def __new__(cls, monitor: str, patience: int, restore_best: bool, run, checkpoint: bool = True):
+    def __new__(cls, monitor: str, patience: int, restore_best: bool, run, every: int, total: int):
         import keras
 
         class Tracker(keras.callbacks.Callback):
@@ -254,39 +267,50 @@ class _Tracker:
                 if improved:
                     run.save_model(self.model)
                 run.write_history(_csv_ready(self.rows))
-                if not checkpoint:
+                if not every or not (epochs_done % every == 0 or epochs_done == total or self.stopped):
                     return
-                run.save_model(self.model, path=run.checkpoint_path)
                 plateau = None if self.plateau is None else {"best": _plain(self.plateau.best),
                     "wait": int(self.plateau.wait), "cooldown_counter": int(self.plateau.cooldown_counter)}
-                run.write_json(run.checkpoint_state_path.name, {
-                    "epochs_done": epochs_done, "phase": self.phase, "best": _plain(self.best),
-                    "best_epoch": self.best_epoch, "wait": self.wait, "plateau": plateau,
-                    "seconds": time.perf_counter() - self.start, "random": _get_random_state(), "rows": self.rows})
+                state = {"epochs_done": epochs_done, "phase": self.phase, "best": _plain(self.best),
+                         "best_epoch": self.best_epoch, "wait": self.wait, "stopped": self.stopped,
+                         "plateau": plateau, "seconds": time.perf_counter() - self.start,
+                         "random": _get_random_state(), "rows": self.rows}
+                # The best weights go with the checkpoint unless they are its own (model.keras may be
+                # ahead of a checkpoint written every few epochs).
+                apart = self.best_weights is not None and self.best_epoch != epochs_done
+                run.save_checkpoint(self.model, state, self.best_weights if apart else None)
 
-            def resume(self) -> int:
-                if not run.checkpoint_state_path.is_file():
-                    if run.model_path.is_file():
+            def open(self, resume: bool) -> int:
+                """Epochs done by the interrupted run resumed (0 for a new run); marks the run as training."""
+                saved = run.read_checkpoint() if resume else None
+                if saved is None:
+                    if resume and run.model_path.is_file() and not run.checkpoint_state_path.exists():
                         raise ValueError(f"the run in {run.folder} finished (it has a model and no checkpoint): "
                                          "nothing to resume; pass overwrite=True to train it again")
-                    return 0  # stopped before its first epoch ended: start afresh
-                state = json.loads(run.checkpoint_state_path.read_text())
+                    if run is not None and every:  # a new run, or one stopped before its first checkpoint
+                        run.start_training()
+                    return 0
+                state, best_weights = saved
                 self.rows = [{k: tuple(v) if isinstance(v, list) else v for k, v in row.items()}
                              for row in state["rows"]]
                 self.best, self.best_epoch, self.wait = float(state["best"]), state["best_epoch"], state["wait"]
                 self.restore_plateau, self.seconds = state["plateau"], float(state["seconds"])
-                self.random = state["random"]
-                if restore_best and self.best_epoch and run.model_path.is_file():
-                    self.best_weights = _load_saved(run.model_path).get_weights()
+                self.random, self.stopped = state["random"], bool(state.get("stopped", False))
+                self.phase = int(state["phase"])
+                if restore_best and self.best_epoch:
+                    # Stored apart, else the checkpoint's own (a checkpoint written before the best
+                    # weights went into it: model.keras, saved at the best epoch).
+                    own = run.checkpoint_path if self.best_epoch == state["epochs_done"] else run.model_path
+                    self.best_weights = best_weights or _load_saved(own).get_weights()
                 return int(state["epochs_done"])
 
-            def load_checkpoint(self, runner, mid_phase: bool) -> None:
+            def load_checkpoint(self, runner, optimizer: bool = False) -> None:
                 # Keras' fit() shuffles the order of a PyDataset's batches with Python's `random`: put
                 # back the state the interrupted run had, so the next epochs draw the same orders.
                 _set_random_state(self.random)
-                if mid_phase:  # weights and the optimizer's state (same trainable weights as saved)
+                if optimizer:  # weights and the optimizer's state (same trainable weights as saved)
                     runner.load_weights(run.checkpoint_path)
-                else:  # a new phase starts with a fresh optimizer: the weights only
+                else:  # a new phase starts with a fresh optimizer; a finished run needs none
                     copy_variables(_load_saved(run.checkpoint_path), runner)
                     self.restore_plateau = None
 
@@ -300,8 +324,7 @@ class _Tracker:
                     run.write_history(_csv_ready(self.rows))
                     if self.best_epoch or not restore_best:
                         run.save_model(model)
-                    for path in (run.checkpoint_path, run.checkpoint_state_path):
-                        path.unlink(missing_ok=True)
+                    run.remove_checkpoint()
                 return history
 
         return Tracker()

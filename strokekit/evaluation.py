@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from .errors import DataError
 from .metrics import as_binary, metrics_from_counts, slice_confusion
 
 __all__ = [
@@ -659,6 +661,9 @@ def find_runs(
         prefix: put before each model name (to tell apart runs of two notebooks with the same folder names).
         log: called with one line for each run folder left out, saying why (e.g. ``print``); None: silent.
 
+    A run whose ``metrics.json`` or ``split.json`` is damaged is left out with a warning that names its
+    folder and the problem (as :func:`strokekit.runs.list_runs` does for a damaged ``config.json``).
+
     Returns:
         pandas DataFrame with the columns :data:`RUN_COLUMNS`, sorted by model and seed: ``model`` is the
         run folder's path under ``root`` without its seed and time suffix, ``folder`` the run folder,
@@ -680,13 +685,18 @@ def find_runs(
             if log:
                 log(f"skipped {folder.name}: {err}")
             continue
-        saved = run.metrics
+        try:
+            saved = run.metrics
+            split = None if run.split_path is None else Split.load(run.split_path)
+        except DataError as err:  # a damaged metrics.json or split.json: say so, go on with the others
+            warnings.warn(f"skipped the run in {folder}: {err.problem}", stacklevel=2)
+            continue
         if not saved or config.num_classes != 1:
             if log:
                 log(f"skipped {folder.name}: unfinished (no metrics.json) or not a binary model")
             continue
-        checked = run.split_path is not None
-        if checked and sorted(Split.load(run.split_path).cases("test")) != sorted(test_cases):
+        checked = split is not None
+        if checked and sorted(split.cases("test")) != sorted(test_cases):
             if log:
                 log(f"skipped {folder.name}: trained on another split")
             continue

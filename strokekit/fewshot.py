@@ -29,18 +29,28 @@ Introduced in notebooks/10_what_generalizes.ipynb.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
-from .augment import STUDY_AUGMENT, AugmentConfig
+from .augment import STUDY_AUGMENT
+from .config import Profile, get_profile, seed_everything, to_dict
 from .dataset import SliceDataset, concat
 from .errors import DataError
+from .io import _natural_key, load_ctich
+from .metrics import aggregate, metrics_from_counts, slice_confusion
+from .paths import ctich_dir
+from .preprocess import brain_mask, resize_dataset, resize_image, skull_enclosure, window_hu
 from .runs import FEWSHOT_FILE, RunFolder
-from .train import TrainConfig
+from .split import Split, check_leakage
+
+# STRONG_AUGMENT: kept here under the name notebook 10 and the tests know.
+from .train import STRONG_AUGMENT, TrainConfig, config_from_dict, load_model, predict_numpy, to_arrays, train  # noqa: F401
 
 #: Fixed few-shot protocols: training and validation patients (all their lesion slices), input
 #: size and the probability threshold of the reference figures. The test set is the lesion
@@ -100,8 +110,6 @@ def patient_split(
     Raises:
         DataError: no patient ids, a patient named twice, or a named patient without lesion slices.
     """
-    from .split import Split, check_leakage
-
     if dataset.patient_ids is None:
         raise DataError("a patient split needs patient ids; this dataset has none")
     train_p, val_p = [str(p) for p in train], [str(p) for p in val]
@@ -193,9 +201,6 @@ def load_protocol(
     """
     import pandas as pd
 
-    from .io import load_ctich
-    from .paths import ctich_dir
-
     proto = _check_protocol(name)
     folder = path if path is not None else ctich_dir()
     if folder is None:
@@ -206,17 +211,13 @@ def load_protocol(
     table = pd.read_csv(csv, dtype={"file": str, "patient_id": str})
     size = int(image_size or proto["image_size"])
     named = [str(p) for p in proto["train"] + proto["val"]]
-    others = sorted(set(table.loc[table["has_mask"] == 1, "patient_id"]) - set(named), key=_natural)
+    others = sorted(set(table.loc[table["has_mask"] == 1, "patient_id"]) - set(named), key=_natural_key)
     parts = [load_ctich(folder, image_size=size, patients=named, progress=progress)]
     if others:
         parts.append(load_ctich(folder, image_size=size, lesion_only=True, patients=others,
                                 progress=progress))
     data = concat(parts)
     return data, protocol_split(data, name, empty_slices=empty_slices)
-
-
-def _natural(text: str):
-    return (0, int(text), "") if str(text).isdigit() else (1, 0, str(text))
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -263,8 +264,6 @@ def brain_mask_stack(images: np.ndarray, unit: str = "display") -> np.ndarray:
     Raises:
         ValueError: bad shape.
     """
-    from .preprocess import brain_mask
-
     stack, single = _stack(images)
     out = np.zeros(stack.shape, dtype=bool)
     for i, image in enumerate(stack):
@@ -278,7 +277,7 @@ MIN_SKULL_ENCLOSURE = 0.9
 ENCLOSURE_SIDE = 256
 
 
-def cranial_slices(data: SliceDataset) -> np.ndarray:
+def cranial_slices(data: SliceDataset, brains: np.ndarray | None = None) -> np.ndarray:
     """Which slices of a scan pass through the cranium: (N,) bool.
 
     A slice through the neck or the face has soft tissue between bones, which
@@ -290,12 +289,12 @@ def cranial_slices(data: SliceDataset) -> np.ndarray:
     whole scans of the 32 test patients the slices below 0.9 hold 0.3 % of the lesion pixels and 37 %
     of the few-shot default's false positives. Slices smaller than :data:`ENCLOSURE_SIDE` (the
     bone is lost; the shorter side counts) all count as cranial. HU slices are judged in the CT-ICH display window
-    (:func:`as_display`), where the threshold was measured.
+    (:func:`as_display`), where the threshold was measured. ``brains``: the
+    :func:`brain_mask_stack` of those display slices at their own size, when the caller has it
+    (used where the enclosure is measured at that size).
 
     Introduced in notebooks/09_3d_reconstruction.ipynb.
     """
-    from .preprocess import skull_enclosure
-
     if data.unit != "display":  # measured in the display window: bone is what saturates it
         data = as_display(data)
     images = data.images if data.images.ndim == 3 else data.images[..., 0]
@@ -304,7 +303,8 @@ def cranial_slices(data: SliceDataset) -> np.ndarray:
         return np.ones(len(images), dtype=bool)
     step = side // ENCLOSURE_SIDE
     small = np.asarray(images[:, ::step, ::step], dtype=np.float32)
-    brains = brain_mask_stack(small, unit="display")
+    if brains is None or step > 1:
+        brains = brain_mask_stack(small, unit="display")
     return np.array([skull_enclosure(image, brain, "display") >= MIN_SKULL_ENCLOSURE
                      for image, brain in zip(small, brains)], dtype=bool)
 
@@ -449,8 +449,6 @@ def fit_threshold(
     Raises:
         ValueError: shapes differ, or no candidate has ``low <= high``.
     """
-    from .metrics import slice_confusion
-
     stack, _ = _stack(train_images)
     truth = np.asarray(train_masks)
     if truth.ndim == 2:
@@ -462,8 +460,6 @@ def fit_threshold(
     if highs is None:
         highs = (190, 205, 220, 235, 255) if unit == "display" else (80, 90, 100, 115, 130)
     brains = brain_mask_stack(stack, unit=unit) if brain_masks is None else np.asarray(brain_masks) > 0
-    if patient_ids is not None:
-        uniq, inverse = np.unique(np.asarray(patient_ids, dtype=object).astype(str), return_inverse=True)
     best: dict[str, float] | None = None
     for erosion in erosions:
         eroded = _eroded(brains, int(erosion))
@@ -475,11 +471,9 @@ def fit_threshold(
                                           erosion=0, opening=opening, min_size=min_size)
                 counts = slice_confusion(truth > 0, pred > 0)
                 if patient_ids is None:
-                    score = _dice_of(counts.sum(axis=0))
+                    score = metrics_from_counts(*counts.sum(axis=0))["dice"]
                 else:
-                    per = np.zeros((len(uniq), 4), dtype=np.int64)
-                    np.add.at(per, inverse, counts)
-                    score = float(np.mean([_dice_of(c) for c in per]))
+                    score = float(np.mean(_patient_dice(counts, patient_ids)[1]))
                 if best is None or score > best["dice"] + 1e-12:
                     best = dict(low=float(low), high=float(high), erosion=int(erosion), dice=score)
     if best is None:
@@ -504,9 +498,12 @@ def threshold_baseline(train: SliceDataset, val: SliceDataset,
     return band, pred
 
 
-def _dice_of(counts: np.ndarray) -> float:
-    tp, fp, fn, _ = (int(c) for c in counts)
-    return 1.0 if tp + fp + fn == 0 else 2.0 * tp / (2.0 * tp + fp + fn)
+def _patient_dice(counts: np.ndarray, patient_ids: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(patients sorted by id, the Dice of each one's pooled pixels) from per-slice confusion counts."""
+    uniq, inverse = np.unique(np.asarray(patient_ids, dtype=object).astype(str), return_inverse=True)
+    per = np.zeros((len(uniq), 4), dtype=np.int64)
+    np.add.at(per, inverse, counts)
+    return uniq, metrics_from_counts(*per.T)["dice"]
 
 
 def all_background(images: np.ndarray) -> np.ndarray:
@@ -548,8 +545,6 @@ def evaluate_protocol(pred: np.ndarray, data: SliceDataset, threshold: float = 0
     Raises:
         ValueError: shapes differ or patient ids are missing.
     """
-    from .metrics import aggregate, slice_confusion
-
     pred = np.asarray(pred)
     if pred.ndim == 4 and pred.shape[-1] == 1:
         pred = pred[..., 0]
@@ -559,12 +554,7 @@ def evaluate_protocol(pred: np.ndarray, data: SliceDataset, threshold: float = 0
         raise ValueError("evaluate_protocol needs patient ids (per-patient Dice)")
     table = aggregate(data.masks > 0, pred, data.patient_ids, threshold=threshold,
                       metrics=("dice", "sensitivity", "specificity"))
-    counts = slice_confusion(data.masks > 0, pred, threshold)
-    pids = np.asarray(data.patient_ids, dtype=object).astype(str)
-    uniq, inverse = np.unique(pids, return_inverse=True)
-    per = np.zeros((len(uniq), 4), dtype=np.int64)
-    np.add.at(per, inverse, counts)
-    per_dice = np.array([_dice_of(c) for c in per])
+    _, per_dice = _patient_dice(slice_confusion(data.masks > 0, pred, threshold), data.patient_ids)
     return dict(
         per_patient_dice=float(table.loc["dice", "mean_of_patients"]),
         per_patient_dice_sd=float(per_dice.std(ddof=1)) if len(per_dice) > 1 else 0.0,
@@ -572,7 +562,7 @@ def evaluate_protocol(pred: np.ndarray, data: SliceDataset, threshold: float = 0
         pooled_dice=float(table.loc["dice", "pooled"]),
         sensitivity=float(table.loc["sensitivity", "pooled"]),
         specificity=float(table.loc["specificity", "pooled"]),
-        n_patients=int(len(uniq)),
+        n_patients=int(len(per_dice)),
         n_slices=int(len(pred)),
     )
 
@@ -582,14 +572,9 @@ def patient_dice(pred: np.ndarray, data: SliceDataset, threshold: float = 0.5) -
 
     Introduced in notebooks/10_what_generalizes.ipynb.
     """
-    from .metrics import slice_confusion
-
-    counts = slice_confusion(data.masks > 0, np.asarray(pred), threshold)
-    pids = [str(p) for p in data.patient_ids]
-    out: dict[str, np.ndarray] = {}
-    for pid, c in zip(pids, counts):
-        out[pid] = out.get(pid, 0) + c
-    return {p: _dice_of(c) for p, c in out.items()}
+    uniq, dice = _patient_dice(slice_confusion(data.masks > 0, np.asarray(pred), threshold), data.patient_ids)
+    score = dict(zip(uniq.tolist(), dice.tolist()))
+    return {p: score[p] for p in dict.fromkeys(str(p) for p in data.patient_ids)}
 
 
 def compare_patients(method: dict[str, float], baseline: dict[str, float], draws: int = 10000,
@@ -737,30 +722,20 @@ STUDY_RECIPE = FewShotRecipe(
     preset="study_unet",
 )
 
-#: Geometry and intensity augmentation strong enough to break a position prior.
-STRONG_AUGMENT = AugmentConfig(
-    rotation=180.0, shift=0.2, shear=0.1, zoom=0.2, hflip=True, vflip=True,
-    contrast=0.15, gamma=0.15, noise=0.01, fill_mode="constant",
-)
-
 #: The kit's few-shot default, chosen by measurement on the validation patient and by
 #: leave-one-training-patient-out cross-validation over 49/50/51 (see ``benchmarks/fewshot_log.md``):
-#: a small batch-normalised U-Net (0.5M parameters) trained for 25 epochs on 64 px crops (4 per
-#: slice, half of them on a lesion) of 256 px slices — the lesion slices and as many lesion-free
-#: ones — rotated up to 180° and flipped both ways, with Dice+BCE; inputs are the slice, a 130–230
-#: "blood window" and the threshold-in-brain map; batch-norm statistics recomputed on whole slices;
-#: predictions averaged with the mirrored slice's, restricted to the brain, thresholded where
-#: patient 66 is best. On the protocol (scored on its 128 px masks) cross-validation gives 0.31
+#: a small batch-normalised U-Net (0.5M parameters, :meth:`strokekit.train.TrainConfig.few_shot`) trained
+#: for 25 epochs on 64 px crops (4 per slice, half of them on a lesion) of 256 px slices — the lesion slices
+#: and as many lesion-free ones — rotated up to 180° and flipped both ways (:data:`STRONG_AUGMENT`), with
+#: Dice+BCE; inputs are the slice, a 130–230 "blood window" and the threshold-in-brain map; batch-norm
+#: statistics recomputed on whole slices; predictions averaged with the mirrored slice's, restricted to the
+#: brain, thresholded where patient 66 is best. On the protocol (scored on its 128 px masks) cross-validation gives 0.31
 #: (0.29–0.34 per seed) at 256 px against 0.23 (0.21–0.26) at 128 px, threshold-in-brain 0.21;
 #: patient 66 0.75–0.81 against 0.69–0.75. Training takes 2–2.5 minutes per seed on a 2-core CPU
 #: with oneDNN on. The threshold stays tuned: a network that came out under-confident (never above
 #: 0.46) scored 0.000 at 0.5 on a held-out patient and 0.59 at the threshold patient 66 chose.
 FEWSHOT_DEFAULT = FewShotRecipe(
-    config=TrainConfig(
-        arch="unet", filters=(8, 16, 32, 64), activation="relu", dropout=0.0, batch_norm=True,
-        loss="bce_dice", learning_rate=1e-3, batch_size=8, num_epochs=25, image_size=256,
-        augment=STRONG_AUGMENT, early_stopping_patience=0, reduce_lr_patience=0,
-    ),
+    config=TrainConfig.few_shot(),
     empty_ratio=1.0,
     strip_skull=False,
     restrict_to_brain=True,
@@ -833,8 +808,6 @@ def as_display(data: SliceDataset, window: tuple[float, float] = DISPLAY_WINDOW)
     """
     if data.unit == "display":
         return data
-    from .preprocess import window_hu
-
     levels = (window_hu(data.images, window) * 255.0).astype(np.float32)
     extra = {k: (window_hu(v, window) * 255.0).astype(np.float32) if k in _CONTEXT_COLUMNS else v
              for k, v in data.extra.items()}
@@ -892,19 +865,18 @@ def attach_context(data: SliceDataset, k: int = 1, source: SliceDataset | None =
     return data.replace(extra=extra)
 
 
-def _model_inputs(recipe: FewShotRecipe, data: SliceDataset,
-                  band: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _model_inputs(recipe: FewShotRecipe, data: SliceDataset, band: dict[str, float] | None = None,
+                  gate: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Model inputs (N, S, S, C), masks (N, S, S) and dilated brain masks (N, S, S) for a recipe.
 
     Channels: the image as the config's windows give it, then one contrast stretch per
     ``recipe.display_windows``, then (``candidate_channel``) the threshold-in-brain map of
-    ``band``.
+    ``band``. With ``gate`` (and ``restrict_to_brain``) the brain masks of non-cranial slices
+    (:func:`cranial_slices`) are empty: a whole scan is segmented.
     """
-    from .preprocess import resize_dataset
-    from .train import to_arrays
-
     config = recipe.config
-    if recipe.display_windows or recipe.candidate_channel:
+    display = bool(recipe.display_windows or recipe.candidate_channel)
+    if display:
         data = as_display(data)
     x, y = to_arrays(config, data)
     if recipe.context_slices:
@@ -920,13 +892,13 @@ def _model_inputs(recipe: FewShotRecipe, data: SliceDataset,
         brains = core
         for _ in range(recipe.brain_dilation):
             brains = _dilate_cross(brains)
+        if gate and recipe.restrict_to_brain:  # the gate measures on the display slices: reuse their masks
+            native = small is data and data.unit == "display"
+            brains = brains & cranial_slices(data, core if native else None)[:, None, None]
     else:
         brains = np.ones(x.shape[:3], dtype=bool)
     extra = []
-    if recipe.display_windows or recipe.candidate_channel:
-        if data.unit != "display":
-            raise DataError("display_windows and candidate_channel need display-unit slices (0..255 PNG levels): "
-                            "pass HU slices through fewshot.as_display first")
+    if display:
         levels = x[..., 0] * 255.0
         for low, high in recipe.display_windows:
             extra.append(np.clip((levels - low) / (high - low), 0.0, 1.0))
@@ -1036,21 +1008,18 @@ def recalibrate_batchnorm(model, images: np.ndarray, batch_size: int = 8) -> int
     return len(layers)
 
 
-def _as_input_dataset(data: SliceDataset, x: np.ndarray, y: np.ndarray) -> SliceDataset:
+def _as_input_dataset(x: np.ndarray, y: np.ndarray) -> SliceDataset:
     # train() takes 4-D images as ready model inputs (its multi-channel path), so the recipe's
-    # own preprocessing (skull stripping) reaches the network unchanged.
-    return SliceDataset(images=x, masks=y, case_ids=list(data.case_ids), patient_ids=data.patient_ids,
-                        unit="display", class_names=data.class_names)
+    # own preprocessing (channels, skull stripping, crops) reaches the network unchanged.
+    return SliceDataset(images=x, masks=y, case_ids=[str(i) for i in range(len(x))], unit="display")
 
 
 def _predict_prob(members: Sequence[Any], recipe: FewShotRecipe, x: np.ndarray, brains: np.ndarray,
                   batch_size: int = 32) -> np.ndarray:
     """Mean probability of the members (and of the mirrored slice with tta_flip)."""
-    from .train import predict_numpy  # eager: no prediction step traced for every model
-
     mirrored = np.ascontiguousarray(x[:, :, ::-1]) if recipe.tta_flip else None
     prob = np.zeros(x.shape[:3], dtype=np.float64)
-    for model in members:
+    for model in members:  # eager predict_numpy: no prediction step traced for every model
         prob += predict_numpy(model, x, batch_size)[..., 0]
         if mirrored is not None:
             prob += predict_numpy(model, mirrored, batch_size)[..., 0][:, :, ::-1]
@@ -1061,13 +1030,7 @@ def _predict_prob(members: Sequence[Any], recipe: FewShotRecipe, x: np.ndarray, 
 
 
 def _pp_dice(prob: np.ndarray, truth: np.ndarray, pids: Sequence[Any], threshold: float) -> float:
-    from .metrics import slice_confusion
-
-    counts = slice_confusion(truth > 0, prob >= threshold)
-    uniq, inverse = np.unique(np.asarray(pids, dtype=object).astype(str), return_inverse=True)
-    per = np.zeros((len(uniq), 4), dtype=np.int64)
-    np.add.at(per, inverse, counts)
-    return float(np.mean([_dice_of(c) for c in per]))
+    return float(np.mean(_patient_dice(slice_confusion(truth > 0, prob >= threshold), pids)[1]))
 
 
 def best_threshold(prob: np.ndarray, truth: np.ndarray, patient_ids: Sequence[Any],
@@ -1094,8 +1057,6 @@ def best_threshold(prob: np.ndarray, truth: np.ndarray, patient_ids: Sequence[An
 
 def _fit_band(recipe: FewShotRecipe, data: SliceDataset) -> dict[str, float]:
     """The threshold-in-brain band fitted on the lesion slices of the training data."""
-    from .preprocess import resize_dataset
-
     lesion = data.subset(np.flatnonzero(lesion_flags(data)))
     small = resize_dataset(lesion, recipe.config.image_size)
     pids = small.patient_ids if small.patient_ids is not None else None
@@ -1146,18 +1107,12 @@ def fit_recipe(
         val_data = attach_context(val_data, recipe.context_slices)
     # the band depends on the lesion slices only, which every member trains on
     band = _fit_band(recipe, train_data) if recipe.candidate_channel else None
-    x_val, y_val, brains_val = _model_inputs(recipe, val_data, band)
+    val_inputs = _model_inputs(recipe, val_data, band)
     fits = [_fit_member(recipe, dataclasses.replace(config, seed=int(config.seed) + 1000 * k), train_data,
-                        val_data, band, x_val, y_val, model, progress) for k in range(recipe.n_models)]
+                        band, *val_inputs[:2], model, progress) for k in range(recipe.n_models)]
     results = [result for result, _ in fits]
     members = tuple(result.model for result in results)
-    prob = _predict_prob(members, recipe, x_val, brains_val)
-    pids = val_data.patient_ids or ["val"] * len(val_data)
-    if recipe.tune_threshold:
-        threshold, val_dice = best_threshold(prob, y_val, pids, recipe.thresholds)
-    else:
-        threshold = float(config.threshold)
-        val_dice = _pp_dice(prob, y_val, pids, threshold)
+    threshold, val_dice = _decide(recipe, members, val_data, band, val_inputs)
     seconds = float(sum(r.seconds for r in results))
     rate = float(np.mean([r.images_per_second for r in results]))
     if recipe.patch_size:  # crops per second -> whole slices' worth of pixels per second
@@ -1166,41 +1121,29 @@ def fit_recipe(
                         len(fits[0][1]), val_dice, band, members)
 
 
-def _fit_member(recipe: FewShotRecipe, config: TrainConfig, train_data: SliceDataset, val_data: SliceDataset,
-                band: dict[str, float] | None, x_val: np.ndarray, y_val: np.ndarray, model: Any,
-                progress: bool):
+def _fit_member(recipe: FewShotRecipe, config: TrainConfig, train_data: SliceDataset, band: dict[str, float] | None,
+                x_val: np.ndarray, y_val: np.ndarray, model: Any, progress: bool):
     """One network of :func:`fit_recipe`, everything seeded by ``config.seed``: (TrainResult, slices used)."""
-    from .models import build_preset
-    from .train import train
+    from .models import build_model, build_preset
 
     chosen = _choose_slices(train_data, recipe.empty_ratio, config.seed)
     x_train, y_train, _ = _model_inputs(recipe, chosen, band)
-    fit_config = config
-    train_set = _as_input_dataset(chosen, x_train, y_train)
-    val_set = _as_input_dataset(val_data, x_val, y_val)
     if model is None and (recipe.preset is not None or recipe.patch_size):
-        from .config import seed_everything
-
         seed_everything(config.seed)
         if recipe.preset is not None:
             model = build_preset(recipe.preset, input_shape=x_train.shape[1:], seed=config.seed)
-        else:
-            from .models import build_model
-
-            # height and width left open: trained on crops, applied to whole slices
+        else:  # height and width left open: trained on crops, applied to whole slices
             kwargs = dict(config.model_kwargs(), input_shape=(None, None, x_train.shape[-1]))
             model = build_model(config.arch, **kwargs)
+    fit_config, train_set, val_set = config, (x_train, y_train), (x_val, y_val)
     if recipe.patch_size:
         p = int(recipe.patch_size)
-        px, py = sample_patches(x_train, y_train, p, recipe.patches_per_slice, recipe.foreground_fraction,
-                                seed=config.seed)
-        tx, ty = _tiles(x_val, y_val, p)
         fit_config = dataclasses.replace(config, image_size=p)
-        train_set = SliceDataset(images=px, masks=py, case_ids=[str(i) for i in range(len(px))],
-                                 unit="display", class_names=chosen.class_names)
-        val_set = SliceDataset(images=tx, masks=ty, case_ids=[str(i) for i in range(len(tx))],
-                               unit="display", class_names=val_data.class_names)
-    result = train(fit_config, train_set, val_set, run_dir=False, model=model, progress=progress, previews=False)
+        train_set = sample_patches(x_train, y_train, p, recipe.patches_per_slice, recipe.foreground_fraction,
+                                   seed=config.seed)
+        val_set = _tiles(x_val, y_val, p)
+    result = train(fit_config, _as_input_dataset(*train_set), _as_input_dataset(*val_set), run_dir=False, model=model,
+                   progress=progress, previews=False)
     if recipe.recalibrate_bn:
         recalibrate_batchnorm(result.model, x_train, config.batch_size)
     return result, chosen
@@ -1231,15 +1174,21 @@ def redecide(fitted: FittedRecipe, val_data: SliceDataset, **changes: Any) -> Fi
     if wrong:
         raise ValueError(f"Expected fields among {list(POSTHOC_FIELDS)}. Received: {wrong} (they need training)")
     recipe = dataclasses.replace(fitted.recipe, **changes)
-    x_val, y_val, brains = _model_inputs(recipe, val_data, fitted.band)
-    prob = _predict_prob(fitted.models, recipe, x_val, brains)
+    threshold, val_dice = _decide(recipe, fitted.models, val_data, fitted.band)
+    return dataclasses.replace(fitted, recipe=recipe, threshold=threshold, val_dice=val_dice)
+
+
+def _decide(recipe: FewShotRecipe, members: Sequence[Any], val_data: SliceDataset, band: dict[str, float] | None,
+            inputs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> tuple[float, float]:
+    """The threshold (chosen on the validation slices with ``tune_threshold``, else the config's) and
+    the validation per-patient Dice at it; ``inputs``: :func:`_model_inputs` of ``val_data`` if known."""
+    x_val, y_val, brains = _model_inputs(recipe, val_data, band) if inputs is None else inputs
+    prob = _predict_prob(members, recipe, x_val, brains)
     pids = val_data.patient_ids or ["val"] * len(val_data)
     if recipe.tune_threshold:
-        threshold, val_dice = best_threshold(prob, y_val, pids, recipe.thresholds)
-    else:
-        threshold = float(recipe.config.threshold)
-        val_dice = _pp_dice(prob, y_val, pids, threshold)
-    return dataclasses.replace(fitted, recipe=recipe, threshold=threshold, val_dice=val_dice)
+        return best_threshold(prob, y_val, pids, recipe.thresholds)
+    threshold = float(recipe.config.threshold)
+    return threshold, _pp_dice(prob, y_val, pids, threshold)
 
 
 def predict_recipe(
@@ -1269,15 +1218,11 @@ def predict_recipe(
     Returns:
         float32 probabilities or uint8 0/1 masks, (N, S, S).
     """
-    x, _, brains = _model_inputs(fitted.recipe, data, fitted.band)
+    x, _, brains = _model_inputs(fitted.recipe, data, fitted.band, gate=True)
     prob = _predict_prob(fitted.models, fitted.recipe, x, brains, batch_size)
-    if fitted.recipe.restrict_to_brain and len(data):
-        prob *= cranial_slices(data)[:, None, None]
     if output_size is None and data.masks.ndim == 3 and data.masks.shape[1] == data.masks.shape[2]:
         output_size = int(data.masks.shape[1])
     if output_size is not None and output_size != prob.shape[1]:
-        from .preprocess import resize_image
-
         prob = np.stack([resize_image(p, int(output_size)) for p in prob]) if len(prob) else prob
     if probabilities:
         return prob
@@ -1286,15 +1231,11 @@ def predict_recipe(
 
 def recipe_to_dict(recipe: FewShotRecipe) -> dict[str, Any]:
     """A JSON-ready dict of a recipe (its training config nested under ``config``)."""
-    from .config import to_dict
-
     return to_dict(recipe)
 
 
 def recipe_from_dict(data: dict[str, Any]) -> FewShotRecipe:
     """The recipe :func:`recipe_to_dict` wrote (unknown fields raise ValueError)."""
-    from .train import config_from_dict
-
     fields = {f.name for f in dataclasses.fields(FewShotRecipe)}
     unknown = sorted(set(data) - fields)
     if unknown:
@@ -1355,11 +1296,6 @@ def load_fitted(folder: str | os.PathLike) -> FittedRecipe:
         DataError: the folder is not a few-shot run, or a file in it is damaged (a damaged
             ``fewshot.json`` is the error's ``path``).
     """
-    import json
-    from pathlib import Path
-
-    from .train import load_model
-
     folder = Path(folder)
     path = folder / FEWSHOT_FILE
     if not path.is_file():
@@ -1382,9 +1318,6 @@ def load_fitted(folder: str | os.PathLike) -> FittedRecipe:
 
 def fewshot_run_info(folder: str | os.PathLike) -> dict[str, Any] | None:
     """What ``fewshot.json`` of a run folder says (trained on, scores, threshold), or None if it has none."""
-    import json
-    from pathlib import Path
-
     path = Path(folder) / FEWSHOT_FILE
     if not path.is_file():
         return None
@@ -1407,8 +1340,6 @@ def profile_recipe(profile=None) -> FewShotRecipe:
     Args:
         profile: a :class:`strokekit.config.Profile`, its name, or None for the current one.
     """
-    from .config import Profile, get_profile
-
     if not isinstance(profile, Profile):
         profile = get_profile(profile)
     if profile.name == "full":

@@ -732,6 +732,34 @@ def _read_pairs(
     return images, masks, any_colour, grey_lesion_rows, first_unit
 
 
+def _pairs_dataset(
+    pairs: Sequence[tuple[str, Path, Path]],
+    images: np.ndarray,
+    masks: np.ndarray,
+    unit: str,
+    class_names: Sequence[str],
+    case_table: str | os.PathLike | None,
+    **table_kwargs: Any,
+) -> SliceDataset:
+    """The SliceDataset of read (stem, image, mask) pairs; a case table adds patients and extras."""
+    stems = [stem for stem, _, _ in pairs]
+    patient_ids = slice_indices = None
+    extra: dict[str, np.ndarray] = {}
+    if case_table is not None:
+        patient_ids, slice_indices, extra = _read_case_table(case_table, stems, **table_kwargs)
+    return SliceDataset(
+        images=images,
+        masks=masks,
+        case_ids=stems,
+        patient_ids=patient_ids,
+        slice_indices=slice_indices,
+        source_paths=[str(image_path) for _, image_path, _ in pairs],
+        unit=unit,
+        class_names=tuple(class_names),
+        extra=extra,
+    )
+
+
 def _mixed_units_text(unit: str, first: Path) -> str:
     kinds = {"HU": "a 16-bit image (HU + 1024)", "display": "an 8-bit image (display values)"}
     other = "display" if unit == "HU" else "HU"
@@ -832,21 +860,7 @@ def read_study_layout(
 
     if patients_csv is None and (folder / _CASES_CSV).is_file():
         patients_csv = folder / _CASES_CSV
-    patient_ids = slice_indices = None
-    extra: dict[str, np.ndarray] = {}
-    if patients_csv is not None:
-        patient_ids, slice_indices, extra = _read_case_table(patients_csv, stems, folder=folder)
-    return SliceDataset(
-        images=imgs,
-        masks=labels,
-        case_ids=stems,
-        patient_ids=patient_ids,
-        slice_indices=slice_indices,
-        source_paths=[str(p[1]) for p in pairs],
-        unit=unit,
-        class_names=tuple(class_names),
-        extra=extra,
-    )
+    return _pairs_dataset(pairs, imgs, labels, unit, class_names, patients_csv, folder=folder)
 
 
 def _default_class_names(cmap: Mapping[tuple[int, int, int], int]) -> tuple[str, ...]:
@@ -1009,26 +1023,14 @@ def read_paired_folders(
     imgs, labels, _, _, unit = _read_pairs(
         pairs, mode, image_size, colour_map, n_classes, progress, f"{folder.name} slices"
     )
-    patient_ids = slice_indices = None
-    extra: dict[str, np.ndarray] = {}
-    if patients_csv is not None:
-        csv_path = Path(patients_csv)
-        if not csv_path.is_file() and not csv_path.is_absolute() and (folder / csv_path).is_file():
+    csv_path = None if patients_csv is None else Path(patients_csv)
+    if csv_path is not None and not csv_path.is_file() and not csv_path.is_absolute():
+        if (folder / csv_path).is_file():
             csv_path = folder / csv_path
-        patient_ids, slice_indices, extra = _read_case_table(
-            csv_path, stems, id_column, patient_column, slice_column,
-            folder=image_dir, present=image_files,
-        )
-    return SliceDataset(
-        images=imgs,
-        masks=labels,
-        case_ids=stems,
-        patient_ids=patient_ids,
-        slice_indices=slice_indices,
-        source_paths=[str(p[1]) for p in pairs],
-        unit=unit,
-        class_names=names,
-        extra=extra,
+    return _pairs_dataset(
+        pairs, imgs, labels, unit, names, csv_path,
+        id_column=id_column, patient_column=patient_column, slice_column=slice_column,
+        folder=image_dir, present=image_files,
     )
 
 

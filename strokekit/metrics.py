@@ -217,70 +217,33 @@ def dice(truth: Any, pred: Any) -> float:
 
 
 def iou(truth: Any, pred: Any) -> float:
-    """IoU (Jaccard) = tp / (tp + fp + fn); 1.0 when both masks are empty.
+    """IoU (Jaccard) = tp / (tp + fp + fn) in 0..1; 1.0 when both masks are empty.
 
     On one case IoU is a fixed function of Dice: IoU = Dice / (2 − Dice).
-
-    Args:
-        truth: reference mask, any shape.
-        pred: predicted mask of the same shape (floats are thresholded at 0.5).
-
-    Returns:
-        the IoU in 0..1.
-
-    Raises:
-        ValueError: if the shapes differ.
+    Arguments and errors as :func:`dice`.
     """
     return metrics_from_counts(*confusion(truth, pred))["iou"]
 
 
 def sensitivity(truth: Any, pred: Any) -> float:
-    """Sensitivity (recall) = tp / (tp + fn); NaN when the truth is empty.
-
-    Args:
-        truth: reference mask, any shape.
-        pred: predicted mask of the same shape (floats are thresholded at 0.5).
-
-    Returns:
-        the sensitivity in 0..1, or NaN.
-
-    Raises:
-        ValueError: if the shapes differ.
-    """
+    """Sensitivity (recall) = tp / (tp + fn) in 0..1; NaN when the truth is empty. Arguments as :func:`dice`."""
     return metrics_from_counts(*confusion(truth, pred))["sensitivity"]
 
 
 def specificity(truth: Any, pred: Any) -> float:
-    """Specificity = tn / (tn + fp); NaN only when there is no background.
+    """Specificity = tn / (tn + fp) in 0..1; NaN only when there is no background.
 
     On CT slices nearly every pixel is background, so specificity is ≈ 1 for any sensible
     model and says little (see :func:`strokekit.evaluation.specificity_illusion`).
-
-    Args:
-        truth: reference mask, any shape.
-        pred: predicted mask of the same shape (floats are thresholded at 0.5).
-
-    Returns:
-        the specificity in 0..1, or NaN.
-
-    Raises:
-        ValueError: if the shapes differ.
+    Arguments and errors as :func:`dice`.
     """
     return metrics_from_counts(*confusion(truth, pred))["specificity"]
 
 
 def precision(truth: Any, pred: Any) -> float:
-    """Precision (positive predictive value) = tp / (tp + fp); NaN when the prediction is empty.
+    """Precision (positive predictive value) = tp / (tp + fp) in 0..1; NaN for an empty prediction.
 
-    Args:
-        truth: reference mask, any shape.
-        pred: predicted mask of the same shape (floats are thresholded at 0.5).
-
-    Returns:
-        the precision in 0..1, or NaN.
-
-    Raises:
-        ValueError: if the shapes differ.
+    Precision is to false positives what sensitivity is to false negatives. Arguments as :func:`dice`.
     """
     return metrics_from_counts(*confusion(truth, pred))["precision"]
 
@@ -479,12 +442,7 @@ def average_surface_distance(
     """Average symmetric surface distance (ASSD).
 
     The mean of all surface distances of both directions together (Heimann et al. 2009):
-    (Σ d(a, P) + Σ d(b, T)) / (|∂T| + |∂P|).
-
-    Args:
-        truth: reference mask, 2-D or 3-D.
-        pred: predicted mask.
-        spacing: (row, col) or (dz, dy, dx) in mm; None = pixels.
+    (Σ d(a, P) + Σ d(b, T)) / (|∂T| + |∂P|). Arguments as :func:`hausdorff95`.
 
     Returns:
         ASSD in mm (or pixels); 0.0 when both masks are empty, inf when exactly one is.
@@ -1003,3 +961,185 @@ def per_patient_metrics(
         threshold=float(threshold),
     )
     return df
+
+
+# --------------------------------------------------------------------------- Keras metrics
+# Dice, IoU, sensitivity and specificity for ``model.compile`` (introduced in
+# notebooks/04_unet_vs_resunet.ipynb). Keras is imported on the first use of one of these names
+# (``strokekit.metrics.DiceMetric``), so everything above stays NumPy-only and cheap to import;
+# ``strokekit.losses`` imports them, which registers them for loading saved models. They are
+# left out of ``__all__`` so that ``from strokekit.metrics import *`` does not import Keras.
+
+_KERAS_METRICS = ("DiceMetric", "IoUMetric", "Sensitivity", "Specificity")
+_LAZY: dict[str, type] = {}
+
+
+def _align(y_true, y_pred):
+    """``(y_true, y_pred)`` as Keras float tensors of the same shape.
+
+    The label convention of the Keras metrics and of :mod:`strokekit.losses`: ``y_pred`` holds
+    probabilities ``(B, H, W, C)``; ``y_true`` has the same shape, or holds integer labels of
+    shape ``(B, H, W)`` or ``(B, H, W, 1)``, which are the binary mask when ``C == 1`` and are
+    one-hot encoded to ``C`` classes when ``C > 1``.
+    """
+    from keras import ops
+
+    y_pred = ops.convert_to_tensor(y_pred)
+    if not str(y_pred.dtype).startswith(("float", "bfloat")):
+        y_pred = ops.cast(y_pred, "float32")
+    y_true = ops.convert_to_tensor(y_true)
+    channels = y_pred.shape[-1]
+    if len(y_true.shape) == len(y_pred.shape) - 1:
+        y_true = ops.expand_dims(y_true, -1)
+    if len(y_true.shape) != len(y_pred.shape):
+        raise ValueError(
+            f"y_true must have the shape of y_pred {tuple(y_pred.shape)} or be integer labels "
+            f"without the channel axis. Received: y_true.shape={tuple(y_true.shape)}"
+        )
+    true_channels = y_true.shape[-1]
+    if channels is not None and channels > 1 and true_channels == 1:
+        labels = ops.cast(ops.round(ops.squeeze(y_true, -1)), "int32")
+        y_true = ops.one_hot(labels, channels)
+    elif channels is not None and true_channels is not None and true_channels != channels:
+        raise ValueError(
+            f"y_true has {true_channels} channels; expected {channels} (one-hot, like y_pred) "
+            f"or 1 (integer labels). Received: y_true.shape={tuple(y_true.shape)}, "
+            f"y_pred.shape={tuple(y_pred.shape)}"
+        )
+    return ops.cast(y_true, y_pred.dtype), y_pred
+
+
+def __getattr__(name: str):
+    if name in _KERAS_METRICS:
+        if not _LAZY:
+            _LAZY.update(_make_keras_metrics())
+        return _LAZY[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _make_keras_metrics() -> dict[str, type]:
+    import keras
+    from keras import ops
+
+    class _ConfusionMetric(keras.metrics.Metric):
+        """Thresholded confusion counts (tp, fp, fn, tn) of the lesion class over an epoch.
+
+        The prediction is binarised: ``y_pred >= threshold`` for a single (sigmoid) channel,
+        the arg-max class for a softmax output. ``class_id`` picks one channel; None means the
+        only channel when there is one, and every channel but the background (0) pooled when
+        there are several. ``sample_weight`` of shape (B,) or (B, H, W) weighs the counts.
+        The counts of every batch of an epoch are pooled and the ratio computed once: the
+        epoch's Dice is the Dice of all its pixels together, not an average of per-batch
+        values. A ratio whose denominator is 0 (e.g. no lesion anywhere and none predicted)
+        is 1: there was nothing to get wrong (unlike the NumPy functions above, which return
+        NaN for an undefined sensitivity or specificity).
+        """
+
+        default_name = "confusion"
+
+        def __init__(
+            self,
+            threshold: float = 0.5,
+            class_id: int | None = None,
+            name: str | None = None,
+            dtype=None,
+        ):
+            super().__init__(name=name or self.default_name, dtype=dtype)
+            if not 0.0 < float(threshold) < 1.0:
+                raise ValueError(f"threshold must be in (0, 1). Received: threshold={threshold!r}")
+            if class_id is not None and (not isinstance(class_id, int) or class_id < 0):
+                raise ValueError(
+                    f"class_id must be None or an int >= 0. Received: class_id={class_id!r}"
+                )
+            self.threshold = float(threshold)
+            self.class_id = class_id
+            self.tp = self.add_variable(shape=(), initializer="zeros", name="tp")
+            self.fp = self.add_variable(shape=(), initializer="zeros", name="fp")
+            self.fn = self.add_variable(shape=(), initializer="zeros", name="fn")
+            self.tn = self.add_variable(shape=(), initializer="zeros", name="tn")
+
+        def update_state(self, y_true, y_pred, sample_weight=None):
+            y_true, y_pred = _align(y_true, y_pred)
+            channels = y_pred.shape[-1]
+            if channels == 1:
+                pred = ops.cast(y_pred >= self.threshold, self.dtype)
+            else:
+                pred = ops.one_hot(ops.argmax(y_pred, axis=-1), channels, dtype=self.dtype)
+            true = ops.cast(y_true >= 0.5, self.dtype)
+            if self.class_id is not None:
+                if channels is not None and self.class_id >= channels:
+                    raise ValueError(f"class_id={self.class_id} but y_pred has {channels} channels.")
+                pred = pred[..., self.class_id : self.class_id + 1]
+                true = true[..., self.class_id : self.class_id + 1]
+            elif channels != 1:
+                pred, true = pred[..., 1:], true[..., 1:]
+            weight = ops.ones_like(true)
+            if sample_weight is not None:
+                sw = ops.cast(ops.convert_to_tensor(sample_weight), self.dtype)
+                while len(sw.shape) < len(true.shape):
+                    sw = ops.expand_dims(sw, -1)
+                weight = weight * sw
+            self.tp.assign_add(ops.sum(weight * true * pred))
+            self.fp.assign_add(ops.sum(weight * (1.0 - true) * pred))
+            self.fn.assign_add(ops.sum(weight * true * (1.0 - pred)))
+            self.tn.assign_add(ops.sum(weight * (1.0 - true) * (1.0 - pred)))
+
+        def result(self):
+            # Variables go through convert_to_tensor: JAX's ones_like rejects a Keras Variable.
+            tp, fp, fn, tn = (ops.convert_to_tensor(v) for v in (self.tp, self.fp, self.fn, self.tn))
+            numerator, denominator = self._ratio(tp, fp, fn, tn)
+            return ops.where(
+                denominator > 0, numerator / ops.maximum(denominator, 1e-12), ops.ones_like(numerator)
+            )
+
+        def get_config(self):
+            return {**super().get_config(), "threshold": self.threshold, "class_id": self.class_id}
+
+    class DiceMetric(_ConfusionMetric):
+        """Dice ``2TP / (2TP + FP + FN)`` of the lesion class, pooled over the epoch.
+
+        Args:
+            threshold: probability above which a pixel counts as lesion (sigmoid outputs).
+            class_id: channel to score: None for the only channel of a sigmoid output, or
+                every class but the background (0) pooled for a softmax output.
+            name, dtype: as for ``keras.metrics.Metric``.
+        """
+
+        default_name = "dice"
+
+        def _ratio(self, tp, fp, fn, tn):
+            return 2.0 * tp, 2.0 * tp + fp + fn
+
+    class IoUMetric(_ConfusionMetric):
+        """Intersection over union (Jaccard) ``TP / (TP + FP + FN)``, pooled over the epoch.
+
+        Arguments as :class:`DiceMetric`.
+        """
+
+        default_name = "iou"
+
+        def _ratio(self, tp, fp, fn, tn):
+            return tp, tp + fp + fn
+
+    class Sensitivity(_ConfusionMetric):
+        """Sensitivity (recall) ``TP / (TP + FN)``, pooled over the epoch. Arguments as :class:`DiceMetric`."""
+
+        default_name = "sensitivity"
+
+        def _ratio(self, tp, fp, fn, tn):
+            return tp, tp + fn
+
+    class Specificity(_ConfusionMetric):
+        """Specificity ``TN / (TN + FP)``, pooled over the epoch. Arguments as :class:`DiceMetric`."""
+
+        default_name = "specificity"
+
+        def _ratio(self, tp, fp, fn, tn):
+            return tn, tn + fp
+
+    classes = {}
+    for cls in (DiceMetric, IoUMetric, Sensitivity, Specificity):
+        cls.__qualname__ = cls.__name__
+        # Registered names ("strokekit>DiceMetric") are what saved models refer to: keep them.
+        classes[cls.__name__] = keras.saving.register_keras_serializable(package="strokekit")(cls)
+    return classes

@@ -309,43 +309,13 @@ def _unet_body(
     return x
 
 
-def _build_unet(
-    input_shape,
-    num_classes,
-    filters,
-    activation,
-    dropout,
-    batch_norm,
-    kernel_size,
-    dilation_rate,
-    upsample,
-    seed,
-    name,
-    block,
-    bn_momentum=0.99,
-    head_bias=None,
-):
-    filters = _check_filters(filters)
-    _check_activation(activation, batch_norm)
-    _check_common(num_classes, dropout, kernel_size, dilation_rate, upsample)
-    n_pool = len(filters) - 1
-    shape = _check_image_shape(
-        input_shape, 2**n_pool, f"{n_pool} poolings for {len(filters)} filter levels"
-    )
-    _check_momentum(bn_momentum)
-    cfg = _BlockConfig(activation, bool(batch_norm), kernel_size, dilation_rate, _Seeds(seed), float(bn_momentum))
-    inputs = keras.Input(shape=shape, name="image")
-    x = _unet_body(inputs, filters, cfg, block, float(dropout), upsample)
-    return keras.Model(inputs, _head(x, num_classes, cfg.seeds, head_bias), name=name)
-
-
 def unet(
     input_shape: tuple = (128, 128, 1),
     num_classes: int = 1,
     filters: Sequence[int] = (16, 32, 64, 128),
     activation: str = "relu",
     dropout: float = 0.0,
-    batch_norm: bool = False,
+    batch_norm: bool | None = False,
     kernel_size: int = 3,
     dilation_rate: int = 1,
     upsample: str = "transpose",
@@ -353,6 +323,7 @@ def unet(
     name: str = "unet",
     bn_momentum: float = 0.99,
     head_bias: float | None = None,
+    residual: bool = False,
 ) -> keras.Model:
     """U-Net (Ronneberger et al., 2015): two convolutions per level, skip connections.
 
@@ -365,7 +336,8 @@ def unet(
         filters: widths of the encoder levels, the last being the bottleneck.
         activation: one of :data:`ACTIVATIONS`.
         dropout: rate of the dropout after the bottleneck (0 = none).
-        batch_norm: batch normalisation after every convolution (not with ``selu``).
+        batch_norm: batch normalisation after every convolution (not with ``selu``); None
+            means batch norm for every activation except ``selu`` (:func:`resunet`'s default).
         kernel_size: side of the convolution kernels.
         dilation_rate: dilation of the 3x3 (kernel_size) convolutions.
         upsample: one of :data:`UPSAMPLE_MODES`.
@@ -377,6 +349,7 @@ def unet(
         head_bias: starting logit of the lesion class(es) in the head, None for 0 (a 0.5
             probability everywhere). ``-4`` starts at a lesion probability of 0.018, near the
             share of lesion pixels; short runs on rare lesions then start learning at once.
+        residual: residual blocks at every level, as :func:`resunet`.
 
     Returns:
         An uncompiled ``keras.Model`` mapping ``(B, H, W, C)`` to ``(B, H, W, num_classes)``.
@@ -384,62 +357,40 @@ def unet(
     Raises:
         ValueError: unknown activation or upsampling mode, selu with batch norm, a bad shape.
     """
-    return _build_unet(
-        input_shape,
-        num_classes,
-        filters,
-        activation,
-        dropout,
-        batch_norm,
-        kernel_size,
-        dilation_rate,
-        upsample,
-        seed,
-        name,
-        _plain_block,
-        bn_momentum,
-        head_bias,
+    if batch_norm is None:
+        batch_norm = activation != "selu"
+    filters = _check_filters(filters)
+    _check_activation(activation, batch_norm)
+    _check_common(num_classes, dropout, kernel_size, dilation_rate, upsample)
+    n_pool = len(filters) - 1
+    shape = _check_image_shape(
+        input_shape, 2**n_pool, f"{n_pool} poolings for {len(filters)} filter levels"
     )
+    _check_momentum(bn_momentum)
+    cfg = _BlockConfig(activation, bool(batch_norm), kernel_size, dilation_rate, _Seeds(seed), float(bn_momentum))
+    inputs = keras.Input(shape=shape, name="image")
+    block = _residual_block if residual else _plain_block
+    x = _unet_body(inputs, filters, cfg, block, float(dropout), upsample)
+    return keras.Model(inputs, _head(x, num_classes, cfg.seeds, head_bias), name=name)
 
 
-def resunet(
-    input_shape: tuple = (128, 128, 1),
-    num_classes: int = 1,
-    filters: Sequence[int] = (16, 32, 64, 128),
-    activation: str = "relu",
-    dropout: float = 0.0,
-    batch_norm: bool | None = None,
-    kernel_size: int = 3,
-    dilation_rate: int = 1,
-    upsample: str = "transpose",
-    seed: int | None = None,
-    name: str = "resunet",
-    bn_momentum: float = 0.99,
-    head_bias: float | None = None,
-) -> keras.Model:
+def resunet(*args: Any, batch_norm: bool | None = None, name: str = "resunet", **kwargs: Any) -> keras.Model:
     """Residual U-Net (ResU-Net, Zhang et al., 2018): every level is a residual block.
 
     Each block is conv-BN-act, conv-BN, plus a shortcut (a 1x1 convolution with batch norm
     when the number of channels changes, else the identity), then the activation. Layer
     names as in :func:`unet`, plus ``{prefix}_proj``, ``{prefix}_proj_bn``, ``{prefix}_add``.
+    It is ``unet(..., residual=True)`` with batch norm on by default.
 
     Introduced in notebooks/04_unet_vs_resunet.ipynb.
 
     Args:
-        input_shape: as in :func:`unet`.
-        num_classes: as in :func:`unet`.
-        filters: as in :func:`unet`.
-        activation: one of :data:`ACTIVATIONS`.
-        dropout: rate of the dropout after the bottleneck (0 = none).
+        *args: :func:`unet`'s first arguments (``input_shape``, ``num_classes``, ``filters``,
+            ``activation``, ``dropout``), in that order.
         batch_norm: None (default) means batch norm for every activation except ``selu``,
             which is self-normalising; True with ``selu`` raises ValueError.
-        kernel_size: as in :func:`unet`.
-        dilation_rate: as in :func:`unet`.
-        upsample: one of :data:`UPSAMPLE_MODES`.
-        seed: as in :func:`unet`.
         name: model name.
-        bn_momentum: as in :func:`unet`.
-        head_bias: as in :func:`unet`.
+        **kwargs: any other argument of :func:`unet` but ``residual``.
 
     Returns:
         An uncompiled ``keras.Model``.
@@ -447,24 +398,7 @@ def resunet(
     Raises:
         ValueError: as :func:`unet`.
     """
-    if batch_norm is None:
-        batch_norm = activation != "selu"
-    return _build_unet(
-        input_shape,
-        num_classes,
-        filters,
-        activation,
-        dropout,
-        batch_norm,
-        kernel_size,
-        dilation_rate,
-        upsample,
-        seed,
-        name,
-        _residual_block,
-        bn_momentum,
-        head_bias,
-    )
+    return unet(*args, batch_norm=batch_norm, name=name, residual=True, **kwargs)
 
 
 # --------------------------------------------------------------------------- pretrained encoders

@@ -23,14 +23,14 @@ import numpy as np
 
 from . import engine
 from .augment import NO_AUGMENT, STUDY_AUGMENT, AugmentConfig
+from .config import from_dict
 from .dataset import SliceDataset
-
-# Shared with every trainer; kept here under the names notebook 07 knows.
-from .engine import jit_compile_setting, save_preview  # noqa: F401
 from .errors import DataError
+from .io import MULTICLASS_CLASS_NAMES
+from .phantom import field_checker, tuple_fields
 
 #: Class names of the multiclass phantom and of the study's colour masks.
-CLASS_NAMES: tuple[str, ...] = ("background", "hemorrhagic", "ischemic")
+CLASS_NAMES: tuple[str, ...] = MULTICLASS_CLASS_NAMES
 #: Suffix of the predicted masks written by :func:`predict_folder`.
 PRED_SUFFIX = "_pred"
 _SKIP_SUFFIXES = ("_mask", "_result", PRED_SUFFIX)
@@ -100,19 +100,12 @@ class MulticlassConfig:
     head_bias: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("windows", "class_names"):
-            value = getattr(self, name)
-            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        tuple_fields(self, ("windows", "class_names"))
         if self.augment is None:
             object.__setattr__(self, "augment", NO_AUGMENT)
         if isinstance(self.augment, Mapping):
             object.__setattr__(self, "augment", AugmentConfig(**self.augment))
-
-        def need(ok: bool, field: str, expected: str) -> None:
-            if not ok:
-                raise ValueError(
-                    f"MulticlassConfig.{field} must be {expected}; got {getattr(self, field)!r}"
-                )
+        need = field_checker(self)
 
         def is_int(v) -> bool:
             return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
@@ -147,45 +140,25 @@ class MulticlassConfig:
 
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`strokekit.models.unet`."""
-        return {
-            "input_shape": (self.image_size, self.image_size, len(self.windows)),
-            "num_classes": self.num_classes,
-            "filters": self.filters,
-            "activation": self.activation,
-            "dropout": self.dropout,
-            "batch_norm": self.batch_norm,
-            "kernel_size": self.kernel_size,
-            "dilation_rate": self.dilation_rate,
-            "bn_momentum": self.bn_momentum,
-            "head_bias": self.head_bias,
-        }
+        return dict(input_shape=(self.image_size, self.image_size, len(self.windows)),
+                    num_classes=self.num_classes, filters=self.filters, activation=self.activation,
+                    dropout=self.dropout, batch_norm=self.batch_norm, kernel_size=self.kernel_size,
+                    dilation_rate=self.dilation_rate, bn_momentum=self.bn_momentum, head_bias=self.head_bias)
 
     def train_config(self):
-        """The equivalent :class:`strokekit.train.TrainConfig` (without kernel size, dilation
-        and class weights, which it does not hold)."""
+        """The equivalent :class:`strokekit.train.TrainConfig`: the fields both have, a U-Net of
+        :attr:`filters` and its softmax loss (without kernel size, dilation and class weights, which
+        it does not hold)."""
         from .train import TrainConfig
 
-        return TrainConfig(
-            arch="unet", filters=self.filters, activation=self.activation, dropout=self.dropout,
-            batch_norm=self.batch_norm, loss="categorical_ce_dice",
-            learning_rate=self.learning_rate, batch_size=self.batch_size,
-            num_epochs=self.num_epochs, image_size=self.image_size, windows=self.windows,
-            augment=self.augment, num_classes=self.num_classes,
-            early_stopping_patience=self.early_stopping_patience,
-            reduce_lr_patience=self.reduce_lr_patience, seed=self.seed,
-            preview_slices=self.preview_slices, workers=self.workers, lr_schedule=self.lr_schedule,
-            bn_momentum=self.bn_momentum, repeats=self.repeats, head_bias=self.head_bias,
-        )
+        shared = {f.name for f in dataclasses.fields(TrainConfig)} & {f.name for f in dataclasses.fields(self)}
+        return TrainConfig(arch="unet", filters=self.filters, loss="categorical_ce_dice", num_classes=self.num_classes,
+                           **{name: getattr(self, name) for name in shared})
 
 
 def config_from_dict(data: Mapping[str, Any]) -> MulticlassConfig:
     """Rebuild a :class:`MulticlassConfig` from its ``config.json`` (lists become tuples; its ``kind`` is skipped)."""
-    data = {k: v for k, v in data.items() if k != "kind"}
-    names = {f.name for f in dataclasses.fields(MulticlassConfig)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"MulticlassConfig has no field(s) {unknown}")
-    return MulticlassConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    return from_dict(MulticlassConfig, {k: v for k, v in data.items() if k != "kind"})
 
 
 def class_weights(masks: np.ndarray, num_classes: int, power: float = 0.5,
@@ -210,9 +183,7 @@ def class_weights(masks: np.ndarray, num_classes: int, power: float = 0.5,
     if masks.size == 0:
         raise ValueError("masks is empty")
     if masks.min() < 0 or masks.max() >= num_classes:
-        raise ValueError(
-            f"mask labels {int(masks.min())}..{int(masks.max())} outside 0..{num_classes - 1}"
-        )
+        raise ValueError(f"mask labels {int(masks.min())}..{int(masks.max())} outside 0..{num_classes - 1}")
     if power < 0 or max_weight < 1:
         raise ValueError(f"power must be >= 0 and max_weight >= 1; got {power!r}, {max_weight!r}")
     counts = np.bincount(masks.ravel().astype(np.int64), minlength=num_classes).astype(np.float64)
@@ -244,10 +215,8 @@ def to_arrays(config: MulticlassConfig, dataset: SliceDataset) -> tuple[np.ndarr
     from .train import to_arrays as _to_arrays
 
     if dataset.num_classes != config.num_classes:
-        raise DataError(
-            f"the dataset has {dataset.num_classes} classes {dataset.class_names}; the config "
-            f"expects {config.num_classes} {config.class_names}"
-        )
+        raise DataError(f"the dataset has {dataset.num_classes} classes {dataset.class_names}; the config "
+                        f"expects {config.num_classes} {config.class_names}")
     return _to_arrays(config.train_config(), dataset)
 
 
@@ -327,6 +296,7 @@ def train_multiclass(
     progress: bool = True,
     previews: bool = True,
     overwrite: bool = False,
+    resume: bool = False,
 ):
     """Train a softmax U-Net on a :class:`MulticlassConfig` and write its run folder.
 
@@ -346,6 +316,7 @@ def train_multiclass(
         progress: a progress bar over epochs.
         previews: save per-epoch previews.
         overwrite: replace a run already in ``run_dir``.
+        resume: continue the interrupted run in ``run_dir`` (as :func:`strokekit.train.train`).
 
     Returns:
         :class:`strokekit.train.RunResult`: the model with the weights of the epoch with the lowest
@@ -354,16 +325,16 @@ def train_multiclass(
 
     Raises:
         DataError: empty training or validation data.
-        FileExistsError: ``run_dir`` already holds a run and ``overwrite`` is False.
+        FileExistsError: ``run_dir`` already holds a run and neither ``overwrite`` nor ``resume`` is set.
+        ValueError: ``resume`` without a ``run_dir``.
     """
     from .augment import SegmentationLoader
     from .config import seed_everything
     from .metrics import per_class_metrics
-    from .runs import RunFolder, data_text
-    from .train import RunResult, make_run_dir, repeat_arrays
+    from .runs import RunFolder
+    from .train import check_run_inputs, finish_run, make_run_dir, repeat_arrays
 
-    if len(train_data) == 0 or len(val_data) == 0:
-        raise DataError("training and validation sets must not be empty")
+    check_run_inputs(train_data, val_data, run_dir, resume)
     seed_everything(config.seed)
     x_train, y_train = to_arrays(config, train_data)
     x_val, y_val = to_arrays(config, val_data)
@@ -372,7 +343,7 @@ def train_multiclass(
     run = None
     if run_dir is not False:
         folder = run_dir if run_dir is not None else make_run_dir(name or f"multiclass-s{config.seed}")
-        run = RunFolder.create(folder, "multiclass", config, overwrite=overwrite)
+        run = RunFolder.create(folder, "multiclass", config, overwrite=overwrite, resume=resume)
     x_train, y_train = repeat_arrays(x_train, y_train, config.repeats)
     loader = SegmentationLoader(x_train, y_train, batch_size=config.batch_size,
                                 augment=config.augment, shuffle=True, seed=config.seed,
@@ -384,34 +355,19 @@ def train_multiclass(
     fitted = engine.fit(
         model, loader, val_loader, [engine.Phase(config.num_epochs, learning_rate=config.learning_rate)],
         *loss_and_metrics(config), patience=config.early_stopping_patience, schedule=config.lr_schedule,
-        reduce_lr_patience=config.reduce_lr_patience, run=run, progress=progress,
+        reduce_lr_patience=config.reduce_lr_patience, run=run, resume=resume, progress=progress,
         previews=None if chosen is None else engine.Previews(x_val[chosen], y_val[chosen]),
-        desc=name or "multiclass", checkpoint=False)  # no resume here: no checkpoint
-    history, seconds = fitted.history, fitted.seconds
-    pred = predict_labels(model, config, x_val)
-    table = per_class_metrics(y_val, pred, config.num_classes, config.class_names)
+        desc=name or "multiclass")
+    table = per_class_metrics(y_val, predict_labels(model, config, x_val), config.num_classes, config.class_names)
     metrics: dict[str, float] = {}
     for row in table.itertuples():
         metrics[f"dice_{row.class_name}"] = float(row.dice)
         metrics[f"iou_{row.class_name}"] = float(row.iou)
     metrics["mean_dice"] = float(table["dice"].mean())
-    metrics["best_epoch"] = fitted.best_epoch
-    metrics["epochs_run"] = len(history)
-    images_per_second = len(x_train) * len(history) / seconds if seconds else float("nan")
+    result = finish_run(fitted, metrics, config, run, len(x_train), val_data)
     if run is not None:
-        run.write_metrics({**metrics, "seconds": round(seconds, 2), "images_per_second": round(images_per_second, 2)},
-                          data=data_text(val_data))
-        fig = plot_history(history, config.class_names)
-        fig.savefig(run.folder / "curves.png", dpi=80)
-    return RunResult(model, history, metrics, run.folder if run else None, config, seconds, images_per_second)
-
-
-def _inference_images(folder: Path) -> list[Path]:
-    from .io import IMAGE_SUFFIXES
-
-    files = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")
-             and p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith(_SKIP_SUFFIXES)]
-    return files
+        plot_history(result.history, config.class_names).savefig(run.folder / "curves.png", dpi=80)
+    return result
 
 
 def predict_folder(
@@ -455,8 +411,8 @@ def predict_folder(
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from .io import MULTICLASS_COLOURS, encode_colour_mask, read_image
-    from .preprocess import resize_image, resize_mask
+    from .io import IMAGE_SUFFIXES, MULTICLASS_COLOURS, _visible_files, encode_colour_mask, read_image
+    from .preprocess import resize_image, resize_mask, to_unit_range
 
     src = Path(in_folder)
     if not src.is_dir():
@@ -471,7 +427,8 @@ def predict_folder(
         raise DataError("exists and is not a folder", dst)
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
         raise DataError("output folder is not empty; choose a new folder or pass overwrite=True", dst)
-    files = _inference_images(src)
+    files = [p for p in _visible_files(src)
+             if p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith(_SKIP_SUFFIXES)]
     if not files:
         raise DataError("no images to segment (png/jpg/tif/bmp/npy, not *_mask/*_result)", src)
     colour_map = MULTICLASS_COLOURS if colour_map is None else colour_map
@@ -483,9 +440,7 @@ def predict_folder(
         originals = [read_image(p) for p in batch]
         x = []
         for image in originals:
-            scale = 255.0 if image.size and float(image.max()) > 1.0 else 1.0
-            unit = np.clip(image / scale, 0.0, 1.0)
-            unit = resize_image(unit, config.image_size)
+            unit = resize_image(to_unit_range(image, "display"), config.image_size)
             x.append(np.repeat(unit[..., None], len(config.windows), axis=-1))
         labels = predict_labels(model, config, np.stack(x))
         for path, image, lab in zip(batch, originals, labels):

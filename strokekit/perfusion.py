@@ -80,10 +80,6 @@ SCHEDULES: tuple[str, ...] = ("scratch", "frozen", "unfrozen", "gradual")
 NIHSS_MAX = 42
 
 
-def _expected(value: Any, choices: Sequence[Any], arg: str) -> ValueError:
-    return ValueError(f"Expected one of {list(choices)}. Received: {arg}={value!r}")
-
-
 # ============================================================================ synthesis config
 @dataclasses.dataclass(frozen=True)
 class PerfusionConfig:
@@ -143,19 +139,12 @@ class PerfusionConfig:
     nihss_sd: float = 1.5
 
     def __post_init__(self) -> None:
-        for name in ("cbf_scale", "tmax_normal", "arrival_time", "core_cbf", "core_cbv",
-                     "core_tmax", "penumbra_cbf", "penumbra_cbv", "penumbra_tmax",
-                     "lvo_margin_mm", "other_margin_mm", "lvo_territories"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                value = (value,)
-            object.__setattr__(self, name, tuple(value))
+        from .phantom import field_checker, tuple_fields
 
-        def need(ok: bool, field: str, expected: str) -> None:
-            if not ok:
-                raise ValueError(
-                    f"PerfusionConfig.{field} must be {expected}; got {getattr(self, field)!r}"
-                )
+        tuple_fields(self, ("cbf_scale", "tmax_normal", "arrival_time", "core_cbf", "core_cbv", "core_tmax",
+                            "penumbra_cbf", "penumbra_cbv", "penumbra_tmax", "lvo_margin_mm", "other_margin_mm",
+                            "lvo_territories"))
+        need = field_checker(self)
 
         def is_range(v, low=0.0, high=np.inf) -> bool:
             return len(v) == 2 and low <= v[0] <= v[1] <= high
@@ -689,35 +678,38 @@ def clinical_features(dataset: SliceDataset, column: str = "nihss", scale: float
 def split_inputs(images: np.ndarray, input_names: Sequence[str] = MAP_NAMES,
                  clinical: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Channels (N, H, W, C) → the model's named inputs ``{name: (N, H, W, 1)}`` (+ clinical)."""
-    images = np.asarray(images, np.float32)
-    if images.ndim != 4 or images.shape[-1] != len(input_names):
-        raise ValueError(
-            f"expected images (N, H, W, {len(input_names)}) for inputs {list(input_names)}; "
-            f"got shape {images.shape}"
-        )
+    images = _check_channels(images, input_names)
     out = {name: np.ascontiguousarray(images[..., k: k + 1]) for k, name in enumerate(input_names)}
     if clinical is not None:
         clinical = np.asarray(clinical, np.float32)
         if clinical.ndim == 1:
             clinical = clinical[:, None]
-        if len(clinical) != len(images):
-            raise ValueError(f"{len(clinical)} clinical rows for {len(images)} images")
+        if clinical.ndim != 2 or len(clinical) != len(images):
+            raise ValueError(f"clinical must be (N,) or (N, F) with N = {len(images)}; got shape {clinical.shape}")
         out["clinical"] = clinical
     return out
 
 
-def _make_loader_class():
-    import keras
+def _check_channels(images, input_names: Sequence[str]) -> np.ndarray:
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or images.shape[-1] != len(input_names):
+        raise ValueError(
+            f"images must be (N, H, W, {len(input_names)}), one channel per input name "
+            f"{list(input_names)}; got shape {images.shape}"
+        )
+    return images
 
+
+def _make_loader_class():
     from .augment import SegmentationLoader
 
-    class MultiInputLoader(keras.utils.PyDataset):
+    class MultiInputLoader(SegmentationLoader):
         """Batches for a multi-input model: each map its own named input, plus a clinical vector.
 
-        A :class:`strokekit.augment.SegmentationLoader` over the stacked channels does the
-        shuffling, augmentation (the same geometry for every map and the mask) and one-hot
-        targets; this loader splits its batches into the model's named inputs, so it works on
-        every Keras backend.
+        A :class:`strokekit.augment.SegmentationLoader` over the stacked channels (shuffling,
+        augmentation with the same geometry for every map and the mask, one-hot targets, epochs)
+        whose batches are split into the model's named inputs (:func:`split_inputs`), so it works
+        on every Keras backend.
 
         Args:
             images: (N, H, W, C), one channel per input name.
@@ -736,50 +728,21 @@ def _make_loader_class():
                      clinical=None, batch_size: int = 8, augment=None, shuffle: bool = True,
                      seed: int = 0, num_classes: int = len(CLASS_NAMES), workers: int = 1,
                      use_multiprocessing: bool = False, max_queue_size: int = 8):
-            super().__init__(workers=workers, use_multiprocessing=use_multiprocessing,
-                             max_queue_size=max_queue_size)
-            images = np.asarray(images, np.float32)
             names = tuple(str(n) for n in input_names)
-            if images.ndim != 4 or images.shape[-1] != len(names):
-                raise ValueError(
-                    f"images must be (N, H, W, {len(names)}), one channel per input name "
-                    f"{list(names)}; got shape {images.shape}"
-                )
             if len(set(names)) != len(names) or "clinical" in names:
                 raise ValueError(f"input names must be distinct and not 'clinical'; got {list(names)}")
-            self.inner = SegmentationLoader(images, masks, batch_size=batch_size, augment=augment,
-                                            shuffle=shuffle, seed=seed, num_classes=num_classes,
-                                            workers=1)
-            if clinical is not None:
-                clinical = np.asarray(clinical, np.float32)
-                if clinical.ndim == 1:
-                    clinical = clinical[:, None]
-                if clinical.ndim != 2 or len(clinical) != len(images):
-                    raise ValueError(
-                        f"clinical must be (N,) or (N, F) with N = {len(images)}; got shape "
-                        f"{clinical.shape}"
-                    )
+            images = _check_channels(images, names)
+            # split_inputs checks the clinical rows (beside one pixel of each image: no copy of the images).
+            self.clinical = split_inputs(images[:, :1, :1], names, clinical).get("clinical")
             self.input_names = names
-            self.clinical = clinical
-
-        def __len__(self) -> int:
-            return len(self.inner)
+            super().__init__(images, masks, batch_size=batch_size, augment=augment, shuffle=shuffle, seed=seed,
+                             num_classes=num_classes, workers=workers, use_multiprocessing=use_multiprocessing,
+                             max_queue_size=max_queue_size)
 
         def __getitem__(self, index: int):
-            x, y = self.inner[index]
-            inputs = {name: np.ascontiguousarray(x[..., k: k + 1])
-                      for k, name in enumerate(self.input_names)}
-            if self.clinical is not None:
-                inputs["clinical"] = self.clinical[self.inner.batch_indices(index)]
-            return inputs, y
-
-        def on_epoch_end(self) -> None:
-            """Next epoch: a new seeded order and new augmentations."""
-            self.inner.on_epoch_end()
-
-        def set_epoch(self, epoch: int) -> None:
-            """Jump to ``epoch`` (e.g. when a phase or a resumed run starts)."""
-            self.inner.set_epoch(epoch)
+            x, y = super().__getitem__(index)
+            rows = None if self.clinical is None else self.clinical[self.batch_indices(index)]
+            return split_inputs(x, self.input_names, rows), y
 
     MultiInputLoader.__module__ = __name__
     MultiInputLoader.__qualname__ = "MultiInputLoader"
@@ -792,15 +755,12 @@ _LAZY: dict[str, Any] = {}
 def __getattr__(name: str):
     # Keras is imported on first use of these names only, so `import strokekit.perfusion` (and
     # the synthesis) stays cheap.
-    if name == "MultiInputLoader":
-        if name not in _LAZY:
-            _LAZY[name] = _make_loader_class()
-        return _LAZY[name]
-    if name == "WeightedFocalTverskyLoss":
-        if name not in _LAZY:
-            _LAZY[name] = _make_loss_class()
-        return _LAZY[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    factory = {"MultiInputLoader": _make_loader_class, "WeightedFocalTverskyLoss": _make_loss_class}.get(name)
+    if factory is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _LAZY:
+        _LAZY[name] = factory()
+    return _LAZY[name]
 
 
 def _make_loss_class():
@@ -973,7 +933,7 @@ def make_schedule(schedule: Any, config: PerfusionTrainConfig):
     if isinstance(schedule, FineTuneSchedule):
         return schedule
     if schedule not in SCHEDULES:
-        raise _expected(schedule, SCHEDULES, "schedule")
+        raise ValueError(f"Expected one of {list(SCHEDULES)}. Received: schedule={schedule!r}")
     if schedule == "scratch":
         return SCRATCH
     # No batch norm in these models; keep_batchnorm_frozen would change nothing.
@@ -1027,10 +987,6 @@ def loss_and_metrics(config: PerfusionTrainConfig) -> tuple[Any, list]:
             [DiceMetric(class_id=PENUMBRA, name="dice_penumbra"), DiceMetric(class_id=CORE, name="dice_core")])
 
 
-def _compile(model, config: PerfusionTrainConfig, learning_rate: float) -> None:
-    engine.compile_model(model, *loss_and_metrics(config), learning_rate)
-
-
 def loader_for(dataset: SliceDataset, config: PerfusionTrainConfig, training: bool):
     """A :class:`MultiInputLoader` over a perfusion dataset for a config (shuffled and
     augmented when ``training``)."""
@@ -1055,14 +1011,16 @@ def train_perfusion(
     restore_best: bool = True,
     pool: ModelPool | None = None,
     overwrite: bool = False,
+    resume: bool = False,
+    callbacks: Sequence[Any] = (),
 ) -> PerfusionRun:
     """Train (or fine-tune) a multi-input model following a freezing schedule.
 
     The schedules are notebook 05's (:class:`strokekit.transfer.FineTuneSchedule`): each phase
-    sets the encoder blocks' ``trainable`` flags with :func:`strokekit.transfer.freeze` /
-    :func:`strokekit.transfer.unfreeze`, recompiles (Keras fixes the trainable weights at compile
-    time; Adam starts afresh at ``learning_rate * phase.lr_factor``) and trains its epochs, all
-    through :func:`strokekit.engine.fit`. This function exists beside
+    sets the encoder blocks' ``trainable`` flags as :func:`strokekit.transfer.fine_tune` does
+    (:meth:`~strokekit.transfer.FineTuneSchedule.engine_phases`), recompiles (Keras fixes the
+    trainable weights at compile time; Adam starts afresh at ``learning_rate * phase.lr_factor``)
+    and trains its epochs, all through :func:`strokekit.engine.fit`. This function exists beside
     :func:`strokekit.transfer.fine_tune` because the perfusion model takes a dict of inputs
     (:class:`MultiInputLoader`) and a class-weighted focal Tversky loss.
 
@@ -1077,59 +1035,47 @@ def train_perfusion(
         schedule: a name of :data:`SCHEDULES` or a FineTuneSchedule.
         num_epochs: overrides ``config.num_epochs`` (e.g. for pretraining).
         run_dir: when given, a :class:`strokekit.runs.RunFolder` of kind ``"perfusion"``:
-            ``config.json`` (with the schedule and epochs), ``history.csv`` and ``model.keras``.
+            ``config.json`` (with the schedule and epochs), ``history.csv`` and ``model.keras``
+            (the weights returned, saved with the trainable flags of the last phase).
         restore_best: end with the weights of the epoch with the lowest validation loss.
         pool: a :class:`ModelPool` to reuse compiled copies across calls (much faster for many
             runs of one architecture); None compiles ``model`` itself.
         overwrite: replace a run already in ``run_dir``.
+        resume: continue the interrupted run in ``run_dir`` (as :func:`strokekit.train.train`).
+        callbacks: more Keras callbacks for every phase (their ``model`` is the one training it).
 
     Returns:
-        :class:`PerfusionRun`; ``history`` has ``epoch``, ``phase``, ``trainable_blocks``,
-        ``learning_rate`` and Keras' logs (``loss``, ``val_loss``, ``val_dice_core``, ...).
+        :class:`PerfusionRun`; ``history`` has ``epoch``, ``phase``, ``trainable_blocks`` (joined
+        by ``+``), ``trainable_params``, ``learning_rate`` and Keras' logs (``loss``, ``val_loss``,
+        ``val_dice_core``, ...).
 
     Raises:
         DataError: empty training or validation data.
-        FileExistsError: ``run_dir`` already holds a run and ``overwrite`` is False.
+        FileExistsError: ``run_dir`` already holds a run and neither ``overwrite`` nor ``resume`` is set.
+        ValueError: ``resume`` without a ``run_dir``.
     """
     from .config import seed_everything, to_dict
-    from .models import encoder_blocks
     from .runs import RunFolder
-    from .transfer import freeze, trainable_blocks, unfreeze
+    from .train import check_run_inputs
 
-    if len(train_data) == 0 or len(val_data) == 0:
-        raise DataError("training and validation sets must not be empty")
+    check_run_inputs(train_data, val_data, run_dir, resume)
     plan = make_schedule(schedule, config)
     name = schedule if isinstance(schedule, str) else plan.mode
     epochs = int(num_epochs or config.num_epochs)
-    blocks = [b for b, _ in encoder_blocks(model)]
-    phases = plan.phases(blocks, epochs)
+    phases = plan.engine_phases(model, epochs, config.learning_rate)
     seed_everything(config.seed)
     loader = loader_for(train_data, config, training=True)
     val_loader = loader_for(val_data, config, training=False)
     run = None if run_dir is None else RunFolder.create(
-        run_dir, "perfusion", {**to_dict(config), "schedule": name, "epochs": epochs}, overwrite=overwrite)
-
-    def phase(p) -> engine.Phase:
-        def set_flags(m) -> dict:
-            for layer in m.layers:
-                layer.trainable = True
-            if blocks:
-                freeze(m, blocks=blocks)
-                if p.blocks:
-                    unfreeze(m, blocks=list(p.blocks))
-            return {"trainable_blocks": "+".join(trainable_blocks(m))}
-
-        return engine.Phase(p.end_epoch - p.start_epoch, set_flags, config.learning_rate * p.lr_factor)
-
-    fitted = engine.fit(model, loader, val_loader, [phase(p) for p in phases], *loss_and_metrics(config),
-                        restore_best=restore_best, run=run, progress=False, pool=pool, desc=f"perfusion ({name})",
-                        checkpoint=False)  # no resume here: no per-epoch checkpoint
+        run_dir, "perfusion", {**to_dict(config), "schedule": name, "epochs": epochs}, overwrite=overwrite,
+        resume=resume)
+    fitted = engine.fit(model, loader, val_loader, phases, *loss_and_metrics(config), restore_best=restore_best,
+                        run=run, resume=resume, progress=False, callbacks=callbacks, pool=pool,
+                        desc=f"perfusion ({name})")
     for layer in model.layers:
         layer.trainable = True
-    if run is not None:  # again, with every layer trainable as the model returned
-        run.save_model(model)
-    return PerfusionRun(model, fitted.history, name, config, run.folder if run else None, fitted.seconds,
-                        fitted.best_epoch)
+    history = fitted.history.assign(trainable_blocks=fitted.history["trainable_blocks"].map("+".join))
+    return PerfusionRun(model, history, name, config, run.folder if run else None, fitted.seconds, fitted.best_epoch)
 
 
 def predict_labels(model, dataset: SliceDataset, use_clinical: bool | None = None,

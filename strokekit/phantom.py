@@ -57,6 +57,25 @@ _LEVEL_EDGES = (0.275, 0.68)
 _BIG = np.float32(1e3)  # "far outside" for signed distances of absent structures
 
 
+def tuple_fields(config, names) -> None:
+    """Make fields of a frozen config tuples: from_dict and JSON give lists (a lone string becomes a
+    1-tuple), and the config must stay hashable and comparable."""
+    for name in names:
+        value = getattr(config, name)
+        object.__setattr__(config, name, (value,) if isinstance(value, str) else tuple(value))
+
+
+def field_checker(config):
+    """``need(ok, field, expected)``, which raises ``ValueError("<Config>.<field> must be <expected>;
+    got <value>")`` unless ``ok``: the field checks of a config's ``__post_init__``."""
+
+    def need(ok: bool, field: str, expected: str) -> None:
+        if not ok:
+            raise ValueError(f"{type(config).__name__}.{field} must be {expected}; got {getattr(config, field)!r}")
+
+    return need
+
+
 @dataclasses.dataclass(frozen=True)
 class PhantomConfig:
     """What the phantom generates; every field is checked when the config is built.
@@ -97,18 +116,8 @@ class PhantomConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        # from_dict and JSON give lists; the config must stay hashable and comparable.
-        for name in ("lesion_types", "lesion_size", "hemorrhage_hu"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                value = (value,)
-            object.__setattr__(self, name, tuple(value))
-
-        def need(ok: bool, field: str, expected: str) -> None:
-            if not ok:
-                raise ValueError(
-                    f"PhantomConfig.{field} must be {expected}; got {getattr(self, field)!r}"
-                )
+        tuple_fields(self, ("lesion_types", "lesion_size", "hemorrhage_hu"))
+        need = field_checker(self)
 
         def is_int(v) -> bool:
             return isinstance(v, (int, np.integer)) and not isinstance(v, bool)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .paths import write_text_atomic
+from .runs import write_json
 
 #: Environment variable naming the JSON file that :func:`record` merges figures into.
 FIGURES_ENV = "STROKEKIT_FIGURES"
@@ -45,7 +45,7 @@ def record(**figures) -> dict:
         path = Path(path)
         merged = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         merged.update(clean)
-        _write_json(path, merged)
+        write_json(path, merged)
     return clean
 
 
@@ -68,8 +68,3 @@ def _figure(key: str, value):
     raise ValueError(f"figure {key!r} must be a number, a bool or a short string. "
                      f"Received: {key}={value!r:.60} of type {type(value).__name__} "
                      "(for an array or tensor, pass float(...) of a single value)")
-
-
-def _write_json(path: str | os.PathLike, data) -> None:
-    """Write ``data`` as JSON to ``path`` atomically: readers see the old file or the new one."""
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Sequence
 
 from .paths import project_root
-from .report import FIGURES_ENV, _write_json
+from .report import FIGURES_ENV
+from .runs import write_json
 
 #: Environment every notebook kernel gets: quiet TensorFlow, oneDNN kernels (1.5–2× faster on CPU).
 KERNEL_ENV = {
@@ -116,7 +117,7 @@ def run_notebooks(
     else:
         run_chain(paths)
     records = [found[path] for path in paths]
-    _write_json(out_dir / SUMMARY_NAME, {
+    write_json(out_dir / SUMMARY_NAME, {
         "profile": profile,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "notebooks": records,

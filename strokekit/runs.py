@@ -9,8 +9,10 @@ Every trainer of the kit writes the same layout through :class:`RunFolder`:
 - ``split.json``: the split the run trained on, when it was given one;
 - ``previews/``: predicted masks on a few validation slices after every epoch;
 - ``checkpoint.keras`` and ``checkpoint.json`` while a run trains: model, optimizer and training state at the
-  end of the last epoch, which ``resume=True`` continues from (:func:`strokekit.engine.fit`); removed when
-  training ends;
+  end of the last epoch checkpointed, which ``resume=True`` continues from (:func:`strokekit.engine.fit`);
+  removed when training ends. ``checkpoint.json`` is there from the first epoch on (a run that has it is
+  not finished); the state that ``resume`` reads lives inside ``checkpoint.keras``, so that model and
+  state are replaced by one rename (see :meth:`RunFolder.save_checkpoint`);
 - extras by kind: ``fewshot.json`` (a few-shot recipe's decisions), ``schedule.json`` (a fine-tuning
   schedule), ``curves.png``.
 
@@ -20,10 +22,15 @@ notebooks/04_unet_vs_resunet.ipynb.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .config import to_dict
 from .errors import DataError
@@ -48,8 +55,18 @@ _LEGACY_FIELDS = {
 }
 
 
+#: Members of ``checkpoint.keras`` (a zip archive) beside Keras' own: the training state and the best weights.
+_STATE_MEMBER, _BEST_MEMBER = "strokekit_state.json", "strokekit_best.npz"
+
+
 def _dumps(obj: Any) -> str:
-    return json.dumps(to_dict(obj), indent=2)
+    return json.dumps(to_dict(obj), indent=2) + "\n"
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` (a config dataclass or JSON-ready data, see :func:`strokekit.config.to_dict`) as
+    indented JSON, atomically: a reader sees the old file or the new one (the kit's one JSON writer)."""
+    return write_text_atomic(path, _dumps(obj))
 
 
 def data_text(dataset, role: str = "validation") -> str:
@@ -61,6 +78,27 @@ def data_text(dataset, role: str = "validation") -> str:
     if dataset.patient_ids is not None:
         text += f" of {count(len(set(dataset.patient_ids)), 'patient')}"
     return text
+
+
+def _file_property(name: str, doc: str) -> property:
+    """A read-only property: the path of the file ``name`` in the run folder."""
+    return property(lambda self: self.folder / name, doc=doc)
+
+
+def _read_object(path: Path, holds: str) -> dict[str, Any]:
+    """The JSON object in the run file ``path``, or a DataError naming the file and what is wrong."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path.name} cannot be read ({exc})", path) from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path.name} holds no {holds} (not a JSON object)", path)
+    return data
+
+
+def _finished(folder: Path) -> bool:
+    return ((folder / "model.keras").is_file() and (folder / "config.json").is_file()
+            and not (folder / "checkpoint.json").exists() and not (folder / "checkpoint.keras").exists())
 
 
 class RunFolder:
@@ -121,8 +159,7 @@ class RunFolder:
                                  "a run with its own settings; pass overwrite=True to start this one instead")
         if held and overwrite:
             run._remove_run_files()
-        folder.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(folder / "config.json", _dumps({"kind": kind, **run.config}))
+        run.write_json("config.json", {"kind": kind, **run.config})
         if split is not None:
             run.write_split(split)
         return run
@@ -139,15 +176,22 @@ class RunFolder:
         """``model.keras``, or ``model_<member>.keras`` for a further member of a few-shot recipe."""
         return self.folder / ("model.keras" if member == 0 else f"model_{member}.keras")
 
-    def save_model(self, model, member: int = 0, path: str | os.PathLike | None = None) -> Path:
+    def save_model(self, model, member: int = 0, path: str | os.PathLike | None = None,
+                   extra: dict[str, bytes] | None = None) -> Path:
         """Save a Keras model as :meth:`model_file` (``model.keras`` by default) or as ``path``.
 
         Written through a temporary file and a rename, so an interrupted save leaves the old file.
+        ``extra`` files (name → bytes) go into the ``.keras`` archive (a zip, whose other members
+        Keras ignores) before the rename: written as one with the model.
         """
         path = Path(path) if path is not None else self.model_file(member)
         partial = path.with_name(f".{path.stem}.partial.keras")
         try:
             model.save(partial)
+            if extra:
+                with zipfile.ZipFile(partial, "a") as archive:
+                    for name, data in extra.items():
+                        archive.writestr(name, data)
             os.replace(partial, path)
         finally:
             partial.unlink(missing_ok=True)
@@ -167,8 +211,50 @@ class RunFolder:
         return split.save(self.folder / "split.json")
 
     def write_json(self, name: str, obj: Any) -> Path:
-        """Write a JSON file of the run (e.g. ``fewshot.json``, ``schedule.json``), atomically."""
-        return write_text_atomic(self.folder / name, _dumps(obj))
+        """Write a JSON file of the run (e.g. ``fewshot.json``, ``schedule.json``), atomically (:func:`write_json`)."""
+        return write_json(self.folder / name, obj)
+
+    # ------------------------------------------------------------------ the checkpoint
+    def start_training(self) -> None:
+        """Mark the run as training: ``checkpoint.json`` (no epoch done yet), and no checkpoint of an
+        earlier run. From here until :meth:`remove_checkpoint` the run is not :attr:`finished`."""
+        self.checkpoint_path.unlink(missing_ok=True)
+        self.write_json(self.checkpoint_state_path.name, {"epochs_done": 0})
+
+    def save_checkpoint(self, model, state: dict[str, Any], best_weights: list | None = None) -> None:
+        """Write ``checkpoint.keras``: the model with its optimizer and, inside the same archive, the
+        training ``state`` and (when they are not the model's own) the ``best_weights``; one rename puts
+        all of it in place, so an interrupt leaves the previous checkpoint or this one, never a mix.
+        Then ``checkpoint.json``, a copy of the state for people (resume reads the archive)."""
+        extra = {_STATE_MEMBER: json.dumps(to_dict(state)).encode()}
+        if best_weights is not None:
+            buffer = io.BytesIO()
+            np.savez(buffer, *best_weights)
+            extra[_BEST_MEMBER] = buffer.getvalue()
+        self.save_model(model, path=self.checkpoint_path, extra=extra)
+        self.write_json(self.checkpoint_state_path.name, state)
+
+    def read_checkpoint(self) -> tuple[dict[str, Any], list | None] | None:
+        """The state and best weights of :meth:`save_checkpoint` (best weights None when not stored
+        apart); None when there is no ``checkpoint.keras``. A checkpoint written before the state moved
+        into the archive has its state in ``checkpoint.json``."""
+        if not self.checkpoint_path.is_file():
+            return None
+        with zipfile.ZipFile(self.checkpoint_path) as archive:
+            names = set(archive.namelist())
+            if _STATE_MEMBER not in names:
+                return json.loads(self.checkpoint_state_path.read_text()), None
+            state = json.loads(archive.read(_STATE_MEMBER))
+            if _BEST_MEMBER not in names:
+                return state, None
+            with np.load(io.BytesIO(archive.read(_BEST_MEMBER))) as saved:
+                return state, [saved[f"arr_{i}"] for i in range(len(saved.files))]
+
+    def remove_checkpoint(self) -> None:
+        """Remove the checkpoint when training ends: ``checkpoint.json`` first, so that an interrupt in
+        between leaves a ``checkpoint.keras`` that ``resume`` finishes from."""
+        for path in (self.checkpoint_state_path, self.checkpoint_path):
+            path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ reading
     @classmethod
@@ -182,38 +268,19 @@ class RunFolder:
         path = folder / "config.json"
         if not path.is_file():
             raise DataError("not a run folder (no config.json)", folder)
-        try:
-            config = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise DataError(f"config.json cannot be read ({exc})", path) from None
-        if not isinstance(config, dict):
-            raise DataError("config.json holds no settings (not a JSON object)", path)
+        config = _read_object(path, "settings")
         kind = config.pop("kind", None) or _legacy_kind(folder, config)
         if kind not in KINDS:
             raise DataError(f"unknown run kind {kind!r}; expected one of {list(KINDS)}", path)
         return cls(folder, kind, config)
 
-    @property
-    def model_path(self) -> Path:
-        return self.model_file(0)
-
-    @property
-    def history_path(self) -> Path:
-        return self.folder / "history.csv"
-
-    @property
-    def checkpoint_path(self) -> Path:
-        """``checkpoint.keras``: the model with its optimizer at the end of the last epoch trained."""
-        return self.folder / "checkpoint.keras"
-
-    @property
-    def checkpoint_state_path(self) -> Path:
-        """``checkpoint.json``: epoch, history and training state that go with ``checkpoint.keras``."""
-        return self.folder / "checkpoint.json"
-
-    @property
-    def previews_dir(self) -> Path:
-        return self.folder / "previews"
+    model_path = _file_property("model.keras", "``model.keras``: the model (the first member of a few-shot recipe).")
+    history_path = _file_property("history.csv", "``history.csv``: one row per epoch.")
+    checkpoint_path = _file_property("checkpoint.keras", "``checkpoint.keras``: model, optimizer and training "
+                                     "state at the end of the last epoch checkpointed.")
+    checkpoint_state_path = _file_property("checkpoint.json", "``checkpoint.json``: marks a run that is training "
+                                           "(or was interrupted); a readable copy of the checkpoint's state.")
+    previews_dir = _file_property("previews", "``previews/``: the per-epoch preview images.")
 
     @property
     def split_path(self) -> Path | None:
@@ -223,10 +290,9 @@ class RunFolder:
 
     @property
     def finished(self) -> bool:
-        """Whether the run ended: ``model.keras`` beside ``config.json`` and no ``checkpoint.json`` (a run
-        that is still training, or was interrupted, has one: its ``model.keras`` is only the best so far)."""
-        return (self.model_path.is_file() and (self.folder / "config.json").is_file()
-                and not self.checkpoint_state_path.exists())
+        """Whether the run ended: ``model.keras`` beside ``config.json`` and no checkpoint (a run that is
+        still training, or was interrupted, has one: its ``model.keras`` is only the best so far)."""
+        return _finished(self.folder)
 
     @property
     def history(self):
@@ -237,9 +303,13 @@ class RunFolder:
 
     @property
     def metrics(self) -> dict[str, Any] | None:
-        """What ``metrics.json`` holds, or None when there is none."""
+        """What ``metrics.json`` holds, or None when there is none.
+
+        Raises:
+            DataError: a ``metrics.json`` that cannot be read or holds no JSON object.
+        """
         path = self.folder / "metrics.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        return _read_object(path, "scores") if path.is_file() else None
 
     def load_model(self):
         """The run's ``model.keras`` in Keras safe mode (:func:`strokekit.train.load_model`).
@@ -269,7 +339,8 @@ def list_runs(root: str | os.PathLike, kind: str | tuple[str, ...] | None = None
         kind: keep only runs of this kind (or these kinds); None keeps all.
 
     Returns:
-        RunFolders sorted by folder. Folders whose ``config.json`` cannot be read are left out.
+        RunFolders sorted by folder. A folder whose ``config.json`` cannot be read is left out with a
+        warning that names it and the problem.
     """
     kinds = (kind,) if isinstance(kind, str) else kind
     for k in kinds or ():
@@ -278,11 +349,12 @@ def list_runs(root: str | os.PathLike, kind: str | tuple[str, ...] | None = None
     root = Path(root)
     found = []
     for path in sorted(root.rglob("config.json")) if root.is_dir() else []:
-        if not (path.parent / "model.keras").is_file() or (path.parent / "checkpoint.json").exists():
-            continue  # no model yet, or a run still training (or interrupted): not finished
+        if not _finished(path.parent):
+            continue  # no model yet, or a run still training (or interrupted)
         try:
             run = RunFolder.open(path.parent)
-        except DataError:
+        except DataError as exc:
+            warnings.warn(f"skipped the run in {path.parent}: {exc.problem}", stacklevel=2)
             continue
         if kinds is None or run.kind in kinds:
             found.append(run)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .dataset import SliceDataset
+from .dataset import SliceDataset, _check_unique, _strings
 from .errors import DataError
 from .preprocess import overlay_mask, to_unit_range
 
@@ -698,24 +698,17 @@ class Split:
 
     def __post_init__(self) -> None:
         self.case_ids = [str(c) for c in self.case_ids]
-        self.subsets = [str(s) for s in self.subsets]
         n = len(self.case_ids)
-        if len(self.subsets) != n:
-            raise DataError(f"{len(self.subsets)} subset names for {n} cases")
+        self.subsets = _strings(self.subsets, "subset names", n, "cases")
         unknown = sorted(set(self.subsets) - set(SUBSETS))
         if unknown:
             raise DataError(f"unknown subset name(s) {unknown}; expected {list(SUBSETS)}")
-        dup = [c for c, k in Counter(self.case_ids).items() if k > 1]
-        if dup:
-            raise DataError(f"duplicate case ids: {sorted(dup)[:5]}")
+        _check_unique(self.case_ids)
         if self.clusters is not None:
             self.clusters = [_cluster_value(c) for c in self.clusters]
             if len(self.clusters) != n:
                 raise DataError(f"{len(self.clusters)} cluster labels for {n} cases")
-        if self.patient_ids is not None:
-            self.patient_ids = [str(p) for p in self.patient_ids]
-            if len(self.patient_ids) != n:
-                raise DataError(f"{len(self.patient_ids)} patient ids for {n} cases")
+        self.patient_ids = _strings(self.patient_ids, "patient ids", n, "cases")
         self.seed = None if self.seed is None else int(self.seed)
         self.method = str(self.method)
         self.params = json.loads(json.dumps(_plain(dict(self.params))))
@@ -1213,31 +1206,15 @@ def cluster_split(
                 assign[give], assign[take] = test_pos, assign[give]
 
     subsets = [names[a] for a in assign]
-    got = Counter(subsets)
     present_test = set(cidx[np.asarray(subsets) == "test"].tolist()) if "test" in names else set()
     missing = [
         uniq[k] for k in np.flatnonzero(eligible) if "test" in names and k not in present_test
     ]
-    params = {
-        "test": test,
-        "val": val,
-        "group_by_patient": bool(group_by_patient),
-        "requested": {s: sizes[s] for s in SUBSETS},
-        "sizes": {s: int(got.get(s, 0)) for s in SUBSETS},
-        "size_error": {s: int(got.get(s, 0)) - sizes[s] for s in SUBSETS},
-        "tolerance": tol,
-        "min_cluster_size": min_size,
-        "missing_in_test": missing,
-        "restarts": int(restarts) if group_by_patient else None,
-    }
-    return Split(
-        case_ids=dataset.case_ids,
-        subsets=subsets,
-        clusters=clusters.tolist(),
-        patient_ids=pids,
-        seed=seed,
-        method="cluster",
-        params=params,
+    return _sized_split(
+        dataset, subsets, sizes, "cluster", seed, pids, clusters.tolist(),
+        test=test, val=val, group_by_patient=group_by_patient, tolerance=tol,
+        min_cluster_size=min_size, missing_in_test=missing,
+        restarts=int(restarts) if group_by_patient else None,
     )
 
 
@@ -1278,7 +1255,29 @@ def random_split(
             rng.permutation(n), np.ones(n, dtype=np.int64), [sizes[s] for s in names]
         )
         tol = 0.0
-    subsets = [names[a] for a in assign]
+    return _sized_split(
+        dataset, [names[a] for a in assign], sizes, "random", seed, pids,
+        None if clusters is None else list(np.asarray(clusters, dtype=object).ravel()),
+        test=test, val=val, group_by_patient=group_by_patient, tolerance=tol,
+    )
+
+
+def _sized_split(
+    dataset: SliceDataset,
+    subsets: list[str],
+    sizes: Mapping[str, int],
+    method: str,
+    seed: int,
+    patient_ids: list[str] | None,
+    clusters: list | None,
+    *,
+    test: float | int,
+    val: float | int,
+    group_by_patient: bool,
+    tolerance: float,
+    **method_params: Any,
+) -> Split:
+    """The :class:`Split`; its params record the request, the sizes obtained and ``method_params``."""
     got = Counter(subsets)
     params = {
         "test": test,
@@ -1287,15 +1286,16 @@ def random_split(
         "requested": {s: sizes[s] for s in SUBSETS},
         "sizes": {s: int(got.get(s, 0)) for s in SUBSETS},
         "size_error": {s: int(got.get(s, 0)) - sizes[s] for s in SUBSETS},
-        "tolerance": tol,
+        "tolerance": tolerance,
+        **method_params,
     }
     return Split(
         case_ids=dataset.case_ids,
         subsets=subsets,
-        clusters=None if clusters is None else list(np.asarray(clusters, dtype=object).ravel()),
-        patient_ids=pids,
+        clusters=clusters,
+        patient_ids=patient_ids,
         seed=seed,
-        method="random",
+        method=method,
         params=params,
     )
 

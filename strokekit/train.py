@@ -119,9 +119,10 @@ class TrainConfig:
         Args:
             **changes: fields to override (e.g. ``seed=1``).
         """
-        from .fewshot import FEWSHOT_DEFAULT
-
-        return dataclasses.replace(FEWSHOT_DEFAULT.config, **changes)
+        base = dict(arch="unet", filters=(8, 16, 32, 64), activation="relu", dropout=0.0, batch_norm=True,
+                    loss="bce_dice", learning_rate=1e-3, batch_size=8, num_epochs=25, image_size=256,
+                    augment=STRONG_AUGMENT, early_stopping_patience=0, reduce_lr_patience=0)
+        return cls(**{**base, **changes})
 
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``strokekit.models.build_model``."""
@@ -138,6 +139,13 @@ class TrainConfig:
             kw["bn_momentum"] = self.bn_momentum
             kw["head_bias"] = self.head_bias
         return kw
+
+
+#: Geometry and intensity augmentation strong enough to break a position prior (:meth:`TrainConfig.few_shot`).
+STRONG_AUGMENT = AugmentConfig(
+    rotation=180.0, shift=0.2, shear=0.1, zoom=0.2, hflip=True, vflip=True,
+    contrast=0.15, gamma=0.15, noise=0.01, fill_mode="constant",
+)
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
@@ -259,6 +267,7 @@ def train(
     overwrite: bool = False,
     resume: bool = False,
     callbacks: Sequence[Any] = (),
+    checkpoint_every: int = 1,
 ) -> RunResult:
     """Train a segmentation model on a config and write its run folder.
 
@@ -277,6 +286,8 @@ def train(
             optimizer state, history, best weights and schedule as they were; the result is that of
             an uninterrupted run (:func:`strokekit.engine.fit`).
         callbacks: more Keras callbacks.
+        checkpoint_every: epochs between the checkpoints that ``resume`` continues from
+            (see :func:`strokekit.engine.fit`).
 
     Returns:
         RunResult with the model (weights of the epoch with the lowest validation loss),
@@ -290,10 +301,7 @@ def train(
     from .augment import SegmentationLoader
     from .models import build_model
 
-    if len(train_data) == 0 or len(val_data) == 0:
-        raise DataError("training and validation sets must not be empty")
-    if resume and (run_dir is None or run_dir is False):
-        raise ValueError("resume=True continues the run in run_dir: name the folder")
+    check_run_inputs(train_data, val_data, run_dir, resume)
     seed_everything(config.seed)
     x_train, y_train = to_arrays(config, train_data)
     x_val, y_val = to_arrays(config, val_data)
@@ -321,19 +329,52 @@ def train(
         *loss_and_metrics(config), patience=config.early_stopping_patience, schedule=config.lr_schedule,
         reduce_lr_patience=config.reduce_lr_patience, run=run, resume=resume, progress=progress,
         previews=None if chosen is None else engine.Previews(x_val[chosen], y_val[chosen], config.threshold),
-        callbacks=callbacks, desc=name or config.arch)
-    history, seconds = fitted.history, fitted.seconds
+        callbacks=callbacks, desc=name or config.arch, checkpoint_every=checkpoint_every)
+    return finish_run(fitted, validation_metrics(model, config, x_val, y_val, fitted.history), config, run,
+                      len(x_train), val_data)
+
+
+def check_run_inputs(train_data: SliceDataset, val_data: SliceDataset, run_dir: Any = None,
+                     resume: bool = False) -> None:
+    """What every trainer checks first: both sets hold slices, and ``resume`` names the run folder.
+
+    Raises:
+        DataError: empty training or validation data.
+        ValueError: ``resume`` without a ``run_dir`` (None or False).
+    """
+    if len(train_data) == 0 or len(val_data) == 0:
+        raise DataError("training and validation sets must not be empty")
+    if resume and (run_dir is None or run_dir is False):
+        raise ValueError("resume=True continues the run in run_dir: name the folder")
+
+
+def validation_metrics(model, config: TrainConfig, x_val: np.ndarray, y_val: np.ndarray, history) -> dict[str, float]:
+    """A trained slice model's validation metrics: :func:`evaluate_arrays` for a binary model, the
+    lowest validation loss of ``history`` for a softmax one."""
     if config.num_classes == 1:
-        metrics = evaluate_arrays(model, x_val, y_val, config.threshold)
-    else:
-        metrics = {"val_loss": float(history["val_loss"].min())}
-    metrics["best_epoch"] = fitted.best_epoch
-    metrics["epochs_run"] = len(history)
-    images_per_second = len(x_train) * len(history) / seconds if seconds else float("nan")
+        return evaluate_arrays(model, x_val, y_val, config.threshold)
+    return {"val_loss": float(history["val_loss"].min())}
+
+
+def finish_run(fitted, metrics: dict[str, float], config: Any, run: RunFolder | None, train_images: int,
+               val_data: SliceDataset) -> RunResult:
+    """The :class:`RunResult` of a trainer's :func:`strokekit.engine.fit`; with a run folder, ``metrics.json``.
+
+    Args:
+        fitted: what :func:`strokekit.engine.fit` returned.
+        metrics: the validation metrics; ``best_epoch`` and ``epochs_run`` are added.
+        config: the run's config.
+        run: the run folder, or None.
+        train_images: training images per epoch (for ``images_per_second``).
+        val_data: the data the metrics were measured on (recorded in ``metrics.json``).
+    """
+    history, seconds = fitted.history, fitted.seconds
+    metrics = {**metrics, "best_epoch": fitted.best_epoch, "epochs_run": len(history)}
+    images_per_second = train_images * len(history) / seconds if seconds else float("nan")
     if run is not None:
         run.write_metrics({**metrics, "seconds": round(seconds, 2), "images_per_second": round(images_per_second, 2)},
                           data=data_text(val_data))
-    return RunResult(model, history, metrics, run.folder if run else None, config, seconds, images_per_second)
+    return RunResult(fitted.model, history, metrics, run.folder if run else None, config, seconds, images_per_second)
 
 
 def load_run(folder: str | os.PathLike) -> dict[str, Any]:

@@ -105,8 +105,9 @@ def _select_layers(model, names_or_prefixes, blocks) -> list:
 
     patterns = _as_list(names_or_prefixes, "names_or_prefixes")
     wanted_blocks = _as_list(blocks, "blocks")
+    known = dict(encoder_blocks(model))
     if not patterns and not wanted_blocks:
-        wanted_blocks = [name for name, _ in encoder_blocks(model)]
+        wanted_blocks = list(known)
         if not wanted_blocks:
             raise ValueError(
                 "this model has no encoder blocks recognised by strokekit.models.encoder_blocks "
@@ -123,7 +124,6 @@ def _select_layers(model, names_or_prefixes, blocks) -> list:
                 f"ending at '_' or a glob pattern). Layer names look like {names[1:6]}"
             )
         chosen.update(hits)
-    known = dict(encoder_blocks(model))
     for block in wanted_blocks:
         if block not in known:
             raise _expected(block, list(known), "block")
@@ -401,24 +401,42 @@ class FineTuneSchedule:
             out.append(Phase(k, start, end, open_blocks, 1.0 if k == 0 else float(self.lr_scale)))
         return out
 
+    def engine_phases(self, model, num_epochs: int, learning_rate: float) -> list[engine.Phase]:
+        """The :class:`strokekit.engine.Phase` s of this schedule for ``model``, for :func:`strokekit.engine.fit`.
+
+        Each phase makes the decoder and head trainable and the encoder blocks frozen but its own
+        (:meth:`phases`), and starts at ``learning_rate * lr_factor``; its history rows record
+        ``trainable_blocks`` (a tuple, shallow to deep) and ``trainable_params``. Used by
+        :func:`fine_tune` and :func:`strokekit.perfusion.train_perfusion`.
+
+        Raises:
+            ValueError: as :meth:`phases`.
+        """
+        from .models import encoder_blocks
+
+        blocks = _block_names(model)
+
+        def phase(p: Phase) -> engine.Phase:
+            def set_flags(m) -> dict:
+                _ensure_model_trainable(m)
+                in_encoder = {name for _, names in encoder_blocks(m) for name in names}
+                for layer in m.layers:
+                    if layer.name not in in_encoder:
+                        layer.trainable = True
+                if blocks:
+                    freeze(m, blocks=blocks)
+                    if p.blocks:
+                        unfreeze(m, blocks=list(p.blocks), keep_batchnorm_frozen=self.keep_batchnorm_frozen)
+                return {"trainable_blocks": trainable_blocks(m),
+                        "trainable_params": int(sum(int(np.prod(w.shape)) for w in m.trainable_weights))}
+
+            return engine.Phase(p.end_epoch - p.start_epoch, set_flags, learning_rate * p.lr_factor)
+
+        return [phase(p) for p in self.phases(blocks, num_epochs)]
+
 
 SCRATCH = FineTuneSchedule(mode="unfrozen", lr_scale=1.0, keep_batchnorm_frozen=False)
 """Training from scratch expressed as a schedule: everything trains at the config's rate."""
-
-
-def _apply_phase(model, phase: Phase, blocks: Sequence[str], keep_batchnorm_frozen: bool) -> None:
-    """Sets every layer's flag for a phase: decoder and head train, encoder blocks as listed."""
-    from .models import encoder_blocks
-
-    _ensure_model_trainable(model)
-    in_encoder = {name for _, names in encoder_blocks(model) for name in names}
-    for layer in model.layers:
-        if layer.name not in in_encoder:
-            layer.trainable = True
-    if blocks:
-        freeze(model, blocks=list(blocks))
-        if phase.blocks:
-            unfreeze(model, blocks=list(phase.blocks), keep_batchnorm_frozen=keep_batchnorm_frozen)
 
 
 # --------------------------------------------------------------------------- fine-tuning
@@ -584,13 +602,10 @@ def fine_tune(
         FileExistsError: ``run_dir`` already holds a run and ``overwrite`` is False.
     """
     from .augment import SegmentationLoader
-    from .runs import RunFolder, data_text
-    from .train import evaluate_arrays, loss_and_metrics, make_run_dir, to_arrays
+    from .runs import RunFolder
+    from .train import check_run_inputs, finish_run, loss_and_metrics, make_run_dir, to_arrays, validation_metrics
 
-    if len(train_data) == 0 or len(val_data) == 0:
-        raise DataError("training and validation sets must not be empty")
-    if resume and (run_dir is None or run_dir is False):
-        raise ValueError("resume=True continues the run in run_dir: name the folder")
+    check_run_inputs(train_data, val_data, run_dir, resume)
     if not isinstance(schedule, FineTuneSchedule):
         raise ValueError(f"schedule must be a FineTuneSchedule. Received: schedule={schedule!r}")  # noqa: TRY004
     _check_input(model, config)
@@ -598,8 +613,7 @@ def fine_tune(
     if run_dir is not False:
         split = used_split(train_data, val_data, seed=config.seed) if split is None else split
         _check_split(split, train_data, val_data)
-    blocks = _block_names(model)
-    phases = schedule.phases(blocks, config.num_epochs)
+    phases = schedule.engine_phases(model, config.num_epochs, config.learning_rate)
     seed_everything(config.seed)
     x_train, y_train = to_arrays(config, train_data)
     x_val, y_val = to_arrays(config, val_data)
@@ -619,35 +633,15 @@ def fine_tune(
         folder = run_dir if run_dir is not None else make_run_dir(f"finetune-{schedule.mode}-s{config.seed}")
         run = RunFolder.create(folder, "binary", config, overwrite=overwrite, resume=resume, split=split)
         run.write_json("schedule.json", schedule)
-
-    def phase(p: Phase) -> engine.Phase:
-        def set_flags(m) -> dict:
-            _apply_phase(m, p, blocks, schedule.keep_batchnorm_frozen)
-            return {"trainable_blocks": trainable_blocks(m),
-                    "trainable_params": int(sum(int(np.prod(w.shape)) for w in m.trainable_weights))}
-
-        return engine.Phase(p.end_epoch - p.start_epoch, set_flags, config.learning_rate * p.lr_factor)
-
     # Halving on plateaus whatever config.lr_schedule says, down to 1e-7: fine-tuning's own settings.
     fitted = engine.fit(
-        model, loader, val_loader, [phase(p) for p in phases], *loss_and_metrics(config),
+        model, loader, val_loader, phases, *loss_and_metrics(config),
         patience=config.early_stopping_patience, restore_best=restore_best, schedule="plateau",
         reduce_lr_patience=config.reduce_lr_patience, min_lr=1e-7, run=run, resume=resume,
         progress=progress, callbacks=callbacks, pool=engine.ModelPool.of(model),
         desc=f"fine-tune ({schedule.mode})")
-    history, seconds = fitted.history, fitted.seconds
-    if config.num_classes == 1:
-        metrics = evaluate_arrays(model, x_val, y_val, config.threshold)
-    else:
-        metrics = {"val_loss": float(history["val_loss"].min())}
-    metrics["best_epoch"] = fitted.best_epoch
-    metrics["epochs_run"] = len(history)
-    images_per_second = len(x_train) * len(history) / seconds if seconds else float("nan")
-
-    if run is not None:
-        run.write_metrics({**metrics, "seconds": round(seconds, 2), "images_per_second": round(images_per_second, 2)},
-                          data=data_text(val_data))
-    return RunResult(model, history, metrics, run.folder if run else None, config, seconds, images_per_second)
+    return finish_run(fitted, validation_metrics(model, config, x_val, y_val, fitted.history), config, run,
+                      len(x_train), val_data)
 
 
 # --------------------------------------------------------------------------- source tasks
@@ -779,16 +773,12 @@ def load_pretrained(path: str | os.PathLike):
     Raises:
         DataError: no saved model at ``path``.
     """
-    import keras
-
-    from . import losses, models  # noqa: F401  (register the kit's layers, losses and metrics)
-
     path = Path(path)
     if path.is_dir():
         path = path / "model.keras"
     if not path.is_file():
         raise DataError("no saved model here (a .keras file or a run folder holding model.keras)", path)
-    return keras.saving.load_model(path, safe_mode=True, compile=False)
+    return engine._load_saved(path)
 
 
 def load_source_dataset(name: str = "ctich", image_size: int = 128, lesion_only: bool = False,
@@ -936,24 +926,16 @@ def few_shot_subset(data: SliceDataset, shots: int | str | None, seed: int) -> S
     return data.subset(order[: int(shots)])
 
 
-_architecture = engine.architecture
-
-
 def _variable_values(model) -> list[list[np.ndarray]]:
     import keras
 
     return [[keras.ops.convert_to_numpy(v) for v in layer.variables] for layer in model.layers]
 
 
-def _assign_values(model, values: list[list[np.ndarray]], source: str) -> None:
-    if len(values) != len(model.layers):
-        raise ValueError(f"{source} does not have the architecture of the method's first model")
+def _assign_values(model, values: list[list[np.ndarray]]) -> None:
+    # Only into a worker of the same engine.architecture: layers, variables and shapes match.
     for layer, layer_values in zip(model.layers, values):
-        if len(layer.variables) != len(layer_values):
-            raise ValueError(f"{source}: layer {layer.name!r} differs from the method's first model")
         for variable, value in zip(layer.variables, layer_values):
-            if tuple(variable.shape) != tuple(np.shape(value)):
-                raise ValueError(f"{source}: layer {layer.name!r} differs in shape")
             variable.assign(value)
 
 
@@ -1075,18 +1057,18 @@ def learning_curve(
                 candidate = build_model(config.arch, **config.model_kwargs())
             else:
                 candidate = start(seed)
-            values, signature = _variable_values(candidate), _architecture(candidate)
+            values, signature = _variable_values(candidate), engine.architecture(candidate)
         else:
             if name not in fixed:
                 template = load_pretrained(start) if kind == "path" else start
                 # A loaded model is ours to train; a caller's model is only read.
-                fixed[name] = (_variable_values(template), _architecture(template),
+                fixed[name] = (_variable_values(template), engine.architecture(template),
                                template if kind == "path" else None)
             values, signature, candidate = fixed[name]
         if signature not in workers:
             workers[signature] = candidate if candidate is not None else keras.models.clone_model(start)
         worker = workers[signature]
-        _assign_values(worker, values, f"method {name!r}")
+        _assign_values(worker, values)
         subset = few_shot_subset(target_train, k, seed)
         folder = False if run_root is None else Path(run_root) / f"{_safe(name)}-k{k}-s{seed}"
         used = None if folder is False else used_split(

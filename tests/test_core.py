@@ -76,6 +76,24 @@ def test_smoke_profile_takes_the_full_paths_at_tiny_sizes():
     assert smoke.image_size % 2 ** (len(smoke.filters) - 1) == 0   # the 5-level U-Net fits
 
 
+def test_full_profile_is_the_study_and_transfer_settings_follow_the_profile():
+    full = cfg.PROFILES["full"]
+    assert (full.image_size, full.num_epochs, full.filters, full.lr_schedule, full.batch_norm) == (
+        256, 50, (64, 128, 256, 512, 1024), "plateau", False)
+    quick, study, smoke = (cfg.transfer_settings(name) for name in ("quick", "full", "smoke"))
+    assert (quick.fine_tune_epochs, quick.fine_tune_batch, quick.source_patients, quick.bn_momentum) == (8, 4, 30, 0.8)
+    assert quick.shots == (8, "all") and quick.curve_methods == ("scratch", "unfrozen")
+    assert not (quick.train_imagenet or quick.ctich_source) and quick.ctich_patients is None
+    assert (study.fine_tune_epochs, study.fine_tune_batch, study.source_patients) == (50, 8, 240)
+    assert study.bn_momentum == 0.99
+    assert study.shots == (4, 8, 16, 32, "all") and study.curve_methods == ("scratch", "frozen", "unfrozen", "gradual")
+    assert study.train_imagenet and study.ctich_source and study.ctich_patients is None
+    # the smoke profile: the full paths, at least 4 fine-tuning epochs so that the gradual schedule opens a block
+    assert (smoke.fine_tune_epochs, smoke.fine_tune_batch, smoke.source_patients, smoke.shots) == (4, 4, 30, (4, "all"))
+    assert smoke.curve_methods == study.curve_methods and smoke.train_imagenet and smoke.ctich_patients == 4
+    assert cfg.transfer_settings(cfg.PROFILES["quick"]) == quick
+
+
 def test_config_round_trip_through_dict():
     profile = cfg.PROFILES["quick"]
     data = cfg.to_dict(profile)

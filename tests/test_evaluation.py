@@ -266,3 +266,28 @@ def test_find_runs_keeps_checked_and_unchecked_runs_newest_first_and_says_what_i
                             "skipped selu-s0: unfinished (no metrics.json) or not a binary model"]
     assert E.find_runs(tmp_path / "missing", ["c", "d"]).empty
     assert len(E.find_runs(tmp_path, ["c", "d"])) == 3  # silent without log
+
+
+def test_find_runs_skips_a_run_with_a_damaged_metrics_or_split_file_with_a_warning(tmp_path):
+    from strokekit import train
+    from strokekit.augment import NO_AUGMENT
+    from strokekit.runs import RunFolder
+    from strokekit.split import Split
+
+    config = train.TrainConfig(image_size=16, filters=(4, 8), num_epochs=1, batch_size=4, augment=NO_AUGMENT)
+    split = Split(["a", "b", "c", "d"], ["train", "val", "test", "test"])
+    for name in ("good-s0", "metrics-s0", "split-s0", "config-s0"):
+        run = RunFolder.create(tmp_path / name, "binary", config, split=split)
+        run.model_path.write_bytes(b"PK")
+        run.write_metrics({"dice": 0.5}, data="validation")
+    (tmp_path / "metrics-s0" / "metrics.json").write_text('{"dice": 0.')  # cut off while written by hand
+    (tmp_path / "split-s0" / "split.json").write_text("[]")
+    (tmp_path / "config-s0" / "config.json").write_text("{ not json")
+    with pytest.warns(UserWarning) as caught:
+        table = E.find_runs(tmp_path, ["c", "d"])
+    assert table["model"].tolist() == ["good"]
+    said = sorted(str(w.message) for w in caught)
+    assert len(said) == 3
+    assert said[0].startswith(f"skipped the run in {tmp_path / 'config-s0'}: config.json cannot be read")
+    assert said[1].startswith(f"skipped the run in {tmp_path / 'metrics-s0'}: metrics.json cannot be read")
+    assert said[2].startswith(f"skipped the run in {tmp_path / 'split-s0'}: not a strokekit split file")

@@ -266,6 +266,11 @@ def test_registry_and_unknown_name():
     message = f"Expected one of {list(L.LOSSES)}. Received: loss='dice_bce'"
     with pytest.raises(ValueError, match=re.escape(message)):
         L.get_loss("dice_bce")
+    # the lower-case names are the classes; a misspelt argument is still an error
+    assert L.soft_dice_loss is L.SoftDiceLoss and L.LOSSES["categorical_ce_dice"] is L.CategoricalCEDiceLoss
+    assert L.tversky_loss(0.6, 0.4).get_config()["alpha"] == 0.6
+    with pytest.raises(TypeError):
+        L.soft_dice_loss(smoth=2.0)
 
 
 @pytest.mark.parametrize(
@@ -290,97 +295,14 @@ def test_loss_serialisation_round_trip(loss):
     assert restored.get_config() == loss.get_config()
 
 
-# --------------------------------------------------------------------------- metrics
-
-BATCH1 = (img([1, 1, 0, 0]), img([0.9, 0.4, 0.6, 0.1]))  # tp 1, fn 1, fp 1, tn 1
-BATCH2 = (img([1, 0, 0, 0]), img([0.8, 0.2, 0.1, 0.3]))  # tp 1, tn 3
-
-
-def result(metric):
-    return float(keras.ops.convert_to_numpy(metric.result()))
-
-
-@pytest.mark.parametrize(
-    "metric_cls, expected, batch1_alone",
-    [
-        (L.DiceMetric, 4 / 6, 0.5),  # 2tp / (2tp + fp + fn), pooled tp=2 fp=1 fn=1
-        (L.IoUMetric, 2 / 4, 1 / 3),
-        (L.Sensitivity, 2 / 3, 0.5),
-        (L.Specificity, 4 / 5, 0.5),
-    ],
-)
-def test_metrics_pool_over_batches_and_reset(metric_cls, expected, batch1_alone):
-    metric = metric_cls()
-    metric.update_state(*BATCH1)
-    metric.update_state(*BATCH2)
-    assert result(metric) == pytest.approx(expected, abs=1e-6)
-    metric.reset_state()
-    metric.update_state(*BATCH1)
-    assert result(metric) == pytest.approx(batch1_alone, abs=1e-6)
-
-
-def test_metric_options():
-    dice = L.DiceMetric()
-    assert result(dice) == 1.0  # nothing seen, nothing to get wrong
-    dice.update_state(EMPTY, EMPTY)
-    assert result(dice) == 1.0
-    # threshold 0.35 also counts the 0.4 pixel of batch 1: tp 2, fp 1 -> 4 / 5
-    loose = L.DiceMetric(threshold=0.35)
-    loose.update_state(*BATCH1)
-    assert result(loose) == pytest.approx(0.8, abs=1e-6)
-    # per-sample weights: the first image counts 0 times, the second once
-    weighted = L.DiceMetric()
-    y_true = np.concatenate([BATCH1[0], BATCH2[0]])
-    y_pred = np.concatenate([BATCH1[1], BATCH2[1]])
-    weighted.update_state(y_true, y_pred, sample_weight=np.array([0.0, 1.0], "float32"))
-    assert result(weighted) == 1.0
-    weighted.update_state(y_true, y_pred, sample_weight=np.array([1.0, 0.0], "float32"))
-    assert result(weighted) == pytest.approx(4 / 6, abs=1e-6)
-    with pytest.raises(ValueError, match="threshold must be in"):
-        L.DiceMetric(threshold=1.5)
-
-
-def test_multiclass_metric_uses_argmax_and_class_id():
-    # labels (1, 1, 4): background, class 1, class 2, class 2
-    y_true = np.array([[[0, 1, 2, 2]]])
-    y_pred = img(
-        [
-            0.8,
-            0.1,
-            0.1,  # -> 0
-            0.2,
-            0.5,
-            0.3,  # -> 1 (correct)
-            0.1,
-            0.6,
-            0.3,  # -> 1 (should be 2)
-            0.1,
-            0.2,
-            0.7,
-        ],  # -> 2 (correct)
-        (1, 1, 4, 3),
-    )
-    class2 = L.DiceMetric(class_id=2)
-    class2.update_state(y_true, y_pred)
-    assert result(class2) == pytest.approx(2 / 3, abs=1e-6)  # tp 1, fn 1
-    pooled = L.DiceMetric()  # foreground classes 1 and 2 pooled: tp 2, fp 1, fn 1
-    pooled.update_state(y_true, y_pred)
-    assert result(pooled) == pytest.approx(4 / 6, abs=1e-6)
-    background = L.Sensitivity(class_id=0)
-    background.update_state(y_true, y_pred)
-    assert result(background) == 1.0
-
-
-def test_metric_config_round_trip():
-    metric = L.IoUMetric(threshold=0.3, class_id=1, name="iou_core")
-    restored = keras.saving.deserialize_keras_object(
-        keras.saving.serialize_keras_object(metric), safe_mode=True
-    )
-    assert isinstance(restored, L.IoUMetric)
-    assert (restored.threshold, restored.class_id, restored.name) == (0.3, 1, "iou_core")
-
-
 # --------------------------------------------------------------------------- saved models
+
+
+def test_keras_metrics_are_re_exported_from_metrics():
+    from strokekit import metrics as M
+
+    for name in ("DiceMetric", "IoUMetric", "Sensitivity", "Specificity"):
+        assert getattr(L, name) is getattr(M, name)
 
 
 def test_trained_model_reloads_in_safe_mode(tmp_path):

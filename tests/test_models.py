@@ -176,6 +176,19 @@ def test_resunet_projects_only_when_channels_change():
     assert model.get_layer("bottleneck_proj").kernel_size == (1, 1)
 
 
+def test_resunet_is_unet_with_residual_blocks():
+    res = M.resunet((SIZE, SIZE, 1), 1, FILTERS, "elu", 0.1, seed=3)  # unet's first arguments
+    same = M.unet((SIZE, SIZE, 1), filters=FILTERS, activation="elu", dropout=0.1, seed=3, residual=True,
+                  batch_norm=None, name="resunet")
+    assert res.name == "resunet" and layer_names(res) == layer_names(same)
+    assert "enc1_bn1" in layer_names(res)  # batch norm by default, but not with selu
+    assert "enc1_bn1" not in layer_names(M.resunet((SIZE, SIZE, 1), filters=FILTERS, activation="selu"))
+    for wa, wb in zip(res.get_weights(), same.get_weights()):
+        np.testing.assert_array_equal(wa, wb)
+    with pytest.raises(TypeError):
+        M.resunet((SIZE, SIZE, 1), filters=FILTERS, residual=False)
+
+
 def test_dilation_and_kernel_size_reach_the_convolutions():
     model = M.unet((SIZE, SIZE, 1), filters=FILTERS, kernel_size=5, dilation_rate=2)
     conv = model.get_layer("enc1_conv1")

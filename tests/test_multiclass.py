@@ -198,6 +198,57 @@ def test_train_multiclass_writes_run_folder(tmp_path):
     assert loaded == cfg
 
 
+def test_an_interrupted_multiclass_run_resumes_to_the_uninterrupted_result(tmp_path):
+    import keras
+    import pandas as pd
+
+    data = _display_dataset(n=6, size=32)
+    # batch norm, augmentation and a plateau halving: state a resumed run has to carry over
+    cfg = mc.MulticlassConfig(base_filters=2, num_levels=1, image_size=32, num_epochs=4, batch_size=2,
+                              class_weights=(1.0, 5.0, 5.0), batch_norm=True, learning_rate=1e-2,
+                              reduce_lr_patience=1, preview_slices=0, workers=1)
+    train_data, val_data = data.subset(range(4)), data.subset([4, 5])
+    whole = mc.train_multiclass(cfg, train_data, val_data, run_dir=tmp_path / "whole", progress=False)
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 3:
+                raise KeyboardInterrupt  # during epoch 4
+
+    class Count(keras.callbacks.Callback):
+        epochs = 0
+
+        def on_epoch_begin(self, epoch, logs=None):
+            Count.epochs += 1
+
+    def with_callback(callback):  # train_multiclass takes no callbacks: give them to engine.fit
+        fit = mc.engine.fit
+        return lambda *args, **kw: fit(*args, **{**kw, "callbacks": [callback]})
+
+    folder = tmp_path / "cut"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mc.engine, "fit", with_callback(Interrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            mc.train_multiclass(cfg, train_data, val_data, run_dir=folder, progress=False)
+    assert (folder / "checkpoint.keras").is_file() and len(pd.read_csv(folder / "history.csv")) == 3
+    with pytest.raises(FileExistsError, match="resume=True"):
+        mc.train_multiclass(cfg, train_data, val_data, run_dir=folder, progress=False)
+    with pytest.raises(ValueError, match="name the folder"):
+        mc.train_multiclass(cfg, train_data, val_data, progress=False, resume=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mc.engine, "fit", with_callback(Count()))
+        resumed = mc.train_multiclass(cfg, train_data, val_data, run_dir=folder, progress=False, resume=True)
+    assert Count.epochs == 1  # only the epoch the interruption stopped
+    columns = ["loss", "val_loss", "dice_hemorrhagic", "val_dice_ischemic", "learning_rate"]
+    np.testing.assert_allclose(resumed.history[columns].to_numpy(), whole.history[columns].to_numpy(), atol=1e-5)
+    assert resumed.metrics["best_epoch"] == whole.metrics["best_epoch"]
+    assert resumed.metrics["mean_dice"] == pytest.approx(whole.metrics["mean_dice"], abs=1e-5)
+    x, _ = mc.to_arrays(cfg, val_data)
+    np.testing.assert_allclose(resumed.model.predict(x, verbose=0), whole.model.predict(x, verbose=0), atol=1e-5)
+    # the checkpoint goes when training ends: the folder is that of the uninterrupted run
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in (tmp_path / "whole").iterdir())
+
+
 def test_multiclass_config_carries_the_profile_training_levers():
     config = mc.MulticlassConfig(image_size=32, num_levels=2, base_filters=4, batch_norm=True,
                                          bn_momentum=0.9, head_bias=-4.0, lr_schedule="cosine", repeats=2)

@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from strokekit import losses
+from strokekit import engine, losses
 from strokekit import perfusion as pf
+from strokekit.augment import AugmentConfig
 from strokekit.dataset import SliceDataset
 from strokekit.errors import DataError
 from strokekit.phantom import PhantomConfig, make_volume
@@ -240,7 +241,7 @@ def test_loader_yields_named_inputs_with_matching_clinical_rows():
     assert len(loader) == 3
     x, y = loader[0]
     assert sorted(x) == sorted([*pf.MAP_NAMES, "clinical"])
-    picks = loader.inner.batch_indices(0)
+    picks = loader.batch_indices(0)
     for k, name in enumerate(pf.MAP_NAMES):
         np.testing.assert_array_equal(x[name][..., 0], data.images[picks][..., k])
     np.testing.assert_array_equal(x["clinical"][:, 0], clinical[picks])
@@ -268,7 +269,7 @@ def test_multi_input_model_trains_one_step_from_the_loader():
     cfg = pf.PerfusionTrainConfig(filters=(4, 8), use_clinical=use_clinical, batch_size=2)
     model = pf.build_perfusion_model(cfg, image_size=32)
     data = _tiny_data()
-    pf._compile(model, cfg, 1e-2)
+    engine.compile_model(model, *pf.loss_and_metrics(cfg), 1e-2)
     loader = pf.loader_for(data, cfg, training=True)
     before = [keras.ops.convert_to_numpy(w).copy() for w in model.trainable_weights]
     logs = model.train_on_batch(*loader[0], return_dict=True)
@@ -297,6 +298,37 @@ def test_frozen_schedule_keeps_the_encoder_and_trains_the_decoder(tmp_path):
     assert {"loss", "val_loss", "val_dice_core", "val_dice_penumbra"} <= set(run.history.columns)
     assert (tmp_path / "run" / "history.csv").is_file() and (tmp_path / "run" / "model.keras").is_file()
     assert all(layer.trainable for layer in model.layers)  # flags restored after training
+
+
+@pytest.mark.backend
+def test_gradual_training_interrupted_at_a_phase_switch_resumes_to_the_same_run(tmp_path):
+    data = _tiny_data(n=6)
+    cfg = pf.PerfusionTrainConfig(filters=(4, 8), batch_size=2, num_epochs=3, learning_rate=1e-2,
+                                  augment=AugmentConfig(rotation=15.0, shift=0.1))
+    train, val = data.subset([0, 1, 2, 3]), data.subset([4, 5])
+    model = pf.build_perfusion_model(cfg, image_size=32)
+    whole = pf.train_perfusion(pf.copy_model(model), train, val, cfg, "gradual", run_dir=tmp_path / "whole")
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:  # the first epoch of phase 1, which trains other blocks
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pf.train_perfusion(pf.copy_model(model), train, val, cfg, "gradual", run_dir=tmp_path / "cut",
+                           callbacks=[Interrupt()])
+    assert (tmp_path / "cut" / "checkpoint.keras").is_file()
+    resumed = pf.train_perfusion(pf.copy_model(model), train, val, cfg, "gradual", run_dir=tmp_path / "cut",
+                                 resume=True)
+    assert list(resumed.history["trainable_blocks"]) == list(whole.history["trainable_blocks"])
+    columns = ["loss", "val_loss", "val_dice_core", "learning_rate", "trainable_params"]
+    np.testing.assert_allclose(resumed.history[columns].to_numpy(), whole.history[columns].to_numpy(), atol=1e-5)
+    assert resumed.best_epoch == whole.best_epoch
+    for a, b in zip(resumed.model.get_weights(), whole.model.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert not (tmp_path / "cut" / "checkpoint.keras").exists()
+    with pytest.raises(ValueError, match="resume=True continues the run in run_dir: name the folder"):
+        pf.train_perfusion(pf.copy_model(model), train, val, cfg, "gradual", resume=True)
 
 
 @pytest.mark.backend

@@ -14,7 +14,7 @@ from strokekit.augment import NO_AUGMENT
 from strokekit.config import to_dict
 from strokekit.dataset import SliceDataset
 from strokekit.errors import DataError
-from strokekit.runs import RunFolder, data_text, list_runs
+from strokekit.runs import RunFolder, data_text, list_runs, write_json
 
 CONFIG = train.TrainConfig(image_size=16, filters=(4, 8), num_epochs=1, batch_size=4, augment=NO_AUGMENT,
                            early_stopping_patience=0, reduce_lr_patience=0, preview_slices=0, workers=1)
@@ -90,7 +90,9 @@ def test_list_runs_finds_finished_runs_of_a_kind(tmp_path):
     def folders(runs):
         return [run.folder for run in runs]
 
-    assert folders(list_runs(tmp_path)) == [binary.folder, multiclass.folder, fewshot.folder]
+    with pytest.warns(UserWarning, match=f"skipped the run in {damaged}: config.json cannot be read"):
+        assert folders(list_runs(tmp_path)) == [binary.folder, multiclass.folder, fewshot.folder]
+    (damaged / "config.json").unlink()
     assert folders(list_runs(tmp_path, kind="multiclass")) == [multiclass.folder]
     assert folders(list_runs(tmp_path, kind=("binary", "fewshot"))) == [binary.folder, fewshot.folder]
     assert list_runs(tmp_path / "missing") == []
@@ -139,3 +141,49 @@ def test_a_run_with_a_checkpoint_is_not_finished_and_not_listed(tmp_path):
     run.checkpoint_state_path.write_text("{}")  # still training (or interrupted): model.keras is the best so far
     assert not run.finished and RunFolder.open(tmp_path / "done").finished
     assert [r.folder.name for r in list_runs(tmp_path)] == ["done"]
+    run.checkpoint_state_path.unlink()
+    run.checkpoint_path.write_bytes(b"PK")  # interrupted while removing its checkpoint: resume finishes it
+    assert not run.finished and [r.folder.name for r in list_runs(tmp_path)] == ["done"]
+
+
+def test_a_damaged_metrics_file_is_named_and_json_files_are_written_one_way(tmp_path, monkeypatch):
+    from strokekit import report
+
+    run = _finished(tmp_path / "run")
+    (run.folder / "metrics.json").write_text("[1, 2")
+    with pytest.raises(DataError, match="metrics.json cannot be read"):
+        run.metrics
+    (run.folder / "metrics.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match="metrics.json holds no scores"):
+        run.metrics
+    run.write_json("schedule.json", {"epochs": np.int64(3), "blocks": ("enc4", "enc3")})
+    write_json(tmp_path / "plain.json", {"epochs": 3, "blocks": ["enc4", "enc3"]})
+    assert (run.folder / "schedule.json").read_text() == (tmp_path / "plain.json").read_text()
+    monkeypatch.setenv(report.FIGURES_ENV, str(tmp_path / "figures.json"))
+    report.record(epochs=np.int64(3))  # the notebooks' figures go through the same writer
+    assert (tmp_path / "figures.json").read_text() == '{\n  "epochs": 3\n}\n'
+
+
+@pytest.mark.backend
+def test_a_checkpoint_holds_model_state_and_best_weights_in_one_file(tmp_path):
+    import keras
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    run = RunFolder.create(tmp_path / "run", "binary", CONFIG)
+    run.start_training()
+    assert not run.finished and run.read_checkpoint() is None
+    best = [np.full(w.shape, 7.0, w.dtype) for w in model.get_weights()]
+    run.save_checkpoint(model, {"epochs_done": 3, "rows": [{"epoch": 1}]}, best)
+    state, weights = run.read_checkpoint()
+    assert state == {"epochs_done": 3, "rows": [{"epoch": 1}]}
+    assert json.loads(run.checkpoint_state_path.read_text()) == state
+    assert all(np.array_equal(a, b) for a, b in zip(weights, best, strict=True))
+    # checkpoint.json is only a readable copy: a stale one (an interrupt after checkpoint.keras) changes nothing
+    run.checkpoint_state_path.write_text(json.dumps({"epochs_done": 2}))
+    assert run.read_checkpoint()[0]["epochs_done"] == 3
+    loaded = keras.saving.load_model(run.checkpoint_path, compile=False)  # Keras reads it as a model
+    assert all(np.array_equal(a, b) for a, b in zip(loaded.get_weights(), model.get_weights(), strict=True))
+    run.save_checkpoint(model, {"epochs_done": 4})
+    assert run.read_checkpoint() == ({"epochs_done": 4}, None)
+    run.remove_checkpoint()
+    assert not run.checkpoint_path.exists() and not run.checkpoint_state_path.exists()

@@ -178,26 +178,55 @@ def test_selu_unet_drops_batch_norm_and_profile_builds_its_config():
     assert get_profile("full").train_config().lr_schedule == "plateau"
 
 
-def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
+# batch norm, augmentation, a plateau that halves the rate after epoch 5 and a best epoch (4) before the
+# interruptions below: everything a resumed run has to carry over
+RESUME_CONFIG = dataclasses.replace(CONFIG, num_epochs=6, augment=STUDY_AUGMENT, learning_rate=1e-2, batch_norm=True,
+                                    head_bias=-4.0, reduce_lr_patience=1, early_stopping_patience=3)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The data of the resume tests and their run trained without interruption."""
+    data = blobs()
+    train_data, val_data = data.subset(range(8)), data.subset(range(8, 12))
+    folder = tmp_path_factory.mktemp("resume") / "whole"
+    whole = train.train(RESUME_CONFIG, train_data, val_data, run_dir=folder, progress=False, previews=False)
+    return train_data, val_data, whole
+
+
+def interrupt_at(epoch):
+    """A callback that stops training (as the notebook's stop button does) when epoch ``epoch`` (from 1) begins."""
     import keras
 
-    data = blobs()
-    # batch norm, augmentation, a plateau that halves the rate after epoch 5 and a best epoch (4)
-    # before the interruption: everything a resumed run has to carry over
-    config = dataclasses.replace(CONFIG, num_epochs=6, augment=STUDY_AUGMENT, learning_rate=1e-2, batch_norm=True,
-                                 head_bias=-4.0, reduce_lr_patience=1, early_stopping_patience=3)
-    train_data, val_data = data.subset(range(8)), data.subset(range(8, 12))
-    whole = train.train(config, train_data, val_data, run_dir=tmp_path / "whole", progress=False, previews=False)
-
     class Interrupt(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            if epoch == 5:
-                raise KeyboardInterrupt  # as the notebook's stop button does, during epoch 6
+        def on_epoch_begin(self, index, logs=None):
+            if index + 1 == epoch:
+                raise KeyboardInterrupt
 
+    return Interrupt()
+
+
+def assert_same_run(resumed, whole, val_data, folder):
+    """The resumed run is the uninterrupted one: history, best epoch, scores, model and files."""
+    columns = ["loss", "dice", "val_loss", "val_dice", "learning_rate"]
+    np.testing.assert_allclose(resumed.history[columns].to_numpy(), whole.history[columns].to_numpy(), atol=1e-5)
+    assert resumed.metrics["best_epoch"] == whole.metrics["best_epoch"]
+    assert resumed.metrics["dice"] == pytest.approx(whole.metrics["dice"], abs=1e-5)
+    x, _ = train.to_arrays(RESUME_CONFIG, val_data)
+    np.testing.assert_allclose(train.predict_numpy(resumed.model, x), train.predict_numpy(whole.model, x), atol=1e-5)
+    # the checkpoint goes when training ends: the folder is that of the uninterrupted run
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in whole.run_dir.iterdir())
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted):
+    import keras
+
+    train_data, val_data, whole = uninterrupted
+    config = RESUME_CONFIG
     folder = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
         train.train(config, train_data, val_data, run_dir=folder, progress=False, previews=False,
-                    callbacks=[Interrupt()])
+                    callbacks=[interrupt_at(6)])
     assert {"checkpoint.keras", "checkpoint.json"} <= {p.name for p in folder.iterdir()}
     assert len(pd.read_csv(folder / "history.csv")) == 5
     with pytest.raises(FileExistsError, match="resume=True"):
@@ -207,13 +236,84 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
     if keras.backend.backend() == "tensorflow":  # the backend this config was chosen on
         assert whole.history["learning_rate"].iloc[-1] < whole.history["learning_rate"].iloc[0]  # the plateau acted
         assert whole.metrics["best_epoch"] == 4
-    columns = ["loss", "dice", "val_loss", "val_dice", "learning_rate"]
-    np.testing.assert_allclose(resumed.history[columns].to_numpy(), whole.history[columns].to_numpy(), atol=1e-5)
-    assert resumed.metrics["best_epoch"] == whole.metrics["best_epoch"]
-    assert resumed.metrics["dice"] == pytest.approx(whole.metrics["dice"], abs=1e-5)
-    x, _ = train.to_arrays(config, val_data)
-    np.testing.assert_allclose(train.predict_numpy(resumed.model, x), train.predict_numpy(whole.model, x), atol=1e-5)
-    # the checkpoint goes when training ends: the folder is that of the uninterrupted run
-    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert_same_run(resumed, whole, val_data, folder)
     with pytest.raises(ValueError, match="finished"):
         train.train(config, train_data, val_data, run_dir=folder, progress=False, resume=True)
+
+
+def test_a_checkpoint_every_few_epochs_resumes_from_the_last_one_to_the_same_result(tmp_path, uninterrupted):
+    from strokekit.runs import RunFolder
+
+    train_data, val_data, whole = uninterrupted
+    folder = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):  # during epoch 6: the last checkpoint is that of epoch 4
+        train.train(RESUME_CONFIG, train_data, val_data, run_dir=folder, progress=False, previews=False,
+                    callbacks=[interrupt_at(6)], checkpoint_every=2)
+    assert len(pd.read_csv(folder / "history.csv")) == 5
+    assert RunFolder.open(folder).read_checkpoint()[0]["epochs_done"] == 4
+    resumed = train.train(RESUME_CONFIG, train_data, val_data, run_dir=folder, progress=False, previews=False,
+                          resume=True, checkpoint_every=2)
+    assert_same_run(resumed, whole, val_data, folder)
+    with pytest.raises(ValueError, match="checkpoint_every >= 1"):
+        train.train(RESUME_CONFIG, train_data, val_data, run_dir=False, progress=False, checkpoint_every=0)
+
+
+def test_an_interrupt_between_checkpoint_files_does_not_train_an_epoch_twice(tmp_path, uninterrupted, monkeypatch):
+    from strokekit.runs import RunFolder
+
+    train_data, val_data, whole = uninterrupted
+    write_json = RunFolder.write_json
+
+    def interrupted_after_the_model(run, name, obj):  # checkpoint.keras of epoch 5 is written, its json is not
+        if name == "checkpoint.json" and obj.get("epochs_done") == 5:
+            raise KeyboardInterrupt
+        return write_json(run, name, obj)
+
+    folder = tmp_path / "cut"
+    monkeypatch.setattr(RunFolder, "write_json", interrupted_after_the_model)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(RESUME_CONFIG, train_data, val_data, run_dir=folder, progress=False, previews=False)
+    monkeypatch.setattr(RunFolder, "write_json", write_json)
+    assert json.loads((folder / "checkpoint.json").read_text())["epochs_done"] == 4  # the stale copy
+    resumed = train.train(RESUME_CONFIG, train_data, val_data, run_dir=folder, progress=False, previews=False,
+                          resume=True)
+    assert_same_run(resumed, whole, val_data, folder)
+
+
+@pytest.mark.parametrize("patience", [0, 1], ids=["all-epochs", "early-stop"])
+def test_a_run_interrupted_after_its_last_epoch_only_finishes_on_resume(tmp_path, patience):
+    import keras
+
+    from strokekit import engine, models
+    from strokekit.augment import SegmentationLoader
+    from strokekit.runs import RunFolder
+
+    data = blobs()
+    x, y = train.to_arrays(CONFIG, data)
+    loss, metrics = train.loss_and_metrics(CONFIG)
+
+    def fit(folder, resume=False, callbacks=()):
+        loaders = [SegmentationLoader(x[s], y[s], batch_size=4, shuffle=True, seed=0) for s in (slice(8), slice(8, 12))]
+        keras.utils.set_random_seed(0)
+        model = models.unet((32, 32, 1), filters=(4, 8), seed=0)
+        run = RunFolder.create(folder, "binary", CONFIG, resume=resume)
+        phases = [engine.Phase(5, learning_rate=0.2 if patience else 0.05)]  # 0.2 overshoots at once
+        return engine.fit(model, *loaders, phases, loss, metrics, patience=patience, restore_best=False, run=run,
+                          resume=resume, progress=False, callbacks=callbacks)
+
+    class InterruptAtTheEnd(keras.callbacks.Callback):  # after the last epoch's checkpoint, before the final save
+        def on_train_end(self, logs=None):
+            raise KeyboardInterrupt
+
+    whole = fit(tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        fit(tmp_path / "cut", callbacks=[InterruptAtTheEnd()])
+    resumed = fit(tmp_path / "cut", resume=True)
+    if keras.backend.backend() == "tensorflow":  # the learning rates were chosen on it: the run stops at epoch 2
+        assert whole.stopped_early == bool(patience) and len(whole.history) == (2 if patience else 5)
+    assert resumed.stopped_early == whole.stopped_early and len(resumed.history) == len(whole.history)
+    np.testing.assert_allclose(resumed.history["val_loss"], whole.history["val_loss"], atol=1e-6)
+    # the last epoch's weights (restore_best=False), not the fresh model's
+    for a, b in zip(resumed.model.get_weights(), whole.model.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert RunFolder.open(tmp_path / "cut").finished
