@@ -54,6 +54,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # 1.5-2x faster CPU trainin
 import numpy as np
 
 from strokekit import fewshot as fs
+from strokekit.evaluation import compare_patients
 
 METHODS = ("default", "study", "threshold", "background")
 
@@ -98,7 +99,7 @@ def format_table(rows: list[dict]) -> str:
 
 def paired_line(name: str, method: dict[str, float], baseline: dict[str, float]) -> str:
     """One line: a method against the threshold baseline, patient by patient."""
-    c = fs.compare_patients(method, baseline)
+    c = compare_patients(method, baseline)
     return (f"{name} vs threshold, per patient (mean over seeds): better on {c['wins']}/{c['n']} patients "
             f"({c['ties']} ties), mean difference {c['mean_difference']:+.3f} (95 % bootstrap CI over "
             f"patients {c['ci_low']:+.3f} to {c['ci_high']:+.3f})")

@@ -46,7 +46,8 @@ from strokekit import models, paths, preprocess, report, train, transfer
 from strokekit import split as splitting
 from strokekit.augment import STUDY_AUGMENT
 from strokekit.config import get_profile, phantom_config, transfer_settings
-from strokekit.phantom import generate_phantom
+from strokekit.io import load_source_dataset
+from strokekit.phantom import generate_phantom, phantom_source
 from strokekit.runs import RunFolder
 
 # %%
@@ -105,7 +106,7 @@ target_train, target_val = split.dataset(target, "train"), split.dataset(target,
 # validate the pretraining; the checks below confirm that no patient is shared and which lesions each set holds.
 
 # %%
-source = transfer.phantom_source(n_patients=SIZES.source_patients, seed=SOURCE_SEED, target=TARGET_PHANTOM,
+source = phantom_source(n_patients=SIZES.source_patients, seed=SOURCE_SEED, target=TARGET_PHANTOM,
                                  progress=False)
 n_val = max(2, len(source.patients()) // 10)   # source patients are exchangeable: hold out the first 10 %
 source_val = source.select_patients(source.patients()[:n_val])
@@ -153,14 +154,14 @@ plt.show()
 # slowly (Keras' momentum 0.99 averages over a few hundred steps). After the ~100 steps of a CPU run
 # they are still near their starting values, and the network that looked fine during training
 # fails at inference, which uses them. So every network here is built by `new_model`, which sets
-# the momentum of the parameters cell (`transfer.set_batchnorm_momentum`; 0.8 in the quick
+# the momentum of the parameters cell (`models.set_batchnorm_momentum`; 0.8 in the quick
 # profile). Section 4 checks in the trained models that all of this really happened.
 
 # %%
 def new_model(seed=0):
     """The U-Net of BASE (weights drawn from `seed`) with the batch-norm momentum of the parameters."""
     model = models.build_model(BASE.arch, seed=seed, **BASE.model_kwargs())
-    transfer.set_batchnorm_momentum(model, SIZES.bn_momentum)
+    models.set_batchnorm_momentum(model, SIZES.bn_momentum)
     return model
 
 # %% [markdown]
@@ -365,7 +366,7 @@ display(widgets.interactive(
 # **random** weights and one warning says so — the message is printed below either way.
 
 # %%
-imagenet_model, found = transfer.imagenet_unet(IMAGENET_ENCODER,
+imagenet_model, found = models.imagenet_unet(IMAGENET_ENCODER,
                                                input_shape=(BASE.image_size, BASE.image_size, len(BASE.windows)),
                                                seed=0)
 print(found.message)
@@ -420,7 +421,7 @@ if not SIZES.ctich_source:
 elif ctich_path is None:
     print("skipped: ../shared/data/ct-ich is absent (set $STROKEKIT_CTICH to use it).")
 else:
-    ctich = transfer.load_source_dataset("ctich", image_size=BASE.image_size, progress=False,
+    ctich = load_source_dataset("ctich", image_size=BASE.image_size, progress=False,
                                          max_patients=SIZES.ctich_patients)
     held_out = ctich.patients()[: max(2, len(ctich.patients()) // 10)]
     ctich_val = ctich.select_patients(held_out)
@@ -526,7 +527,7 @@ assert all(np.isfinite(v) for v in first_loss.values()) and 0.0 <= best["mean"] 
 # help", that is a result, not a failure.
 #
 # ## Exercises
-# 1. Pretrain on **the same** lesion type: `transfer.phantom_source(..., lesion_types=("ischemic",))`
+# 1. Pretrain on **the same** lesion type: `phantom_source(..., lesion_types=("ischemic",))`
 #    (still another seed, so other patients). Does the learning curve move up?
 # 2. Use the study's fine-tuning rate: set `LR_SCALE` so that `BASE.learning_rate * LR_SCALE` is 1e-5.
 #    What happens with this number of epochs — and why did the study need many more?

@@ -40,7 +40,7 @@ import pandas as pd
 from IPython.display import display
 from scipy import stats
 
-from strokekit import models, multiclass, paths, perfusion
+from strokekit import ctp_phantom, models, multiclass, paths, perfusion
 from strokekit import split as splitting
 from strokekit.config import get_profile, phantom_config
 
@@ -55,7 +55,7 @@ PROFILE = get_profile()
 PHANTOM = phantom_config(PROFILE, n_patients=2 * PROFILE.phantom_patients, empty_slices_per_patient=0,
                          image_size=PROFILE.image_size, lesion_types=("ischemic",))
 SOURCE = dataclasses.replace(PHANTOM, n_patients=PROFILE.phantom_patients, seed=1)   # other patients, for pretraining
-MAPS = perfusion.PerfusionConfig()           # normal CBF 60/25, CBV 4/2, core rCBF < 0.3, penumbra Tmax > 6 s
+MAPS = ctp_phantom.PerfusionConfig()           # normal CBF 60/25, CBV 4/2, core rCBF < 0.3, penumbra Tmax > 6 s
 EPOCHS = {"quick": 3, "full": 4}[PROFILE.mode] * PROFILE.num_epochs   # quick: 30, in the course's time budget
 TRAIN = perfusion.PerfusionTrainConfig(
     filters=PROFILE.filters,
@@ -85,7 +85,7 @@ print(PROFILE.name, f"· {PROFILE.image_size} px, {EPOCHS} epochs, {len(SEEDS)} 
 # in the same hemisphere becomes its penumbra. It is a drawing by rules, not a perfusion model.
 
 # %%
-ctp = perfusion.perfusion_phantom(PHANTOM, MAPS, progress=False)
+ctp = ctp_phantom.perfusion_phantom(PHANTOM, MAPS, progress=False)
 lvo = int(np.argmax(np.where(ctp.extra["occlusion"] == "LVO", (ctp.masks == 2).sum(axis=(1, 2)), -1)))
 other = int(np.argmax(np.where(ctp.extra["occlusion"] == "other", (ctp.masks == 3).sum(axis=(1, 2)), -1)))
 display(perfusion.plot_maps(ctp, lvo))
@@ -168,7 +168,7 @@ del m
 # copy per set of trainable blocks, so the many runs below do not each wait for Keras to compile.
 
 # %%
-source = perfusion.perfusion_phantom(SOURCE, MAPS, progress=False)
+source = ctp_phantom.perfusion_phantom(SOURCE, MAPS, progress=False)
 source_split = splitting.random_split(source, test=0, val=0.2, seed=0)
 pool = perfusion.ModelPool()
 pretrained = perfusion.train_perfusion(
@@ -251,7 +251,7 @@ picks = [int(np.argmax(np.where(groups == g, cores, -1))) for g in ("LVO", "othe
 cmap = plt.matplotlib.colors.ListedColormap(["black", "#555555", "#f2c94c", "#d62728"])
 fig, axes = plt.subplots(len(picks), 4, figsize=(11, 2.9 * len(picks)))
 for r, i in enumerate(picks):
-    tmax = perfusion.to_physical(test_data.images[i])["tmax"]
+    tmax = ctp_phantom.to_physical(test_data.images[i])["tmax"]
     axes[r, 0].imshow(tmax, cmap="turbo", vmin=0, vmax=14)
     axes[r, 0].set_title(f"{test_data.case_ids[i]} Tmax ({groups[i]})", fontsize=8)
     for c, (labels, name) in enumerate(((test_data.masks[i], "truth"), (threshold[i], "threshold rule"),
@@ -297,7 +297,7 @@ display(widgets.interactive(
 # ## Exercises
 # 1. Train without the clinical input (`use_clinical=False`, from scratch: the pretrained model
 #    has a clinical input). Does NIHSS help the core, the penumbra, or neither?
-# 2. Set `MAPS = perfusion.PerfusionConfig(noise=2.0)`. Which suffers more, the threshold rule or
+# 2. Set `MAPS = ctp_phantom.PerfusionConfig(noise=2.0)`. Which suffers more, the threshold rule or
 #    the network? Why would a network trained on one scanner's noise struggle on another's?
 # 3. Drop the MIP channel (build the model with four inputs). Which class loses most?
 # 4. Change `SOURCE` to `seed=0` (the same patients as the target set): what does pretraining on

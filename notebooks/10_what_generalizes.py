@@ -51,10 +51,11 @@ import numpy as np
 import pandas as pd
 from IPython.display import display
 
+from strokekit import evaluation, paths, report
 from strokekit import fewshot as fs
-from strokekit import paths, report
 from strokekit.config import get_profile
 from strokekit.preprocess import overlay_mask
+from strokekit.runs import load_fitted, save_fitted
 
 # %%
 print(f"keras {keras.__version__} · backend {keras.backend.backend()}")
@@ -209,7 +210,7 @@ if HAVE_DATA:
     last = len(STEPS) - 1
     ours_pp = {p: float(np.mean([per_patient[(last, s)][p] for s in SEEDS])) for p in per_patient[(last, SEEDS[0])]}
     thr_pp = fs.patient_dice(thr_pred, test_data)
-    paired = fs.compare_patients(ours_pp, thr_pp)
+    paired = evaluation.compare_patients(ours_pp, thr_pp)
     print(f"kit default vs threshold: better on {paired['wins']} of {paired['n']} patients, worse on "
           f"{paired['losses']}; mean difference {paired['mean_difference']:+.3f} "
           f"(95 % CI over patients {paired['ci_low']:+.3f} to {paired['ci_high']:+.3f})")
@@ -296,12 +297,12 @@ if HAVE_DATA:
 
 # %%
 if HAVE_DATA:
-    fs.save_fitted(ct_fit, CT_RUN, overwrite=True,
-                   trained_on=f"CT-ICH patients 49, 50, 51 (protocol {PROTOCOL}; traumatic haemorrhage)",
-                   scores=dict(test_per_patient_dice=ct_result["per_patient_dice"],
-                               test_data=f"CT-ICH, 266 lesion slices of 32 new patients ({proto_size} px masks)",
-                               threshold_baseline_per_patient_dice=thr_small["per_patient_dice"]))
-    back = fs.load_fitted(CT_RUN)
+    save_fitted(ct_fit, CT_RUN, overwrite=True,
+                trained_on=f"CT-ICH patients 49, 50, 51 (protocol {PROTOCOL}; traumatic haemorrhage)",
+                scores=dict(test_per_patient_dice=ct_result["per_patient_dice"],
+                            test_data=f"CT-ICH, 266 lesion slices of 32 new patients ({proto_size} px masks)",
+                            threshold_baseline_per_patient_dice=thr_small["per_patient_dice"]))
+    back = load_fitted(CT_RUN)
     assert back.threshold == ct_fit.threshold and back.recipe == ct_fit.recipe
     figures = report.record(default_own_size_pp_dice=ct_result["per_patient_dice"],
                             threshold_protocol_pp_dice=thr_small["per_patient_dice"])

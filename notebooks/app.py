@@ -19,7 +19,6 @@
 
 # %%
 # %matplotlib inline
-import json
 import os
 import re
 
@@ -35,6 +34,7 @@ from strokekit.augment import STUDY_AUGMENT
 from strokekit.config import get_profile, phantom_config
 from strokekit.phantom import generate_phantom, make_volume
 from strokekit.preprocess import window_hu
+from strokekit.runs import RunFolder
 
 # %%
 print(f"strokekit {strokekit.__version__} · keras {keras.__version__} ({keras.backend.backend()})")
@@ -262,7 +262,7 @@ def on_demo(button) -> None:
     try:
         folder = train_demo_model()
         refresh_models(select=str(folder))
-        dice = json.loads((folder / "metrics.json").read_text()).get("dice", float("nan"))
+        dice = RunFolder.open(folder).metrics.get("dice", float("nan"))
         say(f"Demo model trained and loaded (validation Dice {dice:.2f} on phantom slices of a patient it "
             "never saw): it knows the phantom, not real CT. Upload a file.")
     except Exception as exc:  # noqa: BLE001
@@ -332,7 +332,7 @@ display(dashboard)
 # **Models.** The list shows the run folders under the runs folder that the app can apply, each with
 # what it was trained on and what it scored on which data: the phantom models of notebooks 04–06 and
 # 09 (a binary slice model and its `config.json`), and few-shot CT recipes that notebook 10 saves
-# with `strokekit.fewshot.save_fitted` when the CT-ICH slices are present (the whole recipe is
+# with `strokekit.runs.save_fitted` when the CT-ICH slices are present (the whole recipe is
 # applied: input channels, flips, restriction to the brain, its tuned threshold). Notebook 07's
 # multiclass and notebook 08's perfusion runs are not listed. The model picked first is the best
 # *for CT*: the few-shot run with the best test Dice on CT patients, else the phantom model with the
@@ -344,7 +344,7 @@ display(dashboard)
 # %%
 if AUTO_DEMO:                           # headless: (re)train the demo model and check that it learned
     on_demo(demo_btn)
-    demo_dice = json.loads((DEMO_RUN / "metrics.json").read_text())["dice"]
+    demo_dice = RunFolder.open(DEMO_RUN).metrics["dice"]
     print(f"demo model: validation Dice {demo_dice:.3f} on the phantom")
     assert not CHECK_LEARNING or demo_dice >= 0.5                # it finds the phantom lesion (quick profile floor)
     report.record(demo_val_dice=demo_dice)

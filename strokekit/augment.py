@@ -837,6 +837,63 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+# ---------------------------------------------------------------------------- crops
+def sample_patches(
+    images: np.ndarray,
+    masks: np.ndarray,
+    patch_size: int,
+    per_slice: int,
+    foreground_fraction: float = 0.5,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random square crops of slices, a share of them guaranteed to contain a lesion pixel.
+
+    For a foreground crop a lesion pixel is drawn at random and the crop's corner is drawn so
+    that the pixel lies anywhere inside it (not always in the centre); other crops are uniform.
+    Slices without lesion pixels give uniform crops only.
+
+    Introduced in notebooks/10_what_generalizes.ipynb.
+
+    Args:
+        images: (N, H, W) or (N, H, W, C).
+        masks: (N, H, W).
+        patch_size: crop side (at most min(H, W)).
+        per_slice: crops per slice.
+        foreground_fraction: probability that a crop of a lesion slice is a foreground crop.
+        seed: seed of the draw.
+
+    Returns:
+        (patches (N·per_slice, p, p[, C]), patch masks (N·per_slice, p, p)).
+    """
+    images, masks = np.asarray(images), np.asarray(masks)
+    n, h, w = masks.shape
+    p = int(patch_size)
+    if p > min(h, w) or p < 1:
+        raise ValueError(f"patch_size must lie in 1..{min(h, w)}, got {patch_size!r}")
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 11]))
+    out_x, out_y = [], []
+    for i in range(n):
+        lesion = np.argwhere(masks[i] > 0)
+        for _ in range(int(per_slice)):
+            if len(lesion) and rng.random() < foreground_fraction:
+                r, c = lesion[rng.integers(len(lesion))]
+                r0 = rng.integers(max(0, r - p + 1), min(r, h - p) + 1)
+                c0 = rng.integers(max(0, c - p + 1), min(c, w - p) + 1)
+            else:
+                r0, c0 = rng.integers(0, h - p + 1), rng.integers(0, w - p + 1)
+            out_x.append(images[i, r0:r0 + p, c0:c0 + p])
+            out_y.append(masks[i, r0:r0 + p, c0:c0 + p])
+    return np.stack(out_x), np.stack(out_y)
+
+
+def tile_patches(x: np.ndarray, y: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
+    """Non-overlapping p x p tiles of every slice (for a validation loss on crop-sized inputs)."""
+    n, h, w = y.shape
+    xs = [x[:, r:r + p, c:c + p] for r in range(0, h - p + 1, p) for c in range(0, w - p + 1, p)]
+    ys = [y[:, r:r + p, c:c + p] for r in range(0, h - p + 1, p) for c in range(0, w - p + 1, p)]
+    return np.concatenate(xs), np.concatenate(ys)
+
+
 # ---------------------------------------------------------------------------- offline oversampling
 def _check_writable_images(dataset: SliceDataset, folder: Path) -> float:
     """The factor that turns the dataset's images into 8-bit pixels (255 for [0, 1] images)."""

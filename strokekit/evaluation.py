@@ -29,9 +29,11 @@ __all__ = [
     "RUN_COLUMNS",
     "bootstrap_ci",
     "choose_threshold",
+    "compare_patients",
     "error_overlay",
     "find_runs",
     "paired_comparison",
+    "per_patient_dice",
     "plot_error_overlays",
     "plot_metric_boxes",
     "plot_threshold_sweep",
@@ -234,6 +236,53 @@ def paired_comparison(
         "rank_biserial": rank_biserial,
         "cohens_dz": dz,
     }
+
+
+def compare_patients(method: dict[str, float], baseline: dict[str, float], draws: int = 10000,
+                     seed: int = 0) -> dict[str, float]:
+    """Two methods patient by patient (e.g. :func:`strokekit.fewshot.patient_dice` of each): wins, a bootstrap interval.
+
+    Two means over 32 patients can differ by less than their spread; the paired view asks on
+    how many patients one method beats the other and how sure the mean difference is. The 95 %
+    interval is a percentile bootstrap over patients (seeded): it shows how much the difference
+    depends on which patients are in the test set, not on training seeds. (Seeded on its own, not
+    like :func:`paired_comparison`, so the few-shot study's figures stay as they were.)
+
+    Introduced in notebooks/10_what_generalizes.ipynb.
+
+    Args:
+        method: ``{patient_id: score}``.
+        baseline: ``{patient_id: score}``; only patients in both are compared.
+        draws: bootstrap resamples.
+        seed: seed of the resampling.
+
+    Returns:
+        ``n`` (patients compared), ``wins`` (method higher), ``ties``, ``losses``,
+        ``mean_difference`` (method − baseline), ``ci_low``, ``ci_high``.
+
+    Raises:
+        ValueError: no patient in common.
+    """
+    common = [p for p in method if p in baseline]
+    if not common:
+        raise ValueError("the two methods share no patient")
+    diff = np.array([float(method[p]) - float(baseline[p]) for p in common])
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 13]))
+    boot = diff[rng.integers(0, len(diff), size=(int(draws), len(diff)))].mean(axis=1)
+    low, high = np.percentile(boot, [2.5, 97.5])
+    ties = int((np.abs(diff) <= 1e-12).sum())
+    wins = int((diff > 1e-12).sum())
+    return dict(n=len(diff), wins=wins, ties=ties, losses=len(diff) - wins - ties,
+                mean_difference=float(diff.mean()), ci_low=float(low), ci_high=float(high))
+
+
+def per_patient_dice(counts: np.ndarray, patient_ids: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(patients sorted by id, the Dice of each one's pooled pixels) from per-slice confusion counts
+    (:func:`strokekit.metrics.slice_confusion`); ids are compared as strings."""
+    uniq, inverse = np.unique(np.asarray(patient_ids, dtype=object).astype(str), return_inverse=True)
+    per = np.zeros((len(uniq), 4), dtype=np.int64)
+    np.add.at(per, inverse, counts)
+    return uniq, metrics_from_counts(*per.T)["dice"]
 
 
 # --------------------------------------------------------------------------- thresholds

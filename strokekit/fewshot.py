@@ -10,8 +10,8 @@ skull) instead of *what* blood looks like, and a specificity of 0.996 hides it.
 This module holds what notebooks/10 and ``benchmarks/bench_fewshot_ctich.py`` share:
 
 * :data:`PROTOCOLS`, :func:`protocol_split`, :func:`load_protocol` — the fixed patient split;
-* :func:`threshold_in_brain`, :func:`fit_threshold` — the classical baseline (bright pixels
-  inside :func:`strokekit.preprocess.brain_mask`, see :func:`brain_mask_stack`),
+* :func:`threshold_baseline` — the classical baseline (bright pixels inside the brain:
+  :func:`strokekit.preprocess.threshold_in_brain`, band by :func:`strokekit.preprocess.fit_threshold`),
   :func:`all_background` — the trivial one;
 * :class:`FewShotRecipe`, :data:`FEWSHOT_DEFAULT`, :data:`STUDY_RECIPE`, :func:`fit_recipe`,
   :func:`predict_recipe` — a trained network plus everything around it (lesion-free slices,
@@ -29,24 +29,32 @@ Introduced in notebooks/10_what_generalizes.ipynb.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
-from .augment import STUDY_AUGMENT
+from .augment import STUDY_AUGMENT, sample_patches, tile_patches
 from .config import Profile, get_profile, seed_everything, to_dict
 from .dataset import SliceDataset, concat
+from .engine import recalibrate_batchnorm
 from .errors import DataError
+from .evaluation import per_patient_dice
 from .io import _natural_key, load_ctich
-from .metrics import aggregate, metrics_from_counts, slice_confusion
+from .metrics import aggregate, slice_confusion
 from .paths import ctich_dir
-from .preprocess import brain_mask, resize_dataset, resize_image, skull_enclosure, window_hu
-from .runs import FEWSHOT_FILE, RunFolder
+from .preprocess import (
+    DISPLAY_WINDOW,
+    brain_mask_stack,
+    cranial_slices,
+    dilate_cross,
+    display_levels,
+    fit_threshold,
+    resize_dataset,
+    resize_image,
+    threshold_in_brain,
+)
 from .split import Split, check_leakage
 
 # STRONG_AUGMENT: kept here under the name notebook 10 and the tests know.
@@ -221,266 +229,6 @@ def load_protocol(
 
 
 # ----------------------------------------------------------------------------- baselines
-def _stack(images: np.ndarray) -> tuple[np.ndarray, bool]:
-    images = np.asarray(images, dtype=np.float32)
-    if images.ndim == 4 and images.shape[-1] == 1:
-        images = images[..., 0]
-    if images.ndim == 2:
-        return images[None], True
-    if images.ndim != 3:
-        raise ValueError(f"expected one slice (H, W) or a stack (N, H, W), got shape {images.shape}")
-    return images, False
-
-
-def _levels(images: np.ndarray, unit: str) -> np.ndarray:
-    """Intensities on the scale the thresholds use: 0..255 display levels, or HU."""
-    if unit == "HU":
-        return images
-    if unit == "display":
-        # display images come as 0..255 or as 0..1; decide once per stack, not per slice, so a
-        # dark slice is not rescaled differently from its neighbours.
-        scale = 255.0 if images.size and float(images.max()) <= 1.0 else 1.0
-        return images * scale
-    raise ValueError(f"Expected one of ['HU', 'display']. Received: unit={unit!r}")
-
-
-def brain_mask_stack(images: np.ndarray, unit: str = "display") -> np.ndarray:
-    """:func:`strokekit.preprocess.brain_mask` of every slice of a stack.
-
-    On the CT-ICH PNGs at 128 px it is non-empty on 86 % of slices (the rest are neck, vertex
-    caps and blank slices) and holds 99.6 % of the haemorrhage pixels, so restricting a
-    prediction to it costs (almost) no lesion. A slice without brain gets an empty mask: nothing
-    is predicted there.
-
-    Introduced in notebooks/10_what_generalizes.ipynb.
-
-    Args:
-        images: (H, W) or (N, H, W) slices (a trailing channel axis of 1 is allowed).
-        unit: ``"display"`` (0..255 or 0..1) or ``"HU"``.
-
-    Returns:
-        bool array of the images' shape (without channel axis).
-
-    Raises:
-        ValueError: bad shape.
-    """
-    stack, single = _stack(images)
-    out = np.zeros(stack.shape, dtype=bool)
-    for i, image in enumerate(stack):
-        out[i] = brain_mask(image, unit=unit)
-    return out[0] if single else out
-
-
-#: :func:`cranial_slices`: the skull must surround a slice's brain mask in this share of directions.
-MIN_SKULL_ENCLOSURE = 0.9
-#: ... measured at about this side: at 128 px a thin skull base loses its bone to resizing.
-ENCLOSURE_SIDE = 256
-
-
-def cranial_slices(data: SliceDataset, brains: np.ndarray | None = None) -> np.ndarray:
-    """Which slices of a scan pass through the cranium: (N,) bool.
-
-    A slice through the neck or the face has soft tissue between bones, which
-    :func:`brain_mask_stack` takes for brain; a model trained on brain slices paints lesions
-    there. A slice counts as cranial when the skull surrounds its brain mask in at least
-    :data:`MIN_SKULL_ENCLOSURE` of the directions (:func:`strokekit.preprocess.skull_enclosure`),
-    measured at about :data:`ENCLOSURE_SIDE` px. Measured on CT-ICH at 256 px: every lesion slice
-    of the protocol's training and validation patients (49, 50, 51, 66) scores 0.958 or more; on the
-    whole scans of the 32 test patients the slices below 0.9 hold 0.3 % of the lesion pixels and 37 %
-    of the few-shot default's false positives. Slices smaller than :data:`ENCLOSURE_SIDE` (the
-    bone is lost; the shorter side counts) all count as cranial. HU slices are judged in the CT-ICH display window
-    (:func:`as_display`), where the threshold was measured. ``brains``: the
-    :func:`brain_mask_stack` of those display slices at their own size, when the caller has it
-    (used where the enclosure is measured at that size).
-
-    Introduced in notebooks/09_3d_reconstruction.ipynb.
-    """
-    if data.unit != "display":  # measured in the display window: bone is what saturates it
-        data = as_display(data)
-    images = data.images if data.images.ndim == 3 else data.images[..., 0]
-    side = min(images.shape[1:3]) if len(images) else 0
-    if side < ENCLOSURE_SIDE:
-        return np.ones(len(images), dtype=bool)
-    step = side // ENCLOSURE_SIDE
-    small = np.asarray(images[:, ::step, ::step], dtype=np.float32)
-    if brains is None or step > 1:
-        brains = brain_mask_stack(small, unit="display")
-    return np.array([skull_enclosure(image, brain, "display") >= MIN_SKULL_ENCLOSURE
-                     for image, brain in zip(small, brains)], dtype=bool)
-
-
-def _shift_and(mask: np.ndarray, fill: bool) -> np.ndarray:
-    """Erosion (fill=True→False border) or dilation helper: the 4 neighbours of every pixel."""
-    padded = np.pad(mask, ((0, 0), (1, 1), (1, 1)), constant_values=fill)
-    return padded[:, :-2, 1:-1], padded[:, 2:, 1:-1], padded[:, 1:-1, :-2], padded[:, 1:-1, 2:]
-
-
-def _erode_cross(mask: np.ndarray) -> np.ndarray:
-    up, down, left, right = _shift_and(mask, False)
-    return mask & up & down & left & right
-
-
-def _dilate_cross(mask: np.ndarray) -> np.ndarray:
-    up, down, left, right = _shift_and(mask, False)
-    return mask | up | down | left | right
-
-
-def _clean(candidate: np.ndarray, opening: int, min_size: int) -> np.ndarray:
-    """Opening with a 4-connected cross and small-component removal, slice by slice (N, H, W).
-
-    NumPy shifts instead of scipy's n-d morphology: the whole stack in one pass, nothing
-    connecting across slices, and several times faster on a busy CPU.
-    """
-    for _ in range(opening):
-        candidate = _erode_cross(candidate)
-    for _ in range(opening):
-        candidate = _dilate_cross(candidate)
-    if min_size > 1 and candidate.any():
-        square = np.zeros((3, 3, 3), dtype=bool)
-        square[1] = True
-        labels, count = ndimage.label(candidate, structure=square)
-        sizes = np.bincount(labels.ravel(), minlength=count + 1)
-        small = sizes < min_size
-        small[0] = True
-        candidate = ~small[labels]
-    return candidate
-
-
-def _eroded(brains: np.ndarray, erosion: int) -> np.ndarray:
-    """Erode each mask by ``erosion`` pixels (4-connected cross)."""
-    out = brains
-    for _ in range(int(erosion)):
-        out = _erode_cross(out)
-    return out
-
-
-def threshold_in_brain(
-    images: np.ndarray,
-    brain_masks: np.ndarray | None = None,
-    unit: str = "display",
-    low: float = 150.0,
-    high: float = 230.0,
-    erosion: int = 1,
-    opening: int = 1,
-    min_size: int = 4,
-) -> np.ndarray:
-    """The classical baseline: hyperdense pixels inside the brain, lightly cleaned up.
-
-    Fresh blood is brighter than brain (about 50–90 HU against 20–40 HU; in the 8-bit
-    brain-windowed CT-ICH PNGs blood lies around 150–200, brain around 100–130) and darker than
-    bone, so a band of intensities inside the brain finds much of it without any training.
-    The brain mask is eroded first because the skull's inner edge, blurred by the pixel size,
-    passes through the same band all around the head; then a morphological opening and a
-    minimum component size remove isolated speckle.
-
-    Introduced in notebooks/10_what_generalizes.ipynb.
-
-    Args:
-        images: (H, W) or (N, H, W) slices (a trailing channel axis of 1 is allowed).
-        brain_masks: bool masks of the same shape; default :func:`brain_mask_stack`.
-        unit: ``"display"`` (thresholds in 0..255 levels; 0..1 images are scaled up) or ``"HU"``.
-        low: lowest intensity counted as blood (inclusive).
-        high: highest intensity counted as blood (inclusive); bone lies above.
-        erosion: pixels removed from the brain mask's border (0 keeps it).
-        opening: iterations of binary opening with a 4-connected cross (0 skips it).
-        min_size: connected regions smaller than this many pixels are dropped.
-
-    Returns:
-        uint8 masks (0/1) of the images' shape (without channel axis).
-
-    Raises:
-        ValueError: bad shapes, ``low > high``, negative sizes or an unknown unit.
-    """
-    stack, single = _stack(images)
-    if low > high:
-        raise ValueError(f"low must not exceed high, got low={low!r}, high={high!r}")
-    if min(erosion, opening, min_size) < 0:
-        raise ValueError(f"erosion, opening and min_size must be >= 0, got {erosion}, {opening}, {min_size}")
-    levels = _levels(stack, unit)
-    if brain_masks is None:
-        brains = brain_mask_stack(stack, unit=unit)
-    else:
-        brains, _ = _stack(np.asarray(brain_masks, dtype=np.float32))
-        brains = brains > 0
-        if brains.shape != stack.shape:
-            raise ValueError(f"brain_masks shape {brains.shape} does not match images shape {stack.shape}")
-    brains = _eroded(brains, int(erosion))
-    band = (levels >= low) & (levels <= high) & brains
-    out = _clean(band, int(opening), int(min_size)).astype(np.uint8)
-    return out[0] if single else out
-
-
-def fit_threshold(
-    train_images: np.ndarray,
-    train_masks: np.ndarray,
-    brain_masks: np.ndarray | None = None,
-    unit: str = "display",
-    lows: Sequence[float] | None = None,
-    highs: Sequence[float] | None = None,
-    erosions: Sequence[int] = (0, 1, 2, 3),
-    opening: int = 1,
-    min_size: int = 4,
-    patient_ids: Sequence[Any] | None = None,
-) -> dict[str, float]:
-    """Choose the band (and brain-mask erosion) of :func:`threshold_in_brain` by grid search.
-
-    Give it training or validation slices only: a band chosen on the test patients would make
-    the baseline look better than it is.
-
-    Introduced in notebooks/10_what_generalizes.ipynb.
-
-    Args:
-        train_images: (N, H, W) slices.
-        train_masks: (N, H, W) true masks (non-zero = lesion).
-        brain_masks: precomputed brain masks; default :func:`brain_mask_stack`.
-        unit: ``"display"`` or ``"HU"``.
-        lows: candidate lower bounds; default 110..200 (display) or 30..80 HU in steps.
-        highs: candidate upper bounds; default 190..255 (display) or 80..130 HU.
-        erosions: candidate brain-mask erosions in pixels.
-        opening: passed to :func:`threshold_in_brain`.
-        min_size: passed to :func:`threshold_in_brain`.
-        patient_ids: when given, maximise the mean of per-patient Dice (each patient's pixels
-            pooled) instead of the pooled Dice of all slices.
-
-    Returns:
-        ``{"low", "high", "erosion", "dice"}``: the best band and its Dice on these slices (ties
-        go to the first in grid order: lowest erosion, lowest low, lowest high).
-
-    Raises:
-        ValueError: shapes differ, or no candidate has ``low <= high``.
-    """
-    stack, _ = _stack(train_images)
-    truth = np.asarray(train_masks)
-    if truth.ndim == 2:
-        truth = truth[None]
-    if truth.shape != stack.shape:
-        raise ValueError(f"train_masks shape {truth.shape} does not match images shape {stack.shape}")
-    if lows is None:
-        lows = np.arange(110, 201, 5) if unit == "display" else np.arange(30, 81, 5)
-    if highs is None:
-        highs = (190, 205, 220, 235, 255) if unit == "display" else (80, 90, 100, 115, 130)
-    brains = brain_mask_stack(stack, unit=unit) if brain_masks is None else np.asarray(brain_masks) > 0
-    best: dict[str, float] | None = None
-    for erosion in erosions:
-        eroded = _eroded(brains, int(erosion))
-        for low in lows:
-            for high in highs:
-                if low > high:
-                    continue
-                pred = threshold_in_brain(stack, eroded, unit=unit, low=float(low), high=float(high),
-                                          erosion=0, opening=opening, min_size=min_size)
-                counts = slice_confusion(truth > 0, pred > 0)
-                if patient_ids is None:
-                    score = metrics_from_counts(*counts.sum(axis=0))["dice"]
-                else:
-                    score = float(np.mean(_patient_dice(counts, patient_ids)[1]))
-                if best is None or score > best["dice"] + 1e-12:
-                    best = dict(low=float(low), high=float(high), erosion=int(erosion), dice=score)
-    if best is None:
-        raise ValueError("no candidate band with low <= high; widen lows/highs")
-    return best
-
-
 def threshold_baseline(train: SliceDataset, val: SliceDataset,
                        test: SliceDataset) -> tuple[dict[str, float], np.ndarray]:
     """The protocol's classical baseline: a band fitted on the lesion slices of train and val, applied to test.
@@ -488,7 +236,8 @@ def threshold_baseline(train: SliceDataset, val: SliceDataset,
     Introduced in notebooks/10_what_generalizes.ipynb.
 
     Returns:
-        (band from :func:`fit_threshold`, 0/1 masks of :func:`threshold_in_brain` on ``test``).
+        (band from :func:`strokekit.preprocess.fit_threshold`, 0/1 masks of
+        :func:`strokekit.preprocess.threshold_in_brain` on ``test``).
     """
     dev = [d.subset(np.flatnonzero(lesion_flags(d))) for d in (train, val)]
     band = fit_threshold(np.concatenate([d.images for d in dev]), np.concatenate([d.masks for d in dev]),
@@ -496,14 +245,6 @@ def threshold_baseline(train: SliceDataset, val: SliceDataset,
     pred = threshold_in_brain(test.images, unit=test.unit, low=band["low"], high=band["high"],
                               erosion=int(band["erosion"]))
     return band, pred
-
-
-def _patient_dice(counts: np.ndarray, patient_ids: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
-    """(patients sorted by id, the Dice of each one's pooled pixels) from per-slice confusion counts."""
-    uniq, inverse = np.unique(np.asarray(patient_ids, dtype=object).astype(str), return_inverse=True)
-    per = np.zeros((len(uniq), 4), dtype=np.int64)
-    np.add.at(per, inverse, counts)
-    return uniq, metrics_from_counts(*per.T)["dice"]
 
 
 def all_background(images: np.ndarray) -> np.ndarray:
@@ -554,7 +295,7 @@ def evaluate_protocol(pred: np.ndarray, data: SliceDataset, threshold: float = 0
         raise ValueError("evaluate_protocol needs patient ids (per-patient Dice)")
     table = aggregate(data.masks > 0, pred, data.patient_ids, threshold=threshold,
                       metrics=("dice", "sensitivity", "specificity"))
-    _, per_dice = _patient_dice(slice_confusion(data.masks > 0, pred, threshold), data.patient_ids)
+    _, per_dice = per_patient_dice(slice_confusion(data.masks > 0, pred, threshold), data.patient_ids)
     return dict(
         per_patient_dice=float(table.loc["dice", "mean_of_patients"]),
         per_patient_dice_sd=float(per_dice.std(ddof=1)) if len(per_dice) > 1 else 0.0,
@@ -572,46 +313,9 @@ def patient_dice(pred: np.ndarray, data: SliceDataset, threshold: float = 0.5) -
 
     Introduced in notebooks/10_what_generalizes.ipynb.
     """
-    uniq, dice = _patient_dice(slice_confusion(data.masks > 0, np.asarray(pred), threshold), data.patient_ids)
+    uniq, dice = per_patient_dice(slice_confusion(data.masks > 0, np.asarray(pred), threshold), data.patient_ids)
     score = dict(zip(uniq.tolist(), dice.tolist()))
     return {p: score[p] for p in dict.fromkeys(str(p) for p in data.patient_ids)}
-
-
-def compare_patients(method: dict[str, float], baseline: dict[str, float], draws: int = 10000,
-                     seed: int = 0) -> dict[str, float]:
-    """Two methods patient by patient (e.g. :func:`patient_dice` of each): wins and a bootstrap interval.
-
-    Two means over 32 patients can differ by less than their spread; the paired view asks on
-    how many patients one method beats the other and how sure the mean difference is. The 95 %
-    interval is a percentile bootstrap over patients (seeded): it shows how much the difference
-    depends on which patients are in the test set, not on training seeds.
-
-    Introduced in notebooks/10_what_generalizes.ipynb.
-
-    Args:
-        method: ``{patient_id: score}``.
-        baseline: ``{patient_id: score}``; only patients in both are compared.
-        draws: bootstrap resamples.
-        seed: seed of the resampling.
-
-    Returns:
-        ``n`` (patients compared), ``wins`` (method higher), ``ties``, ``losses``,
-        ``mean_difference`` (method − baseline), ``ci_low``, ``ci_high``.
-
-    Raises:
-        ValueError: no patient in common.
-    """
-    common = [p for p in method if p in baseline]
-    if not common:
-        raise ValueError("the two methods share no patient")
-    diff = np.array([float(method[p]) - float(baseline[p]) for p in common])
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 13]))
-    boot = diff[rng.integers(0, len(diff), size=(int(draws), len(diff)))].mean(axis=1)
-    low, high = np.percentile(boot, [2.5, 97.5])
-    ties = int((np.abs(diff) <= 1e-12).sum())
-    wins = int((diff > 1e-12).sum())
-    return dict(n=len(diff), wins=wins, ties=ties, losses=len(diff) - wins - ties,
-                mean_difference=float(diff.mean()), ci_low=float(low), ci_high=float(high))
 
 
 # ----------------------------------------------------------------------------- the recipe
@@ -644,13 +348,13 @@ class FewShotRecipe:
         foreground_fraction: share of a lesion slice's crops that contain a lesion pixel (at a
             random position in the crop, so lesions are not always central).
         recalibrate_bn: after training, recompute the batch-normalisation statistics on the
-            whole (unaugmented) training slices (:func:`recalibrate_batchnorm`).
+            whole (unaugmented) training slices (:func:`strokekit.engine.recalibrate_batchnorm`).
         display_windows: contrast stretches of the 8-bit display range, each an extra input
             channel ``clip((level - low) / (high - low), 0, 1)``: the PNGs are already
             brain-windowed, so a narrow window (e.g. 130–230) is the closest thing to a
             "blood window" that can still be had.
-        candidate_channel: add the threshold-in-brain map (:func:`threshold_in_brain`, band
-            fitted on the training slices by :func:`fit_threshold`) as an input channel: the
+        candidate_channel: add the threshold-in-brain map (:func:`strokekit.preprocess.threshold_in_brain`,
+            band fitted on the training slices by :func:`strokekit.preprocess.fit_threshold`) as an input channel: the
             network then learns which bright candidates are blood rather than finding them.
         context_slices: neighbouring slices on each side of a slice given as extra input
             channels (2.5-D): the slices ``k`` positions above and below in the same patient's
@@ -795,12 +499,6 @@ def _choose_slices(data: SliceDataset, ratio: float, seed: int) -> SliceDataset:
     return data.subset(keep)
 
 
-#: The brain window of the CT-ICH PNGs, (level, width) in HU (about L40/W120, ``SOURCE.md`` of the data):
-#: :func:`as_display` maps HU slices through it, so a recipe trained on those PNGs sees a CT scan
-#: in HU (DICOM, NIfTI) the way it saw its training slices.
-DISPLAY_WINDOW = (40.0, 120.0)
-
-
 def as_display(data: SliceDataset, window: tuple[float, float] = DISPLAY_WINDOW) -> SliceDataset:
     """Slices in display levels 0..255: HU slices through ``window``; display slices unchanged.
 
@@ -808,9 +506,8 @@ def as_display(data: SliceDataset, window: tuple[float, float] = DISPLAY_WINDOW)
     """
     if data.unit == "display":
         return data
-    levels = (window_hu(data.images, window) * 255.0).astype(np.float32)
-    extra = {k: (window_hu(v, window) * 255.0).astype(np.float32) if k in _CONTEXT_COLUMNS else v
-             for k, v in data.extra.items()}
+    levels = display_levels(data.images, window)
+    extra = {k: display_levels(v, window) if k in _CONTEXT_COLUMNS else v for k, v in data.extra.items()}
     return data.replace(images=levels, unit="display", extra=extra)
 
 
@@ -872,7 +569,7 @@ def _model_inputs(recipe: FewShotRecipe, data: SliceDataset, band: dict[str, flo
     Channels: the image as the config's windows give it, then one contrast stretch per
     ``recipe.display_windows``, then (``candidate_channel``) the threshold-in-brain map of
     ``band``. With ``gate`` (and ``restrict_to_brain``) the brain masks of non-cranial slices
-    (:func:`cranial_slices`) are empty: a whole scan is segmented.
+    (:func:`strokekit.preprocess.cranial_slices`) are empty: a whole scan is segmented.
     """
     config = recipe.config
     display = bool(recipe.display_windows or recipe.candidate_channel)
@@ -889,9 +586,7 @@ def _model_inputs(recipe: FewShotRecipe, data: SliceDataset, band: dict[str, flo
         small = resize_dataset(data, config.image_size) if data.image_shape[:2] != x.shape[1:3] else data
         images = small.images if small.images.ndim == 3 else small.images[..., 0]
         core = brain_mask_stack(images, unit=small.unit)
-        brains = core
-        for _ in range(recipe.brain_dilation):
-            brains = _dilate_cross(brains)
+        brains = dilate_cross(core, recipe.brain_dilation)
         if gate and recipe.restrict_to_brain:  # the gate measures on the display slices: reuse their masks
             native = small is data and data.unit == "display"
             brains = brains & cranial_slices(data, core if native else None)[:, None, None]
@@ -912,100 +607,6 @@ def _model_inputs(recipe: FewShotRecipe, data: SliceDataset, band: dict[str, flo
     if recipe.strip_skull:
         x = x * brains[..., None]
     return x.astype(np.float32), y, brains
-
-
-def sample_patches(
-    images: np.ndarray,
-    masks: np.ndarray,
-    patch_size: int,
-    per_slice: int,
-    foreground_fraction: float = 0.5,
-    seed: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Random square crops of slices, a share of them guaranteed to contain a lesion pixel.
-
-    For a foreground crop a lesion pixel is drawn at random and the crop's corner is drawn so
-    that the pixel lies anywhere inside it (not always in the centre); other crops are uniform.
-    Slices without lesion pixels give uniform crops only.
-
-    Introduced in notebooks/10_what_generalizes.ipynb.
-
-    Args:
-        images: (N, H, W) or (N, H, W, C).
-        masks: (N, H, W).
-        patch_size: crop side (at most min(H, W)).
-        per_slice: crops per slice.
-        foreground_fraction: probability that a crop of a lesion slice is a foreground crop.
-        seed: seed of the draw.
-
-    Returns:
-        (patches (N·per_slice, p, p[, C]), patch masks (N·per_slice, p, p)).
-    """
-    images, masks = np.asarray(images), np.asarray(masks)
-    n, h, w = masks.shape
-    p = int(patch_size)
-    if p > min(h, w) or p < 1:
-        raise ValueError(f"patch_size must lie in 1..{min(h, w)}, got {patch_size!r}")
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 11]))
-    out_x, out_y = [], []
-    for i in range(n):
-        lesion = np.argwhere(masks[i] > 0)
-        for _ in range(int(per_slice)):
-            if len(lesion) and rng.random() < foreground_fraction:
-                r, c = lesion[rng.integers(len(lesion))]
-                r0 = rng.integers(max(0, r - p + 1), min(r, h - p) + 1)
-                c0 = rng.integers(max(0, c - p + 1), min(c, w - p) + 1)
-            else:
-                r0, c0 = rng.integers(0, h - p + 1), rng.integers(0, w - p + 1)
-            out_x.append(images[i, r0:r0 + p, c0:c0 + p])
-            out_y.append(masks[i, r0:r0 + p, c0:c0 + p])
-    return np.stack(out_x), np.stack(out_y)
-
-
-def _tiles(x: np.ndarray, y: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
-    """Non-overlapping p x p tiles of every slice (for a validation loss on crop-sized inputs)."""
-    n, h, w = y.shape
-    xs = [x[:, r:r + p, c:c + p] for r in range(0, h - p + 1, p) for c in range(0, w - p + 1, p)]
-    ys = [y[:, r:r + p, c:c + p] for r in range(0, h - p + 1, p) for c in range(0, w - p + 1, p)]
-    return np.concatenate(xs), np.concatenate(ys)
-
-
-def recalibrate_batchnorm(model, images: np.ndarray, batch_size: int = 8) -> int:
-    """Set every BatchNormalization layer's statistics to their average over ``images``.
-
-    A batch-normalised network trains with each batch's own mean and variance but predicts
-    with running averages that trail them (momentum 0.99: a few hundred steps to settle). A
-    few-shot run takes only a few hundred steps, on crops rich in lesions and augmented, so
-    the running averages describe neither the last weights nor whole slices: the network then
-    predicts much worse than its training Dice says. One forward pass over the whole training
-    slices in training mode, with the momentum set to give an exact running mean, fixes the
-    statistics without changing a weight.
-
-    Introduced in notebooks/10_what_generalizes.ipynb.
-
-    Args:
-        model: a Keras model (unchanged if it has no BatchNormalization layer).
-        images: model inputs (N, H, W, C), e.g. the unaugmented training slices.
-        batch_size: slices per forward pass.
-
-    Returns:
-        The number of BatchNormalization layers recalibrated.
-    """
-    import keras
-
-    layers = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
-    if not layers or len(images) == 0:
-        return 0
-    saved = [layer.momentum for layer in layers]
-    try:
-        for k, start in enumerate(range(0, len(images), batch_size)):
-            for layer in layers:
-                layer.momentum = k / (k + 1.0)  # running mean of the per-batch statistics
-            model(images[start:start + batch_size], training=True)
-    finally:
-        for layer, momentum in zip(layers, saved):
-            layer.momentum = momentum
-    return len(layers)
 
 
 def _as_input_dataset(x: np.ndarray, y: np.ndarray) -> SliceDataset:
@@ -1030,7 +631,7 @@ def _predict_prob(members: Sequence[Any], recipe: FewShotRecipe, x: np.ndarray, 
 
 
 def _pp_dice(prob: np.ndarray, truth: np.ndarray, pids: Sequence[Any], threshold: float) -> float:
-    return float(np.mean(_patient_dice(slice_confusion(truth > 0, prob >= threshold), pids)[1]))
+    return float(np.mean(per_patient_dice(slice_confusion(truth > 0, prob >= threshold), pids)[1]))
 
 
 def best_threshold(prob: np.ndarray, truth: np.ndarray, patient_ids: Sequence[Any],
@@ -1141,7 +742,7 @@ def _fit_member(recipe: FewShotRecipe, config: TrainConfig, train_data: SliceDat
         fit_config = dataclasses.replace(config, image_size=p)
         train_set = sample_patches(x_train, y_train, p, recipe.patches_per_slice, recipe.foreground_fraction,
                                    seed=config.seed)
-        val_set = _tiles(x_val, y_val, p)
+        val_set = tile_patches(x_val, y_val, p)
     result = train(fit_config, _as_input_dataset(*train_set), _as_input_dataset(*val_set), run_dir=False, model=model,
                    progress=progress, previews=False)
     if recipe.recalibrate_bn:
@@ -1200,7 +801,7 @@ def predict_recipe(
 ) -> np.ndarray:
     """Predict lesion masks with a fitted recipe (flips, brain restriction and threshold applied).
 
-    With ``restrict_to_brain``, slices below the cranium (:func:`cranial_slices`: neck, face) get
+    With ``restrict_to_brain``, slices below the cranium (:func:`strokekit.preprocess.cranial_slices`: neck, face) get
     no lesion either, so a whole scan can be segmented, not only its brain slices.
 
     Introduced in notebooks/10_what_generalizes.ipynb.
@@ -1247,85 +848,6 @@ def recipe_from_dict(data: dict[str, Any]) -> FewShotRecipe:
     if "display_windows" in values:
         values["display_windows"] = tuple(tuple(float(v) for v in w) for w in values["display_windows"])
     return FewShotRecipe(**values)
-
-
-def save_fitted(fitted: FittedRecipe, folder: str | os.PathLike, trained_on: str,
-                scores: dict[str, Any] | None = None, overwrite: bool = False):
-    """Write a fitted recipe as a run folder the app and :func:`load_fitted` can apply.
-
-    A :class:`strokekit.runs.RunFolder` of kind ``"fewshot"``: ``model.keras`` (and
-    ``model_1.keras``... for more members), ``config.json`` (the network's training config),
-    ``fewshot.json`` (kind ``"few-shot"``: the whole recipe, threshold,
-    threshold-map band, what it was trained on, its scores) and ``metrics.json``
-    (``dice`` = the validation per-patient Dice, plus ``scores``).
-
-    Introduced in notebooks/10_what_generalizes.ipynb.
-
-    Args:
-        fitted: from :func:`fit_recipe`.
-        folder: the run folder.
-        trained_on: what the training data was, in words (shown by the app).
-        scores: further figures to keep, e.g. ``{"test_per_patient_dice": 0.38, "test_data": "..."}``.
-        overwrite: replace a folder that already holds a run.
-
-    Returns:
-        The folder (a Path).
-
-    Raises:
-        FileExistsError: the folder holds a run and ``overwrite`` is False.
-    """
-    run = RunFolder.create(folder, "fewshot", fitted.recipe.config, overwrite=overwrite)
-    info = dict(kind="few-shot", recipe=recipe_to_dict(fitted.recipe), threshold=float(fitted.threshold),
-                band=fitted.band, val_dice=float(fitted.val_dice), n_train=int(fitted.n_train),
-                seconds=float(fitted.seconds), members=len(fitted.models), trained_on=str(trained_on),
-                scores=dict(scores or {}))
-    run.write_json(FEWSHOT_FILE, info)  # before the models: a listed model always has its recipe
-    for k, member in enumerate(fitted.models):
-        run.save_model(member, member=k)
-    run.write_metrics(dict(dice=float(fitted.val_dice), **(scores or {})),
-                      data="the fit's validation slices (per-patient Dice)")
-    return run.folder
-
-
-def load_fitted(folder: str | os.PathLike) -> FittedRecipe:
-    """A fitted recipe from a run folder written by :func:`save_fitted` (models in Keras safe mode).
-
-    Introduced in notebooks/10_what_generalizes.ipynb.
-
-    Raises:
-        DataError: the folder is not a few-shot run, or a file in it is damaged (a damaged
-            ``fewshot.json`` is the error's ``path``).
-    """
-    folder = Path(folder)
-    path = folder / FEWSHOT_FILE
-    if not path.is_file():
-        raise DataError(f"not a few-shot run (no {FEWSHOT_FILE})", folder)
-    try:
-        info = json.loads(path.read_text())
-        if info.get("kind") != "few-shot":
-            raise ValueError(f"kind {info.get('kind')!r}, not 'few-shot'")
-        recipe = recipe_from_dict(info["recipe"])
-        members = int(info.get("members", 1))
-        threshold = float(info["threshold"])
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise DataError(f"damaged few-shot run description ({exc})", path) from None
-    run = RunFolder(folder, "fewshot", {})
-    models = tuple(load_model(run.model_file(k)) for k in range(members))
-    return FittedRecipe(models[0], recipe, threshold, None, float(info.get("seconds", 0.0)),
-                        float("nan"), int(info.get("n_train", 0)), float(info.get("val_dice", float("nan"))),
-                        info.get("band"), models)
-
-
-def fewshot_run_info(folder: str | os.PathLike) -> dict[str, Any] | None:
-    """What ``fewshot.json`` of a run folder says (trained on, scores, threshold), or None if it has none."""
-    path = Path(folder) / FEWSHOT_FILE
-    if not path.is_file():
-        return None
-    try:
-        info = json.loads(path.read_text())
-    except ValueError:
-        return None
-    return info if isinstance(info, dict) and info.get("kind") == "few-shot" else None
 
 
 def profile_recipe(profile=None) -> FewShotRecipe:

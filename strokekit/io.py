@@ -1627,6 +1627,43 @@ def load_ctich(
     )
 
 
+def load_source_dataset(name: str = "ctich", image_size: int = 128, lesion_only: bool = False,
+                        progress: bool = True, max_patients: int | None = None) -> SliceDataset:
+    """Loads a real source set by name; today ``"ctich"`` (CT-ICH, traumatic hemorrhage).
+
+    Introduced in notebooks/05_transfer_learning.ipynb.
+
+    Args:
+        name: ``"ctich"``.
+        image_size: slice side after resizing.
+        lesion_only: only slices with a lesion.
+        progress: a progress bar.
+        max_patients: read only the first this many patients of ``slices.csv`` (sorted ids), e.g.
+            for a tiny smoke run; None reads all.
+
+    Returns:
+        The dataset (``unit="display"``), patient ids as in ``slices.csv``.
+
+    Raises:
+        ValueError: an unknown name.
+        DataError: the data are absent (the message says where to put them).
+    """
+    if name != "ctich":
+        raise ValueError(f"Expected one of ['ctich']. Received: name={name!r}")
+    patients = None
+    if max_patients is not None:
+        import pandas as pd
+
+        from .paths import ctich_dir
+
+        folder = ctich_dir()
+        if folder is None:
+            load_ctich(None)  # raises the DataError that says where to put the data
+        ids = pd.read_csv(folder / "slices.csv", dtype={"patient_id": str})["patient_id"]
+        patients = sorted(ids.unique())[: int(max_patients)]
+    return load_ctich(image_size=image_size, lesion_only=lesion_only, progress=progress, patients=patients)
+
+
 # ----------------------------------------------------------------------------- detection
 def _detect_layout(folder: Path) -> str:
     dirs = _find_pair_dirs(folder)

@@ -2,7 +2,8 @@
 
 Introduced in notebooks/04_unet_vs_resunet.ipynb (``unet``, ``resunet``, ``build_model``,
 ``PRESETS``, ``build_preset``, ``count_params``, ``encoder_blocks``);
-notebooks/05_transfer_learning.ipynb adds ``pretrained_unet`` and ``resolve_imagenet_weights``,
+notebooks/05_transfer_learning.ipynb adds ``pretrained_unet``, ``resolve_imagenet_weights``,
+``imagenet_unet`` and ``set_batchnorm_momentum``,
 notebooks/08_ctp_core_penumbra.ipynb ``multi_input_unet``.
 
 Every builder is a Keras 3 functional model and runs on any backend (TensorFlow, JAX,
@@ -629,6 +630,62 @@ def pretrained_unet(
     return keras.Model(inputs, _head(x, num_classes, cfg.seeds), name=name)
 
 
+@dataclasses.dataclass(frozen=True)
+class EncoderWeights:
+    """What :func:`imagenet_unet` found.
+
+    Attributes:
+        encoder: ``"vgg16"`` or ``"resnet50"``.
+        weights_found: True when ImageNet weights were loaded.
+        weights_path: the file loaded, or None.
+        message: one sentence for the notebook: where the weights came from, or the fallback.
+    """
+
+    encoder: str
+    weights_found: bool
+    weights_path: str | None
+    message: str
+
+
+def imagenet_unet(encoder: str = "vgg16", input_shape: tuple = (128, 128, 1),
+                  weights: str | os.PathLike | None = "imagenet", **kwargs: Any):
+    """A U-Net on an ImageNet encoder that says whether the ImageNet weights were there.
+
+    Nothing is downloaded (:func:`resolve_imagenet_weights`): without the file
+    in the Keras cache the encoder starts from random weights, one ``UserWarning`` says so and
+    the returned :class:`EncoderWeights` carries the same message.
+
+    Introduced in notebooks/05_transfer_learning.ipynb.
+
+    Args:
+        encoder: one of :data:`ENCODERS`.
+        input_shape: (height, width, 1 or 3).
+        weights: ``"imagenet"``, None (random on purpose) or a path to the weights file.
+        **kwargs: other :func:`pretrained_unet` arguments (``seed``,
+            ``decoder_filters``, ...).
+
+    Returns:
+        ``(model, EncoderWeights)``.
+
+    Raises:
+        ValueError: an unknown encoder or bad shape.
+        DataError: a weights path that does not exist.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = resolve_imagenet_weights(encoder, weights)
+    fallback = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    model = pretrained_unet(input_shape=input_shape, encoder=encoder, weights=path, **kwargs)
+    if path is not None:
+        message = f"ImageNet weights for {encoder} loaded from {path}."
+    elif weights is None:
+        message = f"weights=None: the {encoder} encoder starts from random weights, as asked."
+    else:
+        message = fallback[0] if fallback else f"the {encoder} encoder starts from random weights."
+        warnings.warn(message, UserWarning, stacklevel=2)
+    return model, EncoderWeights(encoder, path is not None, path, message)
+
+
 # --------------------------------------------------------------------------- multi-input
 
 
@@ -912,3 +969,34 @@ def encoder_blocks(model: keras.Model) -> list[tuple[str, list[str]]]:
                 blocks.setdefault(prefix, []).append(layer.name)
                 break
     return list(blocks.items())
+
+
+def set_batchnorm_momentum(model, momentum: float) -> list[str]:
+    """Sets how fast every batch-norm layer's moving mean and variance follow the batches.
+
+    Keras' default, 0.99, averages over roughly the last few hundred training steps, so a
+    run of about a hundred steps ends with moving statistics still close to their starting
+    values (mean 0, variance 1): the network does well in training mode and fails at
+    inference, which uses those statistics. A lower momentum (0.9 averages over ~10 steps)
+    suits short CPU runs. Set it before compiling; it is saved with the model.
+
+    Introduced in notebooks/05_transfer_learning.ipynb.
+
+    Args:
+        model: a Keras model.
+        momentum: in [0, 1): ``moving = momentum * moving + (1 - momentum) * batch``.
+
+    Returns:
+        The names of the batch-norm layers changed, in graph order.
+
+    Raises:
+        ValueError: a momentum outside [0, 1).
+    """
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be a number in [0, 1). Received: momentum={momentum!r}")
+    changed = []
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.momentum = float(momentum)
+            changed.append(layer.name)
+    return changed

@@ -21,13 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from . import engine
-from .augment import NO_AUGMENT, STUDY_AUGMENT, AugmentConfig
+from .augment import NO_AUGMENT, AugmentConfig
 from .config import from_dict
 from .dataset import SliceDataset
 from .errors import DataError
 from .io import MULTICLASS_CLASS_NAMES
 from .phantom import field_checker, tuple_fields
+from .train import FitSettings
 
 #: Class names of the multiclass phantom and of the study's colour masks.
 CLASS_NAMES: tuple[str, ...] = MULTICLASS_CLASS_NAMES
@@ -37,7 +37,7 @@ _SKIP_SUFFIXES = ("_mask", "_result", PRED_SUFFIX)
 
 
 @dataclasses.dataclass(frozen=True)
-class MulticlassConfig:
+class MulticlassConfig(FitSettings):
     """Everything that decides a multiclass run. Variants by ``dataclasses.replace``.
 
     Attributes:
@@ -45,59 +45,24 @@ class MulticlassConfig:
         num_levels: poolings (the U-Net has ``num_levels + 1`` widths, the last the bottleneck).
         kernel_size: side of the convolution kernels.
         dilation_rate: dilation of the convolutions (1: none; 2 widens the receptive field).
-        dropout: dropout after the bottleneck (0: none).
-        activation: as in :func:`strokekit.models.unet`.
-        batch_norm: batch normalisation after every convolution.
-        learning_rate: Adam learning rate.
-        batch_size: slices per batch.
-        num_epochs: maximum epochs.
-        image_size: side of the square model input.
-        windows: CT windows stacked as input channels.
-        augment: augmentation settings.
         class_weights: one weight per class for the cross-entropy and the Dice average (None:
             all 1); see :func:`class_weights`.
         w_ce: weight of the cross-entropy term.
         w_dice: weight of the multiclass Dice term.
-        early_stopping_patience: epochs without validation-loss improvement before stopping
-            (0: never).
-        reduce_lr_patience: epochs without improvement before halving the learning rate (0: never).
-        lr_schedule: as in :class:`strokekit.train.TrainConfig` (``"plateau"``, ``"cosine"``, ``"constant"``).
-        bn_momentum: as in :class:`strokekit.train.TrainConfig`.
-        repeats: as in :class:`strokekit.train.TrainConfig`.
-        head_bias: starting logit of each lesion class (background 0), as in
-            :class:`strokekit.train.TrainConfig`.
         class_names: name of each label; their number is the number of classes.
-        seed: weights, shuffling and augmentation.
-        preview_slices: validation slices in the per-epoch previews.
-        workers: loader threads.
+        The others (activation, batch norm, learning rate, epochs, image size, windows,
+        augmentation, early stopping, schedule, seed, ...): as in :class:`strokekit.train.FitSettings`;
+        ``head_bias`` is the starting logit of each lesion class (background 0).
     """
 
     base_filters: int = 16
     num_levels: int = 3
     kernel_size: int = 3
     dilation_rate: int = 1
-    dropout: float = 0.0
-    activation: str = "relu"
-    batch_norm: bool = False
-    learning_rate: float = 1e-3
-    batch_size: int = 8
-    num_epochs: int = 50
-    image_size: int = 128
-    windows: tuple[str, ...] = ("brain",)
-    augment: AugmentConfig = STUDY_AUGMENT
     class_weights: tuple[float, ...] | None = None
     w_ce: float = 1.0
     w_dice: float = 1.0
-    early_stopping_patience: int = 10
-    reduce_lr_patience: int = 5
     class_names: tuple[str, ...] = CLASS_NAMES
-    seed: int = 0
-    preview_slices: int = 4
-    workers: int = 2
-    lr_schedule: str = "plateau"
-    bn_momentum: float = 0.99
-    repeats: int = 1
-    head_bias: float | None = None
 
     def __post_init__(self) -> None:
         tuple_fields(self, ("windows", "class_names"))
@@ -105,6 +70,7 @@ class MulticlassConfig:
             object.__setattr__(self, "augment", NO_AUGMENT)
         if isinstance(self.augment, Mapping):
             object.__setattr__(self, "augment", AugmentConfig(**self.augment))
+        super().__post_init__()
         need = field_checker(self)
 
         def is_int(v) -> bool:
@@ -117,8 +83,6 @@ class MulticlassConfig:
         need(0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)")
         need(self.learning_rate > 0, "learning_rate", "> 0")
         need(is_int(self.num_epochs) and self.num_epochs >= 1, "num_epochs", "an int >= 1")
-        need(self.lr_schedule in engine.LR_SCHEDULES, "lr_schedule", f"one of {list(engine.LR_SCHEDULES)}")
-        need(is_int(self.repeats) and self.repeats >= 1, "repeats", "an int >= 1")
         need(is_int(self.image_size) and self.image_size % 2**self.num_levels == 0, "image_size",
              f"a multiple of 2 ** num_levels = {2 ** self.num_levels}")
         need(len(self.class_names) >= 2, "class_names", "at least two names (background first)")
@@ -328,45 +292,23 @@ def train_multiclass(
         FileExistsError: ``run_dir`` already holds a run and neither ``overwrite`` nor ``resume`` is set.
         ValueError: ``resume`` without a ``run_dir``.
     """
-    from .augment import SegmentationLoader
-    from .config import seed_everything
     from .metrics import per_class_metrics
-    from .runs import RunFolder
-    from .train import check_run_inputs, finish_run, make_run_dir, repeat_arrays
+    from .train import fit_run
 
-    check_run_inputs(train_data, val_data, run_dir, resume)
-    seed_everything(config.seed)
-    x_train, y_train = to_arrays(config, train_data)
-    x_val, y_val = to_arrays(config, val_data)
-    model = build_model(config)
+    def score(model, x_val, y_val) -> dict[str, float]:
+        table = per_class_metrics(y_val, predict_labels(model, config, x_val), config.num_classes, config.class_names)
+        metrics: dict[str, float] = {}
+        for row in table.itertuples():
+            metrics[f"dice_{row.class_name}"] = float(row.dice)
+            metrics[f"iou_{row.class_name}"] = float(row.iou)
+        return {**metrics, "mean_dice": float(table["dice"].mean())}
 
-    run = None
-    if run_dir is not False:
-        folder = run_dir if run_dir is not None else make_run_dir(name or f"multiclass-s{config.seed}")
-        run = RunFolder.create(folder, "multiclass", config, overwrite=overwrite, resume=resume)
-    x_train, y_train = repeat_arrays(x_train, y_train, config.repeats)
-    loader = SegmentationLoader(x_train, y_train, batch_size=config.batch_size,
-                                augment=config.augment, shuffle=True, seed=config.seed,
-                                num_classes=config.num_classes, workers=config.workers)
-    val_loader = SegmentationLoader(x_val, y_val, batch_size=config.batch_size, augment=None,
-                                    shuffle=False, seed=config.seed,
-                                    num_classes=config.num_classes, workers=1)
-    chosen = engine.preview_indices(y_val, config.preview_slices) if previews and config.preview_slices else None
-    fitted = engine.fit(
-        model, loader, val_loader, [engine.Phase(config.num_epochs, learning_rate=config.learning_rate)],
-        *loss_and_metrics(config), patience=config.early_stopping_patience, schedule=config.lr_schedule,
-        reduce_lr_patience=config.reduce_lr_patience, run=run, resume=resume, progress=progress,
-        previews=None if chosen is None else engine.Previews(x_val[chosen], y_val[chosen]),
-        desc=name or "multiclass")
-    table = per_class_metrics(y_val, predict_labels(model, config, x_val), config.num_classes, config.class_names)
-    metrics: dict[str, float] = {}
-    for row in table.itertuples():
-        metrics[f"dice_{row.class_name}"] = float(row.dice)
-        metrics[f"iou_{row.class_name}"] = float(row.iou)
-    metrics["mean_dice"] = float(table["dice"].mean())
-    result = finish_run(fitted, metrics, config, run, len(x_train), val_data)
-    if run is not None:
-        plot_history(result.history, config.class_names).savefig(run.folder / "curves.png", dpi=80)
+    result = fit_run(config, train_data, val_data, None, run_dir, "multiclass",
+                     name=name or f"multiclass-s{config.seed}", build=lambda: build_model(config), arrays=to_arrays,
+                     loss_metrics=loss_and_metrics(config), score=score, overwrite=overwrite, resume=resume,
+                     previews=previews, progress=progress, desc=name or "multiclass")
+    if result.run_dir is not None:
+        plot_history(result.history, config.class_names).savefig(result.run_dir / "curves.png", dpi=80)
     return result
 
 

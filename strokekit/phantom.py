@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -1156,3 +1157,67 @@ def describe(config: PhantomConfig) -> list[str]:
     image = (f"noise sd {config.noise_sd:g} HU, blur sigma {config.blur_sigma:g} px, "
              f"seed {config.seed}")
     return [size, lesions, image]
+
+
+def phantom_source(
+    n_patients: int = 40,
+    lesion_types: Sequence[str] = ("hemorrhagic",),
+    seed: int = 1000,
+    image_size: int | None = None,
+    slices_per_patient: int = 5,
+    empty_slices_per_patient: int = 1,
+    target=None,
+    prefix: str = "S",
+    progress: bool = True,
+) -> SliceDataset:
+    """A larger phantom set of another lesion type, to pretrain on (the "source task").
+
+    The patients come from a different phantom seed than the target's and their ids carry
+    another prefix (``"S01"``… instead of ``"P01"``…), so no source patient is a target
+    patient and none can leak into a target split.
+
+    Introduced in notebooks/05_transfer_learning.ipynb.
+
+    Args:
+        n_patients: synthetic source patients.
+        lesion_types: lesion types drawn from (default hemorrhage, for an ischemic target).
+        seed: the source phantom's seed; must differ from the target's.
+        image_size: slice side in pixels; None takes the target's (else 128).
+        slices_per_patient: lesion slices per patient.
+        empty_slices_per_patient: lesion-free slices per patient.
+        target: the target's :class:`strokekit.phantom.PhantomConfig`; the source copies its
+            imaging settings (noise, blur, contrast, size) and must not share its seed.
+        prefix: patient-id prefix, letters only, not ``"P"`` (the target's).
+        progress: a progress bar over patients.
+
+    Returns:
+        A :class:`SliceDataset` (HU) with patient ids ``f"{prefix}01"``… and case ids
+        ``f"{prefix}01_s07"``…
+
+    Raises:
+        ValueError: the target's seed, a bad prefix or bad phantom settings.
+    """
+    if not (isinstance(prefix, str) and prefix.isalpha() and prefix != "P"):
+        raise ValueError(
+            f"prefix must be letters other than 'P' (the target phantom's). Received: prefix={prefix!r}"
+        )
+    base = target if target is not None else PhantomConfig()
+    if target is not None and int(seed) == int(target.seed):
+        raise ValueError(
+            f"the source phantom must use another seed than the target (seed={target.seed}): "
+            "with the same seed patient k has the same anatomy in both sets. "
+            f"Received: seed={seed!r}"
+        )
+    size = image_size if image_size is not None else (target.image_size if target is not None else 128)
+    config = dataclasses.replace(
+        base, n_patients=int(n_patients), lesion_types=tuple(lesion_types), seed=int(seed),
+        image_size=int(size), slices_per_patient=int(slices_per_patient),
+        empty_slices_per_patient=int(empty_slices_per_patient), multiclass=False,
+    )
+    data = generate_phantom(config, progress=progress)
+    renamed = {p: f"{prefix}{i + 1:02d}" for i, p in enumerate(data.patients())}
+    case_ids = []
+    for case, patient in zip(data.case_ids, data.patient_ids):
+        suffix = case[len(patient):] if case.startswith(patient) else f"_{case}"
+        case_ids.append(renamed[patient] + suffix)
+    return data.replace(case_ids=case_ids, patient_ids=[renamed[p] for p in data.patient_ids])

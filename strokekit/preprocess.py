@@ -1,11 +1,15 @@
 """Preprocessing of head CT: HU windows, brain masks, resizing, normalisation, overlays, statistics.
 
+Also the stack-level brain work of the few-shot study (notebooks/09 and 10): :func:`brain_mask_stack`,
+the cranial-slice gate :func:`cranial_slices`, and the classical threshold-in-brain baseline
+(:func:`threshold_in_brain`, :func:`fit_threshold`).
+
 Introduced in notebooks/01_preprocessing.ipynb.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -234,6 +238,288 @@ def skull_strip(image: np.ndarray, unit: str = "HU", fill: float | None = None) 
     out = np.asarray(image, dtype=np.float32).copy()
     out[~mask] = fill
     return out
+
+
+# --------------------------------------------------------------------------- stacks of slices: brain masks,
+# the cranial-slice gate, the threshold-in-brain baseline (introduced with the few-shot study, notebooks/09-10)
+
+#: The brain window of the CT-ICH PNGs, (level, width) in HU (about L40/W120, ``SOURCE.md`` of the data):
+#: :func:`display_levels` maps HU slices through it, so a recipe trained on those PNGs sees a CT scan
+#: in HU (DICOM, NIfTI) the way it saw its training slices.
+DISPLAY_WINDOW = (40.0, 120.0)
+
+
+def display_levels(images: np.ndarray, window: tuple[float, float] = DISPLAY_WINDOW) -> np.ndarray:
+    """HU images as display levels 0..255 (float32) through ``window``, the CT-ICH brain window by default."""
+    return (window_hu(images, window) * 255.0).astype(np.float32)
+
+
+def _stack(images: np.ndarray) -> tuple[np.ndarray, bool]:
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if images.ndim == 2:
+        return images[None], True
+    if images.ndim != 3:
+        raise ValueError(f"expected one slice (H, W) or a stack (N, H, W), got shape {images.shape}")
+    return images, False
+
+
+def _levels(images: np.ndarray, unit: str) -> np.ndarray:
+    """Intensities on the scale the thresholds use: 0..255 display levels, or HU."""
+    if unit == "HU":
+        return images
+    if unit == "display":
+        # display images come as 0..255 or as 0..1; decide once per stack, not per slice, so a
+        # dark slice is not rescaled differently from its neighbours.
+        scale = 255.0 if images.size and float(images.max()) <= 1.0 else 1.0
+        return images * scale
+    raise ValueError(f"Expected one of ['HU', 'display']. Received: unit={unit!r}")
+
+
+def brain_mask_stack(images: np.ndarray, unit: str = "display", stride: int = 1,
+                     dilation: int = 0) -> np.ndarray:
+    """:func:`brain_mask` of every slice of a stack.
+
+    On the CT-ICH PNGs at 128 px it is non-empty on 86 % of slices (the rest are neck, vertex
+    caps and blank slices) and holds 99.6 % of the haemorrhage pixels, so restricting a
+    prediction to it costs (almost) no lesion. A slice without brain gets an empty mask: nothing
+    is predicted there.
+
+    Introduced in notebooks/10_what_generalizes.ipynb.
+
+    Args:
+        images: (H, W) or (N, H, W) slices (a trailing channel axis of 1 is allowed).
+        unit: ``"display"`` (0..255 or 0..1) or ``"HU"``.
+        stride: find the masks on every ``stride``-th pixel (the app: about 128 px of a 512 px
+            upload, a few ms a slice) and repeat them back to the images' size.
+        dilation: grow the masks by this many pixels (4-connected, :func:`dilate_cross`) at the
+            strided size, so a bleed on the brain's edge (subdural, epidural) counts as inside.
+
+    Returns:
+        bool array of the images' shape (without channel axis).
+
+    Raises:
+        ValueError: bad shape.
+    """
+    stack, single = _stack(images)
+    step = int(stride)
+    small = stack[:, ::step, ::step]
+    out = np.zeros(small.shape, dtype=bool)
+    for i, image in enumerate(small):
+        out[i] = brain_mask(image, unit=unit)
+    out = dilate_cross(out, dilation)
+    if step > 1:
+        out = np.repeat(np.repeat(out, step, axis=1), step, axis=2)[:, :stack.shape[1], :stack.shape[2]]
+    return out[0] if single else out
+
+
+#: :func:`cranial_slices`: the skull must surround a slice's brain mask in this share of directions.
+MIN_SKULL_ENCLOSURE = 0.9
+#: ... measured at about this side: at 128 px a thin skull base loses its bone to resizing.
+ENCLOSURE_SIDE = 256
+
+
+def cranial_slices(data: SliceDataset, brains: np.ndarray | None = None) -> np.ndarray:
+    """Which slices of a scan pass through the cranium: (N,) bool.
+
+    A slice through the neck or the face has soft tissue between bones, which
+    :func:`brain_mask_stack` takes for brain; a model trained on brain slices paints lesions
+    there. A slice counts as cranial when the skull surrounds its brain mask in at least
+    :data:`MIN_SKULL_ENCLOSURE` of the directions (:func:`strokekit.preprocess.skull_enclosure`),
+    measured at about :data:`ENCLOSURE_SIDE` px. Measured on CT-ICH at 256 px: every lesion slice
+    of the protocol's training and validation patients (49, 50, 51, 66) scores 0.958 or more; on the
+    whole scans of the 32 test patients the slices below 0.9 hold 0.3 % of the lesion pixels and 37 %
+    of the few-shot default's false positives. Slices smaller than :data:`ENCLOSURE_SIDE` (the
+    bone is lost; the shorter side counts) all count as cranial. HU slices are judged in the CT-ICH display window
+    (:data:`DISPLAY_WINDOW`), where the threshold was measured. ``brains``: the
+    :func:`brain_mask_stack` of those display slices at their own size, when the caller has it
+    (used where the enclosure is measured at that size).
+
+    Introduced in notebooks/09_3d_reconstruction.ipynb.
+    """
+    images = data.images if data.images.ndim == 3 else data.images[..., 0]
+    if data.unit != "display":  # measured in the display window: bone is what saturates it
+        images = display_levels(images)
+    side = min(images.shape[1:3]) if len(images) else 0
+    if side < ENCLOSURE_SIDE:
+        return np.ones(len(images), dtype=bool)
+    step = side // ENCLOSURE_SIDE
+    small = np.asarray(images[:, ::step, ::step], dtype=np.float32)
+    if brains is None or step > 1:
+        brains = brain_mask_stack(small, unit="display")
+    return np.array([skull_enclosure(image, brain, "display") >= MIN_SKULL_ENCLOSURE
+                     for image, brain in zip(small, brains)], dtype=bool)
+
+
+def _cross_neighbours(mask: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The 4 neighbours of every pixel of a stack (N, H, W); False beyond the border."""
+    padded = np.pad(mask, ((0, 0), (1, 1), (1, 1)), constant_values=False)
+    return padded[:, :-2, 1:-1], padded[:, 2:, 1:-1], padded[:, 1:-1, :-2], padded[:, 1:-1, 2:]
+
+
+def erode_cross(masks: np.ndarray, pixels: int = 1) -> np.ndarray:
+    """Erode each mask of a stack (N, H, W) by ``pixels`` (4-connected cross; beyond the border is False)."""
+    for _ in range(int(pixels)):
+        up, down, left, right = _cross_neighbours(masks)
+        masks = masks & up & down & left & right
+    return masks
+
+
+def dilate_cross(masks: np.ndarray, pixels: int = 1) -> np.ndarray:
+    """Dilate each mask of a stack (N, H, W) by ``pixels`` (4-connected cross), nothing crossing slices."""
+    for _ in range(int(pixels)):
+        up, down, left, right = _cross_neighbours(masks)
+        masks = masks | up | down | left | right
+    return masks
+
+
+def _clean(candidate: np.ndarray, opening: int, min_size: int) -> np.ndarray:
+    """Opening with a 4-connected cross and small-component removal, slice by slice (N, H, W).
+
+    NumPy shifts instead of scipy's n-d morphology: the whole stack in one pass, nothing
+    connecting across slices, and several times faster on a busy CPU.
+    """
+    candidate = dilate_cross(erode_cross(candidate, opening), opening)
+    if min_size > 1 and candidate.any():
+        square = np.zeros((3, 3, 3), dtype=bool)
+        square[1] = True
+        labels, count = ndimage.label(candidate, structure=square)
+        sizes = np.bincount(labels.ravel(), minlength=count + 1)
+        small = sizes < min_size
+        small[0] = True
+        candidate = ~small[labels]
+    return candidate
+
+
+def threshold_in_brain(
+    images: np.ndarray,
+    brain_masks: np.ndarray | None = None,
+    unit: str = "display",
+    low: float = 150.0,
+    high: float = 230.0,
+    erosion: int = 1,
+    opening: int = 1,
+    min_size: int = 4,
+) -> np.ndarray:
+    """The classical baseline: hyperdense pixels inside the brain, lightly cleaned up.
+
+    Fresh blood is brighter than brain (about 50–90 HU against 20–40 HU; in the 8-bit
+    brain-windowed CT-ICH PNGs blood lies around 150–200, brain around 100–130) and darker than
+    bone, so a band of intensities inside the brain finds much of it without any training.
+    The brain mask is eroded first because the skull's inner edge, blurred by the pixel size,
+    passes through the same band all around the head; then a morphological opening and a
+    minimum component size remove isolated speckle.
+
+    Introduced in notebooks/10_what_generalizes.ipynb.
+
+    Args:
+        images: (H, W) or (N, H, W) slices (a trailing channel axis of 1 is allowed).
+        brain_masks: bool masks of the same shape; default :func:`brain_mask_stack`.
+        unit: ``"display"`` (thresholds in 0..255 levels; 0..1 images are scaled up) or ``"HU"``.
+        low: lowest intensity counted as blood (inclusive).
+        high: highest intensity counted as blood (inclusive); bone lies above.
+        erosion: pixels removed from the brain mask's border (0 keeps it).
+        opening: iterations of binary opening with a 4-connected cross (0 skips it).
+        min_size: connected regions smaller than this many pixels are dropped.
+
+    Returns:
+        uint8 masks (0/1) of the images' shape (without channel axis).
+
+    Raises:
+        ValueError: bad shapes, ``low > high``, negative sizes or an unknown unit.
+    """
+    stack, single = _stack(images)
+    if low > high:
+        raise ValueError(f"low must not exceed high, got low={low!r}, high={high!r}")
+    if min(erosion, opening, min_size) < 0:
+        raise ValueError(f"erosion, opening and min_size must be >= 0, got {erosion}, {opening}, {min_size}")
+    levels = _levels(stack, unit)
+    if brain_masks is None:
+        brains = brain_mask_stack(stack, unit=unit)
+    else:
+        brains, _ = _stack(np.asarray(brain_masks, dtype=np.float32))
+        brains = brains > 0
+        if brains.shape != stack.shape:
+            raise ValueError(f"brain_masks shape {brains.shape} does not match images shape {stack.shape}")
+    brains = erode_cross(brains, int(erosion))
+    band = (levels >= low) & (levels <= high) & brains
+    out = _clean(band, int(opening), int(min_size)).astype(np.uint8)
+    return out[0] if single else out
+
+
+def fit_threshold(
+    train_images: np.ndarray,
+    train_masks: np.ndarray,
+    brain_masks: np.ndarray | None = None,
+    unit: str = "display",
+    lows: Sequence[float] | None = None,
+    highs: Sequence[float] | None = None,
+    erosions: Sequence[int] = (0, 1, 2, 3),
+    opening: int = 1,
+    min_size: int = 4,
+    patient_ids: Sequence[Any] | None = None,
+) -> dict[str, float]:
+    """Choose the band (and brain-mask erosion) of :func:`threshold_in_brain` by grid search.
+
+    Give it training or validation slices only: a band chosen on the test patients would make
+    the baseline look better than it is.
+
+    Introduced in notebooks/10_what_generalizes.ipynb.
+
+    Args:
+        train_images: (N, H, W) slices.
+        train_masks: (N, H, W) true masks (non-zero = lesion).
+        brain_masks: precomputed brain masks; default :func:`brain_mask_stack`.
+        unit: ``"display"`` or ``"HU"``.
+        lows: candidate lower bounds; default 110..200 (display) or 30..80 HU in steps.
+        highs: candidate upper bounds; default 190..255 (display) or 80..130 HU.
+        erosions: candidate brain-mask erosions in pixels.
+        opening: passed to :func:`threshold_in_brain`.
+        min_size: passed to :func:`threshold_in_brain`.
+        patient_ids: when given, maximise the mean of per-patient Dice (each patient's pixels
+            pooled) instead of the pooled Dice of all slices.
+
+    Returns:
+        ``{"low", "high", "erosion", "dice"}``: the best band and its Dice on these slices (ties
+        go to the first in grid order: lowest erosion, lowest low, lowest high).
+
+    Raises:
+        ValueError: shapes differ, or no candidate has ``low <= high``.
+    """
+    from .evaluation import per_patient_dice
+    from .metrics import metrics_from_counts, slice_confusion
+
+    stack, _ = _stack(train_images)
+    truth = np.asarray(train_masks)
+    if truth.ndim == 2:
+        truth = truth[None]
+    if truth.shape != stack.shape:
+        raise ValueError(f"train_masks shape {truth.shape} does not match images shape {stack.shape}")
+    if lows is None:
+        lows = np.arange(110, 201, 5) if unit == "display" else np.arange(30, 81, 5)
+    if highs is None:
+        highs = (190, 205, 220, 235, 255) if unit == "display" else (80, 90, 100, 115, 130)
+    brains = brain_mask_stack(stack, unit=unit) if brain_masks is None else np.asarray(brain_masks) > 0
+    best: dict[str, float] | None = None
+    for erosion in erosions:
+        eroded = erode_cross(brains, int(erosion))
+        for low in lows:
+            for high in highs:
+                if low > high:
+                    continue
+                pred = threshold_in_brain(stack, eroded, unit=unit, low=float(low), high=float(high),
+                                          erosion=0, opening=opening, min_size=min_size)
+                counts = slice_confusion(truth > 0, pred > 0)
+                if patient_ids is None:
+                    score = metrics_from_counts(*counts.sum(axis=0))["dice"]
+                else:
+                    score = float(np.mean(per_patient_dice(counts, patient_ids)[1]))
+                if best is None or score > best["dice"] + 1e-12:
+                    best = dict(low=float(low), high=float(high), erosion=int(erosion), dice=score)
+    if best is None:
+        raise ValueError("no candidate band with low <= high; widen lows/highs")
+    return best
 
 
 def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:

@@ -14,7 +14,7 @@ import dataclasses
 import datetime as _dt
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -34,31 +34,33 @@ from .engine import (  # noqa: F401
 )
 from .errors import DataError
 from .paths import runs_dir
+from .phantom import field_checker
 from .runs import RunFolder, data_text
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Everything that decides a training run. Variants by ``dataclasses.replace``.
+class FitSettings:
+    """The settings every slice trainer shares: the training loop's (read by :func:`fit_run`) and
+    the network settings both slice configs have. :class:`TrainConfig` and
+    :class:`strokekit.multiclass.MulticlassConfig` hold them, each with its own network fields.
 
     Attributes:
-        arch: a name in ``strokekit.models.MODELS`` (``"unet"``, ``"resunet"``, ...).
-        filters: filters per encoder level; the last is the bottleneck.
         activation: relu, leaky_relu, elu, selu, gelu or swish.
         dropout: dropout rate after the bottleneck, as in the original U-Net (0 disables).
         batch_norm: batch normalisation in U-Net blocks (not with selu, which is self-normalising;
             ResU-Net has it for every activation but selu).
-        loss: a name in ``strokekit.losses.LOSSES``.
         learning_rate: Adam learning rate.
         batch_size: slices per batch.
         num_epochs: maximum epochs (early stopping may end sooner).
         image_size: side of the square model input.
         windows: CT windows stacked as input channels (see ``strokekit.preprocess.WINDOWS``).
         augment: augmentation settings (``strokekit.augment.AugmentConfig``).
-        num_classes: 1 for a binary lesion mask (sigmoid), more for softmax.
         early_stopping_patience: epochs without validation-loss improvement before stopping (0: never).
         reduce_lr_patience: epochs without improvement before halving the learning rate (0: never);
             used by the ``"plateau"`` schedule only.
+        seed: the one seed for weights, shuffling and augmentation.
+        preview_slices: validation slices shown in the per-epoch previews.
+        workers: loader threads (2 keeps both CPU cores busy).
         lr_schedule: ``"plateau"`` (halve on a validation-loss plateau, the study's way),
             ``"cosine"`` (from ``learning_rate`` down to 1/100 of it along a half cosine over
             ``num_epochs``: large steps first, small ones to settle) or ``"constant"``.
@@ -66,31 +68,22 @@ class TrainConfig:
         repeats: passes over the training slices per epoch, each with its own augmentation.
             Validation, previews and checkpoints happen once per epoch, so a short run on a
             few dozen slices spends its time on training steps rather than on per-epoch work.
-        head_bias: starting logit of the lesion class in the network's head (U-Net and ResU-Net;
-            None: 0). ``-4`` (a lesion probability of 0.018 everywhere) lets a short run on rare
-            lesions skip its "everything is background" phase.
-        threshold: probability above which a pixel counts as lesion in the metrics.
-        seed: the one seed for weights, shuffling and augmentation.
-        preview_slices: validation slices shown in the per-epoch previews.
-        workers: loader threads (2 keeps both CPU cores busy).
+        head_bias: starting logit of the lesion class(es) in the network's head (U-Net and
+            ResU-Net; None: 0). ``-4`` (a lesion probability of 0.018 everywhere) lets a short run
+            on rare lesions skip its "everything is background" phase.
     """
 
-    arch: str = "unet"
-    filters: tuple[int, ...] = (16, 32, 64, 128)
     activation: str = "relu"
     dropout: float = 0.0
     batch_norm: bool = False
-    loss: str = "bce_dice"
     learning_rate: float = 1e-3
     batch_size: int = 8
     num_epochs: int = 50
     image_size: int = 128
     windows: tuple[str, ...] = ("brain",)
     augment: AugmentConfig = STUDY_AUGMENT
-    num_classes: int = 1
     early_stopping_patience: int = 10
     reduce_lr_patience: int = 5
-    threshold: float = 0.5
     seed: int = 0
     preview_slices: int = 4
     workers: int = 2
@@ -100,10 +93,30 @@ class TrainConfig:
     head_bias: float | None = None
 
     def __post_init__(self) -> None:
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"Expected one of {list(LR_SCHEDULES)}. Received: lr_schedule={self.lr_schedule!r}")
-        if isinstance(self.repeats, bool) or not isinstance(self.repeats, (int, np.integer)) or self.repeats < 1:
-            raise ValueError(f"repeats must be an integer >= 1. Received: repeats={self.repeats!r}")
+        need = field_checker(self)
+        need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {list(LR_SCHEDULES)}")
+        need(isinstance(self.repeats, (int, np.integer)) and not isinstance(self.repeats, bool) and self.repeats >= 1,
+             "repeats", "an int >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(FitSettings):
+    """Everything that decides a training run. Variants by ``dataclasses.replace``.
+
+    Attributes:
+        arch: a name in ``strokekit.models.MODELS`` (``"unet"``, ``"resunet"``, ...).
+        filters: filters per encoder level; the last is the bottleneck.
+        loss: a name in ``strokekit.losses.LOSSES``.
+        num_classes: 1 for a binary lesion mask (sigmoid), more for softmax.
+        threshold: probability above which a pixel counts as lesion in the metrics.
+        The others: see :class:`FitSettings`.
+    """
+
+    arch: str = "unet"
+    filters: tuple[int, ...] = (16, 32, 64, 128)
+    loss: str = "bce_dice"
+    num_classes: int = 1
+    threshold: float = 0.5
 
     @classmethod
     def few_shot(cls, **changes: Any) -> TrainConfig:
@@ -298,40 +311,129 @@ def train(
         FileExistsError: ``run_dir`` already holds a run and neither ``overwrite`` nor ``resume`` is set.
         ValueError: ``resume`` without a ``run_dir``.
     """
-    from .augment import SegmentationLoader
     from .models import build_model
+
+    return fit_run(
+        config, train_data, val_data, model, run_dir, "binary",
+        name=name or f"{config.arch}-{config.activation}-s{config.seed}",
+        build=lambda: build_model(config.arch, **config.model_kwargs()), desc=name or config.arch, split=split,
+        overwrite=overwrite, resume=resume, progress=progress, previews=previews, preview_threshold=config.threshold,
+        callbacks=callbacks, checkpoint_every=checkpoint_every)
+
+
+def fit_run(
+    config: Any,
+    train_data: SliceDataset,
+    val_data: SliceDataset,
+    model: Any,
+    run_dir: str | os.PathLike | None | bool,
+    kind: str,
+    *,
+    name: str,
+    build: Callable[[], Any] | None = None,
+    arrays: Callable[[Any, SliceDataset], tuple[np.ndarray, np.ndarray]] = to_arrays,
+    loss_metrics: tuple[Any, list] | None = None,
+    phases: Sequence[engine.Phase] | None = None,
+    score: Callable[[Any, np.ndarray, np.ndarray], dict[str, float]] | None = None,
+    split: Any = None,
+    run_files: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    previews: bool = True,
+    preview_threshold: float = 0.5,
+    repeats: int | None = None,
+    loader: type | None = None,
+    val_batch_size: int | None = None,
+    **fit_options: Any,
+) -> RunResult:
+    """The one way a slice model is trained on a config: what :func:`train`,
+    :func:`strokekit.multiclass.train_multiclass` and :func:`strokekit.transfer.fine_tune` share.
+
+    Checks the data, seeds (``config.seed``), turns both sets into arrays, creates (or reopens) the
+    run folder, builds the training loader (``config.repeats`` passes, the config's augmentation)
+    and the validation loader, trains through :func:`strokekit.engine.fit` and writes
+    ``metrics.json``.
+
+    Args:
+        config: the run's config (a :class:`TrainConfig` or one with the same training fields:
+            ``seed``, ``batch_size``, ``augment``, ``num_classes``, ``workers``, ``num_epochs``,
+            ``learning_rate``, ``early_stopping_patience``, ``reduce_lr_patience``, ``lr_schedule``,
+            ``preview_slices``, ``repeats``); saved as ``config.json``.
+        train_data, val_data: training and validation slices.
+        model: the model to train, or None to call ``build`` (after seeding, so that its weights
+            follow ``config.seed``).
+        run_dir: the run folder; None creates ``<runs>/<name>-<timestamp>``; False writes nothing.
+        kind: the run folder's kind (:data:`strokekit.runs.KINDS`).
+        name: the new run folder's name prefix.
+        build: makes the model when ``model`` is None.
+        arrays: ``(config, dataset) -> (inputs, labels)`` (default :func:`to_arrays`).
+        loss_metrics: the loss and metrics (default :func:`loss_and_metrics` of the config).
+        phases: the engine phases (default one phase of ``config.num_epochs`` at ``config.learning_rate``).
+        score: ``(model, x_val, y_val) -> metrics`` after training (default :func:`evaluate_arrays`
+            for a binary model, the lowest validation loss for a softmax one).
+        split: saved as ``split.json``.
+        run_files: more JSON files for the run folder (file name -> object), written before training.
+        overwrite, resume: as in :func:`train`.
+        previews: draw ``config.preview_slices`` validation slices after every epoch (at
+            ``preview_threshold``).
+        repeats: passes over the training slices per epoch; None takes ``config.repeats``.
+        loader: the training loader's class (default :class:`strokekit.augment.SegmentationLoader`).
+        val_batch_size: the validation loader's batch size (default ``config.batch_size``).
+        **fit_options: more :func:`strokekit.engine.fit` arguments (``desc``, ``progress``,
+            ``callbacks``, ``pool``...); they override the config's ``patience``,
+            ``reduce_lr_patience`` and ``schedule``.
+
+    Returns:
+        :class:`RunResult`; its metrics gain ``best_epoch`` and ``epochs_run``.
+    """
+    from .augment import SegmentationLoader
 
     check_run_inputs(train_data, val_data, run_dir, resume)
     seed_everything(config.seed)
-    x_train, y_train = to_arrays(config, train_data)
-    x_val, y_val = to_arrays(config, val_data)
+    x_train, y_train = arrays(config, train_data)
+    x_val, y_val = arrays(config, val_data)
     if model is None:
-        model = build_model(config.arch, **config.model_kwargs())
+        model = build()
 
     run = None
-    if run_dir is not False:
-        folder = run_dir if run_dir is not None else make_run_dir(
-            name or f"{config.arch}-{config.activation}-s{config.seed}")
-        run = RunFolder.create(folder, "binary", config, overwrite=overwrite, resume=resume, split=split)
+    if run_dir is not False:  # created before training, so a folder that holds a run stops it at once
+        run = RunFolder.create(run_dir if run_dir is not None else make_run_dir(name), kind, config,
+                               overwrite=overwrite, resume=resume, split=split)
+        for file_name, value in (run_files or {}).items():
+            run.write_json(file_name, value)
 
-    x_train, y_train = repeat_arrays(x_train, y_train, config.repeats)
-    loader = SegmentationLoader(
+    x_train, y_train = repeat_arrays(x_train, y_train, config.repeats if repeats is None else repeats)
+    train_loader = (loader or SegmentationLoader)(
         x_train, y_train, batch_size=config.batch_size, augment=config.augment, shuffle=True,
         seed=config.seed, num_classes=config.num_classes, workers=config.workers,
     )
     val_loader = SegmentationLoader(
-        x_val, y_val, batch_size=config.batch_size, augment=None, shuffle=False,
+        x_val, y_val, batch_size=val_batch_size or config.batch_size, augment=None, shuffle=False,
         seed=config.seed, num_classes=config.num_classes, workers=1,
     )
     chosen = preview_indices(y_val, config.preview_slices) if previews and config.preview_slices else None
+    options = dict(patience=config.early_stopping_patience, schedule=config.lr_schedule,
+                   reduce_lr_patience=config.reduce_lr_patience, run=run, resume=resume,
+                   previews=None if chosen is None else engine.Previews(x_val[chosen], y_val[chosen],
+                                                                        preview_threshold))
     fitted = engine.fit(
-        model, loader, val_loader, [engine.Phase(config.num_epochs, learning_rate=config.learning_rate)],
-        *loss_and_metrics(config), patience=config.early_stopping_patience, schedule=config.lr_schedule,
-        reduce_lr_patience=config.reduce_lr_patience, run=run, resume=resume, progress=progress,
-        previews=None if chosen is None else engine.Previews(x_val[chosen], y_val[chosen], config.threshold),
-        callbacks=callbacks, desc=name or config.arch, checkpoint_every=checkpoint_every)
-    return finish_run(fitted, validation_metrics(model, config, x_val, y_val, fitted.history), config, run,
-                      len(x_train), val_data)
+        model, train_loader, val_loader,
+        phases or [engine.Phase(config.num_epochs, learning_rate=config.learning_rate)],
+        *(loss_metrics or loss_and_metrics(config)), **{**options, **fit_options})
+
+    if score is not None:
+        metrics = score(model, x_val, y_val)
+    elif config.num_classes == 1:
+        metrics = evaluate_arrays(model, x_val, y_val, config.threshold)
+    else:
+        metrics = {"val_loss": float(fitted.history["val_loss"].min())}
+    history, seconds = fitted.history, fitted.seconds
+    metrics = {**metrics, "best_epoch": fitted.best_epoch, "epochs_run": len(history)}
+    images_per_second = len(x_train) * len(history) / seconds if seconds else float("nan")
+    if run is not None:
+        run.write_metrics({**metrics, "seconds": round(seconds, 2), "images_per_second": round(images_per_second, 2)},
+                          data=data_text(val_data))
+    return RunResult(fitted.model, history, metrics, run.folder if run else None, config, seconds, images_per_second)
 
 
 def check_run_inputs(train_data: SliceDataset, val_data: SliceDataset, run_dir: Any = None,
@@ -346,35 +448,6 @@ def check_run_inputs(train_data: SliceDataset, val_data: SliceDataset, run_dir: 
         raise DataError("training and validation sets must not be empty")
     if resume and (run_dir is None or run_dir is False):
         raise ValueError("resume=True continues the run in run_dir: name the folder")
-
-
-def validation_metrics(model, config: TrainConfig, x_val: np.ndarray, y_val: np.ndarray, history) -> dict[str, float]:
-    """A trained slice model's validation metrics: :func:`evaluate_arrays` for a binary model, the
-    lowest validation loss of ``history`` for a softmax one."""
-    if config.num_classes == 1:
-        return evaluate_arrays(model, x_val, y_val, config.threshold)
-    return {"val_loss": float(history["val_loss"].min())}
-
-
-def finish_run(fitted, metrics: dict[str, float], config: Any, run: RunFolder | None, train_images: int,
-               val_data: SliceDataset) -> RunResult:
-    """The :class:`RunResult` of a trainer's :func:`strokekit.engine.fit`; with a run folder, ``metrics.json``.
-
-    Args:
-        fitted: what :func:`strokekit.engine.fit` returned.
-        metrics: the validation metrics; ``best_epoch`` and ``epochs_run`` are added.
-        config: the run's config.
-        run: the run folder, or None.
-        train_images: training images per epoch (for ``images_per_second``).
-        val_data: the data the metrics were measured on (recorded in ``metrics.json``).
-    """
-    history, seconds = fitted.history, fitted.seconds
-    metrics = {**metrics, "best_epoch": fitted.best_epoch, "epochs_run": len(history)}
-    images_per_second = train_images * len(history) / seconds if seconds else float("nan")
-    if run is not None:
-        run.write_metrics({**metrics, "seconds": round(seconds, 2), "images_per_second": round(images_per_second, 2)},
-                          data=data_text(val_data))
-    return RunResult(fitted.model, history, metrics, run.folder if run else None, config, seconds, images_per_second)
 
 
 def load_run(folder: str | os.PathLike) -> dict[str, Any]:

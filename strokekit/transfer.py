@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -235,37 +234,6 @@ def trainable_blocks(model) -> tuple[str, ...]:
         if any(by_name[n].trainable and by_name[n].weights for n in names):
             out.append(block)
     return tuple(out)
-
-
-def set_batchnorm_momentum(model, momentum: float) -> list[str]:
-    """Sets how fast every batch-norm layer's moving mean and variance follow the batches.
-
-    Keras' default, 0.99, averages over roughly the last few hundred training steps, so a
-    run of about a hundred steps ends with moving statistics still close to their starting
-    values (mean 0, variance 1): the network does well in training mode and fails at
-    inference, which uses those statistics. A lower momentum (0.9 averages over ~10 steps)
-    suits short CPU runs. Set it before compiling; it is saved with the model.
-
-    Introduced in notebooks/05_transfer_learning.ipynb.
-
-    Args:
-        model: a Keras model.
-        momentum: in [0, 1): ``moving = momentum * moving + (1 - momentum) * batch``.
-
-    Returns:
-        The names of the batch-norm layers changed, in graph order.
-
-    Raises:
-        ValueError: a momentum outside [0, 1).
-    """
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
-        raise ValueError(f"momentum must be a number in [0, 1). Received: momentum={momentum!r}")
-    changed = []
-    for layer in model.layers:
-        if _is_batchnorm(layer):
-            layer.momentum = float(momentum)
-            changed.append(layer.name)
-    return changed
 
 
 def recompile(model, config: TrainConfig, learning_rate: float | None = None):
@@ -602,10 +570,8 @@ def fine_tune(
         FileExistsError: ``run_dir`` already holds a run and ``overwrite`` is False.
     """
     from .augment import SegmentationLoader
-    from .runs import RunFolder
-    from .train import check_run_inputs, finish_run, loss_and_metrics, make_run_dir, to_arrays, validation_metrics
+    from .train import fit_run
 
-    check_run_inputs(train_data, val_data, run_dir, resume)
     if not isinstance(schedule, FineTuneSchedule):
         raise ValueError(f"schedule must be a FineTuneSchedule. Received: schedule={schedule!r}")  # noqa: TRY004
     _check_input(model, config)
@@ -613,104 +579,20 @@ def fine_tune(
     if run_dir is not False:
         split = used_split(train_data, val_data, seed=config.seed) if split is None else split
         _check_split(split, train_data, val_data)
-    phases = schedule.engine_phases(model, config.num_epochs, config.learning_rate)
-    seed_everything(config.seed)
-    x_train, y_train = to_arrays(config, train_data)
-    x_val, y_val = to_arrays(config, val_data)
-    loader = _full_batch_loader(SegmentationLoader)(
-        x_train, y_train, batch_size=config.batch_size, augment=config.augment, shuffle=True,
-        seed=config.seed, num_classes=config.num_classes, workers=config.workers,
-    )
     # A small validation set goes in one batch: one traced evaluation step, and the loss's
     # Dice pooled over the whole set rather than over batches of it.
-    val_batch = len(x_val) if len(x_val) <= _ONE_BATCH_MAX * config.batch_size else config.batch_size
-    val_loader = SegmentationLoader(
-        x_val, y_val, batch_size=val_batch, augment=None, shuffle=False,
-        seed=config.seed, num_classes=config.num_classes, workers=1,
-    )
-    run = None
-    if run_dir is not False:  # written before training, so a folder that holds a run stops it at once
-        folder = run_dir if run_dir is not None else make_run_dir(f"finetune-{schedule.mode}-s{config.seed}")
-        run = RunFolder.create(folder, "binary", config, overwrite=overwrite, resume=resume, split=split)
-        run.write_json("schedule.json", schedule)
+    val_batch = len(val_data) if len(val_data) <= _ONE_BATCH_MAX * config.batch_size else config.batch_size
     # Halving on plateaus whatever config.lr_schedule says, down to 1e-7: fine-tuning's own settings.
-    fitted = engine.fit(
-        model, loader, val_loader, phases, *loss_and_metrics(config),
-        patience=config.early_stopping_patience, restore_best=restore_best, schedule="plateau",
-        reduce_lr_patience=config.reduce_lr_patience, min_lr=1e-7, run=run, resume=resume,
-        progress=progress, callbacks=callbacks, pool=engine.ModelPool.of(model),
+    return fit_run(
+        config, train_data, val_data, model, run_dir, "binary", name=f"finetune-{schedule.mode}-s{config.seed}",
+        phases=schedule.engine_phases(model, config.num_epochs, config.learning_rate), split=split,
+        run_files={"schedule.json": schedule}, overwrite=overwrite, resume=resume, previews=False, repeats=1,
+        loader=_full_batch_loader(SegmentationLoader), val_batch_size=val_batch, restore_best=restore_best,
+        schedule="plateau", min_lr=1e-7, progress=progress, callbacks=callbacks, pool=engine.ModelPool.of(model),
         desc=f"fine-tune ({schedule.mode})")
-    return finish_run(fitted, validation_metrics(model, config, x_val, y_val, fitted.history), config, run,
-                      len(x_train), val_data)
 
 
 # --------------------------------------------------------------------------- source tasks
-
-
-def phantom_source(
-    n_patients: int = 40,
-    lesion_types: Sequence[str] = ("hemorrhagic",),
-    seed: int = 1000,
-    image_size: int | None = None,
-    slices_per_patient: int = 5,
-    empty_slices_per_patient: int = 1,
-    target=None,
-    prefix: str = "S",
-    progress: bool = True,
-) -> SliceDataset:
-    """A larger phantom set of another lesion type, to pretrain on (the "source task").
-
-    The patients come from a different phantom seed than the target's and their ids carry
-    another prefix (``"S01"``… instead of ``"P01"``…), so no source patient is a target
-    patient and none can leak into a target split.
-
-    Introduced in notebooks/05_transfer_learning.ipynb.
-
-    Args:
-        n_patients: synthetic source patients.
-        lesion_types: lesion types drawn from (default hemorrhage, for an ischemic target).
-        seed: the source phantom's seed; must differ from the target's.
-        image_size: slice side in pixels; None takes the target's (else 128).
-        slices_per_patient: lesion slices per patient.
-        empty_slices_per_patient: lesion-free slices per patient.
-        target: the target's :class:`strokekit.phantom.PhantomConfig`; the source copies its
-            imaging settings (noise, blur, contrast, size) and must not share its seed.
-        prefix: patient-id prefix, letters only, not ``"P"`` (the target's).
-        progress: a progress bar over patients.
-
-    Returns:
-        A :class:`SliceDataset` (HU) with patient ids ``f"{prefix}01"``… and case ids
-        ``f"{prefix}01_s07"``…
-
-    Raises:
-        ValueError: the target's seed, a bad prefix or bad phantom settings.
-    """
-    from .phantom import PhantomConfig, generate_phantom
-
-    if not (isinstance(prefix, str) and prefix.isalpha() and prefix != "P"):
-        raise ValueError(
-            f"prefix must be letters other than 'P' (the target phantom's). Received: prefix={prefix!r}"
-        )
-    base = target if target is not None else PhantomConfig()
-    if target is not None and int(seed) == int(target.seed):
-        raise ValueError(
-            f"the source phantom must use another seed than the target (seed={target.seed}): "
-            "with the same seed patient k has the same anatomy in both sets. "
-            f"Received: seed={seed!r}"
-        )
-    size = image_size if image_size is not None else (target.image_size if target is not None else 128)
-    config = dataclasses.replace(
-        base, n_patients=int(n_patients), lesion_types=tuple(lesion_types), seed=int(seed),
-        image_size=int(size), slices_per_patient=int(slices_per_patient),
-        empty_slices_per_patient=int(empty_slices_per_patient), multiclass=False,
-    )
-    data = generate_phantom(config, progress=progress)
-    renamed = {p: f"{prefix}{i + 1:02d}" for i, p in enumerate(data.patients())}
-    case_ids = []
-    for case, patient in zip(data.case_ids, data.patient_ids):
-        suffix = case[len(patient):] if case.startswith(patient) else f"_{case}"
-        case_ids.append(renamed[patient] + suffix)
-    return data.replace(case_ids=case_ids, patient_ids=[renamed[p] for p in data.patient_ids])
 
 
 def pretrain_on_source(
@@ -781,104 +663,6 @@ def load_pretrained(path: str | os.PathLike):
     return engine._load_saved(path)
 
 
-def load_source_dataset(name: str = "ctich", image_size: int = 128, lesion_only: bool = False,
-                        progress: bool = True, max_patients: int | None = None) -> SliceDataset:
-    """Loads a real source set by name; today ``"ctich"`` (CT-ICH, traumatic hemorrhage).
-
-    Introduced in notebooks/05_transfer_learning.ipynb.
-
-    Args:
-        name: ``"ctich"``.
-        image_size: slice side after resizing.
-        lesion_only: only slices with a lesion.
-        progress: a progress bar.
-        max_patients: read only the first this many patients of ``slices.csv`` (sorted ids), e.g.
-            for a tiny smoke run; None reads all.
-
-    Returns:
-        The dataset (``unit="display"``), patient ids as in ``slices.csv``.
-
-    Raises:
-        ValueError: an unknown name.
-        DataError: the data are absent (the message says where to put them).
-    """
-    from .io import load_ctich
-
-    if name != "ctich":
-        raise _expected(name, ["ctich"], "name")
-    patients = None
-    if max_patients is not None:
-        import pandas as pd
-
-        from .paths import ctich_dir
-
-        folder = ctich_dir()
-        if folder is None:
-            load_ctich(None)  # raises the DataError that says where to put the data
-        ids = pd.read_csv(folder / "slices.csv", dtype={"patient_id": str})["patient_id"]
-        patients = sorted(ids.unique())[: int(max_patients)]
-    return load_ctich(image_size=image_size, lesion_only=lesion_only, progress=progress, patients=patients)
-
-
-# --------------------------------------------------------------------------- ImageNet encoders
-
-
-@dataclasses.dataclass(frozen=True)
-class EncoderWeights:
-    """What :func:`imagenet_unet` found.
-
-    Attributes:
-        encoder: ``"vgg16"`` or ``"resnet50"``.
-        weights_found: True when ImageNet weights were loaded.
-        weights_path: the file loaded, or None.
-        message: one sentence for the notebook: where the weights came from, or the fallback.
-    """
-
-    encoder: str
-    weights_found: bool
-    weights_path: str | None
-    message: str
-
-
-def imagenet_unet(encoder: str = "vgg16", input_shape: tuple = (128, 128, 1),
-                  weights: str | os.PathLike | None = "imagenet", **kwargs: Any):
-    """A U-Net on an ImageNet encoder that says whether the ImageNet weights were there.
-
-    Nothing is downloaded (:func:`strokekit.models.resolve_imagenet_weights`): without the file
-    in the Keras cache the encoder starts from random weights, one ``UserWarning`` says so and
-    the returned :class:`EncoderWeights` carries the same message.
-
-    Introduced in notebooks/05_transfer_learning.ipynb.
-
-    Args:
-        encoder: one of :data:`strokekit.models.ENCODERS`.
-        input_shape: (height, width, 1 or 3).
-        weights: ``"imagenet"``, None (random on purpose) or a path to the weights file.
-        **kwargs: other :func:`strokekit.models.pretrained_unet` arguments (``seed``,
-            ``decoder_filters``, ...).
-
-    Returns:
-        ``(model, EncoderWeights)``.
-
-    Raises:
-        ValueError: an unknown encoder or bad shape.
-        DataError: a weights path that does not exist.
-    """
-    from .models import pretrained_unet, resolve_imagenet_weights
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        path = resolve_imagenet_weights(encoder, weights)
-    fallback = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
-    model = pretrained_unet(input_shape=input_shape, encoder=encoder, weights=path, **kwargs)
-    if path is not None:
-        message = f"ImageNet weights for {encoder} loaded from {path}."
-    elif weights is None:
-        message = f"weights=None: the {encoder} encoder starts from random weights, as asked."
-    else:
-        message = fallback[0] if fallback else f"the {encoder} encoder starts from random weights."
-        warnings.warn(message, UserWarning, stacklevel=2)
-    return model, EncoderWeights(encoder, path is not None, path, message)
 
 
 # --------------------------------------------------------------------------- learning curves

@@ -636,3 +636,33 @@ def test_oversample_offline_refuses_unsafe_folders(tmp_path):
         )
     with pytest.raises(ValueError, match="factor must be a positive int"):
         A.oversample_offline(ds, tmp_path / "z", 2, 0, A.STUDY_AUGMENT, progress=False)
+
+
+def test_sample_patches_foreground_share_and_determinism():
+    images = np.arange(3 * 16 * 16, dtype=np.float32).reshape(3, 16, 16)
+    masks = np.zeros((3, 16, 16), np.uint8)
+    masks[0, 14, 1] = 1  # one lesion pixel near a corner of slice 0
+    x, y = A.sample_patches(images, masks, 8, per_slice=5, foreground_fraction=1.0, seed=4)
+    assert x.shape == (15, 8, 8) and y.shape == (15, 8, 8)
+    # every crop of the lesion slice holds its one lesion pixel; the other slices have none
+    assert (y[:5].reshape(5, -1).sum(axis=1) == 1).all() and y[5:].sum() == 0
+    # crops are real windows of their slice: the top-left value fixes the rest
+    for k in range(15):
+        i = k // 5
+        r0, c0 = divmod(int(x[k, 0, 0]) - i * 256, 16)
+        np.testing.assert_array_equal(x[k], images[i, r0:r0 + 8, c0:c0 + 8])
+    x2, _ = A.sample_patches(images, masks, 8, per_slice=5, foreground_fraction=1.0, seed=4)
+    np.testing.assert_array_equal(x, x2)
+    _, y0 = A.sample_patches(images, masks, 8, per_slice=50, foreground_fraction=0.0, seed=0)
+    assert 0 < y0[:50].reshape(50, -1).any(axis=1).sum() < 50  # uniform crops hit it sometimes
+    with pytest.raises(ValueError, match="patch_size must lie in 1..16"):
+        A.sample_patches(images, masks, 32, per_slice=1)
+
+
+def test_tile_patches_cut_every_slice_into_non_overlapping_tiles():
+    x = np.arange(2 * 8 * 8, dtype=np.float32).reshape(2, 8, 8, 1)
+    y = (x[..., 0] > 60).astype(np.uint8)
+    tx, ty = A.tile_patches(x, y, 4)
+    assert tx.shape == (8, 4, 4, 1) and ty.shape == (8, 4, 4)
+    np.testing.assert_array_equal(tx[1, ..., 0], x[1, :4, :4, 0])   # tile-major: tile (0, 0) of slice 1
+    np.testing.assert_array_equal(ty[3], y[1, :4, 4:])

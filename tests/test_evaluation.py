@@ -291,3 +291,25 @@ def test_find_runs_skips_a_run_with_a_damaged_metrics_or_split_file_with_a_warni
     assert said[0].startswith(f"skipped the run in {tmp_path / 'config-s0'}: config.json cannot be read")
     assert said[1].startswith(f"skipped the run in {tmp_path / 'metrics-s0'}: metrics.json cannot be read")
     assert said[2].startswith(f"skipped the run in {tmp_path / 'split-s0'}: not a strokekit split file")
+
+
+def test_compare_patients_counts_wins_and_brackets_the_mean_difference():
+    method = {"a": 0.5, "b": 0.2, "c": 0.4, "d": 0.3}
+    baseline = {"a": 0.3, "b": 0.2, "c": 0.5, "d": 0.1, "e": 0.9}   # "e" is not in method: ignored
+    c = E.compare_patients(method, baseline)
+    assert (c["n"], c["wins"], c["ties"], c["losses"]) == (4, 2, 1, 1)
+    assert c["mean_difference"] == pytest.approx((0.2 + 0.0 - 0.1 + 0.2) / 4)
+    assert c["ci_low"] <= c["mean_difference"] <= c["ci_high"]
+    assert -0.1 <= c["ci_low"] and c["ci_high"] <= 0.2          # bootstrap means lie within the differences
+    assert E.compare_patients(method, baseline) == c            # seeded
+    same = E.compare_patients(method, method)
+    assert same["ties"] == 4 and same["ci_low"] == same["ci_high"] == 0.0
+    with pytest.raises(ValueError, match="no patient"):
+        E.compare_patients({"x": 1.0}, {"y": 1.0})
+
+
+def test_per_patient_dice_pools_each_patients_pixels():
+    counts = np.array([[2, 1, 1, 10], [0, 0, 2, 10], [3, 0, 0, 10]])   # tp, fp, fn, tn per slice
+    patients, dice = E.per_patient_dice(counts, ["b", "b", 1])
+    assert patients.tolist() == ["1", "b"]                              # sorted, compared as strings
+    np.testing.assert_allclose(dice, [1.0, 4 / 8])

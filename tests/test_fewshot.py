@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 
 from strokekit import fewshot as fs
+from strokekit import preprocess as pp
 from strokekit.dataset import SliceDataset
+from strokekit.engine import recalibrate_batchnorm
 from strokekit.errors import DataError
 from strokekit.paths import ctich_dir
+from strokekit.runs import fewshot_run_info, load_fitted, save_fitted
 from strokekit.train import TrainConfig
 
 
@@ -127,7 +130,7 @@ def test_protocol_counts_on_real_ctich():
 # ----------------------------------------------------------------------------- baselines
 def test_threshold_in_brain_finds_blood_not_bone():
     image, brain, mask = head()
-    pred = fs.threshold_in_brain(image, brain, low=150, high=230, erosion=0, opening=0, min_size=1)
+    pred = pp.threshold_in_brain(image, brain, low=150, high=230, erosion=0, opening=0, min_size=1)
     np.testing.assert_array_equal(pred, mask)
     assert pred.dtype == np.uint8
 
@@ -135,7 +138,7 @@ def test_threshold_in_brain_finds_blood_not_bone():
 def test_threshold_in_brain_opening_cuts_square_corners_and_speckle():
     image, brain, mask = head()
     image[8, 8] = 180.0  # a one-pixel speckle
-    pred = fs.threshold_in_brain(image, brain, low=150, high=230, erosion=0, opening=1, min_size=1)
+    pred = pp.threshold_in_brain(image, brain, low=150, high=230, erosion=0, opening=1, min_size=1)
     expected = mask.copy()
     # opening a 5x5 square with a 4-connected cross keeps all but its 4 corners
     for r, c in [(12, 12), (12, 16), (16, 12), (16, 16)]:
@@ -145,29 +148,29 @@ def test_threshold_in_brain_opening_cuts_square_corners_and_speckle():
 
 def test_threshold_in_brain_band_limits_inclusive():
     image, brain, _ = head(level=150.0)
-    assert fs.threshold_in_brain(image, brain, low=150, high=230, erosion=0, opening=0, min_size=1).sum() == 25
-    assert fs.threshold_in_brain(image, brain, low=151, high=230, erosion=0, opening=0, min_size=1).sum() == 0
+    assert pp.threshold_in_brain(image, brain, low=150, high=230, erosion=0, opening=0, min_size=1).sum() == 25
+    assert pp.threshold_in_brain(image, brain, low=151, high=230, erosion=0, opening=0, min_size=1).sum() == 0
     # brain (100) and blood (150) both lie in [100, 150]: the whole brain is returned
-    whole = fs.threshold_in_brain(image, brain, low=100, high=150, erosion=0, opening=0, min_size=1)
+    whole = pp.threshold_in_brain(image, brain, low=100, high=150, erosion=0, opening=0, min_size=1)
     np.testing.assert_array_equal(whole, brain.astype(np.uint8))
 
 
 def test_threshold_in_brain_min_size_erosion_and_scale():
     image, brain, mask = head()
     image[8, 8] = 180.0
-    small = fs.threshold_in_brain(image, brain, low=150, high=230, erosion=0, opening=0, min_size=2)
+    small = pp.threshold_in_brain(image, brain, low=150, high=230, erosion=0, opening=0, min_size=2)
     np.testing.assert_array_equal(small, mask)  # the lone pixel is gone, the square stays
     # blood touching the brain's edge goes with a 1-pixel erosion; inner blood stays
     edge_image, _, _ = head(blood=None)
     rows = np.flatnonzero(brain[:, 16])
     edge_image[rows[0], 16] = 180.0
-    kept = fs.threshold_in_brain(edge_image, brain, low=150, high=230, erosion=0, opening=0, min_size=1)
-    cut = fs.threshold_in_brain(edge_image, brain, low=150, high=230, erosion=1, opening=0, min_size=1)
+    kept = pp.threshold_in_brain(edge_image, brain, low=150, high=230, erosion=0, opening=0, min_size=1)
+    cut = pp.threshold_in_brain(edge_image, brain, low=150, high=230, erosion=1, opening=0, min_size=1)
     assert kept[rows[0], 16] == 1 and cut.sum() == 0
     # the same image scaled to 0..1 gives the same answer (thresholds stay in 0..255 levels)
     stack = np.stack([image, image])
-    a = fs.threshold_in_brain(stack, np.stack([brain, brain]), low=150, high=230)
-    b = fs.threshold_in_brain(stack / 255.0, np.stack([brain, brain]), low=150, high=230)
+    a = pp.threshold_in_brain(stack, np.stack([brain, brain]), low=150, high=230)
+    b = pp.threshold_in_brain(stack / 255.0, np.stack([brain, brain]), low=150, high=230)
     np.testing.assert_array_equal(a, b)
     assert a.shape == (2, 32, 32)
 
@@ -176,18 +179,18 @@ def test_threshold_in_brain_in_hu():
     image, brain, mask = head(blood=(12, 17, 12, 17), level=70.0)
     image[brain & (mask == 0)] = 30.0
     image[image == 255.0] = 1000.0
-    pred = fs.threshold_in_brain(image, brain, unit="HU", low=50, high=90, erosion=0, opening=0, min_size=1)
+    pred = pp.threshold_in_brain(image, brain, unit="HU", low=50, high=90, erosion=0, opening=0, min_size=1)
     np.testing.assert_array_equal(pred, mask)
 
 
 def test_threshold_in_brain_errors():
     image, brain, _ = head()
     with pytest.raises(ValueError, match="low must not exceed high"):
-        fs.threshold_in_brain(image, brain, low=200, high=100)
+        pp.threshold_in_brain(image, brain, low=200, high=100)
     with pytest.raises(ValueError, match="does not match images shape"):
-        fs.threshold_in_brain(image, brain[:-1])
+        pp.threshold_in_brain(image, brain[:-1])
     with pytest.raises(ValueError, match=r"Expected one of \['HU', 'display'\]"):
-        fs.threshold_in_brain(image, brain, unit="raw")
+        pp.threshold_in_brain(image, brain, unit="raw")
 
 
 def test_fit_threshold_recovers_the_band():
@@ -200,10 +203,10 @@ def test_fit_threshold_recovers_the_band():
         images.append(image)
         brains.append(brain)
         masks.append(mask)
-    best = fs.fit_threshold(np.stack(images), np.stack(masks), np.stack(brains),
+    best = pp.fit_threshold(np.stack(images), np.stack(masks), np.stack(brains),
                             lows=(120, 160, 180), highs=(190, 250), erosions=(0,), opening=0, min_size=1)
     assert best == {"low": 160.0, "high": 190.0, "erosion": 0, "dice": 1.0}
-    per_patient = fs.fit_threshold(np.stack(images), np.stack(masks), np.stack(brains), lows=(140,),
+    per_patient = pp.fit_threshold(np.stack(images), np.stack(masks), np.stack(brains), lows=(140,),
                                    highs=(250,), erosions=(0,), opening=0, min_size=1,
                                    patient_ids=["a", "a", "b"])
     # with the spot included: each slice 25 true pixels and 9 false ones -> Dice 50 / 59
@@ -260,27 +263,6 @@ def test_recipe_validation_and_defaults():
     # trained at the protocol's size or a multiple of it (scored on the protocol's masks after resizing)
     assert default.config.image_size % fs.PROTOCOLS["fewshot-ctich-v1"]["image_size"] == 0
     assert default.config.loss != "bce" and default.n_models >= 1
-
-
-def test_sample_patches_foreground_share_and_determinism():
-    images = np.arange(3 * 16 * 16, dtype=np.float32).reshape(3, 16, 16)
-    masks = np.zeros((3, 16, 16), np.uint8)
-    masks[0, 14, 1] = 1  # one lesion pixel near a corner of slice 0
-    x, y = fs.sample_patches(images, masks, 8, per_slice=5, foreground_fraction=1.0, seed=4)
-    assert x.shape == (15, 8, 8) and y.shape == (15, 8, 8)
-    # every crop of the lesion slice holds its one lesion pixel; the other slices have none
-    assert (y[:5].reshape(5, -1).sum(axis=1) == 1).all() and y[5:].sum() == 0
-    # crops are real windows of their slice: the top-left value fixes the rest
-    for k in range(15):
-        i = k // 5
-        r0, c0 = divmod(int(x[k, 0, 0]) - i * 256, 16)
-        np.testing.assert_array_equal(x[k], images[i, r0:r0 + 8, c0:c0 + 8])
-    x2, _ = fs.sample_patches(images, masks, 8, per_slice=5, foreground_fraction=1.0, seed=4)
-    np.testing.assert_array_equal(x, x2)
-    _, y0 = fs.sample_patches(images, masks, 8, per_slice=50, foreground_fraction=0.0, seed=0)
-    assert 0 < y0[:50].reshape(50, -1).any(axis=1).sum() < 50  # uniform crops hit it sometimes
-    with pytest.raises(ValueError, match="patch_size must lie in 1..16"):
-        fs.sample_patches(images, masks, 32, per_slice=1)
 
 
 def test_choose_slices_ratio_is_seeded_and_capped():
@@ -386,18 +368,18 @@ def test_brain_mask_stack_is_preprocess_brain_mask_of_each_slice():
 
     image, brain, _ = head()
     empty_head, _, _ = head(blood=None)
-    stack = fs.brain_mask_stack(np.stack([image, empty_head, np.zeros_like(image)]))
+    stack = pp.brain_mask_stack(np.stack([image, empty_head, np.zeros_like(image)]))
     assert stack.shape == (3, 32, 32) and stack.dtype == bool
     # inside the bone ring, blood included (holes are filled); the ring and the air are out
     np.testing.assert_array_equal(stack[0], brain)
     np.testing.assert_array_equal(stack[1], brain_mask(empty_head, unit="display"))
     assert not stack[2].any()  # no head, no brain: nothing will be predicted there
-    np.testing.assert_array_equal(fs.brain_mask_stack(image), brain)
+    np.testing.assert_array_equal(pp.brain_mask_stack(image), brain)
 
 
 def test_threshold_in_brain_finds_the_blob_with_its_own_brain_mask():
     image, _, mask = head()
-    pred = fs.threshold_in_brain(image, low=150, high=230)  # default: brain mask, erosion 1, opening 1
+    pred = pp.threshold_in_brain(image, low=150, high=230)  # default: brain mask, erosion 1, opening 1
     expected = mask.copy()
     for r, c in [(12, 12), (12, 16), (16, 12), (16, 16)]:  # the opening cuts the square's corners
         expected[r, c] = 0
@@ -418,7 +400,7 @@ def test_model_inputs_window_and_candidate_channels():
     # window 100..200: brain (100) -> 0, blood (180) -> 0.8, bone (255) -> 1
     assert x[0, 4, 8, 1] == pytest.approx(0.0) and x[0, 7, 7, 1] == pytest.approx(0.8)
     assert x[0, 0, 8, 1] == pytest.approx(0.0) and x[0, 1, 8, 1] == pytest.approx(1.0)
-    np.testing.assert_array_equal(x[0, ..., 2], fs.threshold_in_brain(image, low=150, high=230, erosion=0))
+    np.testing.assert_array_equal(x[0, ..., 2], pp.threshold_in_brain(image, low=150, high=230, erosion=0))
     np.testing.assert_array_equal(y, mask[None])
     with pytest.raises(ValueError, match="needs the band"):
         fs._model_inputs(recipe, data)
@@ -484,13 +466,11 @@ def test_fit_recipe_patches_channels_and_bn_recalibration_end_to_end():
     assert fitted.band is not None and fitted.band["low"] <= 180.0 <= fitted.band["high"]
     prob = fs.predict_recipe(fitted, val, probabilities=True)
     assert prob.shape == (2, 16, 16) and 0.0 <= prob.min() and prob.max() <= 1.0
-    brains = fs.brain_mask_stack(val.images)
-    for _ in range(recipe.brain_dilation):
-        brains = fs._dilate_cross(brains)
+    brains = pp.dilate_cross(pp.brain_mask_stack(val.images), recipe.brain_dilation)
     assert float(prob[~brains].max(initial=0.0)) == 0.0  # restricted to the (dilated) brain
     x = np.random.default_rng(0).random((2, 16, 16, 3)).astype(np.float32)
     single = np.asarray(fitted.model(x, training=False))
-    assert fs.recalibrate_batchnorm(fitted.model, np.zeros((2, 16, 16, 3), np.float32)) > 0
+    assert recalibrate_batchnorm(fitted.model, np.zeros((2, 16, 16, 3), np.float32)) > 0
     # an ensemble of two: member 0 is the single network of the same seed, member 1 differs
     pair = fs.fit_recipe(dataclasses.replace(recipe, n_models=2), train, val, seed=1)
     assert len(pair.models) == 2 and pair.model is pair.models[0] and pair.models[0] is not pair.models[1]
@@ -500,21 +480,6 @@ def test_fit_recipe_patches_channels_and_bn_recalibration_end_to_end():
     assert pair.threshold in recipe.thresholds and pair.band == fitted.band
     with pytest.raises(ValueError, match="pre-built model"):
         fs.fit_recipe(dataclasses.replace(recipe, n_models=2), train, val, model=fitted.model)
-
-
-def test_compare_patients_counts_wins_and_brackets_the_mean_difference():
-    method = {"a": 0.5, "b": 0.2, "c": 0.4, "d": 0.3}
-    baseline = {"a": 0.3, "b": 0.2, "c": 0.5, "d": 0.1, "e": 0.9}   # "e" is not in method: ignored
-    c = fs.compare_patients(method, baseline)
-    assert (c["n"], c["wins"], c["ties"], c["losses"]) == (4, 2, 1, 1)
-    assert c["mean_difference"] == pytest.approx((0.2 + 0.0 - 0.1 + 0.2) / 4)
-    assert c["ci_low"] <= c["mean_difference"] <= c["ci_high"]
-    assert -0.1 <= c["ci_low"] and c["ci_high"] <= 0.2          # bootstrap means lie within the differences
-    assert fs.compare_patients(method, baseline) == c            # seeded
-    same = fs.compare_patients(method, method)
-    assert same["ties"] == 4 and same["ci_low"] == same["ci_high"] == 0.0
-    with pytest.raises(ValueError, match="no patient"):
-        fs.compare_patients({"x": 1.0}, {"y": 1.0})
 
 
 def test_train_config_few_shot_is_the_default_recipes_network():
@@ -559,18 +524,18 @@ def test_save_and_load_a_fitted_recipe_round_trip(tmp_path, tiny_recipe):
     train = data.select_patients(["49", "50", "51"])
     val = data.subset(np.flatnonzero((np.asarray(data.patient_ids) == "66") & (data.extra["has_mask"] == 1)))
     fitted = fs.fit_recipe(tiny_recipe, train, val, seed=0)
-    folder = fs.save_fitted(fitted, tmp_path / "ct", trained_on="fake CT-ICH 49/50/51", scores={"test": 0.5})
-    assert fs.fewshot_run_info(folder)["trained_on"] == "fake CT-ICH 49/50/51"
-    back = fs.load_fitted(folder)
+    folder = save_fitted(fitted, tmp_path / "ct", trained_on="fake CT-ICH 49/50/51", scores={"test": 0.5})
+    assert fewshot_run_info(folder)["trained_on"] == "fake CT-ICH 49/50/51"
+    back = load_fitted(folder)
     assert back.recipe == fitted.recipe and back.threshold == fitted.threshold and back.band == fitted.band
     np.testing.assert_allclose(fs.predict_recipe(back, val, probabilities=True),
                                fs.predict_recipe(fitted, val, probabilities=True), atol=1e-5)
     with pytest.raises(FileExistsError, match="overwrite"):
-        fs.save_fitted(fitted, folder, trained_on="again")
-    fs.save_fitted(fitted, folder, trained_on="again", overwrite=True)
-    assert fs.fewshot_run_info(tmp_path) is None
+        save_fitted(fitted, folder, trained_on="again")
+    save_fitted(fitted, folder, trained_on="again", overwrite=True)
+    assert fewshot_run_info(tmp_path) is None
     with pytest.raises(DataError, match="not a few-shot run"):
-        fs.load_fitted(tmp_path)
+        load_fitted(tmp_path)
 
 
 def test_threshold_baseline_fits_on_lesion_slices_of_train_and_val_and_segments_test():
@@ -579,16 +544,16 @@ def test_threshold_baseline_fits_on_lesion_slices_of_train_and_val_and_segments_
     train, val, test = (split.dataset(data, s) for s in ("train", "val", "test"))
     band, pred = fs.threshold_baseline(train, val, test)
     dev = [train.subset(np.flatnonzero(fs.lesion_flags(train))), val]
-    expected = fs.fit_threshold(np.concatenate([d.images for d in dev]), np.concatenate([d.masks for d in dev]),
+    expected = pp.fit_threshold(np.concatenate([d.images for d in dev]), np.concatenate([d.masks for d in dev]),
                                 patient_ids=sum((list(d.patient_ids) for d in dev), []))
     assert band == expected and band["low"] <= 180.0 <= band["high"]   # the blood level of the fake heads
-    np.testing.assert_array_equal(pred, fs.threshold_in_brain(test.images, low=band["low"], high=band["high"],
+    np.testing.assert_array_equal(pred, pp.threshold_in_brain(test.images, low=band["low"], high=band["high"],
                                                               erosion=band["erosion"]))
     assert pred.shape == test.masks.shape and pred[test.masks > 0].mean() > 0.5
 
 
 def test_cranial_slices_keep_the_head_and_drop_the_neck_and_predict_nothing_there():
-    size = fs.ENCLOSURE_SIDE
+    size = pp.ENCLOSURE_SIDE
     image, _, _ = head(size, blood=None)
     yy, xx = np.mgrid[:size, :size]
     neck = np.zeros((size, size), np.float32)
@@ -597,25 +562,25 @@ def test_cranial_slices_keep_the_head_and_drop_the_neck_and_predict_nothing_ther
     neck[np.hypot(yy - size * 0.25, xx - size / 2) < 0.05 * size] = 255.0  # the jaw; no skull
     data = SliceDataset(images=np.stack([image, neck]), masks=np.zeros((2, size, size), np.uint8),
                         case_ids=["0", "1"], patient_ids=["p", "p"], unit="display")
-    assert fs.brain_mask_stack(neck).any()  # the brain finder takes the neck's soft tissue for brain
-    assert fs.cranial_slices(data).tolist() == [True, False]
+    assert pp.brain_mask_stack(neck).any()  # the brain finder takes the neck's soft tissue for brain
+    assert pp.cranial_slices(data).tolist() == [True, False]
     prob = fs.predict_recipe(_fitted(restrict_to_brain=True), data, probabilities=True)
     assert prob[0].max() > 0 and prob[1].max() == 0
     assert fs.predict_recipe(_fitted(), data, probabilities=True)[1].max() > 0  # no restriction: no gate
     # below ENCLOSURE_SIDE the bone is lost to resizing: every slice counts as cranial
     small = data.replace(images=data.images[:, ::4, ::4], masks=data.masks[:, ::4, ::4])
-    assert fs.cranial_slices(small).tolist() == [True, True]
+    assert pp.cranial_slices(small).tolist() == [True, True]
 
 
 def test_cranial_slices_judge_hu_in_the_display_window_and_use_the_shorter_side():
-    size = fs.ENCLOSURE_SIDE
+    size = pp.ENCLOSURE_SIDE
     image, _, _ = head(size, blood=None)
     hu = np.where(image >= 255, 1200.0, np.where(image > 0, 35.0, -1000.0)).astype(np.float32)  # bone, brain, air
     masks = np.zeros((1, size, size), np.uint8)
     data = SliceDataset(images=hu[None], masks=masks, case_ids=["0"], patient_ids=["p"], unit="HU")
-    assert fs.cranial_slices(data).tolist() == [True]
+    assert pp.cranial_slices(data).tolist() == [True]
     # a slice padded to twice the width is judged at its shorter side, where the skull is still whole
     wide = np.pad(image, ((0, 0), (size // 2, size // 2)))[None]
     data = SliceDataset(images=wide, masks=np.zeros(wide.shape, np.uint8), case_ids=["0"], patient_ids=["p"],
                         unit="display")
-    assert fs.cranial_slices(data).tolist() == [True]
+    assert pp.cranial_slices(data).tolist() == [True]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from strokekit import io
+from strokekit import engine, io
 from strokekit import multiclass as mc
 from strokekit.dataset import SliceDataset
 from strokekit.errors import DataError
@@ -222,12 +222,12 @@ def test_an_interrupted_multiclass_run_resumes_to_the_uninterrupted_result(tmp_p
             Count.epochs += 1
 
     def with_callback(callback):  # train_multiclass takes no callbacks: give them to engine.fit
-        fit = mc.engine.fit
+        fit = engine.fit
         return lambda *args, **kw: fit(*args, **{**kw, "callbacks": [callback]})
 
     folder = tmp_path / "cut"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(mc.engine, "fit", with_callback(Interrupt()))
+        patch.setattr(engine, "fit", with_callback(Interrupt()))
         with pytest.raises(KeyboardInterrupt):
             mc.train_multiclass(cfg, train_data, val_data, run_dir=folder, progress=False)
     assert (folder / "checkpoint.keras").is_file() and len(pd.read_csv(folder / "history.csv")) == 3
@@ -236,7 +236,7 @@ def test_an_interrupted_multiclass_run_resumes_to_the_uninterrupted_result(tmp_p
     with pytest.raises(ValueError, match="name the folder"):
         mc.train_multiclass(cfg, train_data, val_data, progress=False, resume=True)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(mc.engine, "fit", with_callback(Count()))
+        patch.setattr(engine, "fit", with_callback(Count()))
         resumed = mc.train_multiclass(cfg, train_data, val_data, run_dir=folder, progress=False, resume=True)
     assert Count.epochs == 1  # only the epoch the interruption stopped
     columns = ["loss", "val_loss", "dice_hemorrhagic", "val_dice_ischemic", "learning_rate"]

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from strokekit import engine, losses
+from strokekit import ctp_phantom, engine, losses
 from strokekit import perfusion as pf
 from strokekit.augment import AugmentConfig
 from strokekit.dataset import SliceDataset
@@ -29,12 +29,12 @@ def volumes():
 
 @pytest.fixture(scope="module")
 def ctp(volumes):
-    return pf.synthesize_perfusion(volumes, pf.PerfusionConfig(), seed=0, progress=False)
+    return ctp_phantom.synthesize_perfusion(volumes, ctp_phantom.PerfusionConfig(), seed=0, progress=False)
 
 
 @pytest.fixture(scope="module")
 def clean(volumes):
-    return pf.synthesize_perfusion(volumes, pf.PerfusionConfig(noise=0.0), seed=0, progress=False)
+    return ctp_phantom.synthesize_perfusion(volumes, ctp_phantom.PerfusionConfig(noise=0.0), seed=0, progress=False)
 
 
 # --------------------------------------------------------------------------- synthesis
@@ -85,7 +85,7 @@ def _contralateral_normal(dataset, i):
 @pytest.mark.parametrize("which", ["ctp", "clean"])
 def test_map_relations(which, request):
     data = request.getfixturevalue(which)
-    phys = pf.to_physical(data.images)
+    phys = ctp_phantom.to_physical(data.images)
     checked = 0
     for i in range(len(data)):
         m = data.masks[i]
@@ -106,7 +106,7 @@ def test_map_relations(which, request):
 
 @pytest.mark.backend
 def test_noise_free_maps_follow_the_thresholds_pixel_by_pixel(clean):
-    phys = pf.to_physical(clean.images)
+    phys = ctp_phantom.to_physical(clean.images)
     m = clean.masks
     assert phys["tmax"][(m == 2) | (m == 3)].min() > 6.0
     assert phys["tmax"][m == 1].max() <= 2.0
@@ -119,18 +119,18 @@ def test_noise_free_maps_follow_the_thresholds_pixel_by_pixel(clean):
 
 @pytest.mark.backend
 def test_groups_nihss_and_determinism(volumes, ctp):
-    again = pf.synthesize_perfusion(volumes, pf.PerfusionConfig(), seed=0, progress=False)
+    again = ctp_phantom.synthesize_perfusion(volumes, ctp_phantom.PerfusionConfig(), seed=0, progress=False)
     np.testing.assert_array_equal(again.images, ctp.images)
-    other = pf.synthesize_perfusion(volumes, pf.PerfusionConfig(), seed=1, progress=False)
+    other = ctp_phantom.synthesize_perfusion(volumes, ctp_phantom.PerfusionConfig(), seed=1, progress=False)
     assert not np.array_equal(other.images, ctp.images)
     table = pf.patient_table(ctp)
     for v in volumes:
         row = table.loc[v.patient_id]
         assert row["occlusion"] == ("LVO" if v.territory == "MCA" else "other")
         assert 0 <= row["nihss"] <= 42 and row["nihss"] == round(row["nihss"])
-    cfg = pf.PerfusionConfig(nihss_sd=0.0, nihss_base=1.0, nihss_per_core_ml=0.5,
+    cfg = ctp_phantom.PerfusionConfig(nihss_sd=0.0, nihss_base=1.0, nihss_per_core_ml=0.5,
                              nihss_per_penumbra_ml=0.25)
-    exact = pf.patient_table(pf.synthesize_perfusion(volumes[:1], cfg, seed=0, progress=False))
+    exact = pf.patient_table(ctp_phantom.synthesize_perfusion(volumes[:1], cfg, seed=0, progress=False))
     row = exact.iloc[0]
     assert row["nihss"] == round(1.0 + 0.5 * row["core_ml"] + 0.25 * row["penumbra_ml"])
 
@@ -140,7 +140,7 @@ def test_synthesis_from_an_hu_slice_dataset():
     from strokekit.phantom import generate_phantom
 
     slices = generate_phantom(dataclasses.replace(PHANTOM, n_patients=2, multiclass=True), progress=False)
-    data = pf.synthesize_perfusion(slices, seed=0, progress=False)
+    data = ctp_phantom.synthesize_perfusion(slices, seed=0, progress=False)
     assert data.case_ids == slices.case_ids and data.images.shape == slices.images.shape + (5,)
     core = data.masks == 3
     assert core.any() and not (core & (slices.masks != 2)).any()
@@ -148,15 +148,15 @@ def test_synthesis_from_an_hu_slice_dataset():
     for pid, group in zip(data.patient_ids, data.extra["occlusion"]):
         assert group == ("LVO" if territory[pid] == "MCA" else "other")
     with pytest.raises(DataError, match="needs slices in HU"):
-        pf.synthesize_perfusion(slices.replace(unit="display"), progress=False)
+        ctp_phantom.synthesize_perfusion(slices.replace(unit="display"), progress=False)
 
 
 @pytest.mark.backend
 def test_lvo_has_wider_penumbra_than_other(volumes):
-    wide = pf.PerfusionConfig(lvo_margin_mm=(20.0, 20.0), other_margin_mm=(20.0, 20.0), noise=0)
-    narrow = pf.PerfusionConfig(lvo_margin_mm=(5.0, 5.0), other_margin_mm=(5.0, 5.0), noise=0)
-    a = pf.synthesize_perfusion(volumes[:1], wide, progress=False)
-    b = pf.synthesize_perfusion(volumes[:1], narrow, progress=False)
+    wide = ctp_phantom.PerfusionConfig(lvo_margin_mm=(20.0, 20.0), other_margin_mm=(20.0, 20.0), noise=0)
+    narrow = ctp_phantom.PerfusionConfig(lvo_margin_mm=(5.0, 5.0), other_margin_mm=(5.0, 5.0), noise=0)
+    a = ctp_phantom.synthesize_perfusion(volumes[:1], wide, progress=False)
+    b = ctp_phantom.synthesize_perfusion(volumes[:1], narrow, progress=False)
     assert (a.masks == 2).sum() > 1.5 * (b.masks == 2).sum()
 
 
@@ -164,24 +164,24 @@ def test_lvo_has_wider_penumbra_than_other(volumes):
 def test_bad_inputs_are_rejected(volumes):
     hem = make_volume(0, dataclasses.replace(PHANTOM, lesion_types=("hemorrhagic",)))
     with pytest.raises(DataError, match="P01 has a hemorrhagic lesion"):
-        pf.synthesize_perfusion(hem, progress=False)
+        ctp_phantom.synthesize_perfusion(hem, progress=False)
     with pytest.raises(ValueError, match="Received: str"):
-        pf.synthesize_perfusion("P01", progress=False)
+        ctp_phantom.synthesize_perfusion("P01", progress=False)
     with pytest.raises(ValueError, match=r"core_cbf must be a range below 0\.3"):
-        pf.PerfusionConfig(core_cbf=(0.1, 0.4))
+        ctp_phantom.PerfusionConfig(core_cbf=(0.1, 0.4))
     with pytest.raises(ValueError, match=r"penumbra_tmax must be a range above 6 s"):
-        pf.PerfusionConfig(penumbra_tmax=(5.0, 9.0))
+        ctp_phantom.PerfusionConfig(penumbra_tmax=(5.0, 9.0))
 
 
 @pytest.mark.backend
 def test_normalisation_round_trip():
     rng = np.random.default_rng(0)
-    maps = {n: rng.uniform(lo, hi, (2, 4, 4)).astype(np.float32) for n, (lo, hi) in pf.MAP_RANGES.items()}
-    back = pf.to_physical(pf.normalize_maps(maps))
+    maps = {n: rng.uniform(lo, hi, (2, 4, 4)).astype(np.float32) for n, (lo, hi) in ctp_phantom.MAP_RANGES.items()}
+    back = ctp_phantom.to_physical(ctp_phantom.normalize_maps(maps))
     for name in pf.MAP_NAMES:
         np.testing.assert_allclose(back[name], maps[name], rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match=r"lacks \['mip'\]"):
-        pf.normalize_maps({n: maps[n] for n in pf.MAP_NAMES[:-1]})
+        ctp_phantom.normalize_maps({n: maps[n] for n in pf.MAP_NAMES[:-1]})
 
 
 # --------------------------------------------------------------------------- losses

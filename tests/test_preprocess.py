@@ -127,3 +127,23 @@ def test_statistics_table_and_figure():
     assert table["has_lesion"].tolist() == [True, False, False]
     fig = pp.plot_statistics(d)
     assert isinstance(fig, Figure) and len(fig.axes) >= 3
+
+
+def test_brain_mask_stack_on_a_stride_grown_is_the_strided_masks_dilated_and_repeated():
+    from scipy import ndimage
+
+    size = 40
+    yy, xx = np.mgrid[:size, :size]
+    r = np.hypot(yy - 19.5, xx - 19.5)
+    image = np.where(r < 18, 255.0, 0.0).astype(np.float32)
+    image[r < 15] = 100.0
+    stack = np.stack([image, np.zeros_like(image)])
+    small = pp.brain_mask_stack(stack[:, ::3, ::3])
+    cross = np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], bool)
+    grown = ndimage.binary_dilation(small, structure=cross, iterations=2)
+    expected = np.repeat(np.repeat(grown, 3, axis=1), 3, axis=2)[:, :size, :size]
+    out = pp.brain_mask_stack(stack, stride=3, dilation=2)
+    assert out.shape == stack.shape and small[0].any() and not out[1].any()
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(pp.brain_mask_stack(stack, dilation=1), pp.dilate_cross(pp.brain_mask_stack(stack)))
+    np.testing.assert_array_equal(pp.erode_cross(pp.dilate_cross(small, 0), 0), small)

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from strokekit import models, transfer
+from strokekit import io, models, phantom, transfer
 from strokekit.augment import NO_AUGMENT, STUDY_AUGMENT
 from strokekit.dataset import SliceDataset
 from strokekit.errors import DataError
@@ -155,20 +155,20 @@ def test_batchnorm_momentum_sets_how_fast_moving_statistics_follow_the_batch():
     import keras
 
     model = tiny_model(batch_norm=True)
-    changed = transfer.set_batchnorm_momentum(model, 0.75)
+    changed = models.set_batchnorm_momentum(model, 0.75)
     assert changed == [layer.name for layer in model.layers
                        if isinstance(layer, keras.layers.BatchNormalization)] and "enc1_bn1" in changed
     assert keras.models.clone_model(model).get_layer("enc1_bn1").momentum == 0.75  # kept in the config
     # One training-mode batch moves the moving mean a quarter of the way to the batch mean.
     inputs = keras.Input((3,))
     small = keras.Model(inputs, keras.layers.BatchNormalization(name="bn")(inputs))
-    assert transfer.set_batchnorm_momentum(small, 0.75) == ["bn"]
+    assert models.set_batchnorm_momentum(small, 0.75) == ["bn"]
     x = np.array([[1.0, 2.0, 3.0], [3.0, 6.0, 9.0]], np.float32)
     small(x, training=True)
     moving = keras.ops.convert_to_numpy(small.get_layer("bn").moving_mean)
     assert np.allclose(moving, [0.5, 1.0, 1.5])  # 0.75 * 0 + (1 - 0.75) * [2, 4, 6]
     with pytest.raises(ValueError, match=r"momentum must be a number in \[0, 1\)"):
-        transfer.set_batchnorm_momentum(model, 1.0)
+        models.set_batchnorm_momentum(model, 1.0)
 
 
 @pytest.mark.backend
@@ -372,7 +372,7 @@ def test_phantom_source_shares_no_patient_with_the_target():
     target_config = PhantomConfig(n_patients=2, slices_per_patient=2, image_size=32, seed=0,
                                   lesion_types=("ischemic",))
     target = generate_phantom(target_config, progress=False)
-    source = transfer.phantom_source(n_patients=3, slices_per_patient=2, empty_slices_per_patient=1,
+    source = phantom.phantom_source(n_patients=3, slices_per_patient=2, empty_slices_per_patient=1,
                                      seed=7, target=target_config, progress=False)
     assert source.patients() == ["S01", "S02", "S03"]
     assert not set(source.patients()) & set(target.patients())
@@ -383,16 +383,16 @@ def test_phantom_source_shares_no_patient_with_the_target():
     # Different seed, different heads: no source slice equals a target slice.
     assert not any(np.array_equal(a, b) for a in source.images for b in target.images)
     with pytest.raises(ValueError, match="another seed than the target"):
-        transfer.phantom_source(n_patients=2, seed=0, target=target_config)
+        phantom.phantom_source(n_patients=2, seed=0, target=target_config)
     with pytest.raises(ValueError, match="prefix must be letters other than 'P'"):
-        transfer.phantom_source(n_patients=2, prefix="P")
+        phantom.phantom_source(n_patients=2, prefix="P")
 
 
 def test_imagenet_unet_reports_the_offline_fallback_once(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # an empty cache: no weights anywhere
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model, report = transfer.imagenet_unet("vgg16", input_shape=(32, 32, 1), seed=0)
+        model, report = models.imagenet_unet("vgg16", input_shape=(32, 32, 1), seed=0)
     messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
     assert len(messages) == 1 and "random weights" in messages[0]
     assert report.weights_found is False and report.weights_path is None
@@ -401,7 +401,7 @@ def test_imagenet_unet_reports_the_offline_fallback_once(tmp_path, monkeypatch):
     assert next(b for b, _ in models.encoder_blocks(model)) == "block1"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _, report = transfer.imagenet_unet("vgg16", input_shape=(32, 32, 1), weights=None)
+        _, report = models.imagenet_unet("vgg16", input_shape=(32, 32, 1), weights=None)
     assert not [w for w in caught if issubclass(w.category, UserWarning)]
     assert "as asked" in report.message
 
@@ -481,9 +481,9 @@ def test_ctich_loads_as_a_source_with_its_own_patients():
 
     if paths.ctich_dir() is None:
         pytest.skip("../shared/data/ct-ich is absent: the CT-ICH source cannot be read")
-    source = transfer.load_source_dataset("ctich", image_size=32, lesion_only=True, progress=False)
+    source = io.load_source_dataset("ctich", image_size=32, lesion_only=True, progress=False)
     assert source.unit == "display" and source.image_shape == (32, 32)
     assert source.has_lesion().sum() > 0.9 * len(source)  # lesion_only (a few masks vanish at 32 px)
     assert not any(p.startswith(("P", "S")) for p in source.patients())  # no phantom id can clash
     with pytest.raises(ValueError, match=r"Expected one of \['ctich'\]. Received: name='tumour'"):
-        transfer.load_source_dataset("tumour")
+        io.load_source_dataset("tumour")
