@@ -55,7 +55,6 @@ from strokekit import evaluation, paths, report
 from strokekit import fewshot as fs
 from strokekit.config import get_profile
 from strokekit.preprocess import overlay_mask
-from strokekit.runs import load_fitted, save_fitted
 
 # %%
 print(f"keras {keras.__version__} · backend {keras.backend.backend()}")
@@ -297,12 +296,12 @@ if HAVE_DATA:
 
 # %%
 if HAVE_DATA:
-    save_fitted(ct_fit, CT_RUN, overwrite=True,
-                trained_on=f"CT-ICH patients 49, 50, 51 (protocol {PROTOCOL}; traumatic haemorrhage)",
-                scores=dict(test_per_patient_dice=ct_result["per_patient_dice"],
-                            test_data=f"CT-ICH, 266 lesion slices of 32 new patients ({proto_size} px masks)",
-                            threshold_baseline_per_patient_dice=thr_small["per_patient_dice"]))
-    back = load_fitted(CT_RUN)
+    fs.save_fitted(ct_fit, CT_RUN, overwrite=True,
+                   trained_on=f"CT-ICH patients 49, 50, 51 (protocol {PROTOCOL}; traumatic haemorrhage)",
+                   scores=dict(test_per_patient_dice=ct_result["per_patient_dice"],
+                               test_data=f"CT-ICH, 266 lesion slices of 32 new patients ({proto_size} px masks)",
+                               threshold_baseline_per_patient_dice=thr_small["per_patient_dice"]))
+    back = fs.load_fitted(CT_RUN)
     assert back.threshold == ct_fit.threshold and back.recipe == ct_fit.recipe
     figures = report.record(default_own_size_pp_dice=ct_result["per_patient_dice"],
                             threshold_protocol_pp_dice=thr_small["per_patient_dice"])

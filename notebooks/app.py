@@ -332,7 +332,7 @@ display(dashboard)
 # **Models.** The list shows the run folders under the runs folder that the app can apply, each with
 # what it was trained on and what it scored on which data: the phantom models of notebooks 04–06 and
 # 09 (a binary slice model and its `config.json`), and few-shot CT recipes that notebook 10 saves
-# with `strokekit.runs.save_fitted` when the CT-ICH slices are present (the whole recipe is
+# with `strokekit.fewshot.save_fitted` when the CT-ICH slices are present (the whole recipe is
 # applied: input channels, flips, restriction to the brain, its tuned threshold). Notebook 07's
 # multiclass and notebook 08's perfusion runs are not listed. The model picked first is the best
 # *for CT*: the few-shot run with the best test Dice on CT patients, else the phantom model with the

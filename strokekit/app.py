@@ -3,7 +3,7 @@
 ``notebooks/app.ipynb`` (served with Voila) only wires widgets to these functions: a model
 picker fed by :func:`list_models`, :func:`default_model` and :func:`load_model_for_app` (the
 phantom slice models of the notebooks and few-shot CT recipes saved by
-:func:`strokekit.runs.save_fitted`), a file upload whose callback calls :func:`handle_upload`,
+:func:`strokekit.fewshot.save_fitted`), a file upload whose callback calls :func:`handle_upload`,
 a result panel fed by :func:`with_geometry`, :func:`describe_result`, :func:`slice_text` and
 :func:`summary_rows`, and download links fed by :func:`mask_to_png_bytes` and
 :func:`mask_to_nifti_bytes`. What the page shows is built here too, as bytes and HTML that the
@@ -524,7 +524,7 @@ def _finite(value: Any) -> float | None:
 
 
 #: Few-shot score keys that measure a recipe on held-out CT patients, best first (see
-#: :func:`strokekit.runs.save_fitted`'s ``scores``); the first one a run records ranks it.
+#: :func:`strokekit.fewshot.save_fitted`'s ``scores``); the first one a run records ranks it.
 CT_TEST_SCORES = ("test_per_patient_dice", "test_3d_dice", "test_dice")
 
 
@@ -559,7 +559,7 @@ def model_info(folder: str | os.PathLike, runs_root: str | os.PathLike | None = 
     """What the app knows about a run folder without loading its model, or None if it cannot apply it.
 
     The app applies two kinds of run (:class:`strokekit.runs.RunFolder`): a few-shot CT recipe
-    (``"fewshot"``, written by :func:`strokekit.runs.save_fitted`, ``fewshot.json`` beside the
+    (``"fewshot"``, written by :func:`strokekit.fewshot.save_fitted`, ``fewshot.json`` beside the
     model) and an ordinary binary-or-softmax slice model (``"binary"``, whose ``config.json`` is a
     :class:`strokekit.train.TrainConfig`: notebooks 04-06, 09, the demo model; all trained on the
     phantom). Other kinds (notebook 07's multiclass and notebook 08's perfusion runs), a damaged
@@ -708,7 +708,8 @@ def load_model_for_app(folder: str | os.PathLike, runs_root: str | os.PathLike |
     """
     import dataclasses
 
-    from .runs import FEWSHOT_FILE, RunFolder, load_fitted
+    from .fewshot import load_fitted
+    from .runs import FEWSHOT_FILE, RunFolder
     from .train import config_from_dict
 
     root = _runs_root(runs_root).resolve()

@@ -145,6 +145,13 @@ STUDY_AUGMENT = AugmentConfig(rotation=15.0, shift=0.1, shear=0.1, zoom=0.1, hfl
 #: Every transform off: samples pass through unchanged.
 NO_AUGMENT = AugmentConfig(rotation=0.0, shift=0.0, shear=0.0, zoom=0.0, hflip=False, vflip=False)
 
+#: Geometry and intensity augmentation strong enough to break a position prior
+#: (:meth:`strokekit.config.TrainConfig.few_shot`).
+STRONG_AUGMENT = AugmentConfig(
+    rotation=180.0, shift=0.2, shear=0.1, zoom=0.2, hflip=True, vflip=True,
+    contrast=0.15, gamma=0.15, noise=0.01, fill_mode="constant",
+)
+
 
 # ---------------------------------------------------------------------------- random draws
 def _as_rng(rng: np.random.Generator | int | None) -> np.random.Generator:

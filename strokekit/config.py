@@ -14,6 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from .augment import STRONG_AUGMENT, STUDY_AUGMENT, AugmentConfig
+from .engine import LR_SCHEDULES
+from .phantom import field_checker
+
 PROFILE_ENV = "STROKEKIT_PROFILE"
 DEFAULT_PROFILE = "quick"
 
@@ -68,14 +72,12 @@ class Profile:
     head_bias: float | None = None
     mode: str = "full"
 
-    def train_config(self, **changes: Any):
-        """A ``strokekit.train.TrainConfig`` with this profile's sizes and training recipe.
+    def train_config(self, **changes: Any) -> TrainConfig:
+        """A :class:`TrainConfig` with this profile's sizes and training recipe.
 
         Args:
             **changes: TrainConfig fields to set (``arch``, ``activation``, ``loss``, ...).
         """
-        from .train import TrainConfig
-
         base = dict(
             filters=self.filters, image_size=self.image_size, num_epochs=self.num_epochs,
             batch_size=self.batch_size, learning_rate=self.learning_rate, batch_norm=self.batch_norm,
@@ -121,6 +123,122 @@ def get_profile(name: str | None = None) -> Profile:
     if chosen not in PROFILES:
         raise ValueError(f"Expected one of {sorted(PROFILES)}. Received: profile={chosen!r}")
     return PROFILES[chosen]
+
+
+@dataclasses.dataclass(frozen=True)
+class FitSettings:
+    """The settings every slice trainer shares: the training loop's (read by :func:`strokekit.train.fit_run`) and
+    the network settings both slice configs have. :class:`TrainConfig` and
+    :class:`strokekit.multiclass.MulticlassConfig` hold them, each with its own network fields.
+
+    Attributes:
+        activation: relu, leaky_relu, elu, selu, gelu or swish.
+        dropout: dropout rate after the bottleneck, as in the original U-Net (0 disables).
+        batch_norm: batch normalisation in U-Net blocks (not with selu, which is self-normalising;
+            ResU-Net has it for every activation but selu).
+        learning_rate: Adam learning rate.
+        batch_size: slices per batch.
+        num_epochs: maximum epochs (early stopping may end sooner).
+        image_size: side of the square model input.
+        windows: CT windows stacked as input channels (see ``strokekit.preprocess.WINDOWS``).
+        augment: augmentation settings (``strokekit.augment.AugmentConfig``).
+        early_stopping_patience: epochs without validation-loss improvement before stopping (0: never).
+        reduce_lr_patience: epochs without improvement before halving the learning rate (0: never);
+            used by the ``"plateau"`` schedule only.
+        seed: the one seed for weights, shuffling and augmentation.
+        preview_slices: validation slices shown in the per-epoch previews.
+        workers: loader threads (2 keeps both CPU cores busy).
+        lr_schedule: ``"plateau"`` (halve on a validation-loss plateau, the study's way),
+            ``"cosine"`` (from ``learning_rate`` down to 1/100 of it along a half cosine over
+            ``num_epochs``: large steps first, small ones to settle) or ``"constant"``.
+        bn_momentum: momentum of the batch-norm running statistics (U-Net and ResU-Net).
+        repeats: passes over the training slices per epoch, each with its own augmentation.
+            Validation, previews and checkpoints happen once per epoch, so a short run on a
+            few dozen slices spends its time on training steps rather than on per-epoch work.
+        head_bias: starting logit of the lesion class(es) in the network's head (U-Net and
+            ResU-Net; None: 0). ``-4`` (a lesion probability of 0.018 everywhere) lets a short run
+            on rare lesions skip its "everything is background" phase.
+    """
+
+    activation: str = "relu"
+    dropout: float = 0.0
+    batch_norm: bool = False
+    learning_rate: float = 1e-3
+    batch_size: int = 8
+    num_epochs: int = 50
+    image_size: int = 128
+    windows: tuple[str, ...] = ("brain",)
+    augment: AugmentConfig = STUDY_AUGMENT
+    early_stopping_patience: int = 10
+    reduce_lr_patience: int = 5
+    seed: int = 0
+    preview_slices: int = 4
+    workers: int = 2
+    lr_schedule: str = "plateau"
+    bn_momentum: float = 0.99
+    repeats: int = 1
+    head_bias: float | None = None
+
+    def __post_init__(self) -> None:
+        need = field_checker(self)
+        need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {list(LR_SCHEDULES)}")
+        need(isinstance(self.repeats, (int, np.integer)) and not isinstance(self.repeats, bool) and self.repeats >= 1,
+             "repeats", "an int >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(FitSettings):
+    """Everything that decides a training run. Variants by ``dataclasses.replace``.
+
+    Attributes:
+        arch: a name in ``strokekit.models.MODELS`` (``"unet"``, ``"resunet"``, ...).
+        filters: filters per encoder level; the last is the bottleneck.
+        loss: a name in ``strokekit.losses.LOSSES``.
+        num_classes: 1 for a binary lesion mask (sigmoid), more for softmax.
+        threshold: probability above which a pixel counts as lesion in the metrics.
+        The others: see :class:`FitSettings`.
+    """
+
+    arch: str = "unet"
+    filters: tuple[int, ...] = (16, 32, 64, 128)
+    loss: str = "bce_dice"
+    num_classes: int = 1
+    threshold: float = 0.5
+
+    @classmethod
+    def few_shot(cls, **changes: Any) -> TrainConfig:
+        """The network settings of the kit's few-shot default, ``strokekit.fewshot.FEWSHOT_DEFAULT.config``.
+
+        The field defaults of this class are the study's shape (no batch norm, its augmentation,
+        early stopping), which notebooks 03-06 reproduce. For few labelled patients start here
+        instead: a batch-normalised U-Net 8-64, Dice+BCE, rotations up to 180 degrees and both
+        flips, 25 epochs, 256 px inputs. The full recipe (crops, lesion-free slices, extra input
+        channels, the decisions after training) is :data:`strokekit.fewshot.FEWSHOT_DEFAULT`;
+        notebook 10's full profile trains exactly that.
+
+        Args:
+            **changes: fields to override (e.g. ``seed=1``).
+        """
+        base = dict(arch="unet", filters=(8, 16, 32, 64), activation="relu", dropout=0.0, batch_norm=True,
+                    loss="bce_dice", learning_rate=1e-3, batch_size=8, num_epochs=25, image_size=256,
+                    augment=STRONG_AUGMENT, early_stopping_patience=0, reduce_lr_patience=0)
+        return cls(**{**base, **changes})
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``strokekit.models.build_model``."""
+        kw: dict[str, Any] = dict(
+            input_shape=(self.image_size, self.image_size, len(self.windows)),
+            num_classes=self.num_classes,
+            filters=tuple(self.filters),
+            activation=self.activation,
+            dropout=self.dropout,
+        )
+        if self.arch == "unet":  # selu is self-normalising: it runs without batch norm, as in ResU-Net
+            kw["batch_norm"] = self.batch_norm and self.activation != "selu"
+        if self.arch in ("unet", "resunet"):
+            kw["bn_momentum"] = self.bn_momentum
+            kw["head_bias"] = self.head_bias
+        return kw
 
 
 def seed_everything(seed: int, deterministic_ops: bool = False) -> None:

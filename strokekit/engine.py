@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import DataError
+
 #: Learning-rate schedules :func:`fit` knows (see its ``schedule``).
 LR_SCHEDULES: tuple[str, ...] = ("plateau", "cosine", "constant")
 
@@ -301,7 +303,7 @@ class _Tracker:
                     # Stored apart, else the checkpoint's own (a checkpoint written before the best
                     # weights went into it: model.keras, saved at the best epoch).
                     own = run.checkpoint_path if self.best_epoch == state["epochs_done"] else run.model_path
-                    self.best_weights = best_weights or _load_saved(own).get_weights()
+                    self.best_weights = best_weights or load_model(own, compile=False).get_weights()
                 return int(state["epochs_done"])
 
             def load_checkpoint(self, runner, optimizer: bool = False) -> None:
@@ -311,7 +313,7 @@ class _Tracker:
                 if optimizer:  # weights and the optimizer's state (same trainable weights as saved)
                     runner.load_weights(run.checkpoint_path)
                 else:  # a new phase starts with a fresh optimizer; a finished run needs none
-                    copy_variables(_load_saved(run.checkpoint_path), runner)
+                    copy_variables(load_model(run.checkpoint_path, compile=False), runner)
                     self.restore_plateau = None
 
             def finish(self, model):
@@ -363,12 +365,57 @@ def _csv_ready(rows: list[dict[str, Any]]):
     return pd.DataFrame([{k: "+".join(v) if isinstance(v, tuple) else v for k, v in row.items()} for row in rows])
 
 
-def _load_saved(path: Path):
+def _check_keras_file(path: Path) -> None:
+    """A ``.keras`` file is a zip archive holding ``config.json``; check that before Keras reads it.
+
+    Keras answers a truncated or empty file with "File not found", which sends people looking
+    for the wrong problem.
+    """
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            complete = "config.json" in archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        complete = False
+    if not complete:
+        raise DataError(
+            "model file is damaged or not a Keras model (not a complete .keras archive)", path
+        )
+
+
+def load_model(path: str | os.PathLike, compile: bool = True):
+    """Load a saved ``.keras`` model (or a run folder's) in Keras safe mode with the kit's objects.
+
+    The kit's one model loader: :func:`strokekit.train.load_model` (its name in notebooks 06 and 09),
+    :meth:`strokekit.runs.RunFolder.load_model`, a checkpoint for ``resume`` (``compile=False``).
+
+    Args:
+        path: a ``.keras`` file, or a run folder holding ``model.keras``.
+        compile: restore the saved loss, metrics and optimizer (False: the network only).
+
+    Raises:
+        DataError: no model at ``path``, or the file is damaged (truncated, empty, not a zip
+            archive, a corrupted member) or not a Keras model.
+    """
+    import zipfile
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.keras"
+    if not path.is_file():
+        raise DataError("no saved model here", path)
+    if path.suffix.lower() not in (".h5", ".hdf5"):  # legacy HDF5 files are Keras' to check
+        _check_keras_file(path)
+
     import keras
 
     from . import losses, models  # noqa: F401  (registers the kit's layers, losses and metrics)
 
-    return keras.saving.load_model(path, safe_mode=True, compile=False)
+    try:
+        return keras.saving.load_model(path, safe_mode=True, compile=compile)
+    except zipfile.BadZipFile as exc:  # a member fails its CRC check
+        raise DataError(f"model file is damaged or not a Keras model ({exc})", path) from None
 
 
 # --------------------------------------------------------------------------- compiling

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DataError
-from .metrics import as_binary, metrics_from_counts, slice_confusion
+from .metrics import as_binary, metrics_from_counts, per_patient_dice, slice_confusion
 
 __all__ = [
     "ERROR_COLOURS",
@@ -274,15 +274,6 @@ def compare_patients(method: dict[str, float], baseline: dict[str, float], draws
     wins = int((diff > 1e-12).sum())
     return dict(n=len(diff), wins=wins, ties=ties, losses=len(diff) - wins - ties,
                 mean_difference=float(diff.mean()), ci_low=float(low), ci_high=float(high))
-
-
-def per_patient_dice(counts: np.ndarray, patient_ids: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
-    """(patients sorted by id, the Dice of each one's pooled pixels) from per-slice confusion counts
-    (:func:`strokekit.metrics.slice_confusion`); ids are compared as strings."""
-    uniq, inverse = np.unique(np.asarray(patient_ids, dtype=object).astype(str), return_inverse=True)
-    per = np.zeros((len(uniq), 4), dtype=np.int64)
-    np.add.at(per, inverse, counts)
-    return uniq, metrics_from_counts(*per.T)["dice"]
 
 
 # --------------------------------------------------------------------------- thresholds

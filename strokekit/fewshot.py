@@ -18,6 +18,7 @@ This module holds what notebooks/10 and ``benchmarks/bench_fewshot_ctich.py`` sh
   test-time flips, brain-mask restriction, threshold chosen on validation, extra input channels),
   :func:`redecide` (after-training decisions without retraining), :func:`ablation_recipes`;
 * :func:`evaluate_protocol` — the protocol's figures (per-patient Dice first).
+* :func:`save_fitted`, :func:`load_fitted` — a fitted recipe as a run folder the app applies whole.
 
 The defaults of :data:`FEWSHOT_DEFAULT` were chosen by measurement on the validation patient and
 by leave-one-training-patient-out cross-validation, never on the test patients; the log of those
@@ -31,18 +32,19 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .augment import STUDY_AUGMENT, sample_patches, tile_patches
-from .config import Profile, get_profile, seed_everything, to_dict
+# STRONG_AUGMENT: kept here under the name notebook 10 and the tests know.
+from .augment import STRONG_AUGMENT, STUDY_AUGMENT, sample_patches, tile_patches  # noqa: F401
+from .config import Profile, TrainConfig, get_profile, seed_everything, to_dict
 from .dataset import SliceDataset, concat
-from .engine import recalibrate_batchnorm
+from .engine import load_model, recalibrate_batchnorm
 from .errors import DataError
-from .evaluation import per_patient_dice
 from .io import _natural_key, load_ctich
-from .metrics import aggregate, slice_confusion
+from .metrics import aggregate, per_patient_dice, slice_confusion
 from .paths import ctich_dir
 from .preprocess import (
     DISPLAY_WINDOW,
@@ -55,10 +57,9 @@ from .preprocess import (
     resize_image,
     threshold_in_brain,
 )
+from .runs import FEWSHOT_FILE, RunFolder, _fewshot_info
 from .split import Split, check_leakage
-
-# STRONG_AUGMENT: kept here under the name notebook 10 and the tests know.
-from .train import STRONG_AUGMENT, TrainConfig, config_from_dict, load_model, predict_numpy, to_arrays, train  # noqa: F401
+from .train import config_from_dict, predict_numpy, to_arrays, train
 
 #: Fixed few-shot protocols: training and validation patients (all their lesion slices), input
 #: size and the probability threshold of the reference figures. The test set is the lesion
@@ -848,6 +849,68 @@ def recipe_from_dict(data: dict[str, Any]) -> FewShotRecipe:
     if "display_windows" in values:
         values["display_windows"] = tuple(tuple(float(v) for v in w) for w in values["display_windows"])
     return FewShotRecipe(**values)
+
+
+def save_fitted(fitted: FittedRecipe, folder: str | os.PathLike, trained_on: str,
+                scores: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Write a fitted few-shot recipe as a run folder the app and :func:`load_fitted` can apply.
+
+    A :class:`strokekit.runs.RunFolder` of kind ``"fewshot"``: ``model.keras`` (and
+    ``model_1.keras``... for more members), ``config.json`` (the network's training config),
+    ``fewshot.json`` (kind ``"few-shot"``: the whole recipe, threshold,
+    threshold-map band, what it was trained on, its scores) and ``metrics.json``
+    (``dice`` = the validation per-patient Dice, plus ``scores``).
+
+    Introduced in notebooks/10_what_generalizes.ipynb.
+
+    Args:
+        fitted: a :class:`FittedRecipe` from :func:`fit_recipe`.
+        folder: the run folder.
+        trained_on: what the training data was, in words (shown by the app).
+        scores: further figures to keep, e.g. ``{"test_per_patient_dice": 0.38, "test_data": "..."}``.
+        overwrite: replace a folder that already holds a run.
+
+    Returns:
+        The folder (a Path).
+
+    Raises:
+        FileExistsError: the folder holds a run and ``overwrite`` is False.
+    """
+    run = RunFolder.create(folder, "fewshot", fitted.recipe.config, overwrite=overwrite)
+    info = dict(kind="few-shot", recipe=to_dict(fitted.recipe), threshold=float(fitted.threshold),
+                band=fitted.band, val_dice=float(fitted.val_dice), n_train=int(fitted.n_train),
+                seconds=float(fitted.seconds), members=len(fitted.models), trained_on=str(trained_on),
+                scores=dict(scores or {}))
+    run.write_json(FEWSHOT_FILE, info)  # before the models: a listed model always has its recipe
+    for k, member in enumerate(fitted.models):
+        run.save_model(member, member=k)
+    run.write_metrics(dict(dice=float(fitted.val_dice), **(scores or {})),
+                      data="the fit's validation slices (per-patient Dice)")
+    return run.folder
+
+
+def load_fitted(folder: str | os.PathLike) -> FittedRecipe:
+    """A fitted recipe (:class:`FittedRecipe`) from a run folder written by
+    :func:`save_fitted` (models in Keras safe mode).
+
+    Introduced in notebooks/10_what_generalizes.ipynb.
+
+    Raises:
+        DataError: the folder is not a few-shot run, or a file in it is damaged (a damaged
+            ``fewshot.json`` is the error's ``path``).
+    """
+    info = _fewshot_info(folder)
+    try:
+        recipe = recipe_from_dict(info["recipe"])
+        members = int(info.get("members", 1))
+        threshold = float(info["threshold"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DataError(f"damaged few-shot run description ({exc})", Path(folder) / FEWSHOT_FILE) from None
+    run = RunFolder(folder, "fewshot", {})
+    models = tuple(load_model(run.model_file(k)) for k in range(members))
+    return FittedRecipe(models[0], recipe, threshold, None, float(info.get("seconds", 0.0)),
+                        float("nan"), int(info.get("n_train", 0)), float(info.get("val_dice", float("nan"))),
+                        info.get("band"), models)
 
 
 def profile_recipe(profile=None) -> FewShotRecipe:

@@ -64,6 +64,8 @@ __all__ = [
     "lesion_detection",
     "metrics_from_counts",
     "per_class_metrics",
+    "per_patient_counts",
+    "per_patient_dice",
     "per_patient_metrics",
     "precision",
     "segmentation_report",
@@ -198,6 +200,22 @@ def metrics_from_counts(tp: Any, fp: Any, fn: Any, tn: Any) -> dict[str, Any]:
     if tp.ndim == 0:
         return {k: float(v) for k, v in out.items()}
     return out
+
+
+def per_patient_counts(counts: np.ndarray, patient_ids: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(patients sorted by id, each one's summed confusion counts (P, 4)) from per-slice counts
+    (:func:`slice_confusion`), so that every patient's pixels are pooled; ids are compared as strings."""
+    uniq, inverse = np.unique(np.asarray(patient_ids, dtype=object).astype(str), return_inverse=True)
+    per = np.zeros((len(uniq), 4), dtype=np.int64)
+    np.add.at(per, inverse, counts)
+    return uniq, per
+
+
+def per_patient_dice(counts: np.ndarray, patient_ids: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(patients sorted by id, the Dice of each one's pooled pixels) from per-slice confusion counts
+    (:func:`slice_confusion`); ids are compared as strings."""
+    uniq, per = per_patient_counts(counts, patient_ids)
+    return uniq, metrics_from_counts(*per.T)["dice"]
 
 
 def dice(truth: Any, pred: Any) -> float:
@@ -849,10 +867,8 @@ def aggregate(
         row["mean_of_lesion_slices_n"] = int(lesion.sum()) - row["mean_of_lesion_slices_skipped"]
         levels[m] = row
     if pids is not None:
-        uniq, inverse = np.unique(np.asarray(pids, dtype=object), return_inverse=True)
-        per_patient_counts = np.zeros((len(uniq), 4), dtype=np.int64)
-        np.add.at(per_patient_counts, inverse, counts)
-        per_patient = metrics_from_counts(*per_patient_counts.T)
+        uniq, per = per_patient_counts(counts, pids)
+        per_patient = metrics_from_counts(*per.T)
         for m in metrics:
             mean, skipped = _nanmean(per_patient[m])
             levels[m].update(

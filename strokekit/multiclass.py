@@ -22,12 +22,11 @@ from typing import Any
 import numpy as np
 
 from .augment import NO_AUGMENT, AugmentConfig
-from .config import from_dict
+from .config import FitSettings, TrainConfig, from_dict
 from .dataset import SliceDataset
 from .errors import DataError
 from .io import MULTICLASS_CLASS_NAMES
 from .phantom import field_checker, tuple_fields
-from .train import FitSettings
 
 #: Class names of the multiclass phantom and of the study's colour masks.
 CLASS_NAMES: tuple[str, ...] = MULTICLASS_CLASS_NAMES
@@ -51,7 +50,7 @@ class MulticlassConfig(FitSettings):
         w_dice: weight of the multiclass Dice term.
         class_names: name of each label; their number is the number of classes.
         The others (activation, batch norm, learning rate, epochs, image size, windows,
-        augmentation, early stopping, schedule, seed, ...): as in :class:`strokekit.train.FitSettings`;
+        augmentation, early stopping, schedule, seed, ...): as in :class:`strokekit.config.FitSettings`;
         ``head_bias`` is the starting logit of each lesion class (background 0).
     """
 
@@ -113,8 +112,6 @@ class MulticlassConfig(FitSettings):
         """The equivalent :class:`strokekit.train.TrainConfig`: the fields both have, a U-Net of
         :attr:`filters` and its softmax loss (without kernel size, dilation and class weights, which
         it does not hold)."""
-        from .train import TrainConfig
-
         shared = {f.name for f in dataclasses.fields(TrainConfig)} & {f.name for f in dataclasses.fields(self)}
         return TrainConfig(arch="unet", filters=self.filters, loss="categorical_ce_dice", num_classes=self.num_classes,
                            **{name: getattr(self, name) for name in shared})

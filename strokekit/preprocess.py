@@ -487,8 +487,7 @@ def fit_threshold(
     Raises:
         ValueError: shapes differ, or no candidate has ``low <= high``.
     """
-    from .evaluation import per_patient_dice
-    from .metrics import metrics_from_counts, slice_confusion
+    from .metrics import metrics_from_counts, per_patient_dice, slice_confusion
 
     stack, _ = _stack(train_images)
     truth = np.asarray(train_masks)

@@ -38,7 +38,7 @@ from .paths import write_text_atomic
 
 #: What a run can be: a slice model of :func:`strokekit.train.train` or
 #: :func:`strokekit.transfer.fine_tune` (``"binary"``), notebook 07's softmax U-Net, notebook 08's
-#: perfusion model, or a few-shot CT recipe of :func:`save_fitted`.
+#: perfusion model, or a few-shot CT recipe of :func:`strokekit.fewshot.save_fitted`.
 KINDS: tuple[str, ...] = ("binary", "multiclass", "perfusion", "fewshot")
 
 #: File that marks a run folder as a fitted few-shot recipe (beside ``config.json`` and ``model.keras``).
@@ -312,12 +312,12 @@ class RunFolder:
         return _read_object(path, "scores") if path.is_file() else None
 
     def load_model(self):
-        """The run's ``model.keras`` in Keras safe mode (:func:`strokekit.train.load_model`).
+        """The run's ``model.keras`` in Keras safe mode (:func:`strokekit.engine.load_model`).
 
         Raises:
             DataError: no model, or a damaged file.
         """
-        from .train import load_model
+        from .engine import load_model
 
         return load_model(self.model_path)
 
@@ -362,44 +362,6 @@ def list_runs(root: str | os.PathLike, kind: str | tuple[str, ...] | None = None
 
 
 # --------------------------------------------------------------------------- few-shot recipes
-def save_fitted(fitted, folder: str | os.PathLike, trained_on: str, scores: dict[str, Any] | None = None,
-                overwrite: bool = False) -> Path:
-    """Write a fitted few-shot recipe as a run folder the app and :func:`load_fitted` can apply.
-
-    A :class:`RunFolder` of kind ``"fewshot"``: ``model.keras`` (and
-    ``model_1.keras``... for more members), ``config.json`` (the network's training config),
-    ``fewshot.json`` (kind ``"few-shot"``: the whole recipe, threshold,
-    threshold-map band, what it was trained on, its scores) and ``metrics.json``
-    (``dice`` = the validation per-patient Dice, plus ``scores``).
-
-    Introduced in notebooks/10_what_generalizes.ipynb.
-
-    Args:
-        fitted: a :class:`strokekit.fewshot.FittedRecipe` from :func:`strokekit.fewshot.fit_recipe`.
-        folder: the run folder.
-        trained_on: what the training data was, in words (shown by the app).
-        scores: further figures to keep, e.g. ``{"test_per_patient_dice": 0.38, "test_data": "..."}``.
-        overwrite: replace a folder that already holds a run.
-
-    Returns:
-        The folder (a Path).
-
-    Raises:
-        FileExistsError: the folder holds a run and ``overwrite`` is False.
-    """
-    run = RunFolder.create(folder, "fewshot", fitted.recipe.config, overwrite=overwrite)
-    info = dict(kind="few-shot", recipe=to_dict(fitted.recipe), threshold=float(fitted.threshold),
-                band=fitted.band, val_dice=float(fitted.val_dice), n_train=int(fitted.n_train),
-                seconds=float(fitted.seconds), members=len(fitted.models), trained_on=str(trained_on),
-                scores=dict(scores or {}))
-    run.write_json(FEWSHOT_FILE, info)  # before the models: a listed model always has its recipe
-    for k, member in enumerate(fitted.models):
-        run.save_model(member, member=k)
-    run.write_metrics(dict(dice=float(fitted.val_dice), **(scores or {})),
-                      data="the fit's validation slices (per-patient Dice)")
-    return run.folder
-
-
 def _fewshot_info(folder: str | os.PathLike) -> dict[str, Any]:
     """What ``fewshot.json`` of a run folder says, checked to be a few-shot recipe's description.
 
@@ -419,35 +381,10 @@ def _fewshot_info(folder: str | os.PathLike) -> dict[str, Any]:
     return info
 
 
-def load_fitted(folder: str | os.PathLike):
-    """A fitted recipe (:class:`strokekit.fewshot.FittedRecipe`) from a run folder written by
-    :func:`save_fitted` (models in Keras safe mode).
-
-    Introduced in notebooks/10_what_generalizes.ipynb.
-
-    Raises:
-        DataError: the folder is not a few-shot run, or a file in it is damaged (a damaged
-            ``fewshot.json`` is the error's ``path``).
-    """
-    from .fewshot import FittedRecipe, recipe_from_dict
-    from .train import load_model
-
-    info = _fewshot_info(folder)
-    try:
-        recipe = recipe_from_dict(info["recipe"])
-        members = int(info.get("members", 1))
-        threshold = float(info["threshold"])
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise DataError(f"damaged few-shot run description ({exc})", Path(folder) / FEWSHOT_FILE) from None
-    run = RunFolder(folder, "fewshot", {})
-    models = tuple(load_model(run.model_file(k)) for k in range(members))
-    return FittedRecipe(models[0], recipe, threshold, None, float(info.get("seconds", 0.0)),
-                        float("nan"), int(info.get("n_train", 0)), float(info.get("val_dice", float("nan"))),
-                        info.get("band"), models)
-
-
 def fewshot_run_info(folder: str | os.PathLike) -> dict[str, Any] | None:
-    """What ``fewshot.json`` of a run folder says (trained on, scores, threshold), or None if it has none."""
+    """What ``fewshot.json`` of a run folder says (trained on, scores, threshold), or None if it has none.
+
+    A plain JSON reader: the recipe itself is :func:`strokekit.fewshot.load_fitted`'s to rebuild."""
     try:
         return _fewshot_info(folder)
     except DataError:

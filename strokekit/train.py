@@ -19,146 +19,25 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import engine
-from .augment import NO_AUGMENT, STUDY_AUGMENT, AugmentConfig
-from .config import seed_everything
+from .augment import NO_AUGMENT, STRONG_AUGMENT, AugmentConfig  # noqa: F401  (STRONG_AUGMENT: known here too)
+
+# The slice configs live in strokekit.config; strokekit.train.TrainConfig is the name notebooks use.
+from .config import FitSettings, TrainConfig, seed_everything  # noqa: F401
 from .dataset import SliceDataset
 
-# The engine's helpers, under the names notebooks 04-06 import from here.
+# The engine's helpers, under the names notebooks 04-06, 09 and the CLI import from here.
 from .engine import (  # noqa: F401
     LR_SCHEDULES,
     build_optimizer,
     cosine_learning_rate,
+    load_model,
     predict_numpy,
     preview_indices,
     save_preview,
 )
 from .errors import DataError
 from .paths import runs_dir
-from .phantom import field_checker
 from .runs import RunFolder, data_text
-
-
-@dataclasses.dataclass(frozen=True)
-class FitSettings:
-    """The settings every slice trainer shares: the training loop's (read by :func:`fit_run`) and
-    the network settings both slice configs have. :class:`TrainConfig` and
-    :class:`strokekit.multiclass.MulticlassConfig` hold them, each with its own network fields.
-
-    Attributes:
-        activation: relu, leaky_relu, elu, selu, gelu or swish.
-        dropout: dropout rate after the bottleneck, as in the original U-Net (0 disables).
-        batch_norm: batch normalisation in U-Net blocks (not with selu, which is self-normalising;
-            ResU-Net has it for every activation but selu).
-        learning_rate: Adam learning rate.
-        batch_size: slices per batch.
-        num_epochs: maximum epochs (early stopping may end sooner).
-        image_size: side of the square model input.
-        windows: CT windows stacked as input channels (see ``strokekit.preprocess.WINDOWS``).
-        augment: augmentation settings (``strokekit.augment.AugmentConfig``).
-        early_stopping_patience: epochs without validation-loss improvement before stopping (0: never).
-        reduce_lr_patience: epochs without improvement before halving the learning rate (0: never);
-            used by the ``"plateau"`` schedule only.
-        seed: the one seed for weights, shuffling and augmentation.
-        preview_slices: validation slices shown in the per-epoch previews.
-        workers: loader threads (2 keeps both CPU cores busy).
-        lr_schedule: ``"plateau"`` (halve on a validation-loss plateau, the study's way),
-            ``"cosine"`` (from ``learning_rate`` down to 1/100 of it along a half cosine over
-            ``num_epochs``: large steps first, small ones to settle) or ``"constant"``.
-        bn_momentum: momentum of the batch-norm running statistics (U-Net and ResU-Net).
-        repeats: passes over the training slices per epoch, each with its own augmentation.
-            Validation, previews and checkpoints happen once per epoch, so a short run on a
-            few dozen slices spends its time on training steps rather than on per-epoch work.
-        head_bias: starting logit of the lesion class(es) in the network's head (U-Net and
-            ResU-Net; None: 0). ``-4`` (a lesion probability of 0.018 everywhere) lets a short run
-            on rare lesions skip its "everything is background" phase.
-    """
-
-    activation: str = "relu"
-    dropout: float = 0.0
-    batch_norm: bool = False
-    learning_rate: float = 1e-3
-    batch_size: int = 8
-    num_epochs: int = 50
-    image_size: int = 128
-    windows: tuple[str, ...] = ("brain",)
-    augment: AugmentConfig = STUDY_AUGMENT
-    early_stopping_patience: int = 10
-    reduce_lr_patience: int = 5
-    seed: int = 0
-    preview_slices: int = 4
-    workers: int = 2
-    lr_schedule: str = "plateau"
-    bn_momentum: float = 0.99
-    repeats: int = 1
-    head_bias: float | None = None
-
-    def __post_init__(self) -> None:
-        need = field_checker(self)
-        need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {list(LR_SCHEDULES)}")
-        need(isinstance(self.repeats, (int, np.integer)) and not isinstance(self.repeats, bool) and self.repeats >= 1,
-             "repeats", "an int >= 1")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig(FitSettings):
-    """Everything that decides a training run. Variants by ``dataclasses.replace``.
-
-    Attributes:
-        arch: a name in ``strokekit.models.MODELS`` (``"unet"``, ``"resunet"``, ...).
-        filters: filters per encoder level; the last is the bottleneck.
-        loss: a name in ``strokekit.losses.LOSSES``.
-        num_classes: 1 for a binary lesion mask (sigmoid), more for softmax.
-        threshold: probability above which a pixel counts as lesion in the metrics.
-        The others: see :class:`FitSettings`.
-    """
-
-    arch: str = "unet"
-    filters: tuple[int, ...] = (16, 32, 64, 128)
-    loss: str = "bce_dice"
-    num_classes: int = 1
-    threshold: float = 0.5
-
-    @classmethod
-    def few_shot(cls, **changes: Any) -> TrainConfig:
-        """The network settings of the kit's few-shot default, ``strokekit.fewshot.FEWSHOT_DEFAULT.config``.
-
-        The field defaults of this class are the study's shape (no batch norm, its augmentation,
-        early stopping), which notebooks 03-06 reproduce. For few labelled patients start here
-        instead: a batch-normalised U-Net 8-64, Dice+BCE, rotations up to 180 degrees and both
-        flips, 25 epochs, 256 px inputs. The full recipe (crops, lesion-free slices, extra input
-        channels, the decisions after training) is :data:`strokekit.fewshot.FEWSHOT_DEFAULT`;
-        notebook 10's full profile trains exactly that.
-
-        Args:
-            **changes: fields to override (e.g. ``seed=1``).
-        """
-        base = dict(arch="unet", filters=(8, 16, 32, 64), activation="relu", dropout=0.0, batch_norm=True,
-                    loss="bce_dice", learning_rate=1e-3, batch_size=8, num_epochs=25, image_size=256,
-                    augment=STRONG_AUGMENT, early_stopping_patience=0, reduce_lr_patience=0)
-        return cls(**{**base, **changes})
-
-    def model_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``strokekit.models.build_model``."""
-        kw: dict[str, Any] = dict(
-            input_shape=(self.image_size, self.image_size, len(self.windows)),
-            num_classes=self.num_classes,
-            filters=tuple(self.filters),
-            activation=self.activation,
-            dropout=self.dropout,
-        )
-        if self.arch == "unet":  # selu is self-normalising: it runs without batch norm, as in ResU-Net
-            kw["batch_norm"] = self.batch_norm and self.activation != "selu"
-        if self.arch in ("unet", "resunet"):
-            kw["bn_momentum"] = self.bn_momentum
-            kw["head_bias"] = self.head_bias
-        return kw
-
-
-#: Geometry and intensity augmentation strong enough to break a position prior (:meth:`TrainConfig.few_shot`).
-STRONG_AUGMENT = AugmentConfig(
-    rotation=180.0, shift=0.2, shear=0.1, zoom=0.2, hflip=True, vflip=True,
-    contrast=0.15, gamma=0.15, noise=0.01, fill_mode="constant",
-)
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
@@ -458,52 +337,6 @@ def load_run(folder: str | os.PathLike) -> dict[str, Any]:
     return {"folder": run.folder, "config": config_from_dict(run.config), "history": run.history,
             "metrics": run.metrics or {}, "model_path": run.model_path if run.model_path.is_file() else None,
             "split_path": run.split_path}
-
-
-def _check_keras_file(path: Path) -> None:
-    """A ``.keras`` file is a zip archive holding ``config.json``; check that before Keras reads it.
-
-    Keras answers a truncated or empty file with "File not found", which sends people looking
-    for the wrong problem.
-    """
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            complete = "config.json" in archive.namelist()
-    except (zipfile.BadZipFile, OSError):
-        complete = False
-    if not complete:
-        raise DataError(
-            "model file is damaged or not a Keras model (not a complete .keras archive)", path
-        )
-
-
-def load_model(path: str | os.PathLike):
-    """Load a saved ``.keras`` model (or a run folder's) in Keras safe mode with the kit's objects.
-
-    Raises:
-        DataError: no model at ``path``, or the file is damaged (truncated, empty, not a zip
-            archive, a corrupted member) or not a Keras model.
-    """
-    import zipfile
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.keras"
-    if not path.is_file():
-        raise DataError("no saved model here", path)
-    if path.suffix.lower() not in (".h5", ".hdf5"):  # legacy HDF5 files are Keras' to check
-        _check_keras_file(path)
-
-    import keras
-
-    from . import losses  # noqa: F401  (registers the custom losses and metrics)
-
-    try:
-        return keras.saving.load_model(path, safe_mode=True)
-    except zipfile.BadZipFile as exc:  # a member fails its CRC check
-        raise DataError(f"model file is damaged or not a Keras model ({exc})", path) from None
 
 
 def train_grid(

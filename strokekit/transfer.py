@@ -660,7 +660,7 @@ def load_pretrained(path: str | os.PathLike):
         path = path / "model.keras"
     if not path.is_file():
         raise DataError("no saved model here (a .keras file or a run folder holding model.keras)", path)
-    return engine._load_saved(path)
+    return engine.load_model(path, compile=False)
 
 
 

@@ -461,7 +461,7 @@ def _slice_run(folder: Path, dice: float | None = None, **config) -> Path:
 
 
 def _fewshot_run(folder: Path, trained_on: str, scores: dict, val_dice: float = 0.7) -> Path:
-    """A few-shot run folder as strokekit.runs.save_fitted writes it (without a real model)."""
+    """A few-shot run folder as strokekit.fewshot.save_fitted writes it (without a real model)."""
     from strokekit import fewshot as fs
     from strokekit.config import to_dict
 
@@ -555,7 +555,7 @@ def ct_run(tmp_path_factory, tiny_recipe):
     """The tiny few-shot recipe (every part of the kit's default: channels, flips, brain, tuned
     threshold) fitted in seconds and saved as a run folder: (runs root, folder, fitted, val data)."""
     from strokekit import fewshot as fs
-    from strokekit.runs import save_fitted
+    from strokekit.fewshot import save_fitted
 
     data = _display_heads({"49": 2, "50": 1, "51": 3, "66": 2})
     train = data.select_patients(["49", "50", "51"])

@@ -16,7 +16,7 @@ from strokekit.dataset import SliceDataset
 from strokekit.engine import recalibrate_batchnorm
 from strokekit.errors import DataError
 from strokekit.paths import ctich_dir
-from strokekit.runs import fewshot_run_info, load_fitted, save_fitted
+from strokekit.runs import fewshot_run_info
 from strokekit.train import TrainConfig
 
 
@@ -524,18 +524,18 @@ def test_save_and_load_a_fitted_recipe_round_trip(tmp_path, tiny_recipe):
     train = data.select_patients(["49", "50", "51"])
     val = data.subset(np.flatnonzero((np.asarray(data.patient_ids) == "66") & (data.extra["has_mask"] == 1)))
     fitted = fs.fit_recipe(tiny_recipe, train, val, seed=0)
-    folder = save_fitted(fitted, tmp_path / "ct", trained_on="fake CT-ICH 49/50/51", scores={"test": 0.5})
+    folder = fs.save_fitted(fitted, tmp_path / "ct", trained_on="fake CT-ICH 49/50/51", scores={"test": 0.5})
     assert fewshot_run_info(folder)["trained_on"] == "fake CT-ICH 49/50/51"
-    back = load_fitted(folder)
+    back = fs.load_fitted(folder)
     assert back.recipe == fitted.recipe and back.threshold == fitted.threshold and back.band == fitted.band
     np.testing.assert_allclose(fs.predict_recipe(back, val, probabilities=True),
                                fs.predict_recipe(fitted, val, probabilities=True), atol=1e-5)
     with pytest.raises(FileExistsError, match="overwrite"):
-        save_fitted(fitted, folder, trained_on="again")
-    save_fitted(fitted, folder, trained_on="again", overwrite=True)
+        fs.save_fitted(fitted, folder, trained_on="again")
+    fs.save_fitted(fitted, folder, trained_on="again", overwrite=True)
     assert fewshot_run_info(tmp_path) is None
     with pytest.raises(DataError, match="not a few-shot run"):
-        load_fitted(tmp_path)
+        fs.load_fitted(tmp_path)
 
 
 def test_threshold_baseline_fits_on_lesion_slices_of_train_and_val_and_segments_test():

@@ -1,7 +1,9 @@
-"""The pip and conda descriptions of the environment must name the same packages and bounds."""
+"""The pip and conda descriptions of the environment must name the same packages and bounds; the
+package's modules import one another without a cycle."""
 
 from __future__ import annotations
 
+import ast
 import re
 import sys
 from pathlib import Path
@@ -76,3 +78,56 @@ def test_readme_shows_the_ci_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci
     assert "make test" in readme and "make run" in readme
+
+
+def import_graph(package: Path) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports, at module level or inside a function (``from . import x``,
+    ``from .x import y``, ``from strokekit.x import y``, ``import strokekit.x``)."""
+    modules = {path.stem for path in package.glob("*.py")}
+    graph = {}
+    for path in sorted(package.glob("*.py")):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.level == 1 or (node.module or "").startswith("strokekit")):
+                parts = (node.module or "").split(".")[0 if node.level else 1:]
+                found.update(parts[:1] or [alias.name for alias in node.names])
+            elif isinstance(node, ast.Import):
+                found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("strokekit."))
+        graph[path.stem] = found & modules - {path.stem}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as ``[a, b, ..., a]``, or None when the graph has none (depth-first search)."""
+    state: dict[str, str] = {}  # "open" while on the search path, "done" after
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = "done"
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_find_cycle_names_the_modules_of_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_the_package_has_no_import_cycle():
+    """A lower module never imports a higher one, not even inside a function: data flows one way."""
+    graph = import_graph(ROOT / "strokekit")
+    assert {"train", "config", "runs", "fewshot"} <= graph.keys() and "runs" in graph["train"]
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
