@@ -7,7 +7,7 @@ not ischemic stroke. For each seed: the 36 patients with a lesion are split by p
 (``strokekit.split.random_split``, grouped: no patient in two subsets) into about 70 % train,
 10 % validation, 20 % test; every lesion slice of those patients is used (``--free-ratio``
 adds lesion-free slices of the same patients). The kit's training config
-(``strokekit.train.TrainConfig``: U-Net 16→128 filters, BCE+Dice, the study's augmentation) with
+(``strokekit.config.TrainConfig``: U-Net 16→128 filters, BCE+Dice, the study's augmentation) with
 batch normalisation is trained for ``--epochs`` epochs, the best epoch chosen by validation loss,
 then scored on the test patients' lesion slices at threshold 0.5:
 

@@ -84,7 +84,8 @@ SPLIT_FILE = paths.data_dir() / "splits" / "phantom_ischemic_split.json"
 RUNS = paths.runs_dir() / "05_transfer_learning"
 
 # %%
-# The profile's sizes: change one in the cell above with e.g. SIZES = dataclasses.replace(SIZES, shots=(4, "all")).
+# The profile's sizes (config.transfer_settings): change one in the cell above, right after `SIZES = ...` (BASE reads
+# it), e.g. SIZES = dataclasses.replace(SIZES, shots=(4, "all")).
 print(PROFILE.name, SIZES, BASE, sep="\n")
 
 # %% [markdown]
@@ -107,7 +108,7 @@ target_train, target_val = split.dataset(target, "train"), split.dataset(target,
 
 # %%
 source = phantom_source(n_patients=SIZES.source_patients, seed=SOURCE_SEED, target=TARGET_PHANTOM,
-                                 progress=False)
+                        progress=False)
 n_val = max(2, len(source.patients()) // 10)   # source patients are exchangeable: hold out the first 10 %
 source_val = source.select_patients(source.patients()[:n_val])
 source_train = source.select_patients(source.patients()[n_val:])
@@ -154,8 +155,8 @@ plt.show()
 # slowly (Keras' momentum 0.99 averages over a few hundred steps). After the ~100 steps of a CPU run
 # they are still near their starting values, and the network that looked fine during training
 # fails at inference, which uses them. So every network here is built by `new_model`, which sets
-# the momentum of the parameters cell (`models.set_batchnorm_momentum`; 0.8 in the quick
-# profile). Section 4 checks in the trained models that all of this really happened.
+# the momentum `SIZES.bn_momentum` of the parameters cell (`models.set_batchnorm_momentum`; 0.8 in
+# the quick profile). Section 4 checks in the trained models that all of this really happened.
 
 # %%
 def new_model(seed=0):
@@ -367,8 +368,8 @@ display(widgets.interactive(
 
 # %%
 imagenet_model, found = models.imagenet_unet(IMAGENET_ENCODER,
-                                               input_shape=(BASE.image_size, BASE.image_size, len(BASE.windows)),
-                                               seed=0)
+                                             input_shape=(BASE.image_size, BASE.image_size, len(BASE.windows)),
+                                             seed=0)
 print(found.message)
 print(f"ImageNet weights found: {found.weights_found}")
 encoder_names = [name for name, _ in models.encoder_blocks(imagenet_model)]
@@ -422,7 +423,7 @@ elif ctich_path is None:
     print("skipped: ../shared/data/ct-ich is absent (set $STROKEKIT_CTICH to use it).")
 else:
     ctich = load_source_dataset("ctich", image_size=BASE.image_size, progress=False,
-                                         max_patients=SIZES.ctich_patients)
+                                max_patients=SIZES.ctich_patients)
     held_out = ctich.patients()[: max(2, len(ctich.patients()) // 10)]
     ctich_val = ctich.select_patients(held_out)
     ctich_train = ctich.select_patients([p for p in ctich.patients() if p not in held_out])

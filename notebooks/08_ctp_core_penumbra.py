@@ -55,7 +55,7 @@ PROFILE = get_profile()
 PHANTOM = phantom_config(PROFILE, n_patients=2 * PROFILE.phantom_patients, empty_slices_per_patient=0,
                          image_size=PROFILE.image_size, lesion_types=("ischemic",))
 SOURCE = dataclasses.replace(PHANTOM, n_patients=PROFILE.phantom_patients, seed=1)   # other patients, for pretraining
-MAPS = ctp_phantom.PerfusionConfig()           # normal CBF 60/25, CBV 4/2, core rCBF < 0.3, penumbra Tmax > 6 s
+MAPS = ctp_phantom.PerfusionConfig()         # normal CBF 60/25, CBV 4/2, core rCBF < 0.3, penumbra Tmax > 6 s
 EPOCHS = {"quick": 3, "full": 4}[PROFILE.mode] * PROFILE.num_epochs   # quick: 30, in the course's time budget
 TRAIN = perfusion.PerfusionTrainConfig(
     filters=PROFILE.filters,

@@ -561,7 +561,7 @@ def model_info(folder: str | os.PathLike, runs_root: str | os.PathLike | None = 
     The app applies two kinds of run (:class:`strokekit.runs.RunFolder`): a few-shot CT recipe
     (``"fewshot"``, written by :func:`strokekit.fewshot.save_fitted`, ``fewshot.json`` beside the
     model) and an ordinary binary-or-softmax slice model (``"binary"``, whose ``config.json`` is a
-    :class:`strokekit.train.TrainConfig`: notebooks 04-06, 09, the demo model; all trained on the
+    :class:`strokekit.config.TrainConfig`: notebooks 04-06, 09, the demo model; all trained on the
     phantom). Other kinds (notebook 07's multiclass and notebook 08's perfusion runs), a damaged
     ``fewshot.json`` or ``config.json`` and no ``model.keras`` give None.
 

@@ -12,6 +12,9 @@ deformation is folded into the same resampling (one displacement field, one
 blur) touch the image only and assume image values in [0, 1] (the output is clipped to [0, 1]
 whenever one of them is active).
 
+The few-shot study (notebooks/10_what_generalizes.ipynb) adds :data:`STRONG_AUGMENT` (rotations up to
+180 degrees, both flips) and crops: :func:`sample_patches` for training, :func:`tile_patches` for validation.
+
 Introduced in notebooks/03_augmentation.ipynb.
 """
 

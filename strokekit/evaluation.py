@@ -689,7 +689,7 @@ def find_runs(
     and seed. Introduced in notebooks/06_evaluation.ipynb (step 2), whose markdown states the rules:
 
     1. a run is a finished binary run folder (:func:`strokekit.runs.list_runs`) with a readable
-       ``config.json`` (a slice :class:`strokekit.train.TrainConfig` with one class) and a ``metrics.json``;
+       ``config.json`` (a slice :class:`strokekit.config.TrainConfig` with one class) and a ``metrics.json``;
     2. a run that saved a ``split.json`` is kept only when that split's test cases are ``test_cases``
        (otherwise it may have trained on them); a run without one is kept with ``split_checked=False``;
     3. when a configuration and seed were trained more than once, the newest ``model.keras`` counts.

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-# STRONG_AUGMENT: kept here under the name notebook 10 and the tests know.
+# STRONG_AUGMENT lives in strokekit.augment; re-exported here because tests/test_fewshot.py reads fs.STRONG_AUGMENT.
 from .augment import STRONG_AUGMENT, STUDY_AUGMENT, sample_patches, tile_patches  # noqa: F401
 from .config import Profile, TrainConfig, get_profile, seed_everything, to_dict
 from .dataset import SliceDataset, concat
@@ -325,7 +325,7 @@ class FewShotRecipe:
     """A network's training config plus what happens around training. Variants by ``replace``.
 
     Attributes:
-        config: the :class:`strokekit.train.TrainConfig` of the network.
+        config: the :class:`strokekit.config.TrainConfig` of the network.
         preset: a :data:`strokekit.models.PRESETS` name that builds the network instead of
             ``config.arch``/``filters``/... (the study's U-Net); None builds from the config.
         empty_ratio: lesion-free slices of the training patients added per lesion slice
@@ -429,12 +429,13 @@ STUDY_RECIPE = FewShotRecipe(
 
 #: The kit's few-shot default, chosen by measurement on the validation patient and by
 #: leave-one-training-patient-out cross-validation over 49/50/51 (see ``benchmarks/fewshot_log.md``):
-#: a small batch-normalised U-Net (0.5M parameters, :meth:`strokekit.train.TrainConfig.few_shot`) trained
+#: a small batch-normalised U-Net (0.5M parameters, :meth:`strokekit.config.TrainConfig.few_shot`) trained
 #: for 25 epochs on 64 px crops (4 per slice, half of them on a lesion) of 256 px slices — the lesion slices
-#: and as many lesion-free ones — rotated up to 180° and flipped both ways (:data:`STRONG_AUGMENT`), with
-#: Dice+BCE; inputs are the slice, a 130–230 "blood window" and the threshold-in-brain map; batch-norm
-#: statistics recomputed on whole slices; predictions averaged with the mirrored slice's, restricted to the
-#: brain, thresholded where patient 66 is best. On the protocol (scored on its 128 px masks) cross-validation gives 0.31
+#: and as many lesion-free ones — rotated up to 180° and flipped both ways
+#: (:data:`strokekit.augment.STRONG_AUGMENT`), with Dice+BCE; inputs are the slice, a 130–230 "blood window"
+#: and the threshold-in-brain map; batch-norm statistics recomputed on whole slices; predictions averaged
+#: with the mirrored slice's, restricted to the brain, thresholded where patient 66 is best. On the protocol
+#: (scored on its 128 px masks) cross-validation gives 0.31
 #: (0.29–0.34 per seed) at 256 px against 0.23 (0.21–0.26) at 128 px, threshold-in-brain 0.21;
 #: patient 66 0.75–0.81 against 0.69–0.75. Training takes 2–2.5 minutes per seed on a 2-core CPU
 #: with oneDNN on. The threshold stays tuned: a network that came out under-confident (never above

@@ -11,7 +11,8 @@ Layouts read:
 * NIfTI volume pairs ``images/ID.nii.gz`` + ``masks/ID.nii.gz`` (:func:`read_nifti_pairs`);
 * one DICOM series in a folder (:func:`read_dicom_series`);
 * the shared CT-ICH slices (:func:`load_ctich`), and any of the above by detection
-  (:func:`load_dataset`).
+  (:func:`load_dataset`);
+* a real source set for transfer learning, by name (:func:`load_source_dataset`, notebook 05).
 
 Introduced in notebooks/01_preprocessing.ipynb.
 """

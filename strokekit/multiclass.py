@@ -109,7 +109,7 @@ class MulticlassConfig(FitSettings):
                     dilation_rate=self.dilation_rate, bn_momentum=self.bn_momentum, head_bias=self.head_bias)
 
     def train_config(self):
-        """The equivalent :class:`strokekit.train.TrainConfig`: the fields both have, a U-Net of
+        """The equivalent :class:`strokekit.config.TrainConfig`: the fields both have, a U-Net of
         :attr:`filters` and its softmax loss (without kernel size, dilation and class weights, which
         it does not hold)."""
         shared = {f.name for f in dataclasses.fields(TrainConfig)} & {f.name for f in dataclasses.fields(self)}

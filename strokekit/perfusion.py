@@ -254,8 +254,8 @@ _LAZY: dict[str, Any] = {}
 
 
 def __getattr__(name: str):
-    # Keras is imported on first use of these names only, so `import strokekit.perfusion` (and
-    # the synthesis) stays cheap.
+    # Keras is imported on first use of these names only, so `import strokekit.perfusion` stays
+    # cheap (the synthesis itself lives in strokekit.ctp_phantom).
     factory = {"MultiInputLoader": _make_loader_class, "WeightedFocalTverskyLoss": _make_loss_class}.get(name)
     if factory is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

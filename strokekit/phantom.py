@@ -19,6 +19,8 @@ overlays); binary datasets use 0/1 with class names ("background", "lesion").
 It is not real anatomy or pathology: textures, partial volume, beam hardening and the variety of
 real lesions are simplified.
 
+:func:`phantom_source` draws a larger set of another lesion type to pretrain on (notebooks/05_transfer_learning.ipynb).
+
 Introduced in notebooks/01_preprocessing.ipynb.
 """
 

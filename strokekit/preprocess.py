@@ -1,6 +1,6 @@
 """Preprocessing of head CT: HU windows, brain masks, resizing, normalisation, overlays, statistics.
 
-Also the stack-level brain work of the few-shot study (notebooks/09 and 10): :func:`brain_mask_stack`,
+Also the stack-level brain work of the few-shot study (notebooks/09 and 10, and the app): :func:`brain_mask_stack`,
 the cranial-slice gate :func:`cranial_slices`, and the classical threshold-in-brain baseline
 (:func:`threshold_in_brain`, :func:`fit_threshold`).
 

@@ -110,7 +110,7 @@ def predict_volume(
         model: a Keras model mapping (B, S, S, C) to (B, S, S, K) probabilities.
         volume_hu_or_dataset: a (D, H, W) array (one (H, W) slice is accepted too), or a
             :class:`~strokekit.dataset.SliceDataset` whose own unit is then used.
-        config: a :class:`strokekit.train.TrainConfig` (anything with ``image_size`` and
+        config: a :class:`strokekit.config.TrainConfig` (anything with ``image_size`` and
             ``windows``).
         batch_size: slices per forward pass.
         progress: show a progress bar over batches.

@@ -10,6 +10,11 @@ encoder is kept frozen, fully unfrozen, or unfrozen gradually, deepest block fir
 for few-shot work: with k annotated target slices, does the pretrained start beat training
 from scratch, and by more than the spread between seeds?
 
+The source sets come from :func:`strokekit.phantom.phantom_source` (phantom patients of another lesion
+type) and :func:`strokekit.io.load_source_dataset` (real CT-ICH); the ImageNet encoder U-Net is
+:func:`strokekit.models.imagenet_unet`, the batch-norm momentum of short runs
+:func:`strokekit.models.set_batchnorm_momentum`.
+
 Keras 3 facts the code relies on (tested in ``tests/test_transfer.py``):
 
 * ``layer.trainable = False`` on a ``BatchNormalization`` layer also puts it in inference
@@ -513,7 +518,7 @@ def fine_tune(
     """Fine-tunes a (pretrained) model on target data following a schedule.
 
     Trains through :func:`strokekit.engine.fit`, with one engine phase per schedule phase, and
-    the inputs of :func:`strokekit.train.train` (:func:`to_arrays`): the same seeded augmenting
+    the inputs of :func:`strokekit.train.train` (:func:`strokekit.train.to_arrays`): the same seeded augmenting
     loader, loss, lesion metrics, learning-rate halving on plateaus (per phase) and seeding
     (``config.seed``). Two differences keep every batch the same shape
     (each new shape costs a new trace of the training step): the last training batch of an
