@@ -17,3 +17,9 @@ class DataError(ValueError):
         self.path = None if path is None else os.fspath(path)
         self.problem = message
         super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+def expected_one_of(value, choices, arg: str) -> ValueError:
+    """The error for an argument outside its choices (Keras' wording): raise it, e.g.
+    ``raise expected_one_of(arch, ARCHS, "arch")``."""
+    return ValueError(f"Expected one of {list(choices)}. Received: {arg}={value!r}")

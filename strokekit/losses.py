@@ -39,13 +39,11 @@ from typing import Any
 import keras
 from keras import ops
 
+from .errors import expected_one_of as _expected
 from .metrics import DiceMetric, IoUMetric, Sensitivity, Specificity, _align  # noqa: F401  (re-exported)
 
 _PACKAGE = "strokekit"
 
-
-def _expected(value: Any, choices, arg: str) -> ValueError:
-    return ValueError(f"Expected one of {list(choices)}. Received: {arg}={value!r}")
 
 
 # --------------------------------------------------------------------------- helpers

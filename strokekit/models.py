@@ -53,6 +53,7 @@ import keras
 from keras import layers
 
 from strokekit.errors import DataError
+from strokekit.errors import expected_one_of as _expected
 
 ACTIVATIONS: tuple[str, ...] = ("relu", "leaky_relu", "elu", "selu", "gelu", "swish")
 """Activation names the builders accept (resolved by Keras, never evaluated as code)."""
@@ -77,9 +78,6 @@ IMAGENET_WEIGHT_FILES: dict[str, str] = {
 
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
-
-def _expected(value: Any, choices: Sequence[Any], arg: str) -> ValueError:
-    return ValueError(f"Expected one of {list(choices)}. Received: {arg}={value!r}")
 
 
 # --------------------------------------------------------------------------- building blocks

@@ -44,6 +44,7 @@ from . import engine
 from .config import seed_everything
 from .dataset import SliceDataset
 from .errors import DataError
+from .errors import expected_one_of as _expected
 from .train import RunResult, TrainConfig
 
 MODES: tuple[str, ...] = ("frozen", "unfrozen", "gradual")
@@ -54,9 +55,6 @@ CURVE_COLUMNS: tuple[str, ...] = (
 )
 """Columns :func:`learning_curve` always returns first (then ``patients``, ``best_epoch``, ``run_dir``)."""
 
-
-def _expected(value: Any, choices: Sequence[Any], arg: str) -> ValueError:
-    return ValueError(f"Expected one of {list(choices)}. Received: {arg}={value!r}")
 
 
 # --------------------------------------------------------------------------- freezing
