@@ -182,12 +182,17 @@ def to_arrays(config: MulticlassConfig, dataset: SliceDataset) -> tuple[np.ndarr
 
 
 def predict_labels(model, config: MulticlassConfig, dataset_or_images, batch_size: int | None = None) -> np.ndarray:
-    """Arg-max labels (N, S, S) uint8 of a softmax model on a dataset (or ready inputs)."""
+    """Arg-max labels (N, S, S) uint8 of a softmax model on a dataset (or ready inputs).
+
+    Eager batches (:func:`strokekit.engine.predict_numpy`), not ``model.predict``: that traces a
+    new function for every model, and a loop over runs (notebook 07) made TensorFlow warn about retracing.
+    """
+    from .engine import predict_numpy
+
     x = dataset_or_images
     if isinstance(x, SliceDataset):
         x, _ = to_arrays(config, x)
-    prob = np.asarray(model.predict(np.asarray(x, np.float32), batch_size=batch_size or config.batch_size,
-                                    verbose=0))
+    prob = predict_numpy(model, np.asarray(x, np.float32), batch_size or config.batch_size)
     return np.argmax(prob, axis=-1).astype(np.uint8)
 
 
