@@ -153,7 +153,9 @@ plt.show()
 # %% [markdown]
 # ## 4. Resizing: linear for images, nearest for masks
 # Interpolating a mask linearly invents values between labels (0.5 is neither lesion nor background);
-# nearest-neighbour keeps exactly the labels that were there.
+# nearest-neighbour keeps exactly the labels that were there. The kit resizes in one place: the readers'
+# `image_size`, `resize_dataset`, the split's features and the app all call `preprocess.resize_image`
+# (bilinear, anti-aliased when shrinking) and `preprocess.resize_mask` (nearest neighbour).
 
 # %%
 small = preprocess.resize_dataset(data, IMAGE_SIZE)
@@ -233,8 +235,8 @@ else:
 # ## Exercises
 # 1. Find the narrowest window in which the ischemic lesion of patient P02 is still visible. Why is
 #    the subdural window wider than the brain window?
-# 2. Resize a mask with linear interpolation (`skimage.transform.resize(order=1)`) and count the new
-#    values it invents. What would a loss do with them?
+# 2. Resize a mask with the image resizer (`preprocess.resize_image(mask.astype(float), 32)`, bilinear) and
+#    count the new values it invents. What would a loss do with them?
 # 3. Make the phantom harder: `dataclasses.replace(PHANTOM, ischemic_contrast=4.0, noise_sd=6.0)`.
 #    Can you still see the lesion in the brain window? In the stroke window?
 #

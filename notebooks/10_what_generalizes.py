@@ -200,9 +200,9 @@ if HAVE_DATA:
 # a bleed is a few pixels to a few dozen (the cell prints this run's sizes), and the threshold, which needs no
 # training, is hard to beat. The network's advantage appears at the default's own resolution (section 3b measures
 # it in this run): in the benchmark
-# run of 2026-11-23, 19:37 UTC (`benchmarks/fewshot_log.md`, third run), the default at 256 px scored
-# 0.379 ± 0.010 against the threshold's 0.298 and was better on 24 of 32 patients, while at 128 px it only tied
-# (0.299). The cell below prints which way this run went; it does not assume either.
+# run of 2026-12-05 (`benchmarks/fewshot_log.md`, "Session 10"), the default at 256 px scored 0.360 ± 0.006
+# against the threshold's 0.298 and was better on 23 of 32 patients, while at 128 px it only tied (0.299, run of
+# 2026-11-23, same log). The cell below prints which way this run went; it does not assume either.
 
 # %%
 if HAVE_DATA:
@@ -485,6 +485,10 @@ if HAVE_DATA:
 # Patient by patient the 256 px default beats the threshold on 24 of 32 patients (5 ties), mean difference
 # +0.081 (95 % bootstrap interval over patients +0.050 to +0.113); the 128 px default ties it (+0.001, −0.037 to
 # +0.042). Pooled Dice 0.594 against the threshold's 0.576; the whole table took 81 min, 64 of them the study's row.
+# With the code of 2026-12-05 (same log, "Session 10") the 256 px default scores **0.360 ± 0.006** (0.365 / 0.362 /
+# 0.353), better than the threshold on 23 of 32 patients (+0.062, +0.038 to +0.088): the same models as that day's
+# code gives 0.373 ± 0.004, scored after the kit's one resizer, which smooths the 256 → 128 px probabilities a
+# little more than skimage did.
 #
 # At 128 px the same recipe had given 0.312 ± 0.029 and 0.277 ± 0.044 in two earlier runs (2026-11-23, 11:53 and
 # 16:47 UTC, same log): no better than the threshold, and the run-to-run spread (CPU arithmetic, thread timing)

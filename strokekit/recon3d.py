@@ -19,6 +19,7 @@ from scipy import ndimage
 
 from .dataset import SliceDataset
 from .errors import DataError
+from .preprocess import resize_image
 
 __all__ = [
     "clean_mask",
@@ -72,25 +73,6 @@ def _foreground(mask: Any, what: str = "mask") -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- prediction
-def _resize_linear(prob: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resize of (S, S, C) probabilities to (height, width, C).
-
-    Pillow's float resampling matches skimage's linear resize except in the outermost two pixels
-    and is about four times faster, which matters for 40 slices at 512 x 512.
-    """
-    from PIL import Image
-
-    channels = [
-        np.asarray(
-            Image.fromarray(np.ascontiguousarray(prob[..., c], dtype=np.float32)).resize(
-                (width, height), Image.Resampling.BILINEAR
-            )
-        )
-        for c in range(prob.shape[-1])
-    ]
-    return np.stack(channels, axis=-1)
-
-
 def predict_volume(
     model: Any,
     volume_hu_or_dataset: np.ndarray | SliceDataset,
@@ -164,7 +146,7 @@ def predict_volume(
     if prob.ndim == 3:
         prob = prob[..., None]
     if prob.shape[1:3] != (height, width):
-        prob = np.stack([_resize_linear(p, height, width) for p in prob])
+        prob = np.stack([resize_image(p, (height, width)) for p in prob])
     prob = np.clip(prob, 0.0, 1.0).astype(np.float32, copy=False)
     return prob[..., 0] if prob.shape[-1] == 1 else prob
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from .dataset import SliceDataset, _check_unique, _strings
 from .errors import DataError
-from .preprocess import overlay_mask, to_unit_range
+from .preprocess import overlay_mask, resize_image, to_unit_range
 
 if TYPE_CHECKING:  # matplotlib is imported by the plotting functions only
     from matplotlib.figure import Figure
@@ -104,16 +104,10 @@ def _unit_images(
 
 
 def _resize(images: np.ndarray, size: int) -> np.ndarray:
-    """Resize a batch (N, H, W[, C]) to (N, size, size[, C]) with anti-aliasing when shrinking."""
-    from skimage.transform import resize
-
+    """Resize a batch (N, H, W[, C]) to (N, size, size[, C]) with the kit's one resizer."""
     if images.shape[1:3] == (size, size):
         return images.astype(np.float32)
-    out_shape = (size, size) + images.shape[3:]
-    shrink = size < max(images.shape[1:3])
-    return np.stack(
-        [resize(im, out_shape, order=1, anti_aliasing=shrink, preserve_range=True) for im in images]
-    ).astype(np.float32)
+    return np.stack([resize_image(im, size) for im in images]).astype(np.float32)
 
 
 def _block_mean(images: np.ndarray, size: int) -> np.ndarray:

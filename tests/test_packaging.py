@@ -131,3 +131,23 @@ def test_the_package_has_no_import_cycle():
     assert {"train", "config", "runs", "fewshot"} <= graph.keys() and "runs" in graph["train"]
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_the_package_has_one_resizer():
+    """Images, probabilities and masks are resized only in preprocess.resize_image / resize_mask."""
+    offenders = []
+    for path in sorted((ROOT / "strokekit").glob("*.py")):
+        if path.name == "preprocess.py":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "skimage.transform":
+                offenders.append(f"{path.name}:{node.lineno} imports skimage.transform")
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("resize", "zoom") and not _is_numpy(node.func.value)):
+                offenders.append(f"{path.name}:{node.lineno} calls .{node.func.attr}(")
+    assert not offenders, "resize through strokekit.preprocess.resize_image/resize_mask: " + "; ".join(offenders)
+
+
+def _is_numpy(node: ast.AST) -> bool:
+    return isinstance(node, ast.Name) and node.id in ("np", "numpy")

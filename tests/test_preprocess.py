@@ -87,6 +87,40 @@ def test_resize_keeps_labels_and_rescales_spacing():
     assert d.image_shape == (32, 32)  # source untouched
 
 
+def test_resize_image_is_antialiased_bilinear_for_every_shape():
+    checker = (np.indices((64, 64)).sum(axis=0) % 2).astype(np.float32)
+    small = pp.resize_image(checker, 16)
+    assert small.dtype == np.float32 and small.shape == (16, 16)
+    # anti-aliased: a one-pixel checkerboard shrinks to its mean, not to a sampled 0/1 pattern
+    assert np.abs(small[2:-2, 2:-2] - 0.5).max() < 0.05
+    ramp = np.tile(np.arange(8, dtype=np.float32), (8, 1))
+    big = pp.resize_image(ramp, (8, 32))  # (rows, cols), non-square
+    assert big.shape == (8, 32)
+    assert np.all(np.diff(big[4, 4:-4]) > 0)  # enlarging interpolates linearly: strictly rising inside
+    assert big.min() >= 0 and big.max() <= 7
+    rgb = np.random.default_rng(0).random((20, 30, 3)).astype(np.float32)
+    out = pp.resize_image(rgb, 10)
+    assert out.shape == (10, 10, 3)
+    assert np.array_equal(out[..., 1], pp.resize_image(rgb[..., 1], 10))  # channel by channel
+    same = pp.resize_image(ramp, 8)
+    assert np.array_equal(same, ramp) and same is not ramp
+    with pytest.raises(ValueError, match="size"):
+        pp.resize_image(ramp, (0, 4))
+
+
+def test_resize_mask_keeps_dtype_and_label_values():
+    labels = np.zeros((12, 12), np.int32)
+    labels[:6, :6] = 300  # above 255: must not wrap around
+    labels[6:, 6:] = 7
+    out = pp.resize_mask(labels, 24)
+    assert out.dtype == np.int32 and set(np.unique(out)) == {0, 7, 300}
+    flags = labels > 0
+    assert pp.resize_mask(flags, (6, 3)).dtype == bool
+    assert set(np.unique(pp.resize_mask(labels.astype(np.float32) / 2, 6))) <= {0.0, 3.5, 150.0}
+    with pytest.raises(ValueError, match="label values"):
+        pp.resize_mask(-labels, 6)
+
+
 def test_normalize_methods_and_mask():
     x = np.array([[0.0, 10.0], [20.0, 30.0]])
     assert pp.normalize(x) == pytest.approx(np.array([[0, 1 / 3], [2 / 3, 1]]))
