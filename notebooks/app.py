@@ -333,7 +333,8 @@ display(dashboard)
 # what it was trained on and what it scored on which data: the phantom models of notebooks 04–06 and
 # 09 (a binary slice model and its `config.json`), and few-shot CT recipes that notebook 10 saves
 # with `strokekit.fewshot.save_fitted` when the CT-ICH slices are present (the whole recipe is
-# applied: input channels, flips, restriction to the brain, its tuned threshold). Notebook 07's
+# applied: input channels, flips, restriction to the brain, its tuned threshold, and on a scan of several
+# slices only the lesions brighter than the brain around them, `fewshot.keep_bright_components`). Notebook 07's
 # multiclass and notebook 08's perfusion runs are not listed. The model picked first is the best
 # *for CT*: the few-shot run with the best test Dice on CT patients, else the phantom model with the
 # best validation Dice — a phantom model finds phantom lesions, not real ones. If there is no model,

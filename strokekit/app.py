@@ -856,7 +856,9 @@ def segment(
 
     Returns:
         dict with ``probability`` (N, H, W) lesion probability (for softmax: 1 − background),
-        ``mask`` (N, H, W) uint8 labels, ``class_names``, ``area_px`` {class: (N,) pixel counts},
+        ``mask`` (N, H, W) uint8 labels (for a few-shot recipe on a scan of several slices, only
+        the 3-D components brighter than the brain around them: :func:`strokekit.fewshot.keep_bright_components`),
+        ``class_names``, ``area_px`` {class: (N,) pixel counts},
         ``area_mm2`` {class: (N,) mm²} or None without spacing, ``volume_ml`` {class: mL} or None
         (needs more than one slice, spacing and slice thickness), ``overlays`` list of uint8 RGB
         (H, W, 3), ``dice`` against the dataset's masks when they hold any lesion (else None),
@@ -881,6 +883,10 @@ def segment(
         threshold = float(getattr(config, "threshold", 0.5))
     if prob.ndim == 3:
         mask = (prob >= threshold).astype(np.uint8)
+        if _is_fitted(model) and len(dataset) > 1:  # a whole scan: only components brighter than brain
+            from .fewshot import keep_bright_components
+
+            mask = keep_bright_components(model, dataset, mask)
         names = tuple(class_names) if class_names is not None else ("background", "lesion")
         lesion_prob = prob
     else:

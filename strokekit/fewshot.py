@@ -365,6 +365,11 @@ class FewShotRecipe:
             the single-network run of the same seed) whose probabilities are averaged. In the
             kit's cross-validation three members scored like one network (0.29-0.31 against
             0.31) at three times the training, so the default trains one.
+        stack_min_contrast: on a whole scan (:func:`keep_bright_components`), keep a 3-D lesion
+            component only if its mean display level exceeds the median brain level of its slices
+            by at least this many display levels (``None``: keep every component). Blood is
+            hyperdense; parenchyma that a network marks on a scan whose brain is brighter is not.
+        stack_min_ml: on a whole scan, drop 3-D components smaller than this many mL.
     """
 
     config: TrainConfig = TrainConfig()
@@ -384,6 +389,8 @@ class FewShotRecipe:
     candidate_channel: bool = False
     context_slices: int = 0
     n_models: int = 1
+    stack_min_contrast: float | None = None
+    stack_min_ml: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.n_models, bool) or not isinstance(self.n_models, (int, np.integer)) or self.n_models < 1:
@@ -413,6 +420,10 @@ class FewShotRecipe:
                     f"display_windows must be (low, high) pairs with 0 <= low < high <= 255, got {window!r}")
         if not self.thresholds or not all(0.0 < t < 1.0 for t in self.thresholds):
             raise ValueError(f"thresholds must be values in (0, 1), got {self.thresholds!r}")
+        if self.stack_min_contrast is not None and not np.isfinite(self.stack_min_contrast):
+            raise ValueError(f"stack_min_contrast must be a finite number or None, got {self.stack_min_contrast!r}")
+        if not np.isfinite(self.stack_min_ml) or self.stack_min_ml < 0:
+            raise ValueError(f"stack_min_ml must be a finite number >= 0, got {self.stack_min_ml!r}")
 
 
 #: The study's original configuration rebuilt with the kit: its 31M-parameter U-Net preset
@@ -440,6 +451,9 @@ STUDY_RECIPE = FewShotRecipe(
 #: patient 66 0.75–0.81 against 0.69–0.75. Training takes 2–2.5 minutes per seed on a 2-core CPU
 #: with oneDNN on. The threshold stays tuned: a network that came out under-confident (never above
 #: 0.46) scored 0.000 at 0.5 on a held-out patient and 0.59 at the threshold patient 66 chose.
+#: On whole scans (the app) it keeps only 3-D components at least 44 display levels (about 21 HU)
+#: brighter than the brain on their slices and of at least 0.5 mL, chosen on the whole scans of
+#: 49/50/51/66 (:func:`keep_bright_components`; ``benchmarks/fewshot_log.md``, session 10).
 FEWSHOT_DEFAULT = FewShotRecipe(
     config=TrainConfig.few_shot(),
     empty_ratio=1.0,
@@ -453,6 +467,8 @@ FEWSHOT_DEFAULT = FewShotRecipe(
     recalibrate_bn=True,
     display_windows=((130.0, 230.0),),
     candidate_channel=True,
+    stack_min_contrast=44.0,
+    stack_min_ml=0.5,
 )
 
 
@@ -754,7 +770,8 @@ def _fit_member(recipe: FewShotRecipe, config: TrainConfig, train_data: SliceDat
 
 #: Recipe fields that act after training (prediction and threshold), so changing them needs no
 #: new training: see :func:`redecide`.
-POSTHOC_FIELDS = ("restrict_to_brain", "brain_dilation", "tta_flip", "tune_threshold", "thresholds")
+POSTHOC_FIELDS = ("restrict_to_brain", "brain_dilation", "tta_flip", "tune_threshold", "thresholds",
+                  "stack_min_contrast", "stack_min_ml")
 
 
 def redecide(fitted: FittedRecipe, val_data: SliceDataset, **changes: Any) -> FittedRecipe:
@@ -830,6 +847,104 @@ def predict_recipe(
     if probabilities:
         return prob
     return (prob >= fitted.threshold).astype(np.uint8)
+
+
+#: Geometry assumed by :func:`keep_bright_components` for ``stack_min_ml`` when the slices do not
+#: carry it (PNG): CT-ICH's, a 230 mm field of view and 5 mm slices.
+ASSUMED_FOV_MM, ASSUMED_SLICE_MM = 230.4, 5.0
+
+
+def keep_bright_components(fitted_or_recipe: FittedRecipe | FewShotRecipe, data: SliceDataset,
+                           mask: np.ndarray) -> np.ndarray:
+    """A whole scan's mask with only the lesion components that are brighter than the brain around them.
+
+    Applies the recipe's ``stack_min_contrast`` and ``stack_min_ml`` to the 3-D connected components
+    (26-connected) of ``mask``: a component stays if its mean display level (the slices through
+    :data:`strokekit.preprocess.DISPLAY_WINDOW`, as the recipe sees them) exceeds the median level of
+    the brain on its slices by at least ``stack_min_contrast``, and if it holds at least
+    ``stack_min_ml`` mL. Fresh blood is hyperdense (about 50–90 HU against 20–45 HU for brain);
+    what a network marks on a scan whose brain is brighter than its training patients' is not.
+    The brain is found per slice (:func:`strokekit.preprocess.brain_mask_stack`); slices without one
+    use the median of the others. Volumes use the slices' spacing and thickness, else
+    :data:`ASSUMED_FOV_MM` and :data:`ASSUMED_SLICE_MM`.
+
+    Only for the slices of one scan in order (the app's uploads, a patient's whole stack): on
+    scattered slices 3-D components mean nothing. Introduced in notebooks/10_what_generalizes.ipynb.
+
+    Args:
+        fitted_or_recipe: the recipe (or a fitted one) whose ``stack_*`` fields apply.
+        data: the scan's slices, in order (HU or display).
+        mask: (N, H, W) predicted lesion mask of ``data`` (nonzero = lesion).
+
+    Returns:
+        uint8 (N, H, W) 0/1 mask; ``mask > 0`` unchanged when the recipe sets no floor.
+    """
+    from scipy import ndimage
+
+    recipe = getattr(fitted_or_recipe, "recipe", fitted_or_recipe)
+    mask = np.asarray(mask) > 0
+    if mask.ndim != 3 or len(mask) != len(data):
+        raise ValueError(f"mask must be (N, H, W) for the {len(data)} slices, got shape {mask.shape}")
+    if recipe.stack_min_contrast is None and not recipe.stack_min_ml or not mask.any():
+        return mask.astype(np.uint8)
+    images = as_display(data).images
+    images = images[..., 0] if images.ndim == 4 else images
+    if images.shape[1:] != mask.shape[1:]:
+        images = np.stack([resize_image(im, mask.shape[1:]) for im in images])
+    step = max(1, int(np.ceil(max(images.shape[1:]) / 256)))
+    brains = brain_mask_stack(images, unit="display", stride=step)
+    medians = np.array([np.median(im[b]) if b.sum() >= 50 else np.nan for im, b in zip(images, brains)])
+    fallback = float(np.nanmedian(medians)) if np.isfinite(medians).any() else float(np.median(images))
+    rows, cols = mask.shape[1:]
+    spacing = data.spacing if data.spacing is not None else (ASSUMED_FOV_MM / rows, ASSUMED_FOV_MM / cols)
+    voxel_ml = float(spacing[0]) * float(spacing[1]) * float(data.slice_thickness or ASSUMED_SLICE_MM) / 1000.0
+    labels, n = ndimage.label(mask, np.ones((3, 3, 3), bool))
+    keep = np.zeros(n + 1, bool)
+    for k, box in enumerate(ndimage.find_objects(labels), start=1):
+        inside = labels[box] == k
+        around = medians[box[0]]
+        brain_level = float(np.nanmedian(around)) if np.isfinite(around).any() else fallback
+        bright = recipe.stack_min_contrast is None or \
+            float(images[box][inside].mean()) - brain_level >= recipe.stack_min_contrast
+        keep[k] = bright and inside.sum() * voxel_ml >= recipe.stack_min_ml
+    return keep[labels].astype(np.uint8)
+
+
+def whole_scans(fitted: FittedRecipe, patients: Sequence[str | int], folder: str | os.PathLike | None = None,
+                image_size: int | None = None, progress: bool = False) -> Any:
+    """The fitted recipe on CT-ICH patients' whole scans (every slice, in order), as the app applies it.
+
+    Each scan is read at ``image_size`` (default the recipe's), predicted with the whole recipe and
+    thresholded; then :func:`keep_bright_components` applies the recipe's brightness floor. Volumes
+    use :data:`ASSUMED_FOV_MM` and :data:`ASSUMED_SLICE_MM` (CT-ICH's geometry). CT-ICH holds
+    traumatic haemorrhage, not stroke.
+
+    Returns:
+        A pandas DataFrame, one row per patient: ``patient_id``, ``slices``, ``true_ml``, ``dice_3d`` and
+        ``predicted_ml`` of the thresholded mask (``unfiltered_*``) and after the floor, and
+        ``false_ml`` (predicted mL outside the truth) after it. Dice is NaN for a scan without a lesion.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from .metrics import dice
+
+    size = int(image_size or fitted.recipe.config.image_size)
+    voxel_ml = (ASSUMED_FOV_MM / size) ** 2 * ASSUMED_SLICE_MM / 1000.0
+    rows = []
+    for pid in tqdm(list(patients), desc="whole scans", disable=not progress):
+        scan = load_ctich(folder, image_size=size, patients=[pid], progress=False)
+        scan = scan.subset(np.argsort(scan.slice_indices, kind="stable"))
+        truth = scan.masks > 0
+        raw = predict_recipe(fitted, scan) > 0
+        kept = keep_bright_components(fitted, scan, raw) > 0
+        row = {"patient_id": str(pid), "slices": len(scan), "true_ml": truth.sum() * voxel_ml}
+        for name, mask in (("unfiltered_", raw), ("", kept)):
+            row[f"{name}dice_3d"] = float(dice(truth, mask)) if truth.any() else float("nan")
+            row[f"{name}predicted_ml"] = mask.sum() * voxel_ml
+        row["false_ml"] = (kept & ~truth).sum() * voxel_ml
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def recipe_to_dict(recipe: FewShotRecipe) -> dict[str, Any]:

@@ -66,3 +66,22 @@ def test_positive_slices_have_non_empty_masks_at_full_size(folder, table):
     assert positives.has_lesion().all()
     np.testing.assert_array_equal(positives.lesion_area(), positives.extra["lesion_pixels"])
     assert set(positives.case_ids) == {f[:-4] for f in table.loc[table["has_mask"] == 1, "file"]}
+
+
+def test_whole_scans_reads_every_slice_in_order_and_filters_only_downwards(folder, table, tiny_recipe):
+    """fewshot.whole_scans on two real scans (one with a bleed, one without) with a tiny recipe fitted in seconds."""
+    import dataclasses
+
+    from strokekit import fewshot as fs
+
+    lesion = load_ctich(folder, image_size=16, patients=["49", "50", "51", "66"], lesion_only=True, progress=False)
+    recipe = dataclasses.replace(tiny_recipe, stack_min_contrast=20.0, stack_min_ml=0.5)
+    fitted = fs.fit_recipe(recipe, lesion.select_patients(["49", "50", "51"]), lesion.select_patients(["66"]), seed=0)
+    scans = fs.whole_scans(fitted, ["71", "54"], folder, image_size=16).set_index("patient_id")
+    counts = table.groupby("patient_id").size()
+    assert scans.loc["71", "slices"] == counts["71"] and scans.loc["54", "slices"] == counts["54"]
+    assert scans.loc["71", "true_ml"] > 50 and scans.loc["54", "true_ml"] == 0   # 132 mL at 512 px
+    assert np.isnan(scans.loc["54", "dice_3d"]) and 0 <= scans.loc["71", "dice_3d"] <= 1
+    assert (scans.predicted_ml <= scans.unfiltered_predicted_ml).all()          # the floor only removes
+    assert (scans.false_ml <= scans.predicted_ml + 1e-9).all()
+    assert scans.loc["54", "false_ml"] == scans.loc["54", "predicted_ml"]

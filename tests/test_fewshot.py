@@ -584,3 +584,39 @@ def test_cranial_slices_judge_hu_in_the_display_window_and_use_the_shorter_side(
     data = SliceDataset(images=wide, masks=np.zeros(wide.shape, np.uint8), case_ids=["0"], patient_ids=["p"],
                         unit="display")
     assert pp.cranial_slices(data).tolist() == [True]
+
+
+def test_keep_bright_components_drops_what_is_not_brighter_than_the_brain():
+    """Whole scans: a component stays only if it is brighter than its slices' brain by the floor, and large enough."""
+    size = 64
+    images, masks = [], []
+    for _ in range(4):
+        image, _, _ = head(size, blood=None)
+        images.append(image)
+        masks.append(np.zeros((size, size), np.uint8))
+    stack = np.stack(images)
+    mask = np.stack(masks)
+    stack[1:3, 20:30, 20:30] = 160.0  # blood: 60 levels above the brain's 100, on two slices
+    mask[1:3, 20:30, 20:30] = 1
+    mask[1:3, 36:46, 36:46] = 1       # marked brain: no brighter than the brain around it
+    stack[3, 40:42, 20:22] = 200.0    # a bright speck of 4 pixels on one slice
+    mask[3, 40:42, 20:22] = 1
+    data = SliceDataset(stack, np.zeros_like(mask), [f"s{k}" for k in range(4)], unit="display",
+                        spacing=(1.0, 1.0), slice_thickness=5.0)
+    recipe = dataclasses.replace(fs.FewShotRecipe(), stack_min_contrast=30.0, stack_min_ml=0.05)
+    kept = fs.keep_bright_components(recipe, data, mask)
+    assert kept.dtype == np.uint8 and kept.shape == mask.shape
+    assert kept[1:3, 20:30, 20:30].all()                 # blood kept (2 x 100 px x 5 mm^3 = 1 mL)
+    assert not kept[1:3, 36:46, 36:46].any()             # as bright as brain: dropped
+    assert not kept[3].any()                             # 4 px x 5 mm^3 = 0.02 mL < 0.05: dropped
+    loose = dataclasses.replace(recipe, stack_min_ml=0.0)
+    assert fs.keep_bright_components(loose, data, mask)[3, 40:42, 20:22].all()
+    strict = dataclasses.replace(recipe, stack_min_contrast=70.0)
+    assert not fs.keep_bright_components(strict, data, mask)[1:3].any()
+    off = fs.FewShotRecipe()  # no floors: the mask comes back unchanged
+    assert np.array_equal(fs.keep_bright_components(off, data, mask), mask)
+    assert fs.FEWSHOT_DEFAULT.stack_min_contrast is not None  # the app's CT model filters its scans
+    with pytest.raises(ValueError, match="mask must be"):
+        fs.keep_bright_components(recipe, data, mask[:2])
+    with pytest.raises(ValueError, match="stack_min_ml"):
+        dataclasses.replace(recipe, stack_min_ml=-1.0)
