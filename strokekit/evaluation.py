@@ -747,3 +747,44 @@ def find_runs(
     table = pd.DataFrame(rows, columns=list(RUN_COLUMNS))
     table = table.sort_values("mtime").drop_duplicates(["model", "seed"], keep="last")
     return table.sort_values(["model", "seed"]).reset_index(drop=True)
+
+
+def whole_scans(fitted: Any, patients: Sequence[str | int], folder: str | os.PathLike | None = None,
+                image_size: int | None = None, progress: bool = False) -> Any:
+    """A fitted few-shot recipe on CT-ICH patients' whole scans (every slice, in order), as the app applies it.
+
+    Each scan is read at ``image_size`` (default the recipe's), predicted with the whole recipe
+    (:func:`strokekit.fewshot.predict_recipe`) and thresholded; then
+    :func:`strokekit.fewshot.keep_bright_components` applies the recipe's brightness floor. Volumes use
+    CT-ICH's geometry (:func:`strokekit.recon3d.voxel_ml`). CT-ICH holds
+    traumatic haemorrhage, not stroke.
+
+    Returns:
+        A pandas DataFrame, one row per patient: ``patient_id``, ``slices``, ``true_ml``, ``dice_3d`` and
+        ``predicted_ml`` of the thresholded mask (``unfiltered_*``) and after the floor, and
+        ``false_ml`` (predicted mL outside the truth) after it. Dice is NaN for a scan without a lesion.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from .fewshot import keep_bright_components, predict_recipe
+    from .io import load_ctich
+    from .metrics import dice
+    from .recon3d import voxel_ml as ml_per_voxel
+
+    size = int(image_size or fitted.recipe.config.image_size)
+    voxel_ml = ml_per_voxel((size, size))
+    rows = []
+    for pid in tqdm(list(patients), desc="whole scans", disable=not progress):
+        scan = load_ctich(folder, image_size=size, patients=[pid], progress=False)
+        scan = scan.subset(np.argsort(scan.slice_indices, kind="stable"))
+        truth = scan.masks > 0
+        raw = predict_recipe(fitted, scan) > 0
+        kept = keep_bright_components(fitted, scan, raw) > 0
+        row = {"patient_id": str(pid), "slices": len(scan), "true_ml": truth.sum() * voxel_ml}
+        for name, mask in (("unfiltered_", raw), ("", kept)):
+            row[f"{name}dice_3d"] = float(dice(truth, mask)) if truth.any() else float("nan")
+            row[f"{name}predicted_ml"] = mask.sum() * voxel_ml
+        row["false_ml"] = (kept & ~truth).sum() * voxel_ml
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -849,27 +849,17 @@ def predict_recipe(
     return (prob >= fitted.threshold).astype(np.uint8)
 
 
-#: Geometry assumed by :func:`keep_bright_components` for ``stack_min_ml`` when the slices do not
-#: carry it (PNG): CT-ICH's, a 230 mm field of view and 5 mm slices.
-ASSUMED_FOV_MM, ASSUMED_SLICE_MM = 230.4, 5.0
-
-
 def keep_bright_components(fitted_or_recipe: FittedRecipe | FewShotRecipe, data: SliceDataset,
                            mask: np.ndarray) -> np.ndarray:
-    """A whole scan's mask with only the lesion components that are brighter than the brain around them.
+    """A whole scan's mask with only the lesion components brighter than the brain around them.
 
-    Applies the recipe's ``stack_min_contrast`` and ``stack_min_ml`` to the 3-D connected components
-    (26-connected) of ``mask``: a component stays if its mean display level (the slices through
-    :data:`strokekit.preprocess.DISPLAY_WINDOW`, as the recipe sees them) exceeds the median level of
-    the brain on its slices by at least ``stack_min_contrast``, and if it holds at least
-    ``stack_min_ml`` mL. Fresh blood is hyperdense (about 50–90 HU against 20–45 HU for brain);
-    what a network marks on a scan whose brain is brighter than its training patients' is not.
-    The brain is found per slice (:func:`strokekit.preprocess.brain_mask_stack`); slices without one
-    use the median of the others. Volumes use the slices' spacing and thickness, else
-    :data:`ASSUMED_FOV_MM` and :data:`ASSUMED_SLICE_MM`.
-
-    Only for the slices of one scan in order (the app's uploads, a patient's whole stack): on
-    scattered slices 3-D components mean nothing. Introduced in notebooks/10_what_generalizes.ipynb.
+    The recipe's ``stack_min_contrast`` and ``stack_min_ml`` applied by
+    :func:`strokekit.recon3d.bright_components` to the slices in display levels (through
+    :data:`strokekit.preprocess.DISPLAY_WINDOW`, as the recipe sees them) and their brain masks
+    (:func:`strokekit.preprocess.brain_mask_stack`, found at about 256 px). Volumes use the slices'
+    spacing and thickness, else CT-ICH's geometry (:data:`strokekit.recon3d.ASSUMED_FOV_MM`,
+    :data:`strokekit.recon3d.ASSUMED_SLICE_MM`). Only for the slices of one scan in order (the app's
+    uploads, a patient's whole stack). Introduced in notebooks/10_what_generalizes.ipynb.
 
     Args:
         fitted_or_recipe: the recipe (or a fitted one) whose ``stack_*`` fields apply.
@@ -879,7 +869,7 @@ def keep_bright_components(fitted_or_recipe: FittedRecipe | FewShotRecipe, data:
     Returns:
         uint8 (N, H, W) 0/1 mask; ``mask > 0`` unchanged when the recipe sets no floor.
     """
-    from scipy import ndimage
+    from .recon3d import bright_components, voxel_ml
 
     recipe = getattr(fitted_or_recipe, "recipe", fitted_or_recipe)
     mask = np.asarray(mask) > 0
@@ -891,60 +881,9 @@ def keep_bright_components(fitted_or_recipe: FittedRecipe | FewShotRecipe, data:
     images = images[..., 0] if images.ndim == 4 else images
     if images.shape[1:] != mask.shape[1:]:
         images = np.stack([resize_image(im, mask.shape[1:]) for im in images])
-    step = max(1, int(np.ceil(max(images.shape[1:]) / 256)))
-    brains = brain_mask_stack(images, unit="display", stride=step)
-    medians = np.array([np.median(im[b]) if b.sum() >= 50 else np.nan for im, b in zip(images, brains)])
-    fallback = float(np.nanmedian(medians)) if np.isfinite(medians).any() else float(np.median(images))
-    rows, cols = mask.shape[1:]
-    spacing = data.spacing if data.spacing is not None else (ASSUMED_FOV_MM / rows, ASSUMED_FOV_MM / cols)
-    voxel_ml = float(spacing[0]) * float(spacing[1]) * float(data.slice_thickness or ASSUMED_SLICE_MM) / 1000.0
-    labels, n = ndimage.label(mask, np.ones((3, 3, 3), bool))
-    keep = np.zeros(n + 1, bool)
-    for k, box in enumerate(ndimage.find_objects(labels), start=1):
-        inside = labels[box] == k
-        around = medians[box[0]]
-        brain_level = float(np.nanmedian(around)) if np.isfinite(around).any() else fallback
-        bright = recipe.stack_min_contrast is None or \
-            float(images[box][inside].mean()) - brain_level >= recipe.stack_min_contrast
-        keep[k] = bright and inside.sum() * voxel_ml >= recipe.stack_min_ml
-    return keep[labels].astype(np.uint8)
-
-
-def whole_scans(fitted: FittedRecipe, patients: Sequence[str | int], folder: str | os.PathLike | None = None,
-                image_size: int | None = None, progress: bool = False) -> Any:
-    """The fitted recipe on CT-ICH patients' whole scans (every slice, in order), as the app applies it.
-
-    Each scan is read at ``image_size`` (default the recipe's), predicted with the whole recipe and
-    thresholded; then :func:`keep_bright_components` applies the recipe's brightness floor. Volumes
-    use :data:`ASSUMED_FOV_MM` and :data:`ASSUMED_SLICE_MM` (CT-ICH's geometry). CT-ICH holds
-    traumatic haemorrhage, not stroke.
-
-    Returns:
-        A pandas DataFrame, one row per patient: ``patient_id``, ``slices``, ``true_ml``, ``dice_3d`` and
-        ``predicted_ml`` of the thresholded mask (``unfiltered_*``) and after the floor, and
-        ``false_ml`` (predicted mL outside the truth) after it. Dice is NaN for a scan without a lesion.
-    """
-    import pandas as pd
-    from tqdm.auto import tqdm
-
-    from .metrics import dice
-
-    size = int(image_size or fitted.recipe.config.image_size)
-    voxel_ml = (ASSUMED_FOV_MM / size) ** 2 * ASSUMED_SLICE_MM / 1000.0
-    rows = []
-    for pid in tqdm(list(patients), desc="whole scans", disable=not progress):
-        scan = load_ctich(folder, image_size=size, patients=[pid], progress=False)
-        scan = scan.subset(np.argsort(scan.slice_indices, kind="stable"))
-        truth = scan.masks > 0
-        raw = predict_recipe(fitted, scan) > 0
-        kept = keep_bright_components(fitted, scan, raw) > 0
-        row = {"patient_id": str(pid), "slices": len(scan), "true_ml": truth.sum() * voxel_ml}
-        for name, mask in (("unfiltered_", raw), ("", kept)):
-            row[f"{name}dice_3d"] = float(dice(truth, mask)) if truth.any() else float("nan")
-            row[f"{name}predicted_ml"] = mask.sum() * voxel_ml
-        row["false_ml"] = (kept & ~truth).sum() * voxel_ml
-        rows.append(row)
-    return pd.DataFrame(rows)
+    brains = brain_mask_stack(images, unit="display", stride=max(1, int(np.ceil(max(images.shape[1:]) / 256))))
+    return bright_components(mask, images, brains, recipe.stack_min_contrast, recipe.stack_min_ml,
+                             voxel_ml(mask.shape[1:], data.spacing, data.slice_thickness))
 
 
 def recipe_to_dict(recipe: FewShotRecipe) -> dict[str, Any]:

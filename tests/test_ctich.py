@@ -69,15 +69,16 @@ def test_positive_slices_have_non_empty_masks_at_full_size(folder, table):
 
 
 def test_whole_scans_reads_every_slice_in_order_and_filters_only_downwards(folder, table, tiny_recipe):
-    """fewshot.whole_scans on two real scans (one with a bleed, one without) with a tiny recipe fitted in seconds."""
+    """evaluation.whole_scans on two real scans (one with a bleed, one without) with a tiny recipe fitted in seconds."""
     import dataclasses
 
     from strokekit import fewshot as fs
+    from strokekit.evaluation import whole_scans
 
     lesion = load_ctich(folder, image_size=16, patients=["49", "50", "51", "66"], lesion_only=True, progress=False)
     recipe = dataclasses.replace(tiny_recipe, stack_min_contrast=20.0, stack_min_ml=0.5)
     fitted = fs.fit_recipe(recipe, lesion.select_patients(["49", "50", "51"]), lesion.select_patients(["66"]), seed=0)
-    scans = fs.whole_scans(fitted, ["71", "54"], folder, image_size=16).set_index("patient_id")
+    scans = whole_scans(fitted, ["71", "54"], folder, image_size=16).set_index("patient_id")
     counts = table.groupby("patient_id").size()
     assert scans.loc["71", "slices"] == counts["71"] and scans.loc["54", "slices"] == counts["54"]
     assert scans.loc["71", "true_ml"] > 50 and scans.loc["54", "true_ml"] == 0   # 132 mL at 512 px

@@ -280,3 +280,11 @@ def test_predict_volume_on_display_dataset():
     prob = predict_volume(model, data, _config(), progress=False)
     assert prob.shape == (2, 20, 20)
     np.testing.assert_allclose(prob, 0.5, atol=1e-5)  # sigmoid(10 * 0.5 - 5)
+
+
+def test_voxel_ml_uses_the_slices_geometry_else_ct_ichs():
+    from strokekit.recon3d import ASSUMED_FOV_MM, ASSUMED_SLICE_MM, voxel_ml
+
+    assert voxel_ml((10, 10), (0.5, 0.8), 2.0) == pytest.approx(0.5 * 0.8 * 2.0 / 1000)
+    assert voxel_ml((512, 512)) == pytest.approx((ASSUMED_FOV_MM / 512) ** 2 * ASSUMED_SLICE_MM / 1000)
+    assert voxel_ml((256, 128), None, 1.0) == pytest.approx(0.9 * 1.8 * 1.0 / 1000)
