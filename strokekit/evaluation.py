@@ -788,3 +788,22 @@ def whole_scans(fitted: Any, patients: Sequence[str | int], folder: str | os.Pat
         row["false_ml"] = (kept & ~truth).sum() * voxel_ml
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def whole_scan_summary(scans: Any, patient: str = "71") -> Any:
+    """Two rows from :func:`whole_scans`: the thresholded masks and the masks after the brightness floor.
+
+    Columns: ``mean_dice_3d`` and ``median_dice_3d`` over the scans with a lesion, ``lesion_free_ml`` (mean mL
+    marked on the scans without one), and ``patient_ml`` / ``patient_true_ml`` for ``patient``.
+    """
+    import pandas as pd
+
+    lesion, free = scans[scans.true_ml > 0], scans[scans.true_ml == 0]
+    one = scans.set_index("patient_id").loc[str(patient)]
+    rows = {}
+    for name, prefix in (("thresholded", "unfiltered_"), ("brighter than brain", "")):
+        rows[name] = {"mean_dice_3d": lesion[f"{prefix}dice_3d"].mean(),
+                      "median_dice_3d": lesion[f"{prefix}dice_3d"].median(),
+                      "lesion_free_ml": free[f"{prefix}predicted_ml"].mean(),
+                      "patient_ml": one[f"{prefix}predicted_ml"], "patient_true_ml": one["true_ml"]}
+    return pd.DataFrame.from_dict(rows, orient="index")

@@ -313,3 +313,20 @@ def test_per_patient_dice_pools_each_patients_pixels():
     patients, dice = E.per_patient_dice(counts, ["b", "b", 1])
     assert patients.tolist() == ["1", "b"]                              # sorted, compared as strings
     np.testing.assert_allclose(dice, [1.0, 4 / 8])
+
+
+def test_whole_scan_summary_compares_the_thresholded_and_the_filtered_masks():
+    import pandas as pd
+
+    from strokekit.evaluation import whole_scan_summary
+
+    scans = pd.DataFrame({
+        "patient_id": ["71", "72", "54"], "true_ml": [132.0, 5.0, 0.0],
+        "unfiltered_dice_3d": [0.7, 0.1, float("nan")], "unfiltered_predicted_ml": [200.0, 30.0, 60.0],
+        "dice_3d": [0.8, 0.4, float("nan")], "predicted_ml": [170.0, 6.0, 2.0]})
+    table = whole_scan_summary(scans, patient="71")
+    assert list(table.index) == ["thresholded", "brighter than brain"]
+    assert table.loc["thresholded", "mean_dice_3d"] == pytest.approx(0.4)
+    assert table.loc["brighter than brain", "mean_dice_3d"] == pytest.approx(0.6)  # the lesion-free NaN left out
+    assert table["lesion_free_ml"].tolist() == [60.0, 2.0]
+    assert table.loc["brighter than brain", "patient_ml"] == 170.0 and table["patient_true_ml"].eq(132.0).all()
