@@ -116,7 +116,7 @@ print({k: round(v, 3) for k, v in first.metrics.items()})
 assert (first.run_dir / "model.keras").is_file() and (first.run_dir / "history.csv").is_file()
 assert np.isfinite(first.history["loss"]).all()
 # It learned: validation Dice of the best epoch >= 0.6 in the quick profile (0.79 on the 3 runs
-# measured for this floor), far above its first epoch.
+# measured for this floor; 0.69 after the one resizer of 2026-12-05), far above its first epoch.
 assert not CHECK_LEARNING or (first.metrics["dice"] >= 0.6
                               and first.metrics["dice"] > first.history["val_dice"].iloc[0] + 0.3)
 report.record(watched_val_dice=first.metrics["dice"], watched_first_epoch_val_dice=first.history["val_dice"].iloc[0])

@@ -445,7 +445,9 @@ def read_uploads(
 
     Returns:
         a :class:`~strokekit.dataset.SliceDataset` (``unit="display"`` for images, ``"HU"`` for
-        DICOM and NIfTI, with spacing and slice thickness when the files have them).
+        DICOM and NIfTI, with spacing and slice thickness when the files have them). Several
+        PNG/JPEG slices are taken as one scan in their names' natural order (``2.png`` before
+        ``10.png``); a DICOM series comes in the order of its slice positions.
 
     Raises:
         UploadError: for any problem with the files; the message names the file and the problem.
@@ -485,8 +487,10 @@ def read_uploads(
                 (_display_name(name), _write_private(folder, f"f{index:04d}{ending}", content))
             )
         try:
-            if kind == "image":
-                return _read_images(items)
+            if kind == "image":  # one scan's slices in their names' natural order (2.png before 10.png)
+                from .io import _natural_key
+
+                return _read_images(sorted(items, key=lambda item: _natural_key(item[0])))
             if kind == "dicom":
                 return _read_dicom(items, folder)
             return _read_nifti(items, folder)
@@ -857,7 +861,8 @@ def segment(
     Returns:
         dict with ``probability`` (N, H, W) lesion probability (for softmax: 1 − background),
         ``mask`` (N, H, W) uint8 labels (for a few-shot recipe on a scan of several slices, only
-        the 3-D components brighter than the brain around them: :func:`strokekit.fewshot.keep_bright_components`),
+        the 3-D components brighter than the brain around them: :func:`strokekit.fewshot.keep_bright_components`;
+        runs saved before the recipe had that floor apply none),
         ``class_names``, ``area_px`` {class: (N,) pixel counts},
         ``area_mm2`` {class: (N,) mm²} or None without spacing, ``volume_ml`` {class: mL} or None
         (needs more than one slice, spacing and slice thickness), ``overlays`` list of uint8 RGB

@@ -40,6 +40,8 @@ __all__ = [
     "specificity_illusion",
     "study_table",
     "threshold_sweep",
+    "whole_scan_summary",
+    "whole_scans",
 ]
 
 #: Colours of the error overlay: true positive, false positive, false negative (RGB 0..255).
@@ -760,7 +762,8 @@ def whole_scans(fitted: Any, patients: Sequence[str | int], folder: str | os.Pat
     traumatic haemorrhage, not stroke.
 
     Returns:
-        A pandas DataFrame, one row per patient: ``patient_id``, ``slices``, ``true_ml``, ``dice_3d`` and
+        A pandas DataFrame, one row per patient: ``patient_id``, ``slices``, ``true_ml``, ``has_lesion``
+        (from ``slices.csv``, so a bleed lost at a small ``image_size`` still counts), ``dice_3d`` and
         ``predicted_ml`` of the thresholded mask (``unfiltered_*``) and after the floor, and
         ``false_ml`` (predicted mL outside the truth) after it. Dice is NaN for a scan without a lesion.
     """
@@ -781,7 +784,9 @@ def whole_scans(fitted: Any, patients: Sequence[str | int], folder: str | os.Pat
         truth = scan.masks > 0
         raw = predict_recipe(fitted, scan) > 0
         kept = keep_bright_components(fitted, scan, raw) > 0
-        row = {"patient_id": str(pid), "slices": len(scan), "true_ml": truth.sum() * voxel_ml}
+        flags = scan.extra.get("has_mask")  # slices.csv's flags, from the full-size masks
+        row = {"patient_id": str(pid), "slices": len(scan), "true_ml": truth.sum() * voxel_ml,
+               "has_lesion": bool(np.any(flags)) if flags is not None else bool(truth.any())}
         for name, mask in (("unfiltered_", raw), ("", kept)):
             row[f"{name}dice_3d"] = float(dice(truth, mask)) if truth.any() else float("nan")
             row[f"{name}predicted_ml"] = mask.sum() * voxel_ml
@@ -793,12 +798,13 @@ def whole_scans(fitted: Any, patients: Sequence[str | int], folder: str | os.Pat
 def whole_scan_summary(scans: Any, patient: str = "71") -> Any:
     """Two rows from :func:`whole_scans`: the thresholded masks and the masks after the brightness floor.
 
-    Columns: ``mean_dice_3d`` and ``median_dice_3d`` over the scans with a lesion, ``lesion_free_ml`` (mean mL
-    marked on the scans without one), and ``patient_ml`` / ``patient_true_ml`` for ``patient``.
+    Columns: ``mean_dice_3d`` and ``median_dice_3d`` over the scans with a lesion (``has_lesion``), ``lesion_free_ml``
+    (mean mL marked on the scans without one), and ``patient_ml`` / ``patient_true_ml`` for ``patient``.
     """
     import pandas as pd
 
-    lesion, free = scans[scans.true_ml > 0], scans[scans.true_ml == 0]
+    has = scans["has_lesion"].astype(bool) if "has_lesion" in scans else scans.true_ml > 0
+    lesion, free = scans[has], scans[~has]
     one = scans.set_index("patient_id").loc[str(patient)]
     rows = {}
     for name, prefix in (("thresholded", "unfiltered_"), ("brighter than brain", "")):

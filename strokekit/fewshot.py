@@ -48,6 +48,7 @@ from .metrics import aggregate, per_patient_dice, slice_confusion
 from .paths import ctich_dir
 from .preprocess import (
     DISPLAY_WINDOW,
+    _levels,
     brain_mask_stack,
     cranial_slices,
     dilate_cross,
@@ -181,6 +182,29 @@ def protocol_split(dataset: SliceDataset, name: str = "fewshot-ctich-v1", empty_
         raise DataError(f"protocol {name!r}: {err}") from None
 
 
+def _slices_table(path: str | os.PathLike | None):
+    """(the ct-ich folder, its slices.csv as a DataFrame); a clear DataError when either is missing."""
+    import pandas as pd
+
+    folder = path if path is not None else ctich_dir()
+    if folder is None:
+        load_ctich(None)  # raises the DataError that says where to put the data
+    csv = os.path.join(folder, "slices.csv")
+    if not os.path.isfile(csv):
+        raise DataError("no slices.csv (file, patient_id, has_mask, ...)", folder)
+    return folder, pd.read_csv(csv, dtype={"file": str, "patient_id": str})
+
+
+def lesion_free_patients(path: str | os.PathLike | None = None) -> list[str]:
+    """CT-ICH patients without a lesion on any slice, by id (no protocol trains, validates or tests on them).
+
+    Introduced in notebooks/10_what_generalizes.ipynb, which measures false positives on their whole scans.
+    """
+    _, table = _slices_table(path)
+    lesion = set(table.loc[table["has_mask"] == 1, "patient_id"])
+    return sorted(set(table["patient_id"]) - lesion, key=_natural_key)
+
+
 def load_protocol(
     name: str = "fewshot-ctich-v1",
     path: str | os.PathLike | None = None,
@@ -208,16 +232,8 @@ def load_protocol(
     Raises:
         DataError: the folder is absent or malformed (see :func:`strokekit.io.load_ctich`).
     """
-    import pandas as pd
-
     proto = _check_protocol(name)
-    folder = path if path is not None else ctich_dir()
-    if folder is None:
-        load_ctich(None)  # raises the DataError that says where to put the data
-    csv = os.path.join(folder, "slices.csv")
-    if not os.path.isfile(csv):
-        raise DataError("no slices.csv (file, patient_id, has_mask, ...)", folder)
-    table = pd.read_csv(csv, dtype={"file": str, "patient_id": str})
+    folder, table = _slices_table(path)
     size = int(image_size or proto["image_size"])
     named = [str(p) for p in proto["train"] + proto["val"]]
     others = sorted(set(table.loc[table["has_mask"] == 1, "patient_id"]) - set(named), key=_natural_key)
@@ -453,7 +469,8 @@ STUDY_RECIPE = FewShotRecipe(
 #: 0.46) scored 0.000 at 0.5 on a held-out patient and 0.59 at the threshold patient 66 chose.
 #: On whole scans (the app) it keeps only 3-D components at least 44 display levels (about 21 HU)
 #: brighter than the brain on their slices and of at least 0.5 mL, chosen on the whole scans of
-#: 49/50/51/66 (:func:`keep_bright_components`; ``benchmarks/fewshot_log.md``, session 10).
+#: 49/50/51/66, ties broken on 19 lesion-free scans (:func:`keep_bright_components`;
+#: ``benchmarks/fewshot_log.md``, session 10, which also says what else was looked at).
 FEWSHOT_DEFAULT = FewShotRecipe(
     config=TrainConfig.few_shot(),
     empty_ratio=1.0,
@@ -878,12 +895,15 @@ def keep_bright_components(fitted_or_recipe: FittedRecipe | FewShotRecipe, data:
     if recipe.stack_min_contrast is None and not recipe.stack_min_ml or not mask.any():
         return mask.astype(np.uint8)
     images = as_display(data).images
-    images = images[..., 0] if images.ndim == 4 else images
-    if images.shape[1:] != mask.shape[1:]:
+    images = _levels(images[..., 0] if images.ndim == 4 else images, "display")  # 0..1 display: to 0..255
+    spacing = data.spacing
+    if images.shape[1:] != mask.shape[1:]:  # the mask at another size: same field of view, other pixels
+        if spacing is not None:
+            spacing = tuple(float(mm) * old / new for mm, old, new in zip(spacing, images.shape[1:], mask.shape[1:]))
         images = np.stack([resize_image(im, mask.shape[1:]) for im in images])
     brains = brain_mask_stack(images, unit="display", stride=max(1, int(np.ceil(max(images.shape[1:]) / 256))))
     return bright_components(mask, images, brains, recipe.stack_min_contrast, recipe.stack_min_ml,
-                             voxel_ml(mask.shape[1:], data.spacing, data.slice_thickness))
+                             voxel_ml(mask.shape[1:], spacing, data.slice_thickness))
 
 
 def recipe_to_dict(recipe: FewShotRecipe) -> dict[str, Any]:

@@ -533,7 +533,9 @@ def resize_image(image: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
 
     ``image`` is (H, W) or (H, W, C); ``size`` an int (square) or (rows, cols). Every resize of
     image data in the kit comes here: the readers' ``image_size``, :func:`resize_dataset`, the
-    split's feature inputs, and predictions brought back to a slice's own size.
+    split's feature inputs, and predictions brought back to a slice's own size. (Exact block
+    means — the split's cheap intensity features, the 3-D view's coarse meshes — are averages
+    over whole pixel blocks, not resizes.)
 
     Pillow's bilinear filter widens its triangle by the reduction factor when shrinking, which is
     the anti-aliasing (like ``skimage.transform.resize(order=1, anti_aliasing=True)``, whose

@@ -22,6 +22,9 @@ from .errors import DataError
 from .preprocess import resize_image
 
 __all__ = [
+    "ASSUMED_FOV_MM",
+    "ASSUMED_SLICE_MM",
+    "bright_components",
     "clean_mask",
     "lesion_volume_ml",
     "plot_3d",
@@ -31,6 +34,7 @@ __all__ = [
     "stack_slices",
     "surface_mesh",
     "volume_report",
+    "voxel_ml",
 ]
 
 #: Largest in-plane side (pixels) of the volumes meshed for the context surfaces in
@@ -258,7 +262,7 @@ def bright_components(mask: np.ndarray, levels: np.ndarray, brains: np.ndarray, 
     pixels borrow the median of the others.
 
     Args:
-        mask: (N, H, W) lesion mask of one scan, slices in order.
+        mask: (N, H, W) lesion mask of one scan, slices in order (or one (H, W) slice).
         levels: (N, H, W) the slices in one intensity scale (the few-shot recipe: display levels).
         brains: (N, H, W) bool brain masks.
         min_contrast: floor on mean level minus brain median, in the units of ``levels``.
@@ -269,6 +273,10 @@ def bright_components(mask: np.ndarray, levels: np.ndarray, brains: np.ndarray, 
         uint8 (N, H, W) 0/1 mask.
     """
     mask = _as_volume(mask) > 0
+    levels = _as_volume(levels, "levels").astype(np.float32, copy=False)
+    brains = _as_volume(brains, "brains").astype(bool, copy=False)
+    if levels.shape != mask.shape or brains.shape != mask.shape:
+        raise ValueError(f"mask {mask.shape}, levels {levels.shape} and brains {brains.shape} must have one shape")
     medians = np.array([np.median(lv[b]) if b.sum() >= 50 else np.nan for lv, b in zip(levels, brains)])
     fallback = float(np.nanmedian(medians)) if np.isfinite(medians).any() else float(np.median(levels))
     labels, n = ndimage.label(mask, np.ones((3, 3, 3), bool))

@@ -608,6 +608,31 @@ def test_a_png_upload_through_a_fewshot_run(ct_run, work):
     assert result["threshold"] == fitted.threshold and result["label"] == "slice.png"
 
 
+def test_a_fewshot_recipe_with_a_brightness_floor_filters_scans_not_single_slices(ct_run):
+    """On a scan of several slices the app keeps only what keep_bright_components keeps; one slice is left alone."""
+    import dataclasses
+
+    from strokekit import fewshot as fs
+
+    root, folder, fitted, val = ct_run
+    floored = dataclasses.replace(fitted, recipe=dataclasses.replace(fitted.recipe, stack_min_contrast=1000.0))
+    _, config = app.load_model_for_app(folder, runs_root=root)
+    plain = app.segment(fitted, config, val)["mask"]
+    assert plain.any()  # the tiny recipe marks something, so the floor has work to do
+    scan = app.segment(floored, config, val)["mask"]
+    np.testing.assert_array_equal(scan, fs.keep_bright_components(floored, val, plain))
+    assert not scan.any()  # nothing is 1000 levels brighter than brain
+    one = val.subset([0])
+    np.testing.assert_array_equal(app.segment(floored, config, one)["mask"], app.segment(fitted, config, one)["mask"])
+
+
+def test_png_slices_of_one_upload_are_taken_in_their_names_natural_order(work):
+    slices = {name: _png_bytes(np.full((8, 8), value, np.uint8)) for name, value in
+              (("10.png", 30), ("2.png", 20), ("1.png", 10))}
+    data = app.read_uploads(list(slices.items()), work_dir=work)
+    assert data.case_ids == ["1", "2", "10"] and data.images[:, 0, 0].tolist() == [10, 20, 30]
+
+
 # --------------------------------------------------------------------------- what the stack opens on
 def test_focus_slice_is_the_most_lesion_inside_the_brain():
     mask = np.zeros((3, 8, 8), np.uint8)

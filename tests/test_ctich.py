@@ -82,7 +82,17 @@ def test_whole_scans_reads_every_slice_in_order_and_filters_only_downwards(folde
     counts = table.groupby("patient_id").size()
     assert scans.loc["71", "slices"] == counts["71"] and scans.loc["54", "slices"] == counts["54"]
     assert scans.loc["71", "true_ml"] > 50 and scans.loc["54", "true_ml"] == 0   # 132 mL at 512 px
+    assert scans.loc["71", "has_lesion"] and not scans.loc["54", "has_lesion"]
     assert np.isnan(scans.loc["54", "dice_3d"]) and 0 <= scans.loc["71", "dice_3d"] <= 1
     assert (scans.predicted_ml <= scans.unfiltered_predicted_ml).all()          # the floor only removes
     assert (scans.false_ml <= scans.predicted_ml + 1e-9).all()
     assert scans.loc["54", "false_ml"] == scans.loc["54", "predicted_ml"]
+
+
+def test_lesion_free_patients_are_the_patients_without_a_lesion_slice(folder, table):
+    from strokekit import fewshot as fs
+
+    free = fs.lesion_free_patients(folder)
+    with_lesion = set(table.loc[table.has_mask == 1, "patient_id"])
+    assert len(free) == table.patient_id.nunique() - len(with_lesion) and not set(free) & with_lesion
+    assert free == sorted(free, key=int)

@@ -325,6 +325,8 @@ def test_whole_scan_summary_compares_the_thresholded_and_the_filtered_masks():
         "unfiltered_dice_3d": [0.7, 0.1, float("nan")], "unfiltered_predicted_ml": [200.0, 30.0, 60.0],
         "dice_3d": [0.8, 0.4, float("nan")], "predicted_ml": [170.0, 6.0, 2.0]})
     table = whole_scan_summary(scans, patient="71")
+    flagged = whole_scan_summary(scans.assign(true_ml=[132.0, 0.0, 0.0], has_lesion=[True, True, False]), "71")
+    assert flagged.equals(table)  # slices.csv's flags decide, not a volume that vanished at a small size
     assert list(table.index) == ["thresholded", "brighter than brain"]
     assert table.loc["thresholded", "mean_dice_3d"] == pytest.approx(0.4)
     assert table.loc["brighter than brain", "mean_dice_3d"] == pytest.approx(0.6)  # the lesion-free NaN left out

@@ -588,29 +588,32 @@ def test_cranial_slices_judge_hu_in_the_display_window_and_use_the_shorter_side(
 
 def test_keep_bright_components_drops_what_is_not_brighter_than_the_brain():
     """Whole scans: a component stays only if it is brighter than its slices' brain by the floor, and large enough."""
-    size = 64
-    images, masks = [], []
-    for _ in range(4):
-        image, _, _ = head(size, blood=None)
-        images.append(image)
-        masks.append(np.zeros((size, size), np.uint8))
-    stack = np.stack(images)
-    mask = np.stack(masks)
-    stack[1:3, 20:30, 20:30] = 160.0  # blood: 60 levels above the brain's 100, on two slices
-    mask[1:3, 20:30, 20:30] = 1
-    mask[1:3, 36:46, 36:46] = 1       # marked brain: no brighter than the brain around it
-    stack[3, 40:42, 20:22] = 200.0    # a bright speck of 4 pixels on one slice
-    mask[3, 40:42, 20:22] = 1
+    size, pad = 64, 48  # a head in a wide field of air: the slice's median is air, only the brain's is 100
+    image, _, _ = head(size, blood=None)
+    stack = np.repeat(np.pad(image, pad)[None], 4, axis=0)
+    mask = np.zeros(stack.shape, np.uint8)
+    o = pad
+    stack[1:3, o + 20:o + 30, o + 20:o + 30] = 160.0  # blood: 60 levels above the brain's 100, on two slices
+    mask[1:3, o + 20:o + 30, o + 20:o + 30] = 1
+    mask[1:3, o + 36:o + 46, o + 36:o + 46] = 1       # marked brain: no brighter than the brain around it
+    stack[3, o + 40:o + 42, o + 20:o + 22] = 200.0    # a bright speck of 4 pixels on one slice
+    mask[3, o + 40:o + 42, o + 20:o + 22] = 1
     data = SliceDataset(stack, np.zeros_like(mask), [f"s{k}" for k in range(4)], unit="display",
                         spacing=(1.0, 1.0), slice_thickness=5.0)
     recipe = dataclasses.replace(fs.FewShotRecipe(), stack_min_contrast=30.0, stack_min_ml=0.05)
     kept = fs.keep_bright_components(recipe, data, mask)
     assert kept.dtype == np.uint8 and kept.shape == mask.shape
-    assert kept[1:3, 20:30, 20:30].all()                 # blood kept (2 x 100 px x 5 mm^3 = 1 mL)
-    assert not kept[1:3, 36:46, 36:46].any()             # as bright as brain: dropped
-    assert not kept[3].any()                             # 4 px x 5 mm^3 = 0.02 mL < 0.05: dropped
+    assert kept[1:3, o + 20:o + 30, o + 20:o + 30].all()  # blood kept (2 x 100 px x 5 mm^3 = 1 mL)
+    assert not kept[1:3, o + 36:o + 46, o + 36:o + 46].any()  # as bright as brain: dropped
+    assert not kept[3].any()                              # 4 px x 5 mm^3 = 0.02 mL < 0.05: dropped
+    assert kept.sum() == 200
     loose = dataclasses.replace(recipe, stack_min_ml=0.0)
-    assert fs.keep_bright_components(loose, data, mask)[3, 40:42, 20:22].all()
+    assert fs.keep_bright_components(loose, data, mask)[3, o + 40:o + 42, o + 20:o + 22].all()
+    unit_range = data.replace(images=stack / 255.0)      # display slices in 0..1 read as 0..255
+    assert np.array_equal(fs.keep_bright_components(recipe, unit_range, mask), kept)
+    # a mask at half size: its pixels are 2 mm wide, so the blood is 1 mL there too (0.25 mL if read as 1 mm)
+    half = fs.keep_bright_components(dataclasses.replace(recipe, stack_min_ml=0.5), data, mask[:, ::2, ::2])
+    assert half.shape == (4, 80, 80) and half.sum() == 50 and not half[3].any()
     strict = dataclasses.replace(recipe, stack_min_contrast=70.0)
     assert not fs.keep_bright_components(strict, data, mask)[1:3].any()
     off = fs.FewShotRecipe()  # no floors: the mask comes back unchanged

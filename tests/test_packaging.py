@@ -141,8 +141,11 @@ def test_the_package_has_one_resizer():
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module == "skimage.transform":
-                offenders.append(f"{path.name}:{node.lineno} imports skimage.transform")
+            if isinstance(node, ast.ImportFrom) and (
+                    node.module == "skimage.transform"
+                    or (node.module == "skimage" and any(a.name == "transform" for a in node.names))
+                    or (node.module == "scipy.ndimage" and any(a.name == "zoom" for a in node.names))):
+                offenders.append(f"{path.name}:{node.lineno} imports a resizer from {node.module}")
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                     and node.func.attr in ("resize", "zoom") and not _is_numpy(node.func.value)):
                 offenders.append(f"{path.name}:{node.lineno} calls .{node.func.attr}(")

@@ -288,3 +288,20 @@ def test_voxel_ml_uses_the_slices_geometry_else_ct_ichs():
     assert voxel_ml((10, 10), (0.5, 0.8), 2.0) == pytest.approx(0.5 * 0.8 * 2.0 / 1000)
     assert voxel_ml((512, 512)) == pytest.approx((ASSUMED_FOV_MM / 512) ** 2 * ASSUMED_SLICE_MM / 1000)
     assert voxel_ml((256, 128), None, 1.0) == pytest.approx(0.9 * 1.8 * 1.0 / 1000)
+
+
+def test_bright_components_takes_one_slice_and_checks_shapes():
+    from strokekit.recon3d import bright_components
+
+    levels = np.full((20, 20), 100.0, np.float32)
+    brain = np.zeros((20, 20), bool)
+    brain[2:18, 2:18] = True
+    levels[5:9, 5:9] = 170.0
+    mask = np.zeros((20, 20), np.uint8)
+    mask[5:9, 5:9] = 1
+    mask[12:15, 12:15] = 1  # as bright as the brain
+    kept = bright_components(mask, levels, brain, 40.0, 0.0, 0.001)
+    assert kept.shape == (1, 20, 20) and kept.sum() == 16
+    assert bright_components(mask, levels, brain, None, 0.012, 0.001).sum() == 16  # 0.016 mL kept, 0.009 mL not
+    with pytest.raises(ValueError, match="one shape"):
+        bright_components(mask, levels[:10], brain, 40.0, 0.0, 0.001)
