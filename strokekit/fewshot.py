@@ -54,6 +54,7 @@ from .preprocess import (
     dilate_cross,
     display_levels,
     fit_threshold,
+    rescale_spacing,
     resize_dataset,
     resize_image,
     threshold_in_brain,
@@ -899,7 +900,7 @@ def keep_bright_components(fitted_or_recipe: FittedRecipe | FewShotRecipe, data:
     spacing = data.spacing
     if images.shape[1:] != mask.shape[1:]:  # the mask at another size: same field of view, other pixels
         if spacing is not None:
-            spacing = tuple(float(mm) * old / new for mm, old, new in zip(spacing, images.shape[1:], mask.shape[1:]))
+            spacing = rescale_spacing(spacing, images.shape[1:], mask.shape[1:])
         images = np.stack([resize_image(im, mask.shape[1:]) for im in images])
     brains = brain_mask_stack(images, unit="display", stride=max(1, int(np.ceil(max(images.shape[1:]) / 256))))
     return bright_components(mask, images, brains, recipe.stack_min_contrast, recipe.stack_min_ml,

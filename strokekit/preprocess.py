@@ -583,14 +583,15 @@ def resize_mask(mask: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
     return np.asarray(out).astype(mask.dtype)
 
 
-def rescale_spacing(spacing: Sequence[float], shape: Sequence[int], size: int) -> tuple[float, float]:
-    """Pixel spacing (row, col) in mm after resizing a (rows, cols) slice to ``size``×``size``.
+def rescale_spacing(spacing: Sequence[float], shape: Sequence[int], size: int | Sequence[int]) -> tuple[float, float]:
+    """Pixel spacing (row, col) in mm after resizing a (rows, cols) slice to ``size``×``size`` (or to (rows, cols)).
 
     The field of view stays the same, so a slice shrunk from 512 to 128 pixels has pixels four
     times as wide: the rule every resize in the kit (:func:`resize_dataset`, the readers'
     ``image_size``) applies, so areas in mm² do not change with the image size.
     """
-    return (float(spacing[0]) * int(shape[0]) / size, float(spacing[1]) * int(shape[1]) / size)
+    rows, cols = _target_shape(size)
+    return (float(spacing[0]) * int(shape[0]) / rows, float(spacing[1]) * int(shape[1]) / cols)
 
 
 def resize_dataset(dataset: SliceDataset, size: int) -> SliceDataset:

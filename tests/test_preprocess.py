@@ -85,6 +85,7 @@ def test_resize_keeps_labels_and_rescales_spacing():
     r = pp.resize_dataset(d, 16)
     assert r.image_shape == (16, 16) and r.spacing == (1.0, 1.0)
     assert d.image_shape == (32, 32)  # source untouched
+    assert pp.rescale_spacing((0.5, 0.5), (32, 32), (16, 64)) == (1.0, 0.25)  # to (rows, cols): same field of view
 
 
 def test_resize_image_is_antialiased_bilinear_for_every_shape():
