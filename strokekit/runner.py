@@ -45,8 +45,8 @@ SUMMARY_NAME = "summary.json"
 #: of 04 and 05. Most of a quick notebook is single-threaded Python, so two chains share 2 cores well.
 CHAINS: tuple[tuple[str, ...], ...] = (
     ("01_preprocessing", "02_cluster_split", "04_unet_vs_resunet", "05_transfer_learning", "06_evaluation",
-     "09_3d_reconstruction", "03_augmentation"),
-    ("07_multiclass", "08_ctp_core_penumbra", "10_what_generalizes"),
+     "09_3d_reconstruction", "03_augmentation", "08_ctp_core_penumbra"),
+    ("07_multiclass", "10_what_generalizes"),
 )
 
 
