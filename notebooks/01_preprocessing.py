@@ -80,7 +80,8 @@ assert summary["slices_with_lesion"] == PHANTOM.n_patients * PHANTOM.slices_per_
 # ## 2. Hounsfield units and windows
 # CT stores attenuation in HU: air −1000, water 0, brain 20–45, fresh blood 50–90, bone up to 2000.
 # A screen shows ~256 grey levels, so we pick a **window** (level L, width W) and map L−W/2…L+W/2 to
-# black…white. Written out once in NumPy:
+# black…white. Written out once in NumPy, then the kit's four windows on the slice with the largest
+# lesion (the cell prints which kind of lesion that is):
 
 # %%
 def window_from_scratch(image_hu, level, width):
@@ -89,6 +90,7 @@ def window_from_scratch(image_hu, level, width):
 index = int(np.argmax(data.lesion_area()))          # the slice with the largest lesion
 mine = window_from_scratch(data.images[index], 40, 80)
 assert np.allclose(mine, preprocess.window_hu(data.images[index], "brain"))  # the kit does the same
+print(f"{data.case_ids[index]}: {data.extra['lesion_type'][index]} lesion")
 fig = preprocess.plot_windows(data.images[index])
 display(fig)
 
@@ -100,8 +102,13 @@ print(f"air {air:.0f} HU · bone {bone:.0f} HU · brain median {brain_hu:.0f} HU
 assert air < -900 and bone > 700 and 20 < brain_hu < 50
 
 # %% [markdown]
-# Try it: move the level and width. A narrow "stroke" window (W ≈ 24) makes an ischemic lesion — only
-# about 14 HU darker than healthy brain — visible; the bone window hides it completely.
+# What a window shows depends on the lesion. Fresh blood is 25–45 HU brighter than grey matter, so a
+# hemorrhage stands out in the brain, stroke and subdural windows alike. An infarct core is only about
+# 14 HU darker than healthy brain: the narrow "stroke" window (W ≈ 24) is the one that makes it visible.
+# The bone window hides either kind. The figure above shows the largest lesion, whichever kind it is.
+#
+# Try it: move the level and width. To see the stroke window at work on an infarct, move the slice
+# slider until the right panel's title says `ischemic`.
 
 # %%
 def show_window(case=index, level=40, width=80):

@@ -13,7 +13,7 @@
 
 # %% [markdown]
 # # 03 · Augmentation
-# Forty slices are not enough to learn from — unless every epoch shows them a little differently.
+# A few dozen slices (step 1 prints how many) are too few to learn from — unless every epoch shows them differently.
 #
 # **Learning goals**
 # - Apply the same geometry to an image and its mask (nearest neighbour for the mask), intensity

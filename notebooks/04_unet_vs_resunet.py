@@ -100,7 +100,10 @@ del study
 # %% [markdown]
 # ## 3. One run, watched closely
 # Each run writes its own folder: config, split, history, best model, per-epoch previews, metrics.
-# Try other settings with the panel below — training starts only when you press the button.
+# Try other settings with the panel below — training starts only when you press the button. The panel
+# starts from the study's choices, leaky ReLU and a learning rate of 1e-3, not from `BASE` (relu and the
+# profile's learning rate, printed by the Parameters cell): set the slider to `BASE.learning_rate` to
+# train with the watched run's recipe.
 #
 # In the quick profile a few minutes of CPU must be enough to learn, so the recipe (set in
 # `strokekit/config.py`) uses the levers that make short runs work: batch normalisation (with a
@@ -158,6 +161,12 @@ display(widgets.interactive(
 # handful of validation slices a later epoch can lose part of the lesion again — which is why the
 # run keeps the best epoch's weights, not the last.
 #
+# Read the `val_dice` column of the history as well: it can jump from one epoch to the next, because
+# validation is a handful of slices of very few patients (step 1 prints how many slices, notebook 02 how
+# many patients), and one lesion found or missed moves it a lot. The best epoch can be such a spike
+# rather than a point where training had settled; the grid below, with several seeds per
+# configuration, is the place to compare.
+#
 # ## 4. The grid: architecture × activation × seed
 # Every cell of the grid is trained with several seeds on the same split. With a few dozen
 # slices one run says little: read each mean next to its seed spread before ranking.
@@ -204,8 +213,8 @@ for name in mean_dice.index.difference(learned.index):
 # the best and worst mean Dice are recorded as this notebook's headline figures (`report.record`).
 
 # %%
-# In the quick profile >= 6 of the 8 configurations learn (8 of 8 networks with batch norm, in the
-# 3 runs measured for this floor; the two selu networks are the ones that may not).
+# In the quick profile >= 6 of the 8 configurations learn (all 6 networks with batch norm, in the
+# 3 runs measured for this floor; the two selu networks, which run without it, are the ones that may not).
 assert not CHECK_LEARNING or len(learned) >= 6
 report.record(grid_configs_learned=len(learned), grid_configs=len(mean_dice),
               grid_best_mean_dice=mean_dice.max(), grid_worst_mean_dice=mean_dice.min())
@@ -225,9 +234,10 @@ axes[0].set_ylabel("loss")
 plt.show()
 
 # %% [markdown]
-# The study reported its leaky-ReLU U-Net at IoU 0.6384, sensitivity 0.6765, specificity 0.9987 on 15
-# test slices after 50 epochs on 41 — one run, one split. Notebook 06 shows why specificity near 1
-# says little, and notebook 10 what happens on real patients the model has never seen.
+# The study reported its leaky-ReLU U-Net as IoU, sensitivity and a specificity close to 1, each from
+# a single run on a single split of a few dozen slices — no seed spread, so no way to tell its ranking
+# from seed noise. Notebook 06 shows why a specificity near 1 says little, and notebook 10 what
+# happens on real patients the model has never seen.
 #
 # ## Exercises
 # 1. Take the quick recipe's levers away one at a time and train the watched run again, e.g.

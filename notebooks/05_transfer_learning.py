@@ -87,6 +87,8 @@ RUNS = paths.runs_dir() / "05_transfer_learning"
 # The profile's sizes (config.transfer_settings): change one in the cell above, right after `SIZES = ...` (BASE reads
 # it), e.g. SIZES = dataclasses.replace(SIZES, shots=(4, "all")).
 print(PROFILE.name, SIZES, BASE, sep="\n")
+print(f"batch-norm momentum of the U-Nets pretrained, fine-tuned and trained from scratch here: "
+      f"{SIZES.bn_momentum} (SIZES; new_model of section 2 sets it, overriding BASE's {BASE.bn_momentum})")
 
 # %% [markdown]
 # ## 1. Source and target: two lesion types, no shared patient
@@ -156,7 +158,8 @@ plt.show()
 # they are still near their starting values, and the network that looked fine during training
 # fails at inference, which uses them. So every network here is built by `new_model`, which sets
 # the momentum `SIZES.bn_momentum` of the parameters cell (`models.set_batchnorm_momentum`; 0.8 in
-# the quick profile). Section 4 checks in the trained models that all of this really happened.
+# the quick profile) — not the `bn_momentum` field of `BASE` printed above, which `new_model` overrides.
+# Section 4 checks in the trained models that all of this really happened.
 
 # %%
 def new_model(seed=0):
@@ -282,6 +285,7 @@ for name in ("frozen", "unfrozen"):
         start.get_layer(layer).get_weights(), tuned.get_layer(layer).get_weights())) else "identical"
         for layer in watch}
 display(pd.DataFrame(check).T)
+assert start.get_layer("enc1_bn1").momentum == tuned.get_layer("dec1_bn1").momentum == SIZES.bn_momentum
 assert check["frozen"] == {"enc1_conv1": "identical", "enc1_bn1": "identical", "dec1_conv1": "changed"}
 assert check["unfrozen"] == {"enc1_conv1": "changed", "enc1_bn1": "identical", "dec1_conv1": "changed"}
 del start, tuned
@@ -290,8 +294,10 @@ del start, tuned
 # ## 5. The learning curve
 # Dice against the number of target training slices, mean ± sd over seeds (dots are single
 # runs; methods run on all slices only appear as single points). Transfer is worth its trouble
-# where its curve lies above the scratch curve by more than the spread between seeds —
-# typically at the left, where target data are scarcest.
+# where its curve lies above the scratch curve by more than the spread between seeds. The literature
+# expects that on the left, where target data are scarcest; whether this run shows it is for the
+# verdicts of section 9, per number of slices. A rise measured from a Dice of about 0 (a method that
+# found nothing with the fewest slices) is simply the Dice with all slices: the print gives both ends.
 
 # %%
 fig = transfer.plot_learning_curve(curve, metric="dice")
@@ -300,10 +306,11 @@ summary = transfer.summarize_curve(curve)
 assert len(summary) == len(on_curve) * len(SIZES.shots) + len(at_all) and (summary["seeds"] == len(SEEDS)).all()
 at_all_shots = summary[summary["shots"] == n_all].set_index("method")["mean"]
 fewest = summary["shots"].min()
-rises = {m: at_all_shots[m] - summary[(summary.method == m) & (summary.shots == fewest)]["mean"].item()
-         for m in SIZES.curve_methods}
+at_fewest = summary[summary["shots"] == fewest].set_index("method")["mean"]
+rises = {m: at_all_shots[m] - at_fewest[m] for m in SIZES.curve_methods}
 print(f"best schedule with all {n_all} slices: {at_all_shots.idxmax()} (mean Dice {at_all_shots.max():.3f}); "
-      "rise from the fewest to all slices: " + ", ".join(f"{m} {v:+.3f}" for m, v in rises.items()))
+      f"rise from {fewest} to all {n_all} slices: "
+      + ", ".join(f"{m} {v:+.3f} ({at_fewest[m]:.3f} → {at_all_shots[m]:.3f})" for m, v in rises.items()))
 # Quick-profile floors: the best schedule learns the infarcts (>= 0.4) and more slices help every curve.
 assert not CHECK_LEARNING or (at_all_shots.max() >= 0.4 and all(v > 0 for v in rises.values()))
 report.record(best_schedule=at_all_shots.idxmax(), best_schedule_dice=at_all_shots.max(),
@@ -450,14 +457,17 @@ if SIZES.ctich_source and ctich_path is not None:
 # The verdicts below are computed from this run, not written in advance. A method "helped" at a
 # given number of slices only if it beat scratch **for every seed** (same slices, same
 # augmentation) and by at least 0.02 Dice on average; otherwise the honest answer is "no clear
-# difference" (or "hurt"). Two seeds are a small sample: this describes these runs, it does not
-# test a hypothesis (notebook 06 does that properly).
+# difference" (or "hurt"). Where neither the transfer run nor scratch reached a mean Dice of
+# `transfer.LEARNED_DICE` (0.1), there is no verdict: two networks that found nothing differ by noise.
+# Two seeds are a small sample: this describes these runs, it does not test a hypothesis (notebook 06
+# does that properly).
 
 # %%
 effects = pd.concat([transfer.transfer_effect(curve, name).assign(schedule=name) for name in SCHEDULES],
                     ignore_index=True)
 words = {"helped": "helped", "hurt": "hurt", "no clear difference": "made no clear difference",
-         "one seed: cannot tell": "cannot be judged from one seed"}
+         "one seed: cannot tell": "cannot be judged from one seed",
+         "neither learned: cannot judge": "cannot be judged: neither it nor scratch learned"}
 for row in effects.itertuples():
     print(f"{row.schedule:>8s}, {row.shots:3d} slices: transfer {words[row.verdict]} "
           f"(Dice {row.method_mean:.3f} vs scratch {row.baseline_mean:.3f}, paired difference "
@@ -473,25 +483,26 @@ first_loss = {name: np.mean([RunFolder.open(r).history["loss"].iloc[0]
               for name in methods}
 ahead = [name for name in SCHEDULES if first_loss[name] < first_loss["scratch"]]
 best = summary.loc[summary["mean"].idxmax()]
-helped = sorted({r.schedule for r in effects.itertuples() if r.verdict == "helped"})
-hurt = sorted({r.schedule for r in effects.itertuples() if r.verdict == "hurt"})
+named = {v: [f"{r.schedule} at {r.shots} slices" for r in effects.itertuples() if r.verdict == v] for v in words}
+helped, hurt = named["helped"], named["hurt"]
 
 # %% [markdown]
 # The verdict in words, by fixed rules: first whether any method learned at all (a best mean Dice of
-# at least 0.1), then whether any schedule helped or hurt.
+# at least `transfer.LEARNED_DICE`), then where a schedule helped or hurt, and where no verdict was possible.
 
 # %%
-if best["mean"] < 0.1:
-    verdict = (f"No method reached a mean Dice of 0.1 (best: {best['method']} with {best['shots']} slices, "
-               f"{best['mean']:.3f}): the networks have barely begun to find infarcts, so these verdicts say "
-               "more about noise than about transfer.")
+if best["mean"] < transfer.LEARNED_DICE:
+    verdict = (f"No method reached a mean Dice of {transfer.LEARNED_DICE} (best {best['mean']:.3f}): the networks "
+               "have barely begun to find infarcts, so these verdicts say more about noise than about transfer.")
 elif not helped and not hurt:
     verdict = ("Pretraining on hemorrhages did not help here: no schedule beat training from scratch "
                "consistently across seeds at any number of slices.")
 else:
     verdict = (f"Pretraining on hemorrhages helped with: {', '.join(helped) or 'no schedule'}; "
-               f"it hurt with: {', '.join(hurt) or 'no schedule'} (each at some number of slices, see above).")
-if 0.1 <= best["mean"] < 0.3:
+               f"it hurt with: {', '.join(hurt) or 'no schedule'}.")
+if named["neither learned: cannot judge"]:
+    verdict += f" No verdict where neither learned: {', '.join(named['neither learned: cannot judge'])}."
+if transfer.LEARNED_DICE <= best["mean"] < 0.3:
     verdict += (f" Keep in mind that every Dice here is low (best {best['mean']:.3f}): {BASE.num_epochs} epochs "
                 "have only begun to find infarcts, so this run shows how to make the comparison more than it "
                 "settles it.")
@@ -509,16 +520,18 @@ assert all(np.isfinite(v) for v in first_loss.values()) and 0.0 <= best["mean"] 
 # **How to read this.** The verdict above is the result; the points below are the reasons it can
 # come out either way. Transfer from hemorrhage to infarct *can* help: the pretrained encoder
 # has already learned the head's anatomy (skull, ventricles, sulci) on other patients, which may
-# give fine-tuning a head start (compare the first-epoch losses and the loss curves of section 4),
-# and with only a handful of target slices a head start may still show in the final Dice. It can
-# also fail to help, or hurt:
+# give fine-tuning a head start. Whether it did here is printed above: the schedules whose first-epoch
+# training loss was below scratch's (see also the loss curves of section 4), and the verdict at the
+# fewest slices, where a head start would matter most. It can also fail to help, or hurt:
 #
 # - the lesions have **opposite contrast** (blood is bright, an infarct is dark), so the source
-#   network's lesion detectors are of little use — its zero-shot Dice on the target shows this;
+#   network's lesion detectors may be of little use — its zero-shot Dice on the target (section 3) tests this;
 # - a **frozen** encoder can only recombine features learned for bright blobs; if the infarct needs
 #   new low-level features, only schedules that unfreeze the encoder can learn them;
-# - with enough target slices and epochs, training from scratch catches up, and the curves meet on the
-#   right of the learning curve;
+# - with enough target slices and epochs, training from scratch can catch up, and the curves meet on
+#   the right of the learning curve;
+# - with too few slices or epochs, *neither* network may learn: then there is nothing to compare, and the
+#   verdict says so instead of calling a gap between two failures "helped" or "hurt";
 # - the gap between methods has to be compared with the spread between seeds: with two or three
 #   seeds, differences of a few hundredths of Dice are within noise.
 #

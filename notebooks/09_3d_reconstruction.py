@@ -87,7 +87,7 @@ print(PROFILE.name, TRAIN)
 # (e.g. notebook 04's `runs/04_unet_vs_resunet/single`, trained on the same split) to reuse a model
 # instead. A volume adds up the outline of every slice, so here the quick profile trains at 96 px rather
 # than its usual 64 px: the phantom's slices are 128 px, and at 64 px each outline pixel is 3.6 mm wide.
-# With 42 training slices a network still depends on its seed: step 5 prints this seed's figures;
+# With a few dozen training slices a network still depends on its seed: step 5 prints this seed's figures;
 # `benchmarks/recon3d_log.md` (2026-12-05) gives five seeds at 64, 96 and 128 px.
 # The run folder written here is also offered by the app (`notebooks/app.ipynb`).
 
@@ -131,7 +131,7 @@ assert spacing[0] > spacing[1] and volume.hu.shape == truth.shape == volume.brai
 area_mm2 = truth.reshape(len(truth), -1).sum(axis=1) * np.prod(volume.spacing)
 fig, ax = plt.subplots(figsize=(8, 2.8))
 ax.bar(np.arange(len(area_mm2)), area_mm2, color="tab:green", alpha=0.6, label="reference")
-ax.set(xlabel="slice (skull base → vertex)", ylabel="lesion area (mm²)",
+ax.set(xlabel="slice index (0-based, skull base → vertex)", ylabel="lesion area (mm²)",
        title=f"{volume.patient_id}: Σ area × {volume.slice_thickness:.0f} mm = "
              f"{area_mm2.sum() * volume.slice_thickness / 1000:.2f} mL")
 ax.legend()
@@ -196,6 +196,13 @@ assert (abs(table.loc["cleaned", "volume (mL)"] - true_ml)
 assert table.loc["cleaned", "Dice vs reference"] > table.loc["with specks and holes", "Dice vs reference"]
 
 # %% [markdown]
+# Read the reference's own row too: the phantom patient has one lesion, yet its mask can count more
+# than one connected component. A lobulated lesion sampled every few millimetres, or a mask resized and
+# thresholded, can leave small pieces that touch the main body in no neighbouring voxel. A lesion-wise
+# score (lesion-wise F1, notebook 06) counts each piece as a lesion of its own, so fragments lower it
+# even where every voxel is right. Cleaning drops the pieces smaller than `MIN_LESION_ML`, which is why
+# the cleaned mask can have fewer components than the reference.
+#
 # Now the model's own prediction, cleaned the same way.
 
 # %%
@@ -235,7 +242,7 @@ pred_mm2 = cleaned.reshape(len(cleaned), -1).sum(axis=1) * np.prod(volume.spacin
 fig, ax = plt.subplots(figsize=(8, 2.8))
 ax.bar(np.arange(len(area_mm2)), area_mm2, color="tab:green", alpha=0.6, label="reference")
 ax.plot(np.arange(len(pred_mm2)), pred_mm2, "o-", color="tab:red", label="cleaned prediction")
-ax.set(xlabel="slice (skull base → vertex)", ylabel="lesion area (mm²)",
+ax.set(xlabel="slice index (0-based, skull base → vertex)", ylabel="lesion area (mm²)",
        title=f"predicted {volumes.loc['cleaned', 'predicted_ml']:.2f} mL vs reference {true_ml:.2f} mL")
 ax.legend()
 plt.show()
@@ -244,7 +251,8 @@ assert np.isclose(pred_mm2.sum() * volume.slice_thickness / 1000, volumes.loc["c
 # %% [markdown]
 # ## 6. The lesion as a surface
 # Marching cubes turns a voxel mask into a triangle surface, in mm when it is given the spacing
-# (otherwise a 5 mm slice would look as thin as a 0.9 mm pixel). The figure draws the skull (from
+# (otherwise a slice, several times thicker than a pixel is wide — step 2 prints the voxel — would be
+# drawn as thin as a pixel). The figure draws the skull (from
 # the CT: voxels above 300 HU) and the brain translucent, the cleaned prediction in red, and the
 # reference as a green wireframe.
 
@@ -261,7 +269,9 @@ display(fig3d)
 # ## 7. Scroll through the slices
 # The 3-D view and the slices tell different things: the surface shows shape and position, the slices
 # show where the prediction and the reference (dashed green) disagree. Move the slider (it needs a
-# running kernel); below it, the slice where they disagree most.
+# running kernel); below it, the slice where they disagree most. The slider and the area plots count
+# slices from 0, as Python indexes them; the slice pictures' titles and the line printed below count
+# from 1 ("slice k/N" is index k − 1).
 
 # %%
 def show_slice(index):
@@ -278,7 +288,7 @@ display(widgets.HBox([widgets.Image(value=png.getvalue(), format="png", width=44
 disagreement = (cleaned != truth).reshape(len(truth), -1).sum(axis=1)
 worst = int(np.argmax(disagreement))
 display(recon3d.plot_volume_slice(volume.hu, cleaned, truth, worst))
-print(f"slice {worst + 1}: {disagreement[worst]} pixels differ")
+print(f"slice {worst + 1}/{len(truth)} (index {worst}): {disagreement[worst]} pixels differ")
 assert disagreement[worst] == disagreement.max() and 0 <= worst < len(truth)
 
 # %% [markdown]
@@ -330,6 +340,15 @@ if ctich is not None:
     assert not CHECK_LEARNING or real_report["dice_3d"] >= 0.3
 
 # %% [markdown]
+# Compare the predicted and the reference volume in the line above. Where the prediction is far larger,
+# look for false positives: thresholded slice by slice, this model also marks brain that is merely brighter
+# than its three training patients' brain, on slices without any blood — mostly at the skull base and the
+# vertex, where `benchmarks/fewshot_log.md` (session 7, 2026-12-05, "Whole scans") found most of the
+# default recipe's. Cleaning in 3-D removes only pieces smaller than `MIN_LESION_ML`. In the figure below
+# such false positives are red surfaces away from the green wireframe. Notebook 10, section 3c, adds the
+# brightness floor that the app applies to whole scans: a component is kept only if it is brighter than
+# the brain on its own slices.
+#
 # This patient's figures are recorded, and the reconstruction drawn in 3-D: the cleaned prediction in red,
 # the reference as a green wireframe.
 

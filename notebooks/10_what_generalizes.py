@@ -131,7 +131,7 @@ if HAVE_DATA:
 # prior away (section 4 measures where the models of this run paint). Step 4 gives the network the threshold
 # map of section 2 and a narrow "blood window" as extra channels. Step 5 changes nothing in training: it
 # restricts the prediction to the brain, averages it with the prediction of the mirrored slice, and takes the
-# threshold that is best on patient 66.
+# threshold that is best on patient 66 (if one is: see the note after the training cell).
 
 # %%
 if HAVE_DATA:
@@ -148,16 +148,23 @@ if HAVE_DATA:
             result = fs.evaluate_protocol(pred, test_data)
             models[(k, seed)], per_patient[(k, seed)] = fitted, fs.patient_dice(pred, test_data)
             rows.append(dict(step=label, seed=seed, val_dice=fitted.val_dice, threshold=fitted.threshold,
-                             train_s=fitted.seconds, **result))
+                             flat_val=fitted.threshold_flat, train_s=fitted.seconds, **result))
 
 # %% [markdown]
 # One row per step and seed: validation Dice, the threshold chosen on patient 66, the training time, and the
-# test scores.
+# test scores. A threshold is only "chosen" if the validation curve has a peak: when a network finds no lesion
+# pixel of patient 66 at any candidate (likely at 64 px, where a bleed is a few pixels), every candidate scores
+# the same, and the "tuned" threshold is merely the first (lowest) one. The cell below names such runs. Step 5
+# can then do worse on test than step 4, which it only adds after-training decisions to: its threshold was not
+# informed by validation, and a low one paints more.
 
 # %%
 if HAVE_DATA:
     runs = pd.DataFrame(rows)
     print(f"{len(runs)} runs in {time.perf_counter() - started:.0f} s")
+    for r in runs[runs["flat_val"]].itertuples():   # fs.FittedRecipe.threshold_flat
+        print(f"NB step {r.step.split(' ', 1)[0]}, seed {r.seed}: validation Dice {r.val_dice:.3f} at every candidate "
+              f"threshold, so its 'tuned' threshold {r.threshold:g} is only the first candidate, not a choice")
     assert len(runs) == len(STEPS) * len(SEEDS) and runs["per_patient_dice"].between(0, 1).all()
 
 # %%
@@ -248,9 +255,9 @@ if HAVE_DATA:
     print({k: round(v, 3) for k, v in figures.items()})
     # the table's mean and the paired view's patients are the same predictions
     assert np.isclose(np.mean(list(ours_pp.values())), figures["kit_default_pp_dice"])
-    # learned checks: the default beats the study's recipe, and the study's recipe does not reach the threshold
-    # (not asserted: default vs threshold — at 64 px the threshold can win; see the markdown above)
-    assert not CHECK_LEARNING or figures["kit_default_pp_dice"] > figures["study_pp_dice"]
+    # learned: the default scores >= 0.05 (0.109 in every quick run) and beats the study's recipe, which does not
+    # reach the threshold (not asserted: default vs threshold — at 64 px the threshold can win; see above)
+    assert not CHECK_LEARNING or figures["kit_default_pp_dice"] >= max(0.05, figures["study_pp_dice"] + 0.01)
     assert not CHECK_LEARNING or figures["study_pp_dice"] < figures["threshold_pp_dice"]
 
 # %% [markdown]
@@ -568,3 +575,5 @@ if HAVE_DATA:
 #   default's 256 px; the benchmark (section 6) found the network ahead only at 256 px.
 # - Specificity near 1 is what "predict nothing" scores, and what painting several times the true area can
 #   still score; report Dice per patient, with its spread over seeds.
+#
+# **Next →** [App · Upload and segment](app.ipynb)

@@ -258,7 +258,7 @@ def train_demo_model():
 # %%
 def on_demo(button) -> None:
     demo_btn.disabled = True
-    say(f"Training a small demo model into {DEMO_RUN} (about a minute) ...", busy=True)
+    say(f"Training a small demo model into {DEMO_RUN} (this message changes when it is done) ...", busy=True)
     try:
         folder = train_demo_model()
         refresh_models(select=str(folder))
@@ -304,7 +304,8 @@ display(dashboard)
 #
 # **Runtime**: a few seconds per upload on a laptop CPU (one 512² slice in about a second, a 40-slice
 # volume in a few seconds: `benchmarks/bench_app.py`). Without any trained model, the button trains a
-# small demo model on the phantom (about a minute in the quick profile).
+# small demo model on the phantom with the profile's recipe: a short training run, the one wait in the
+# app that is longer than an upload.
 #
 # **Start it**: `make app` (it runs `tools/serve_app.sh`: Voila on 127.0.0.1, port 8866, with the
 # settings in `tools/app_server/voila.py`) and open http://127.0.0.1:8866 — only this computer can
@@ -339,7 +340,7 @@ display(dashboard)
 # *for CT*: the few-shot run with the best test Dice on CT patients, else the phantom model with the
 # best validation Dice — a phantom model finds phantom lesions, not real ones. If there is no model,
 # the button trains a small demo model on the phantom; outside Voila (JupyterLab, CI) the next cell
-# trains it by itself (about 15 s) and checks that it finds the phantom's lesions, so that the
+# trains it by itself (the same short run) and checks that it finds the phantom's lesions, so that the
 # self-test below has a model that learned.
 
 # %%
@@ -406,4 +407,4 @@ if not IN_VOILA:
 # - Uploads are checked by extension *and* content, read in a private folder under `runs/`, and deleted.
 # - Areas need the pixel size, volumes also the slice spacing; PNG files carry neither.
 #
-# **Back →** [09 · 3-D reconstruction](09_3d_reconstruction.ipynb)
+# **Back →** [10 · What generalizes](10_what_generalizes.ipynb)

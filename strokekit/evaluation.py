@@ -33,6 +33,7 @@ __all__ = [
     "error_overlay",
     "find_runs",
     "paired_comparison",
+    "patient_dice_table",
     "per_patient_dice",
     "plot_error_overlays",
     "plot_metric_boxes",
@@ -40,6 +41,7 @@ __all__ = [
     "specificity_illusion",
     "study_table",
     "threshold_sweep",
+    "versus_baseline",
     "whole_scan_summary",
     "whole_scans",
 ]
@@ -276,6 +278,77 @@ def compare_patients(method: dict[str, float], baseline: dict[str, float], draws
     wins = int((diff > 1e-12).sum())
     return dict(n=len(diff), wins=wins, ties=ties, losses=len(diff) - wins - ties,
                 mean_difference=float(diff.mean()), ci_low=float(low), ci_high=float(high))
+
+
+def patient_dice_table(slices, by: str = "model"):
+    """Each model's Dice per patient from a per-slice table: a patient's pixels pooled (per seed),
+    then averaged over the model's seeds.
+
+    Introduced in notebooks/06_evaluation.ipynb.
+
+    Args:
+        slices: rows of :func:`strokekit.metrics.segmentation_report` with columns ``by``, ``seed``,
+            ``patient_id`` and the confusion counts ``tp``, ``fp``, ``fn``, ``tn``.
+        by: column naming the model.
+
+    Returns:
+        DataFrame, one row per patient (sorted), one column per model (in order of appearance).
+
+    Raises:
+        ValueError: a column missing.
+    """
+    import pandas as pd
+
+    needed = (by, "seed", "patient_id", "tp", "fp", "fn", "tn")
+    missing = [c for c in needed if c not in slices.columns]
+    if missing:
+        raise ValueError(f"columns {missing} not in the table; columns are {list(slices.columns)}")
+    counts = slices.groupby([by, "seed", "patient_id"])[["tp", "fp", "fn", "tn"]].sum()
+    dice = pd.Series(metrics_from_counts(*counts.to_numpy().T)["dice"], index=counts.index)
+    table = dice.groupby(level=[by, "patient_id"]).mean().unstack(by)  # mean over seeds
+    return table[list(dict.fromkeys(slices[by]))]
+
+
+def versus_baseline(dice_by_patient, models: Sequence[str], baseline: str, groups: Any = None):
+    """Does each model beat the baseline on the mean of patients' Dice — on all patients and per group?
+
+    A model chosen on validation patients of one kind (e.g. hemorrhages only) can lose to a simple
+    baseline on another kind it was never judged on; splitting by ``groups`` (e.g. lesion type)
+    shows it. A tie does not beat.
+
+    Introduced in notebooks/06_evaluation.ipynb.
+
+    Args:
+        dice_by_patient: :func:`patient_dice_table` (patients × models).
+        models: the models to judge.
+        baseline: the baseline's column.
+        groups: optional ``{patient: label}`` (dict or Series); patients without a label count in
+            ``"all"`` only.
+
+    Returns:
+        DataFrame, per model ``"all"`` first and then each group (sorted): ``model``, ``patients``
+        (``"all"`` or the label), ``n_patients``, ``dice``, ``baseline_dice``, ``difference``,
+        ``beats``.
+
+    Raises:
+        ValueError: a model or the baseline not among the columns.
+    """
+    import pandas as pd
+
+    for name in (*models, baseline):
+        if name not in dice_by_patient.columns:
+            raise ValueError(f"{name!r} is not a column; columns are {list(dice_by_patient.columns)}")
+    labels = {} if groups is None else {p: str(g) for p, g in dict(groups).items() if p in dice_by_patient.index}
+    subsets = [("all", list(dice_by_patient.index))]
+    subsets += [(g, [p for p in dice_by_patient.index if labels.get(p) == g]) for g in sorted(set(labels.values()))]
+    rows = []
+    for model in models:
+        for label, patients in subsets:
+            dice = float(dice_by_patient.loc[patients, model].mean())
+            base = float(dice_by_patient.loc[patients, baseline].mean())
+            rows.append(dict(model=model, patients=label, n_patients=len(patients), dice=dice,
+                             baseline_dice=base, difference=dice - base, beats=bool(dice > base)))
+    return pd.DataFrame(rows)
 
 
 # --------------------------------------------------------------------------- thresholds

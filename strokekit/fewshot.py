@@ -506,6 +506,10 @@ class FittedRecipe:
         val_dice: per-patient Dice on the validation slices at ``threshold``.
         band: the threshold-in-brain band of the candidate channel (None without one).
         models: every member whose probabilities are averaged (``(model,)`` for one network).
+        threshold_flat: the threshold was tuned on validation (``tune_threshold``) but every
+            candidate gave the same validation Dice (e.g. 0 at all of them: no lesion pixel found
+            at any threshold), so the "tuned" threshold is only the first candidate, not a choice
+            the validation data informed (:func:`threshold_scores`).
     """
 
     model: Any
@@ -518,6 +522,7 @@ class FittedRecipe:
     val_dice: float
     band: dict[str, float] | None = None
     models: tuple = ()
+    threshold_flat: bool = False
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -670,6 +675,33 @@ def _pp_dice(prob: np.ndarray, truth: np.ndarray, pids: Sequence[Any], threshold
     return float(np.mean(per_patient_dice(slice_confusion(truth > 0, prob >= threshold), pids)[1]))
 
 
+def threshold_scores(prob: np.ndarray, truth: np.ndarray, patient_ids: Sequence[Any],
+                     thresholds: Sequence[float]) -> np.ndarray:
+    """The per-patient Dice at each candidate threshold: the curve :func:`best_threshold` maximises.
+
+    A curve that is the same at every candidate (``np.ptp(scores) == 0``; typically 0 everywhere,
+    when a network finds no lesion pixel of the validation slices at any threshold) informs no
+    choice: its "best" threshold is only the first candidate (:attr:`FittedRecipe.threshold_flat`).
+
+    Introduced in notebooks/10_what_generalizes.ipynb.
+
+    Args:
+        prob: probabilities (N, H, W).
+        truth: true masks (N, H, W).
+        patient_ids: patient of each slice.
+        thresholds: candidates, in order.
+
+    Returns:
+        float array, one per-patient Dice per candidate.
+
+    Raises:
+        ValueError: no candidate.
+    """
+    if not len(thresholds):
+        raise ValueError("thresholds must hold at least one candidate")
+    return np.array([_pp_dice(prob, truth, patient_ids, float(t)) for t in thresholds])
+
+
 def best_threshold(prob: np.ndarray, truth: np.ndarray, patient_ids: Sequence[Any],
                    thresholds: Sequence[float]) -> tuple[float, float]:
     """The candidate threshold with the highest per-patient Dice (ties: the first candidate).
@@ -685,9 +717,7 @@ def best_threshold(prob: np.ndarray, truth: np.ndarray, patient_ids: Sequence[An
     Returns:
         (threshold, its per-patient Dice).
     """
-    if not len(thresholds):
-        raise ValueError("thresholds must hold at least one candidate")
-    scores = [_pp_dice(prob, truth, patient_ids, float(t)) for t in thresholds]
+    scores = threshold_scores(prob, truth, patient_ids, thresholds)
     k = int(np.argmax(scores))
     return float(thresholds[k]), float(scores[k])
 
@@ -749,13 +779,13 @@ def fit_recipe(
                         band, *val_inputs[:2], model, progress) for k in range(recipe.n_models)]
     results = [result for result, _ in fits]
     members = tuple(result.model for result in results)
-    threshold, val_dice = _decide(recipe, members, val_data, band, val_inputs)
+    threshold, val_dice, flat = _decide(recipe, members, val_data, band, val_inputs)
     seconds = float(sum(r.seconds for r in results))
     rate = float(np.mean([r.images_per_second for r in results]))
     if recipe.patch_size:  # crops per second -> whole slices' worth of pixels per second
         rate *= (recipe.patch_size / config.image_size) ** 2
     return FittedRecipe(members[0], recipe, threshold, results[0].history, seconds, rate,
-                        len(fits[0][1]), val_dice, band, members)
+                        len(fits[0][1]), val_dice, band, members, threshold_flat=flat)
 
 
 def _fit_member(recipe: FewShotRecipe, config: TrainConfig, train_data: SliceDataset, band: dict[str, float] | None,
@@ -803,7 +833,8 @@ def redecide(fitted: FittedRecipe, val_data: SliceDataset, **changes: Any) -> Fi
         **changes: new values of fields in :data:`POSTHOC_FIELDS`.
 
     Returns:
-        A new :class:`FittedRecipe` sharing the model, with threshold and ``val_dice`` recomputed.
+        A new :class:`FittedRecipe` sharing the model, with threshold, ``val_dice`` and
+        ``threshold_flat`` recomputed.
 
     Raises:
         ValueError: a field that needs retraining (or no field of the recipe at all).
@@ -812,21 +843,24 @@ def redecide(fitted: FittedRecipe, val_data: SliceDataset, **changes: Any) -> Fi
     if wrong:
         raise ValueError(f"Expected fields among {list(POSTHOC_FIELDS)}. Received: {wrong} (they need training)")
     recipe = dataclasses.replace(fitted.recipe, **changes)
-    threshold, val_dice = _decide(recipe, fitted.models, val_data, fitted.band)
-    return dataclasses.replace(fitted, recipe=recipe, threshold=threshold, val_dice=val_dice)
+    threshold, val_dice, flat = _decide(recipe, fitted.models, val_data, fitted.band)
+    return dataclasses.replace(fitted, recipe=recipe, threshold=threshold, val_dice=val_dice, threshold_flat=flat)
 
 
 def _decide(recipe: FewShotRecipe, members: Sequence[Any], val_data: SliceDataset, band: dict[str, float] | None,
-            inputs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> tuple[float, float]:
-    """The threshold (chosen on the validation slices with ``tune_threshold``, else the config's) and
-    the validation per-patient Dice at it; ``inputs``: :func:`_model_inputs` of ``val_data`` if known."""
+            inputs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> tuple[float, float, bool]:
+    """The threshold (chosen on the validation slices with ``tune_threshold``, else the config's), the
+    validation per-patient Dice at it, and whether a tuned threshold met a flat validation curve
+    (:attr:`FittedRecipe.threshold_flat`); ``inputs``: :func:`_model_inputs` of ``val_data`` if known."""
     x_val, y_val, brains = _model_inputs(recipe, val_data, band) if inputs is None else inputs
     prob = _predict_prob(members, recipe, x_val, brains)
     pids = val_data.patient_ids or ["val"] * len(val_data)
     if recipe.tune_threshold:
-        return best_threshold(prob, y_val, pids, recipe.thresholds)
+        scores = threshold_scores(prob, y_val, pids, recipe.thresholds)
+        k = int(np.argmax(scores))
+        return float(recipe.thresholds[k]), float(scores[k]), bool(np.ptp(scores) <= 1e-12)
     threshold = float(recipe.config.threshold)
-    return threshold, _pp_dice(prob, y_val, pids, threshold)
+    return threshold, _pp_dice(prob, y_val, pids, threshold), False
 
 
 def predict_recipe(
@@ -954,7 +988,8 @@ def save_fitted(fitted: FittedRecipe, folder: str | os.PathLike, trained_on: str
     """
     run = RunFolder.create(folder, "fewshot", fitted.recipe.config, overwrite=overwrite)
     info = dict(kind="few-shot", recipe=to_dict(fitted.recipe), threshold=float(fitted.threshold),
-                band=fitted.band, val_dice=float(fitted.val_dice), n_train=int(fitted.n_train),
+                band=fitted.band, val_dice=float(fitted.val_dice), threshold_flat=bool(fitted.threshold_flat),
+                n_train=int(fitted.n_train),
                 seconds=float(fitted.seconds), members=len(fitted.models), trained_on=str(trained_on),
                 scores=dict(scores or {}))
     run.write_json(FEWSHOT_FILE, info)  # before the models: a listed model always has its recipe
@@ -986,7 +1021,7 @@ def load_fitted(folder: str | os.PathLike) -> FittedRecipe:
     models = tuple(load_model(run.model_file(k)) for k in range(members))
     return FittedRecipe(models[0], recipe, threshold, None, float(info.get("seconds", 0.0)),
                         float("nan"), int(info.get("n_train", 0)), float(info.get("val_dice", float("nan"))),
-                        info.get("band"), models)
+                        info.get("band"), models, threshold_flat=bool(info.get("threshold_flat", False)))
 
 
 def profile_recipe(profile=None) -> FewShotRecipe:

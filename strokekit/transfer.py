@@ -55,6 +55,10 @@ CURVE_COLUMNS: tuple[str, ...] = (
 )
 """Columns :func:`learning_curve` always returns first (then ``patients``, ``best_epoch``, ``run_dir``)."""
 
+LEARNED_DICE: float = 0.1
+"""The mean Dice below which a network counts as not having learned (it finds hardly a lesion pixel).
+:func:`transfer_effect` gives no verdict where transfer and baseline both stay below it: a gap between
+two networks that found nothing is noise, not an effect of pretraining."""
 
 
 # --------------------------------------------------------------------------- freezing
@@ -899,15 +903,17 @@ def summarize_curve(table, metric: str = "dice"):
 
 
 def transfer_effect(table, method: str, baseline: str = "scratch", metric: str = "dice",
-                    min_difference: float = 0.02):
+                    min_difference: float = 0.02, learned: float = LEARNED_DICE):
     """Did ``method`` beat ``baseline``? Paired differences per number of shots, with a verdict.
 
     Runs with the same seed and shots saw the same slices, loader order and augmentation, so
     they are compared pairwise: ``d = metric(method) - metric(baseline)`` per seed. The
     verdict is ``"helped"`` when every seed improved and the mean gain is at least
     ``min_difference``, ``"hurt"`` in the mirror case, else ``"no clear difference"``; with a
-    single seed it is ``"one seed: cannot tell"``. This is a description of the seeds run
-    here, not a significance test (notebook 06 has those).
+    single seed it is ``"one seed: cannot tell"``. Where neither network learned (both means
+    below ``learned``) the verdict is ``"neither learned: cannot judge"``, whatever the seeds
+    say. This is a description of the seeds run here, not a significance test (notebook 06
+    has those).
 
     Introduced in notebooks/05_transfer_learning.ipynb.
 
@@ -917,6 +923,8 @@ def transfer_effect(table, method: str, baseline: str = "scratch", metric: str =
         baseline: the reference method.
         metric: the column compared.
         min_difference: smallest mean gain (or loss) that counts.
+        learned: the level (of ``metric``) both means must stay below for "neither learned"
+            (:data:`LEARNED_DICE`; 0 turns the rule off).
 
     Returns:
         DataFrame, one row per shots present for both methods: ``shots``, ``seeds``,
@@ -942,7 +950,9 @@ def transfer_effect(table, method: str, baseline: str = "scratch", metric: str =
         d = (part["method"] - part["baseline"]).to_numpy(float)
         n = len(d)
         mean = float(d.mean())
-        if n < 2:
+        if max(part["method"].mean(), part["baseline"].mean()) < learned:
+            verdict = "neither learned: cannot judge"
+        elif n < 2:
             verdict = "one seed: cannot tell"
         elif (d > 0).all() and mean >= min_difference:
             verdict = "helped"

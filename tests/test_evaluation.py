@@ -315,6 +315,39 @@ def test_per_patient_dice_pools_each_patients_pixels():
     np.testing.assert_allclose(dice, [1.0, 4 / 8])
 
 
+def test_patient_dice_table_pools_pixels_per_seed_then_averages_seeds():
+    rows = [  # model, seed, patient, tp, fp, fn, tn (one row per slice)
+        ("net", 0, "P1", 2, 1, 1, 10), ("net", 0, "P1", 0, 0, 2, 10), ("net", 1, "P1", 4, 0, 0, 10),
+        ("net", 0, "P2", 0, 3, 1, 10), ("net", 1, "P2", 1, 0, 1, 10),
+        ("base", 0, "P2", 1, 0, 0, 10), ("base", 0, "P1", 0, 0, 4, 10),
+    ]
+    slices = pd.DataFrame(rows, columns=["model", "seed", "patient_id", "tp", "fp", "fn", "tn"])
+    table = E.patient_dice_table(slices)
+    assert list(table.columns) == ["net", "base"] and list(table.index) == ["P1", "P2"]
+    # net P1: seed 0 pools 2 slices (tp 2, fp 1, fn 3) -> 4/8; seed 1 -> 1; mean over seeds
+    assert table.loc["P1", "net"] == pytest.approx((4 / 8 + 1.0) / 2)
+    assert table.loc["P2", "net"] == pytest.approx((0.0 + 2 / 3) / 2)
+    assert table["base"].tolist() == pytest.approx([0.0, 1.0])
+    with pytest.raises(ValueError, match="seed"):
+        E.patient_dice_table(slices.drop(columns="seed"))
+
+
+def test_versus_baseline_judges_all_patients_and_each_group():
+    table = pd.DataFrame({"net": [0.8, 0.6, 0.0, 0.1], "base": [0.5, 0.5, 0.2, 0.1]},
+                         index=["P1", "P2", "P3", "P4"])
+    kinds = {"P1": "hemorrhagic", "P2": "hemorrhagic", "P3": "ischemic", "P9": "ischemic"}  # P4: none, P9: absent
+    out = E.versus_baseline(table, ["net"], "base", groups=kinds)
+    assert out["patients"].tolist() == ["all", "hemorrhagic", "ischemic"]
+    assert out["n_patients"].tolist() == [4, 2, 1]
+    assert out["dice"].tolist() == pytest.approx([1.5 / 4, 0.7, 0.0])
+    assert out["baseline_dice"].tolist() == pytest.approx([1.3 / 4, 0.5, 0.2])
+    assert out["beats"].tolist() == [True, True, False]      # better overall, worse on the infarct
+    tie = E.versus_baseline(table.loc[["P4"]], ["net"], "base")
+    assert tie["patients"].tolist() == ["all"] and not tie["beats"].iloc[0]   # a tie does not beat
+    with pytest.raises(ValueError, match="'resnet' is not a column"):
+        E.versus_baseline(table, ["resnet"], "base")
+
+
 def test_whole_scan_summary_compares_the_thresholded_and_the_filtered_masks():
     import pandas as pd
 

@@ -421,6 +421,28 @@ def test_redecide_changes_decisions_not_the_model():
     assert flipped.threshold == 0.5 and flipped.val_dice == pytest.approx(2 * 4 / (4 + 16))  # 0.5 everywhere
     with pytest.raises(ValueError, match="need training"):
         fs.redecide(fitted, val, empty_ratio=1.0)
+    assert not tuned.threshold_flat and not flipped.threshold_flat  # flipped: not tuned at all
+
+
+def test_a_tuned_threshold_on_a_flat_validation_curve_is_flagged():
+    image = np.full((1, 16, 16), 255.0, np.float32)
+    truth = np.zeros((1, 16, 16), np.uint8)
+    truth[:, 4:8, :4] = 1
+    val = SliceDataset(images=image, masks=truth, case_ids=["0"], patient_ids=["p"], unit="display")
+    recipe = fs.FewShotRecipe(config=TrainConfig(image_size=16, filters=(4, 8)), brain_dilation=0)
+    blind = fs.FittedRecipe(_Constant(0.05), recipe, 0.5, None, 1.0, 1.0, 0, 0.0)  # below every candidate
+    flat = fs.redecide(blind, val, tune_threshold=True, thresholds=(0.3, 0.1, 0.5))
+    assert flat.threshold == 0.3 and flat.val_dice == 0.0 and flat.threshold_flat  # the first candidate
+    assert not fs.redecide(blind, val, tune_threshold=False).threshold_flat        # a fixed threshold: no tuning
+    informed = fs.redecide(dataclasses.replace(blind, models=(_LeftBright(),)), val, tune_threshold=True,
+                           thresholds=(0.3, 0.1, 0.5))
+    assert not informed.threshold_flat and informed.val_dice > 0.0
+    prob = np.linspace(0.0, 1.0, 16, dtype=np.float32)[None, None, :].repeat(16, axis=1)
+    scores = fs.threshold_scores(prob, truth, ["p"], (0.2, 0.99, 1.5))
+    assert scores.shape == (3,) and scores[0] > 0.0 and scores[1] == scores[2] == 0.0
+    assert fs.best_threshold(prob, truth, ["p"], (0.2, 0.99, 1.5)) == (0.2, float(scores[0]))
+    with pytest.raises(ValueError, match="at least one"):
+        fs.threshold_scores(prob, truth, ["p"], ())
 
 
 def test_ablation_recipes_change_one_lever_at_a_time():
@@ -528,6 +550,9 @@ def test_save_and_load_a_fitted_recipe_round_trip(tmp_path, tiny_recipe):
     assert fewshot_run_info(folder)["trained_on"] == "fake CT-ICH 49/50/51"
     back = fs.load_fitted(folder)
     assert back.recipe == fitted.recipe and back.threshold == fitted.threshold and back.band == fitted.band
+    assert back.threshold_flat == fitted.threshold_flat
+    flat = fs.save_fitted(dataclasses.replace(fitted, threshold_flat=True), tmp_path / "flat", trained_on="x")
+    assert fs.load_fitted(flat).threshold_flat
     np.testing.assert_allclose(fs.predict_recipe(back, val, probabilities=True),
                                fs.predict_recipe(fitted, val, probabilities=True), atol=1e-5)
     with pytest.raises(FileExistsError, match="overwrite"):

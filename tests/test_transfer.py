@@ -458,6 +458,26 @@ def test_transfer_effect_pairs_seeds_and_only_claims_consistent_gains():
         transfer.transfer_effect(pd.DataFrame(rows), "imagenet")
 
 
+def test_transfer_effect_gives_no_verdict_where_neither_network_learned():
+    import pandas as pd
+
+    rows = []
+    # 2 shots: both below LEARNED_DICE, scratch ahead in every seed; 8 shots: the same gap, both learned
+    for shots, scratch, transfer_ in [(2, (0.035, 0.034), (0.0, 0.0)), (8, (0.535, 0.534), (0.5, 0.5))]:
+        for seed in range(2):
+            rows.append({"method": "scratch", "shots": shots, "seed": seed, "dice": scratch[seed]})
+            rows.append({"method": "transfer", "shots": shots, "seed": seed, "dice": transfer_[seed]})
+    effect = transfer.transfer_effect(pd.DataFrame(rows), "transfer")
+    assert transfer.LEARNED_DICE == 0.1
+    assert list(effect["verdict"]) == ["neither learned: cannot judge", "hurt"]
+    assert effect["mean_difference"].iloc[0] == pytest.approx(-0.0345)   # the numbers are still reported
+    # one side above the level is enough for a verdict; learned=0 turns the rule off
+    rows[0]["dice"] = rows[2]["dice"] = 0.2
+    assert transfer.transfer_effect(pd.DataFrame(rows), "transfer")["verdict"].iloc[0] == "hurt"
+    rows[0]["dice"], rows[2]["dice"] = 0.035, 0.034
+    assert transfer.transfer_effect(pd.DataFrame(rows), "transfer", learned=0.0)["verdict"].iloc[0] == "hurt"
+
+
 @pytest.mark.backend
 def test_training_batches_all_have_the_batch_size_and_cover_every_slice():
     from strokekit.augment import SegmentationLoader
