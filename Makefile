@@ -30,9 +30,10 @@ run: install
 
 # `make test` runs two things at a time (on the 2-core development machine, 2026-12-05: 22.6 min against
 # 25.9 min one after the other): the unit tests beside the JAX pass (separate processes, every file under
-# tmp_path), then two crossed streams of notebooks, the quick chain A followed by the smoke chain B beside the quick chain B
-# followed by the smoke chain A (the smoke profile has its own data and runs, see test-smoke), then the app
-# notebook in both profiles. `make test-notebooks` and `make test-smoke` run each profile on its own.
+# tmp_path), then two crossed streams of notebooks, the quick chain A followed by the smoke chain B beside
+# the quick chain B followed by the smoke chain A (the smoke profile has its own data and runs, see
+# test-smoke), then the app notebook in both profiles. `make test-notebooks` and `make test-smoke` run each
+# profile on its own.
 NBVAL = $(PY) -m pytest $(NBVAL_OPTS)
 test: install
 	$(MAKE) --no-print-directory lint
