@@ -388,7 +388,9 @@ if HAVE_DATA:
     for ax, img, title in zip(axes, [test_data.masks.mean(0), prob_study.mean(0), prob_ours.mean(0)],
                               ["where the test patients bled", f"{shown['study recipe']}\nmean probability",
                                f"{shown['kit default']}\nmean probability"]):
-        im = ax.imshow(img, cmap="magma")
+        im = ax.imshow(img, cmap="magma", vmin=0, vmax=max(float(img.max()), 0.01))  # an empty map stays black
+        if img.max() < 0.01:   # a network that marks nothing: say so rather than show a flat colour scale
+            title += f"\n(below 0.01 everywhere: it marks almost nothing; max {img.max():.1e})"
         ax.set_title(title, fontsize=9)
         ax.set_axis_off()
         fig.colorbar(im, ax=ax, fraction=0.046)
@@ -465,6 +467,9 @@ if HAVE_DATA:
 #   most of a huge background alone, so unless it paints a large part of the slice its specificity stays high
 #   while most of what it paints is not blood — the account of the run in section 4 (Dice 0.04,
 #   specificity 0.996).
+#
+# A model that does paint a large part of every slice is the one failure specificity catches: look in the
+# ablation table of section 3 for a step whose specificity is well below 1.
 #
 # The table shows the two models of section 4 (the rows name them, with their step and seed) next to
 # "all background", and the lines under it say which kind of failure, if either, each model of this run is.
