@@ -390,7 +390,7 @@ if HAVE_DATA:
                                f"{shown['kit default']}\nmean probability"]):
         im = ax.imshow(img, cmap="magma", vmin=0, vmax=max(float(img.max()), 0.01))  # an empty map stays black
         if img.max() < 0.01:   # a network that marks nothing: say so rather than show a flat colour scale
-            title += f"\n(below 0.01 everywhere: it marks almost nothing; max {img.max():.1e})"
+            title += f"\n(marks almost nothing: max {img.max():.1e})"
         ax.set_title(title, fontsize=9)
         ax.set_axis_off()
         fig.colorbar(im, ax=ax, fraction=0.046)
