@@ -32,14 +32,14 @@ run: install
 # 25.9 min one after the other): the unit tests beside the JAX pass (separate processes, every file under
 # tmp_path), then two crossed streams of notebooks, the quick chain A followed by the smoke chain B beside
 # the quick chain B followed by the smoke chain A (the smoke profile has its own data and runs, see
-# test-smoke), then the app notebook in both profiles. `make test-notebooks` and `make test-smoke` run each
-# profile on its own.
+# test-smoke), then the app notebook in both profiles. Both jobs print as they go, line by line (pytest's
+# progress lines show which chain is where). `make test-notebooks` and `make test-smoke` run each profile alone.
 NBVAL = $(PY) -m pytest $(NBVAL_OPTS)
 test: install
 	$(MAKE) --no-print-directory lint
-	$(MAKE) --no-print-directory -j2 --output-sync=target test-unit test-jax
+	$(MAKE) --no-print-directory -j2 --output-sync=line test-unit test-jax
 	@mkdir -p build/smoke
-	$(MAKE) --no-print-directory -j2 --output-sync=target test-cross-a test-cross-b
+	$(MAKE) --no-print-directory -j2 --output-sync=line test-cross-a test-cross-b
 	$(NBVAL) $(NBVAL_AFTER)
 	$(SMOKE_ENV) $(NBVAL) $(NBVAL_AFTER)
 
