@@ -97,10 +97,10 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def paired_line(name: str, method: dict[str, float], baseline: dict[str, float]) -> str:
-    """One line: a method against the threshold baseline, patient by patient."""
+def paired_line(name: str, method: dict[str, float], baseline: dict[str, float], against: str = "threshold") -> str:
+    """One line: a method against a baseline (the threshold unless ``against`` says), patient by patient."""
     c = compare_patients(method, baseline)
-    return (f"{name} vs threshold, per patient (mean over seeds): better on {c['wins']}/{c['n']} patients "
+    return (f"{name} vs {against}, per patient (mean over seeds): better on {c['wins']}/{c['n']} patients "
             f"({c['ties']} ties), mean difference {c['mean_difference']:+.3f} (95 % bootstrap CI over "
             f"patients {c['ci_low']:+.3f} to {c['ci_high']:+.3f})")
 
@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows: list[dict] = []
     patients: dict[str, dict[str, float]] = {}  # method -> patient -> Dice (mean over seeds)
     lesion_only_train = train.subset(np.flatnonzero(fs.lesion_flags(train)))
+    pairs: list[tuple[str, str]] = []  # (method, the same fits without the floor)
 
     def run_recipe(name: str, recipe: fs.FewShotRecipe, n_seeds: int, size: int) -> None:
         if size == base_size:
@@ -158,12 +159,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
             tr, va = big_split.dataset(big, "train"), big_split.dataset(big, "val")
             te_big = big_split.dataset(big, "test")
         results, seconds, rates, per_patient = [], [], [], []
+        floored = recipe.stack_min_contrast is not None or bool(recipe.stack_min_ml)
+        unfloored: list[dict] = []  # the same fits without the brightness floor (paired: the floor's effect)
+        unfloored_pp: list[dict[str, float]] = []
         for seed in range(n_seeds):
             fitted = fs.fit_recipe(recipe, tr, va, seed=seed, progress=args.progress)
-            if size == base_size:
-                pred = fs.predict_recipe(fitted, test)
-            else:
-                pred = fs.predict_recipe(fitted, te_big, output_size=base_size)
+            data, out = (test, None) if size == base_size else (te_big, base_size)
+            pred = fs.predict_recipe(fitted, data, output_size=out)
+            if floored:
+                plain = fs.predict_recipe(fitted, data, output_size=out, floor=False)
+                unfloored.append(fs.evaluate_protocol(plain, test))
+                unfloored_pp.append(fs.patient_dice(plain, test))
+                print(f"  {name} seed {seed}, without the brightness floor: per-patient Dice "
+                      f"{unfloored[-1]['per_patient_dice']:.3f}", flush=True)
             result = fs.evaluate_protocol(pred, test)
             per_patient.append(fs.patient_dice(pred, test))
             results.append(result)
@@ -175,6 +183,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   f"{fitted.seconds / 60:.1f} min, {fitted.images_per_second:.1f} images/s)", flush=True)
         rows.append(_row(name, results, seconds, rates))
         patients[name] = {p: float(np.mean([d[p] for d in per_patient])) for p in per_patient[0]}
+        if unfloored:
+            plain_name = f"{name}, without the brightness floor"
+            rows.append(_row(plain_name, unfloored, seconds, rates))
+            patients[plain_name] = {p: float(np.mean([d[p] for d in unfloored_pp])) for p in unfloored_pp[0]}
+            pairs.append((name, plain_name))
 
     for method in methods:
         if method == "default":
@@ -210,6 +223,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name, per in patients.items():
         if baseline is not None and name != "(3) threshold in brain":
             print(paired_line(name, per, baseline))
+    for name, plain_name in pairs:
+        print(paired_line(name, patients[name], patients[plain_name], "the same fits without the floor"))
     print(f"\nwhole table: {total / 60:.1f} min (load {os.getloadavg()[0]:.1f} at the end)")
     if args.out:
         with open(args.out, "a", encoding="utf-8") as fh:

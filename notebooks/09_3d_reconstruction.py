@@ -328,7 +328,8 @@ if ctich is not None:
     scan = io.load_ctich(ctich, patients=[patient], progress=False)
     real_spacing = (CTICH_SLICE_MM, CTICH_PIXEL_MM, CTICH_PIXEL_MM)
     real_image, real_truth, real_spacing = recon3d.stack_slices(scan, patient, spacing=real_spacing)
-    predicted_scan = scan.replace(masks=fs.predict_recipe(fitted, scan))   # stacked in scan order below
+    # thresholded slice by slice, without the brightness floor that notebook 10 (section 3c) adds
+    predicted_scan = scan.replace(masks=fs.predict_recipe(fitted, scan, floor=False))   # stacked in scan order below
     real_pred = recon3d.stack_slices(predicted_scan, patient, spacing=real_spacing)[1] > 0
     real_pred = recon3d.clean_mask(real_pred, spacing=real_spacing, min_size_ml=MIN_LESION_ML)
     real_report = recon3d.volume_report(real_pred, real_truth, real_spacing)

@@ -855,7 +855,7 @@ def whole_scans(fitted: Any, patients: Sequence[str | int], folder: str | os.Pat
         scan = load_ctich(folder, image_size=size, patients=[pid], progress=False)
         scan = scan.subset(np.argsort(scan.slice_indices, kind="stable"))
         truth = scan.masks > 0
-        raw = predict_recipe(fitted, scan) > 0
+        raw = predict_recipe(fitted, scan, floor=False) > 0
         kept = keep_bright_components(fitted, scan, raw) > 0
         flags = scan.extra.get("has_mask")  # slices.csv's flags, from the full-size masks
         row = {"patient_id": str(pid), "slices": len(scan), "true_ml": truth.sum() * voxel_ml,

@@ -382,11 +382,13 @@ class FewShotRecipe:
             the single-network run of the same seed) whose probabilities are averaged. In the
             kit's cross-validation three members scored like one network (0.29-0.31 against
             0.31) at three times the training, so the default trains one.
-        stack_min_contrast: on a whole scan (:func:`keep_bright_components`), keep a 3-D lesion
-            component only if its mean display level exceeds the median brain level of its slices
-            by at least this many display levels (``None``: keep every component). Blood is
-            hyperdense; parenchyma that a network marks on a scan whose brain is brighter is not.
-        stack_min_ml: on a whole scan, drop 3-D components smaller than this many mL.
+        stack_min_contrast: on each patient's slices in order (a whole scan, or the protocol's
+            lesion slices; :func:`keep_bright_components`, applied by :func:`predict_recipe`), keep
+            a 3-D lesion component only if its mean display level exceeds the median brain level
+            of its slices by at least this many display levels (``None``: keep every component).
+            Blood is hyperdense; parenchyma that a network marks on a scan whose brain is brighter
+            is not, but neither is a faint bleed always.
+        stack_min_ml: on each patient's slices, drop 3-D components smaller than this many mL.
     """
 
     config: TrainConfig = TrainConfig()
@@ -468,10 +470,12 @@ STUDY_RECIPE = FewShotRecipe(
 #: patient 66 0.75–0.81 against 0.69–0.75. Training takes 2–2.5 minutes per seed on a 2-core CPU
 #: with oneDNN on. The threshold stays tuned: a network that came out under-confident (never above
 #: 0.46) scored 0.000 at 0.5 on a held-out patient and 0.59 at the threshold patient 66 chose.
-#: On whole scans (the app) it keeps only 3-D components at least 44 display levels (about 21 HU)
-#: brighter than the brain on their slices and of at least 0.5 mL, chosen on the whole scans of
-#: 49/50/51/66, ties broken on 19 lesion-free scans (:func:`keep_bright_components`;
-#: ``benchmarks/fewshot_log.md``, session 10, which also says what else was looked at).
+#: On each patient's slices (:func:`predict_recipe`, the app) it keeps only 3-D components at
+#: least 44 display levels (about 21 HU) brighter than the brain on their slices and of at least
+#: 0.5 mL, chosen on the whole scans of 49/50/51/66, ties broken on 19 lesion-free scans
+#: (:func:`keep_bright_components`; ``benchmarks/fewshot_log.md``, session 10, which also says what
+#: else was looked at). On whole scans it raises the test patients' 3-D Dice (0.20 -> 0.29 over 3
+#: seeds); on the protocol's lesion slices it costs per-patient Dice (0.360 -> 0.284, session 12).
 FEWSHOT_DEFAULT = FewShotRecipe(
     config=TrainConfig.few_shot(),
     empty_ratio=1.0,
@@ -869,11 +873,21 @@ def predict_recipe(
     probabilities: bool = False,
     output_size: int | None = None,
     batch_size: int = 32,
+    floor: bool = True,
 ) -> np.ndarray:
-    """Predict lesion masks with a fitted recipe (flips, brain restriction and threshold applied).
+    """Predict lesion masks with a fitted recipe (flips, brain restriction, threshold and brightness floor applied).
 
     With ``restrict_to_brain``, slices below the cranium (:func:`strokekit.preprocess.cranial_slices`: neck, face) get
     no lesion either, so a whole scan can be segmented, not only its brain slices.
+
+    With ``floor`` and a recipe that sets ``stack_min_contrast`` or ``stack_min_ml``, the thresholded masks keep
+    only the lesion components brighter than the brain around them (:func:`keep_bright_components`), found on
+    each patient's slices in slice order (``data.patient_ids``, ``data.slice_indices``; all slices one scan
+    when the patients are unknown) at the model's size, whatever ``output_size``: the floor's contrast is
+    measured on the pixels the model saw, so the protocol's 128 px scoring and a whole scan at the model's size
+    (:func:`strokekit.evaluation.whole_scans`) decide alike. (The app thresholds the probabilities itself and
+    applies :func:`keep_bright_components` at the upload's size.) The probabilities (``probabilities=True``)
+    are never floored.
 
     Introduced in notebooks/10_what_generalizes.ipynb.
 
@@ -886,19 +900,40 @@ def predict_recipe(
             (square) masks, so the prediction lines up with them whatever size the model
             works at (the model's size for non-square slices).
         batch_size: prediction batch size.
+        floor: apply the recipe's brightness floor to the masks (False: thresholded masks only).
 
     Returns:
         float32 probabilities or uint8 0/1 masks, (N, S, S).
     """
     x, _, brains = _model_inputs(fitted.recipe, data, fitted.band, gate=True)
     prob = _predict_prob(fitted.models, fitted.recipe, x, brains, batch_size)
+    model_prob = prob
     if output_size is None and data.masks.ndim == 3 and data.masks.shape[1] == data.masks.shape[2]:
         output_size = int(data.masks.shape[1])
     if output_size is not None and output_size != prob.shape[1]:
         prob = np.stack([resize_image(p, int(output_size)) for p in prob]) if len(prob) else prob
     if probabilities:
         return prob
-    return (prob >= fitted.threshold).astype(np.uint8)
+    mask = prob >= fitted.threshold
+    recipe = fitted.recipe
+    if floor and (recipe.stack_min_contrast is not None or recipe.stack_min_ml) and mask.any():
+        kept = _floor_per_patient(fitted, data, model_prob >= fitted.threshold)
+        if kept.shape[1:] != mask.shape[1:]:  # kept components at the model's size: any overlap keeps a pixel
+            kept = np.stack([resize_image(k.astype(np.float32), mask.shape[1:]) for k in kept]) > 0
+        mask &= kept
+    return mask.astype(np.uint8)
+
+
+def _floor_per_patient(fitted: FittedRecipe, data: SliceDataset, mask: np.ndarray) -> np.ndarray:
+    """:func:`keep_bright_components` on each patient's slices in slice order (bool, ``mask``'s shape)."""
+    patients = np.asarray(data.patient_ids if data.patient_ids is not None else [""] * len(data)).astype(str)
+    kept = np.zeros(mask.shape, dtype=bool)
+    for patient in dict.fromkeys(patients):
+        rows = np.flatnonzero(patients == patient)
+        rows = rows[np.argsort(np.asarray(data.slice_indices)[rows], kind="stable")]
+        if mask[rows].any():
+            kept[rows] = keep_bright_components(fitted, data.subset(rows), mask[rows]) > 0
+    return kept
 
 
 def keep_bright_components(fitted_or_recipe: FittedRecipe | FewShotRecipe, data: SliceDataset,
@@ -910,8 +945,9 @@ def keep_bright_components(fitted_or_recipe: FittedRecipe | FewShotRecipe, data:
     :data:`strokekit.preprocess.DISPLAY_WINDOW`, as the recipe sees them) and their brain masks
     (:func:`strokekit.preprocess.brain_mask_stack`, found at about 256 px). Volumes use the slices'
     spacing and thickness, else CT-ICH's geometry (:data:`strokekit.recon3d.ASSUMED_FOV_MM`,
-    :data:`strokekit.recon3d.ASSUMED_SLICE_MM`). Only for the slices of one scan in order (the app's
-    uploads, a patient's whole stack). Introduced in notebooks/10_what_generalizes.ipynb.
+    :data:`strokekit.recon3d.ASSUMED_SLICE_MM`). Only for the slices of one patient in order (the app's
+    uploads, a patient's whole stack or lesion slices; :func:`predict_recipe` groups a dataset by
+    patient). Introduced in notebooks/10_what_generalizes.ipynb.
 
     Args:
         fitted_or_recipe: the recipe (or a fitted one) whose ``stack_*`` fields apply.
@@ -1109,5 +1145,20 @@ def ablation_recipes(
     cur = step("+ blood window and threshold-map channels",
                dataclasses.replace(cur, display_windows=end.display_windows,
                                    candidate_channel=end.candidate_channel))
-    step("+ brain restriction, flips, threshold from validation (the default)", end)
+    floors = dict(stack_min_contrast=end.stack_min_contrast, stack_min_ml=end.stack_min_ml)
+    if floors != dict(stack_min_contrast=None, stack_min_ml=0.0):
+        step("+ brain restriction, flips, threshold from validation",
+             dataclasses.replace(end, stack_min_contrast=None, stack_min_ml=0.0))
+        step("+ brightness floor per patient (the default)", end)
+    else:
+        step("+ brain restriction, flips, threshold from validation (the default)", end)
     return steps
+
+
+def needs_training(before: FewShotRecipe, after: FewShotRecipe) -> bool:
+    """Whether ``after`` differs from ``before`` in anything but :data:`POSTHOC_FIELDS`.
+
+    False: ``after`` is ``before``'s trained model with other after-training decisions
+    (:func:`redecide`), as in the last steps of :func:`ablation_recipes`.
+    """
+    return dataclasses.replace(after, **{f: getattr(before, f) for f in POSTHOC_FIELDS}) != before

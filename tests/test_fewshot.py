@@ -449,7 +449,7 @@ def test_ablation_recipes_change_one_lever_at_a_time():
     steps = fs.ablation_recipes(image_size=64, num_epochs=4, filters=(4, 8))
     labels = [label for label, _ in steps]
     recipes = [recipe for _, recipe in steps]
-    assert len(steps) == 6 and labels[0].startswith("0 study") and labels[-1].endswith("(the default)")
+    assert len(steps) == 7 and labels[0].startswith("0 study") and labels[-1].endswith("(the default)")
     assert all(r.config.image_size == 64 and r.config.num_epochs == 4 and r.config.filters == (4, 8) for r in recipes)
     study = recipes[0]
     assert (study.config.loss, study.config.activation, study.config.dropout) == ("bce", "leaky_relu", 0.5)
@@ -466,10 +466,18 @@ def test_ablation_recipes_change_one_lever_at_a_time():
     assert wide[-1][1].patch_size == 64 and wide[3][1].patch_size == 64   # 1/4 of the side at 128 and 256 px
     at256 = dataclasses.replace(default, patch_size=64, config=dataclasses.replace(default.config, image_size=256))
     assert fs.ablation_recipes(image_size=64, final=at256)[-1][1].patch_size == 32   # not 16 px: no context
-    # the last step changes only after-training decisions
-    before = {f: getattr(recipes[-2], f) for f in fs.POSTHOC_FIELDS}
-    assert dataclasses.replace(recipes[-2], **{f: getattr(final, f) for f in fs.POSTHOC_FIELDS}) == final
-    assert before != {f: getattr(final, f) for f in fs.POSTHOC_FIELDS}
+    # the last two steps change only after-training decisions: the flips, brain and threshold, then the floor
+    for k in (-2, -1):
+        before = {f: getattr(recipes[k - 1], f) for f in fs.POSTHOC_FIELDS}
+        after = {f: getattr(recipes[k], f) for f in fs.POSTHOC_FIELDS}
+        assert dataclasses.replace(recipes[k - 1], **after) == recipes[k]
+        assert before != {f: getattr(recipes[k], f) for f in fs.POSTHOC_FIELDS}
+        assert not fs.needs_training(recipes[k - 1], recipes[k])
+    assert recipes[-2].stack_min_contrast is None and final.stack_min_contrast == default.stack_min_contrast
+    assert all(fs.needs_training(a, b) for a, b in zip(recipes[:4], recipes[1:5]))   # steps 1-4 train anew
+    # a default without a floor ends at the step before (no empty step)
+    no_floor = dataclasses.replace(default, stack_min_contrast=None, stack_min_ml=0.0)
+    assert len(fs.ablation_recipes(image_size=64, final=no_floor)) == 6
 
 
 @pytest.mark.backend
@@ -609,6 +617,56 @@ def test_cranial_slices_judge_hu_in_the_display_window_and_use_the_shorter_side(
     data = SliceDataset(images=wide, masks=np.zeros(wide.shape, np.uint8), case_ids=["0"], patient_ids=["p"],
                         unit="display")
     assert pp.cranial_slices(data).tolist() == [True]
+
+
+class _Identity:
+    """A stand-in model: probability = the input image (display level / 255)."""
+
+    def __call__(self, x, training=False):
+        return x[..., :1]
+
+
+def test_predict_recipe_applies_the_brightness_floor_per_patient_at_the_models_size():
+    """The protocol, a whole scan and the app apply one floor: each patient's slices in order, measured at the
+    model's size, the probabilities untouched; floor=False gives the thresholded masks."""
+    size = 32
+    rows, cols = slice(12, 18), slice(12, 18)
+    images, pids, order = [], [], []
+    for k in range(4):  # patients a and b interleaved, b's slices in reverse order
+        image, _, _ = head(size, blood=None)
+        patient = "ab"[k % 2]
+        if patient == "b":
+            image[image == 100.0] = 130.0  # b's brain is brighter: the same region is only 30 levels above it
+        image[rows, cols] = 160.0          # a: 60 levels above its brain
+        image[4:6, 14:18] = 255.0          # (the bone ring is marked too; the test looks at the square)
+        images.append(image)
+        pids.append(patient)
+        order.append(k // 2 if patient == "a" else 1 - k // 2)
+    data = SliceDataset(np.stack(images), np.zeros((4, size, size), np.uint8), [f"s{k}" for k in range(4)],
+                        patient_ids=pids, slice_indices=np.array(order), unit="display",
+                        spacing=(1.0, 1.0), slice_thickness=5.0)
+    recipe = fs.FewShotRecipe(config=TrainConfig(image_size=size, filters=(4, 8)), brain_dilation=0,
+                              stack_min_contrast=45.0, stack_min_ml=0.0)
+    fitted = fs.FittedRecipe(_Identity(), recipe, 0.5, None, 1.0, 1.0, 0, 0.0)
+    plain = fs.predict_recipe(fitted, data, floor=False)
+    assert plain[:, rows, cols].all()                       # 160 / 255 >= 0.5 on every slice
+    floored = fs.predict_recipe(fitted, data)
+    assert floored.dtype == np.uint8
+    assert floored[0::2, rows, cols].all()                  # patient a: 60 >= 45 levels, kept
+    assert not floored[1::2, rows, cols].any()              # patient b: 30 < 45, dropped
+    # the probabilities are never floored
+    np.testing.assert_allclose(fs.predict_recipe(fitted, data, probabilities=True)[1, 14, 14], 160 / 255, atol=1e-6)
+    # at twice the size the floor is still measured at the model's 32 px: the same decision, on the finer grid
+    big = fs.predict_recipe(fitted, data, output_size=64)
+    assert big.shape == (4, 64, 64)
+    assert big[0, 26:34, 26:34].all() and not big[1, 26:34, 26:34].any()
+    # read as one scan (patients unknown), a's and b's squares join one component measured against the
+    # median of the four slices' brain levels (100, 130, 100, 130 -> 115): 45 levels, so b's squares stay too
+    one_scan = fs.predict_recipe(fitted, data.replace(patient_ids=None))
+    assert one_scan[:, rows, cols].all()
+    # a recipe without a floor: the thresholded masks
+    off = dataclasses.replace(fitted, recipe=dataclasses.replace(recipe, stack_min_contrast=None))
+    np.testing.assert_array_equal(fs.predict_recipe(off, data), plain)
 
 
 def test_keep_bright_components_drops_what_is_not_brighter_than_the_brain():
