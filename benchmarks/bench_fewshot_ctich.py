@@ -159,15 +159,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             tr, va = big_split.dataset(big, "train"), big_split.dataset(big, "val")
             te_big = big_split.dataset(big, "test")
         results, seconds, rates, per_patient = [], [], [], []
-        floored = recipe.stack_min_contrast is not None or bool(recipe.stack_min_ml)
         unfloored: list[dict] = []  # the same fits without the brightness floor (paired: the floor's effect)
         unfloored_pp: list[dict[str, float]] = []
         for seed in range(n_seeds):
             fitted = fs.fit_recipe(recipe, tr, va, seed=seed, progress=args.progress)
-            data, out = (test, None) if size == base_size else (te_big, base_size)
-            pred = fs.predict_recipe(fitted, data, output_size=out)
-            if floored:
-                plain = fs.predict_recipe(fitted, data, output_size=out, floor=False)
+            scored, out = (test, None) if size == base_size else (te_big, base_size)
+            pred = fs.predict_recipe(fitted, scored, output_size=out)
+            if recipe.has_floor:
+                plain = fs.predict_recipe(fitted, scored, output_size=out, floor=False)
                 unfloored.append(fs.evaluate_protocol(plain, test))
                 unfloored_pp.append(fs.patient_dice(plain, test))
                 print(f"  {name} seed {seed}, without the brightness floor: per-patient Dice "

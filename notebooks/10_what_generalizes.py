@@ -379,12 +379,12 @@ if HAVE_DATA:
 # (green) and two models' predictions (red).
 #
 # Each picture shows the recipe named in its title: the study's recipe (step 0) and the kit's default (the last
-# step), both from the first seed, the default cut at the threshold it chose on patient 66. The cell
-# after the pictures prints, for each of the two, how much it paints, on how many patients, how much of what it
-# paints is blood, and how much lies in one place it paints on at least half of the patients — a position prior
-# shows up as a large share in one place and a small share on blood. Read the pictures with those lines: which
-# model, if either, predicts nothing, paints too much or paints one fixed place depends on the profile, the
-# epochs and the seed, and this notebook does not decide it in advance.
+# step), both from the first seed, the default cut at the threshold it chose on patient 66 and then floored
+# (step 6). The cell after the pictures prints, for each of the two, how much it paints, on how many
+# patients, how much of what it paints is blood, and how much lies in one place it paints on at least half of
+# the patients — a position prior shows up as a large share in one place and a small share on blood. Read the
+# pictures with those lines: which model, if either, predicts nothing, paints too much or paints one fixed place
+# depends on the profile, the epochs and the seed, and this notebook does not decide it in advance.
 #
 # Where the story comes from: `benchmarks/fewshot_log.md` (diagnostics of 2026-11-23, 08:45–09:25 UTC) records
 # a network without batch norm that painted the frontal skull rim — where training patient 51 bled — on every

@@ -444,6 +444,11 @@ class FewShotRecipe:
         if not np.isfinite(self.stack_min_ml) or self.stack_min_ml < 0:
             raise ValueError(f"stack_min_ml must be a finite number >= 0, got {self.stack_min_ml!r}")
 
+    @property
+    def has_floor(self) -> bool:
+        """Whether the recipe sets a brightness floor (``stack_min_contrast`` or ``stack_min_ml``)."""
+        return self.stack_min_contrast is not None or self.stack_min_ml > 0
+
 
 #: The study's original configuration rebuilt with the kit: its 31M-parameter U-Net preset
 #: (leaky ReLU, dropout 0.5), BCE, its augmentation, 50 epochs, the best epoch by validation
@@ -916,7 +921,7 @@ def predict_recipe(
         return prob
     mask = prob >= fitted.threshold
     recipe = fitted.recipe
-    if floor and (recipe.stack_min_contrast is not None or recipe.stack_min_ml) and mask.any():
+    if floor and recipe.has_floor and mask.any():
         kept = _floor_per_patient(fitted, data, model_prob >= fitted.threshold)
         if kept.shape[1:] != mask.shape[1:]:  # kept components at the model's size: any overlap keeps a pixel
             kept = np.stack([resize_image(k.astype(np.float32), mask.shape[1:]) for k in kept]) > 0
@@ -963,7 +968,7 @@ def keep_bright_components(fitted_or_recipe: FittedRecipe | FewShotRecipe, data:
     mask = np.asarray(mask) > 0
     if mask.ndim != 3 or len(mask) != len(data):
         raise ValueError(f"mask must be (N, H, W) for the {len(data)} slices, got shape {mask.shape}")
-    if recipe.stack_min_contrast is None and not recipe.stack_min_ml or not mask.any():
+    if not recipe.has_floor or not mask.any():
         return mask.astype(np.uint8)
     images = as_display(data).images
     images = _levels(images[..., 0] if images.ndim == 4 else images, "display")  # 0..1 display: to 0..255
@@ -1145,8 +1150,7 @@ def ablation_recipes(
     cur = step("+ blood window and threshold-map channels",
                dataclasses.replace(cur, display_windows=end.display_windows,
                                    candidate_channel=end.candidate_channel))
-    floors = dict(stack_min_contrast=end.stack_min_contrast, stack_min_ml=end.stack_min_ml)
-    if floors != dict(stack_min_contrast=None, stack_min_ml=0.0):
+    if end.has_floor:
         step("+ brain restriction, flips, threshold from validation",
              dataclasses.replace(end, stack_min_contrast=None, stack_min_ml=0.0))
         step("+ brightness floor per patient (the default)", end)

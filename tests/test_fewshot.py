@@ -667,6 +667,8 @@ def test_predict_recipe_applies_the_brightness_floor_per_patient_at_the_models_s
     # a recipe without a floor: the thresholded masks
     off = dataclasses.replace(fitted, recipe=dataclasses.replace(recipe, stack_min_contrast=None))
     np.testing.assert_array_equal(fs.predict_recipe(off, data), plain)
+    assert recipe.has_floor and not off.recipe.has_floor
+    assert dataclasses.replace(off.recipe, stack_min_ml=0.5).has_floor   # a size floor alone is a floor
 
 
 def test_keep_bright_components_drops_what_is_not_brighter_than_the_brain():
