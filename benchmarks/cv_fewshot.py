@@ -1,7 +1,7 @@
 """Cross-validation of a few-shot recipe on the training patients of ``fewshot-ctich-v1`` (never the test patients).
 
 Usage:
-    python benchmarks/cv_fewshot.py NAME [--seeds 0,1] [--config JSON] [--recipe JSON] [--out FILE]
+    python benchmarks/cv_fewshot.py NAME [--seeds 0,1] [--config JSON] [--recipe JSON] [--backgrounds] [--out FILE]
 
 ``--config`` changes fields of ``FEWSHOT_DEFAULT.config`` (e.g. ``'{"filters": [16, 32, 64, 128]}'``), ``--recipe``
 fields of the recipe itself (e.g. ``'{"context_slices": 1}'``); lists become tuples. For each seed: leave one of
@@ -9,11 +9,13 @@ patients 49/50/51 out (train on the other two and their lesion-free slices, vali
 validation loss, threshold tuned there), score the held-out patient's lesion slices; then fit on all three and score
 patient 66. Probabilities of a 256 px model are resized to the protocol's 128 px masks, as the benchmark does.
 
-Prints a line per fit and one ``RESULT`` JSON line per seed, appended to ``--out``: ``cv`` (mean per-patient Dice of
-the three held-out patients at the threshold the recipe chose), ``folds``, ``thr``, ``val66`` and, per fit, Dice over
-a wide threshold list on the held-out and on the validation slices (``grid``, ``val_grid``: after-training
-variants can be chosen from these without training again) and the same for test-time augmentation over the 8
-rotations and flips (``d8``, ``d8_val``). About 4-6 minutes per seed for the default on 2 CPU cores.
+``--backgrounds`` passes the even-indexed lesion-free patients to ``fit_recipe(backgrounds=)`` (for
+``paste_per_slice``). Prints a line per fit and one ``RESULT`` JSON line per seed, appended to ``--out``: ``cv`` (mean
+per-patient Dice of the three held-out patients at the threshold the recipe chose), ``folds``, ``thr``, ``val66``, the
+same with the recipe's brightness floor (``cv_floor``, ``folds_floor``, ``val66_floor``: the recipe as applied) and, per
+fit, Dice over a wide threshold list on the held-out and on the validation slices (``grid``, ``val_grid``:
+after-training variants can be chosen from these without training again) and the same for test-time augmentation
+over the 8 rotations and flips (``d8``, ``d8_val``). About 4-6 minutes per seed for the default on 2 CPU cores.
 
 Recorded runs and the rule for taking a lever: ``benchmarks/fewshot_log.md``. A benchmark, not a test.
 """
@@ -32,6 +34,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # 1.5-2x faster CPU trainin
 import numpy as np
 
 from strokekit import fewshot as fs
+from strokekit.io import load_ctich
 from strokekit.preprocess import resize_image
 from strokekit.train import predict_numpy
 
@@ -64,6 +67,9 @@ def main() -> None:
     parser.add_argument("--config", default="{}")
     parser.add_argument("--recipe", default="{}")
     parser.add_argument("--out", default="build/cv_fewshot.jsonl")
+    parser.add_argument("--backgrounds", action="store_true",
+                        help="pass the even-indexed lesion-free patients as fit_recipe(backgrounds=) "
+                             "(notebook 10 measures false positives on the odd-indexed ones)")
     args = parser.parse_args()
     base = fs.FEWSHOT_DEFAULT
     recipe = dataclasses.replace(base, config=dataclasses.replace(base.config, **_tuples(json.loads(args.config))),
@@ -75,6 +81,10 @@ def main() -> None:
     small, _ = fs.load_protocol(image_size=size, progress=False)
     masks = dict(zip(small.case_ids, small.masks))
     train, val = split.dataset(data, "train"), split.dataset(data, "val")
+    backgrounds = None
+    if args.backgrounds:
+        backgrounds = load_ctich(None, image_size=recipe.config.image_size,
+                                 patients=fs.lesion_free_patients()[0::2], progress=False)
     pids = np.asarray(train.patient_ids).astype(str)
 
     def grid(prob, held) -> dict[float, float]:
@@ -87,25 +97,32 @@ def main() -> None:
         for out in (*HELD_OUT, "66"):
             started = time.perf_counter()
             if out == "66":
-                held, fitted = val, fs.fit_recipe(recipe, train, val, seed=seed)
+                held, fitted = val, fs.fit_recipe(recipe, train, val, seed=seed, backgrounds=backgrounds)
             else:
                 held = train.subset(np.flatnonzero((pids == out) & fs.lesion_flags(train)))
-                fitted = fs.fit_recipe(recipe, train.subset(np.flatnonzero(pids != out)), val, seed=seed)
+                fitted = fs.fit_recipe(recipe, train.subset(np.flatnonzero(pids != out)), val, seed=seed,
+                                       backgrounds=backgrounds)
             seconds = time.perf_counter() - started
             prob = fs.predict_recipe(fitted, held, probabilities=True, output_size=size)
             held_grid = grid(prob, held)
             val_grid = grid(fs.predict_recipe(fitted, val, probabilities=True, output_size=size), val)
             truth = np.stack([masks[c] for c in held.case_ids])
+            floored = fs.predict_recipe(fitted, held, output_size=size)  # the recipe as applied (its floor)
             rows[out] = dict(thr=fitted.threshold, dice=fs._pp_dice(prob, truth, list(held.patient_ids),
                                                                    fitted.threshold),
+                             dice_floor=fs._pp_dice(floored.astype(np.float32), truth, list(held.patient_ids), 0.5),
                              grid=held_grid, val_grid=val_grid, d8=grid(_d8(fitted, held, size), held),
                              d8_val=grid(_d8(fitted, val, size), val), seconds=round(seconds, 1))
             print(f"{args.name} seed {seed} {out}: threshold {fitted.threshold}, per-patient Dice "
-                  f"{rows[out]['dice']:.3f}, {seconds:.0f} s", flush=True)
+                  f"{rows[out]['dice']:.3f} (with the floor {rows[out]['dice_floor']:.3f}), {seconds:.0f} s, "
+                  f"{fitted.n_train} training slices", flush=True)
         line = dict(name=args.name, seed=seed, config=args.config, recipe=args.recipe,
                     cv=round(float(np.mean([rows[o]["dice"] for o in HELD_OUT])), 3),
                     folds=[round(rows[o]["dice"], 3) for o in HELD_OUT], thr=[rows[o]["thr"] for o in rows],
-                    val66=round(rows["66"]["dice"], 3), seconds=[rows[o]["seconds"] for o in rows],
+                    val66=round(rows["66"]["dice"], 3),
+                    cv_floor=round(float(np.mean([rows[o]["dice_floor"] for o in HELD_OUT])), 3),
+                    folds_floor=[round(rows[o]["dice_floor"], 3) for o in HELD_OUT],
+                    val66_floor=round(rows["66"]["dice_floor"], 3), seconds=[rows[o]["seconds"] for o in rows],
                     finished=time.strftime("%Y-%m-%d %H:%M"))
         print("RESULT", json.dumps(line), flush=True)
         with open(args.out, "a") as fh:

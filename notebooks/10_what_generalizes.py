@@ -596,6 +596,13 @@ if HAVE_DATA:
 #    `dataclasses.replace(recipe, context_slices=1)` (`fs.attach_context` finds each slice's neighbours in the
 #    same patient's scan). Does seeing the bleed continue above and below help? (In the kit's cross-validation —
 #    `benchmarks/fewshot_log.md`, session 7, 2026-12-05 — it did not: CV 0.285 against 0.296 with one seed.)
+# 7. Show each training bleed on other brains (copy-paste): `dataclasses.replace(recipe, paste_per_slice=1)` with
+#    `fs.fit_recipe(..., backgrounds=lesion_free_slices)`, where the lesion-free slices come from patients that no
+#    other step uses, e.g. `load_ctich(CTICH, image_size=256, patients=fs.lesion_free_patients(CTICH)[0::2])`
+#    (`from strokekit.io import load_ctich`; section 3c measures false positives on the odd-indexed ones).
+#    First look at a few slices of `fs.paste_lesions(...)`: would a radiologist believe them? (In the kit's
+#    cross-validation — `benchmarks/fewshot_log.md`, session 13, 2026-12-05 — it did not help: CV 0.277 against
+#    0.291, one seed.)
 #
 # ## Summary
 # - A few-shot model must be judged on new patients: fixed patient split, choices on validation, per-patient Dice.

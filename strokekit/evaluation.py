@@ -829,8 +829,8 @@ def whole_scans(fitted: Any, patients: Sequence[str | int], folder: str | os.Pat
     """A fitted few-shot recipe on CT-ICH patients' whole scans (every slice, in order), as the app applies it.
 
     Each scan is read at ``image_size`` (default the recipe's), predicted with the whole recipe
-    (:func:`strokekit.fewshot.predict_recipe`) and thresholded; then
-    :func:`strokekit.fewshot.keep_bright_components` applies the recipe's brightness floor. Volumes use
+    (:func:`strokekit.fewshot.predict_recipe`) and thresholded, and the recipe's brightness floor
+    (:func:`strokekit.fewshot.keep_bright_components`) is applied to the same prediction. Volumes use
     CT-ICH's geometry (:func:`strokekit.recon3d.voxel_ml`). CT-ICH holds
     traumatic haemorrhage, not stroke.
 
@@ -843,7 +843,7 @@ def whole_scans(fitted: Any, patients: Sequence[str | int], folder: str | os.Pat
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from .fewshot import keep_bright_components, predict_recipe
+    from .fewshot import _predict_masks
     from .io import load_ctich
     from .metrics import dice
     from .recon3d import voxel_ml as ml_per_voxel
@@ -855,8 +855,7 @@ def whole_scans(fitted: Any, patients: Sequence[str | int], folder: str | os.Pat
         scan = load_ctich(folder, image_size=size, patients=[pid], progress=False)
         scan = scan.subset(np.argsort(scan.slice_indices, kind="stable"))
         truth = scan.masks > 0
-        raw = predict_recipe(fitted, scan, floor=False) > 0
-        kept = keep_bright_components(fitted, scan, raw) > 0
+        _, raw, kept = _predict_masks(fitted, scan)  # thresholded, and after the floor
         flags = scan.extra.get("has_mask")  # slices.csv's flags, from the full-size masks
         row = {"patient_id": str(pid), "slices": len(scan), "true_ml": truth.sum() * voxel_ml,
                "has_lesion": bool(np.any(flags)) if flags is not None else bool(truth.any())}

@@ -389,6 +389,9 @@ class FewShotRecipe:
             Blood is hyperdense; parenchyma that a network marks on a scan whose brain is brighter
             is not, but neither is a faint bleed always.
         stack_min_ml: on each patient's slices, drop 3-D components smaller than this many mL.
+        paste_per_slice: synthetic lesion slices per training lesion slice: its lesion laid onto a
+            lesion-free slice of another patient, at its contrast to the brain (:func:`paste_lesions`;
+            the lesion-free slices come from ``fit_recipe(..., backgrounds=)``).
     """
 
     config: TrainConfig = TrainConfig()
@@ -410,6 +413,7 @@ class FewShotRecipe:
     n_models: int = 1
     stack_min_contrast: float | None = None
     stack_min_ml: float = 0.0
+    paste_per_slice: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.n_models, bool) or not isinstance(self.n_models, (int, np.integer)) or self.n_models < 1:
@@ -431,6 +435,11 @@ class FewShotRecipe:
         if isinstance(self.context_slices, bool) or not isinstance(self.context_slices, (int, np.integer)) \
                 or not 0 <= self.context_slices <= 3:
             raise ValueError(f"context_slices must be an integer in 0..3, got {self.context_slices!r}")
+        if isinstance(self.paste_per_slice, bool) or not isinstance(self.paste_per_slice, (int, np.integer)) \
+                or self.paste_per_slice < 0:
+            raise ValueError(f"paste_per_slice must be an integer >= 0, got {self.paste_per_slice!r}")
+        if self.paste_per_slice and self.context_slices:
+            raise ValueError("paste_per_slice and context_slices cannot be combined: a pasted slice has no neighbours")
         if self.brain_dilation < 0:
             raise ValueError(f"brain_dilation must be >= 0, got {self.brain_dilation!r}")
         for window in self.display_windows:
@@ -561,6 +570,111 @@ def as_display(data: SliceDataset, window: tuple[float, float] = DISPLAY_WINDOW)
     return data.replace(images=levels, unit="display", extra=extra)
 
 
+def _bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    return (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1) if len(rows) else None
+
+
+def paste_lesions(lesions: SliceDataset, backgrounds: SliceDataset, per_slice: int = 1, seed: int = 0,
+                  dilation: int = 3, min_inside: float = 0.95, tries: int = 30) -> SliceDataset:
+    """Synthetic lesion slices: each lesion laid onto lesion-free slices of other patients (copy-paste).
+
+    Few-shot data shows each bleed on one brain only. Here every lesion slice (left-right mirrored at
+    random) is mapped onto a lesion-free slice drawn (seeded) from ``backgrounds`` so that the two brains'
+    bounding boxes coincide (a scaling of at most 25 % per axis), which keeps a bleed where it lay in its
+    own head: a subdural crescent stays on the inner table, an intraparenchymal bleed in the brain. The
+    lesion keeps its contrast to its own brain: its display levels minus the median brain level of its
+    slice plus the median brain level of the new slice, blended over a one-pixel edge, without the mask's
+    pixels outside its own brain (bone or air the annotation overlapped), and only where
+    the new slice's brain (:func:`strokekit.preprocess.brain_mask_stack`, grown by ``dilation`` pixels) is;
+    at least ``min_inside`` of the mapped lesion must lie there. Nothing is assumed about the scanner
+    beyond the display window. A lesion that fits no background in ``tries`` draws is skipped.
+
+    Introduced in notebooks/10_what_generalizes.ipynb.
+
+    Args:
+        lesions: slices with lesions (display or HU; slices without a lesion are ignored).
+        backgrounds: lesion-free slices of other patients (any lesion pixel in them is an error).
+        per_slice: synthetic slices made from each lesion slice.
+        seed: seeds the choice of backgrounds and the mirroring.
+        dilation: pixels the backgrounds' brain masks grow by (as :attr:`FewShotRecipe.brain_dilation`).
+        min_inside: share of the mapped lesion that must lie in the background's brain.
+        tries: backgrounds drawn per synthetic slice before the lesion is skipped.
+
+    Returns:
+        display-level :class:`SliceDataset` of the synthetic slices at ``lesions``' size and scale (binary
+        masks), patient ids and slice indices of their backgrounds, case ids
+        ``paste:<lesion case>:<background case>``.
+
+    Raises:
+        DataError: a background slice holds a lesion, the sizes differ, or no lesion fits any background.
+    """
+    from scipy.ndimage import affine_transform, gaussian_filter
+
+    if per_slice < 1:
+        raise ValueError(f"per_slice must be >= 1, got {per_slice!r}")
+    if backgrounds.masks.any():
+        bad = [c for c, m in zip(backgrounds.case_ids, backgrounds.masks) if m.any()][:3]
+        raise DataError(f"paste_lesions: background slices must be lesion-free; {bad} hold a lesion")
+    lesions = as_display(lesions.subset(np.flatnonzero(lesion_flags(lesions))))
+    backgrounds = as_display(backgrounds)
+    if len(lesions) == 0 or len(backgrounds) == 0:
+        raise DataError("paste_lesions: no lesion slice or no background slice")
+    if lesions.image_shape[:2] != backgrounds.image_shape[:2]:
+        raise DataError(f"paste_lesions: lesion slices are {lesions.image_shape[:2]}, "
+                        f"backgrounds {backgrounds.image_shape[:2]}; resize them to one size first")
+    scale = 255.0 if float(lesions.images.max()) <= 1.0 else 1.0  # back to the lesions' scale at the end
+    src = _levels(lesions.images[..., 0] if lesions.images.ndim == 4 else lesions.images, "display")
+    dst = _levels(backgrounds.images[..., 0] if backgrounds.images.ndim == 4 else backgrounds.images, "display")
+    src_core, dst_core = brain_mask_stack(src), brain_mask_stack(dst)
+    dst_brain = dilate_cross(dst_core, dilation)
+    src_box = [_bbox(b) for b in src_core]
+    dst_box = [_bbox(b) for b in dst_core]
+    usable = np.flatnonzero([b is not None for b in dst_box])
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 11]))
+    images, masks, cases, pids, where = [], [], [], [], []
+    for n in range(len(src)):
+        if src_box[n] is None or not (lesions.masks[n] > 0)[src_core[n]].any():
+            continue
+        level = float(np.median(src[n][src_core[n]]))
+        for _ in range(per_slice):
+            mirror = bool(rng.integers(2))
+            image = src[n][:, ::-1] if mirror else src[n]
+            # mask pixels outside the brain are bone or air that the annotation overlapped, not blood
+            core = src_core[n][:, ::-1] if mirror else src_core[n]
+            lesion = ((lesions.masks[n][:, ::-1] if mirror else lesions.masks[n]) > 0) & core
+            lesion = lesion.astype(np.float32)
+            r0, r1, c0, c1 = src_box[n]
+            if mirror:
+                c0, c1 = src.shape[2] - c1, src.shape[2] - c0
+            for k in rng.choice(usable, min(tries, len(usable)), replace=False):
+                t0, t1, u0, u1 = dst_box[k]
+                sr, sc = (r1 - r0) / (t1 - t0), (c1 - c0) / (u1 - u0)
+                if not (0.8 <= sr <= 1.25 and 0.8 <= sc <= 1.25):
+                    continue
+                # output pixel (y, x) of the background reads the lesion slice at (r0 + (y - t0)·sr, c0 + (x - u0)·sc)
+                matrix, offset = (sr, sc), (r0 - t0 * sr, c0 - u0 * sc)
+                mapped = affine_transform(lesion, matrix, offset, order=0) > 0
+                if not mapped.any() or (mapped & dst_brain[k]).sum() < min_inside * mapped.sum():
+                    continue
+                new = mapped & dst_brain[k]
+                moved = affine_transform(image, matrix, offset, order=1) - level + np.median(dst[k][dst_core[k]])
+                weight = np.maximum(new, gaussian_filter(new.astype(np.float32), 0.7)) * dst_brain[k]
+                images.append(np.clip(dst[k] + weight * (moved - dst[k]), 0.0, 255.0))
+                masks.append(new.astype(np.uint8))
+                cases.append(f"paste:{lesions.case_ids[n]}:{backgrounds.case_ids[k]}")
+                pids.append(backgrounds.patient_ids[k] if backgrounds.patient_ids is not None else "")
+                where.append(int(backgrounds.slice_indices[k]))
+                break
+    if not images:
+        raise DataError("paste_lesions: no lesion fits inside the brain of any background slice")
+    # one case id per pair even when one lesion lands twice on the same background
+    cases = [f"{c}:{i}" if cases.count(c) > 1 else c for i, c in enumerate(cases)]
+    return SliceDataset(images=(np.stack(images) / scale).astype(np.float32), masks=np.stack(masks),
+                        case_ids=cases, patient_ids=pids, slice_indices=np.array(where),
+                        source_paths=[""] * len(images), unit="display", spacing=backgrounds.spacing,
+                        slice_thickness=backgrounds.slice_thickness)
+
 def context_keys(k: int) -> list[str]:
     """The ``extra`` columns that hold the neighbours of :func:`attach_context`: ``slice-1``, ``slice+1``, ..."""
     return [f"slice{offset:+d}" for offset in (*range(-k, 0), *range(1, k + 1))]
@@ -614,7 +728,15 @@ def attach_context(data: SliceDataset, k: int = 1, source: SliceDataset | None =
 
 def _model_inputs(recipe: FewShotRecipe, data: SliceDataset, band: dict[str, float] | None = None,
                   gate: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Model inputs (N, S, S, C), masks (N, S, S) and dilated brain masks (N, S, S) for a recipe.
+    """Model inputs (N, S, S, C), masks (N, S, S) and dilated brain masks (N, S, S) for a recipe (see
+    :func:`_inputs_and_core`)."""
+    return _inputs_and_core(recipe, data, band, gate)[:3]
+
+
+def _inputs_and_core(recipe: FewShotRecipe, data: SliceDataset, band: dict[str, float] | None = None,
+                     gate: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Model inputs (N, S, S, C), masks (N, S, S), dilated brain masks (N, S, S) for a recipe, and the
+    brain masks before dilation and gate (None when the recipe needs none).
 
     Channels: the image as the config's windows give it, then one contrast stretch per
     ``recipe.display_windows``, then (``candidate_channel``) the threshold-in-brain map of
@@ -641,7 +763,7 @@ def _model_inputs(recipe: FewShotRecipe, data: SliceDataset, band: dict[str, flo
             native = small is data and data.unit == "display"
             brains = brains & cranial_slices(data, core if native else None)[:, None, None]
     else:
-        brains = np.ones(x.shape[:3], dtype=bool)
+        brains, core = np.ones(x.shape[:3], dtype=bool), None
     extra = []
     if display:
         levels = x[..., 0] * 255.0
@@ -656,7 +778,7 @@ def _model_inputs(recipe: FewShotRecipe, data: SliceDataset, band: dict[str, flo
         x = np.concatenate([x, np.stack(extra, axis=-1)], axis=-1)
     if recipe.strip_skull:
         x = x * brains[..., None]
-    return x.astype(np.float32), y, brains
+    return x.astype(np.float32), y, brains, core if display else None
 
 
 def _as_input_dataset(x: np.ndarray, y: np.ndarray) -> SliceDataset:
@@ -746,6 +868,7 @@ def fit_recipe(
     seed: int | None = None,
     progress: bool = False,
     model: Any = None,
+    backgrounds: SliceDataset | None = None,
 ) -> FittedRecipe:
     """Train a recipe's network on few-shot data and make its decisions on the validation slices.
 
@@ -763,12 +886,15 @@ def fit_recipe(
         seed: replaces ``recipe.config.seed`` (weights, sampling, augmentation).
         progress: a progress bar over epochs.
         model: a pre-built (e.g. pretrained) model instead of the recipe's.
+        backgrounds: lesion-free slices of patients outside training, validation and test, for
+            ``recipe.paste_per_slice`` (ignored without it).
 
     Returns:
         :class:`FittedRecipe`.
 
     Raises:
-        DataError: no lesion slice to train on, or empty validation data.
+        DataError: no lesion slice to train on, empty validation data, or ``paste_per_slice`` without
+            backgrounds.
     """
     config = recipe.config if seed is None else dataclasses.replace(recipe.config, seed=int(seed))
     recipe = dataclasses.replace(recipe, config=config)
@@ -776,6 +902,8 @@ def fit_recipe(
         raise DataError("fit_recipe: the training slices hold no lesion")
     if len(val_data) == 0:
         raise DataError("fit_recipe: no validation slices")
+    if recipe.paste_per_slice and (backgrounds is None or len(backgrounds) == 0):
+        raise DataError("fit_recipe: paste_per_slice needs lesion-free backgrounds (fit_recipe(..., backgrounds=))")
     if model is not None and recipe.n_models > 1:
         raise ValueError(f"a pre-built model trains one network; got n_models={recipe.n_models}")
     if recipe.context_slices:  # neighbours from the whole scans, before slices are drawn
@@ -785,7 +913,7 @@ def fit_recipe(
     band = _fit_band(recipe, train_data) if recipe.candidate_channel else None
     val_inputs = _model_inputs(recipe, val_data, band)
     fits = [_fit_member(recipe, dataclasses.replace(config, seed=int(config.seed) + 1000 * k), train_data,
-                        band, *val_inputs[:2], model, progress) for k in range(recipe.n_models)]
+                        band, *val_inputs[:2], model, progress, backgrounds) for k in range(recipe.n_models)]
     results = [result for result, _ in fits]
     members = tuple(result.model for result in results)
     threshold, val_dice, flat = _decide(recipe, members, val_data, band, val_inputs)
@@ -798,11 +926,19 @@ def fit_recipe(
 
 
 def _fit_member(recipe: FewShotRecipe, config: TrainConfig, train_data: SliceDataset, band: dict[str, float] | None,
-                x_val: np.ndarray, y_val: np.ndarray, model: Any, progress: bool):
+                x_val: np.ndarray, y_val: np.ndarray, model: Any, progress: bool,
+                backgrounds: SliceDataset | None = None):
     """One network of :func:`fit_recipe`, everything seeded by ``config.seed``: (TrainResult, slices used)."""
     from .models import build_model, build_preset
 
     chosen = _choose_slices(train_data, recipe.empty_ratio, config.seed)
+    if recipe.paste_per_slice:  # synthetic lesion slices on other patients' brains, at the training slices' size
+        shown = as_display(chosen)
+        if backgrounds.image_shape[:2] != shown.image_shape[:2]:
+            backgrounds = resize_dataset(backgrounds, shown.image_shape[0])
+        pasted = paste_lesions(shown, backgrounds, recipe.paste_per_slice, seed=config.seed,
+                               dilation=recipe.brain_dilation)
+        chosen = concat([shown.replace(extra={}), pasted.replace(class_names=shown.class_names)])
     x_train, y_train, _ = _model_inputs(recipe, chosen, band)
     if model is None and (recipe.preset is not None or recipe.patch_size):
         seed_everything(config.seed)
@@ -910,39 +1046,52 @@ def predict_recipe(
     Returns:
         float32 probabilities or uint8 0/1 masks, (N, S, S).
     """
-    x, _, brains = _model_inputs(fitted.recipe, data, fitted.band, gate=True)
+    if probabilities:
+        return _predict_masks(fitted, data, output_size, batch_size, floor=False)[0]
+    _, mask, floored = _predict_masks(fitted, data, output_size, batch_size, floor=floor)
+    return (floored if floor else mask).astype(np.uint8)
+
+
+def _predict_masks(fitted: FittedRecipe, data: SliceDataset, output_size: int | None = None, batch_size: int = 32,
+                   floor: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """One prediction of :func:`predict_recipe`: (probabilities, thresholded masks, masks after the floor or
+    None without ``floor``), at ``output_size``; the floor reuses the brain masks the inputs were made with."""
+    x, _, brains, core = _inputs_and_core(fitted.recipe, data, fitted.band, gate=True)
     prob = _predict_prob(fitted.models, fitted.recipe, x, brains, batch_size)
     model_prob = prob
     if output_size is None and data.masks.ndim == 3 and data.masks.shape[1] == data.masks.shape[2]:
         output_size = int(data.masks.shape[1])
     if output_size is not None and output_size != prob.shape[1]:
         prob = np.stack([resize_image(p, int(output_size)) for p in prob]) if len(prob) else prob
-    if probabilities:
-        return prob
     mask = prob >= fitted.threshold
-    recipe = fitted.recipe
-    if floor and recipe.has_floor and mask.any():
-        kept = _floor_per_patient(fitted, data, model_prob >= fitted.threshold)
+    if not floor:
+        return prob, mask, None
+    floored = mask.copy()
+    if fitted.recipe.has_floor and mask.any():
+        kept = _floor_per_patient(fitted, data, model_prob >= fitted.threshold, core)
         if kept.shape[1:] != mask.shape[1:]:  # kept components at the model's size: any overlap keeps a pixel
             kept = np.stack([resize_image(k.astype(np.float32), mask.shape[1:]) for k in kept]) > 0
-        mask &= kept
-    return mask.astype(np.uint8)
+        floored &= kept
+    return prob, mask, floored
 
 
-def _floor_per_patient(fitted: FittedRecipe, data: SliceDataset, mask: np.ndarray) -> np.ndarray:
-    """:func:`keep_bright_components` on each patient's slices in slice order (bool, ``mask``'s shape)."""
+def _floor_per_patient(fitted: FittedRecipe, data: SliceDataset, mask: np.ndarray,
+                       brains: np.ndarray | None = None) -> np.ndarray:
+    """:func:`keep_bright_components` on each patient's slices in slice order (bool, ``mask``'s shape);
+    ``brains``: the slices' brain masks at ``mask``'s size, when the caller has them."""
     patients = np.asarray(data.patient_ids if data.patient_ids is not None else [""] * len(data)).astype(str)
     kept = np.zeros(mask.shape, dtype=bool)
     for patient in dict.fromkeys(patients):
         rows = np.flatnonzero(patients == patient)
         rows = rows[np.argsort(np.asarray(data.slice_indices)[rows], kind="stable")]
         if mask[rows].any():
-            kept[rows] = keep_bright_components(fitted, data.subset(rows), mask[rows]) > 0
+            kept[rows] = keep_bright_components(fitted, data.subset(rows), mask[rows],
+                                                brains=None if brains is None else brains[rows]) > 0
     return kept
 
 
 def keep_bright_components(fitted_or_recipe: FittedRecipe | FewShotRecipe, data: SliceDataset,
-                           mask: np.ndarray) -> np.ndarray:
+                           mask: np.ndarray, brains: np.ndarray | None = None) -> np.ndarray:
     """A whole scan's mask with only the lesion components brighter than the brain around them.
 
     The recipe's ``stack_min_contrast`` and ``stack_min_ml`` applied by
@@ -958,6 +1107,7 @@ def keep_bright_components(fitted_or_recipe: FittedRecipe | FewShotRecipe, data:
         fitted_or_recipe: the recipe (or a fitted one) whose ``stack_*`` fields apply.
         data: the scan's slices, in order (HU or display).
         mask: (N, H, W) predicted lesion mask of ``data`` (nonzero = lesion).
+        brains: the slices' brain masks at the mask's size, when the caller has them (else found here).
 
     Returns:
         uint8 (N, H, W) 0/1 mask; ``mask > 0`` unchanged when the recipe sets no floor.
@@ -977,7 +1127,8 @@ def keep_bright_components(fitted_or_recipe: FittedRecipe | FewShotRecipe, data:
         if spacing is not None:
             spacing = rescale_spacing(spacing, images.shape[1:], mask.shape[1:])
         images = np.stack([resize_image(im, mask.shape[1:]) for im in images])
-    brains = brain_mask_stack(images, unit="display", stride=max(1, int(np.ceil(max(images.shape[1:]) / 256))))
+    if brains is None or np.shape(brains) != mask.shape:
+        brains = brain_mask_stack(images, unit="display", stride=max(1, int(np.ceil(max(images.shape[1:]) / 256))))
     return bright_components(mask, images, brains, recipe.stack_min_contrast, recipe.stack_min_ml,
                              voxel_ml(mask.shape[1:], spacing, data.slice_thickness))
 

@@ -510,6 +510,10 @@ def test_fit_recipe_patches_channels_and_bn_recalibration_end_to_end():
     assert pair.threshold in recipe.thresholds and pair.band == fitted.band
     with pytest.raises(ValueError, match="pre-built model"):
         fs.fit_recipe(dataclasses.replace(recipe, n_models=2), train, val, model=fitted.model)
+    # copy-paste: each of the 6 training lesion slices also shown on a lesion-free patient's brain
+    pasted = fs.fit_recipe(dataclasses.replace(recipe, paste_per_slice=1), train, val, seed=1,
+                           backgrounds=data.select_patients(["99"]))
+    assert pasted.n_train == fitted.n_train + 6 and pasted.band == fitted.band
 
 
 def test_train_config_few_shot_is_the_default_recipes_network():
@@ -701,6 +705,13 @@ def test_keep_bright_components_drops_what_is_not_brighter_than_the_brain():
     assert half.shape == (4, 80, 80) and half.sum() == 50 and not half[3].any()
     strict = dataclasses.replace(recipe, stack_min_contrast=70.0)
     assert not fs.keep_bright_components(strict, data, mask)[1:3].any()
+    # brain masks the caller already has are used as given: the same masks, the same answer; a brain that
+    # takes in the bright blood square and the air around the head puts its median at air: everything is brighter
+    brains = pp.brain_mask_stack(stack, unit="display")
+    assert np.array_equal(fs.keep_bright_components(recipe, data, mask, brains=brains), kept)
+    wide = np.zeros_like(brains)
+    wide[:, : o + 30] = True
+    assert fs.keep_bright_components(recipe, data, mask, brains=wide)[1:3, o + 36:o + 46, o + 36:o + 46].all()
     off = fs.FewShotRecipe()  # no floors: the mask comes back unchanged
     assert np.array_equal(fs.keep_bright_components(off, data, mask), mask)
     assert fs.FEWSHOT_DEFAULT.stack_min_contrast is not None  # the app's CT model filters its scans
@@ -708,3 +719,59 @@ def test_keep_bright_components_drops_what_is_not_brighter_than_the_brain():
         fs.keep_bright_components(recipe, data, mask[:2])
     with pytest.raises(ValueError, match="stack_min_ml"):
         dataclasses.replace(recipe, stack_min_ml=-1.0)
+
+
+def test_paste_lesions_moves_a_bleed_onto_another_brain_at_its_contrast():
+    """Copy-paste: the lesion keeps its contrast to the brain (80 levels above it), lands where it lay in its own
+    head (mirrored at random), only inside the new brain; bad backgrounds are refused by name."""
+    size = 32
+    rows, cols = slice(8, 12), slice(9, 13)
+    image, _, mask = head(size, blood=None)
+    image[rows, cols], mask[rows, cols] = 180.0, 1
+    lesions = SliceDataset(image[None], mask[None], ["L"], patient_ids=["49"], slice_indices=np.array([3]),
+                           unit="display")
+    backs = []
+    for k in range(3):
+        back, _, _ = head(size, blood=None)
+        back[back == 100.0] = 130.0 + k  # brighter brains than the lesion's own
+        backs.append(back)
+    backgrounds = SliceDataset(np.stack(backs), np.zeros((3, size, size), np.uint8), ["b0", "b1", "b2"],
+                               patient_ids=["90", "91", "92"], slice_indices=np.array([5, 6, 7]), unit="display")
+    pasted = fs.paste_lesions(lesions, backgrounds, per_slice=8, seed=0, dilation=0)
+    assert len(pasted) == 8 and pasted.unit == "display" and pasted.masks.max() == 1
+    assert all(c.startswith("paste:L:b") for c in pasted.case_ids) and len(set(pasted.case_ids)) == 8
+    mirrored = 0
+    for n in range(len(pasted)):
+        k = int(pasted.case_ids[n].split(":")[2][1])
+        assert pasted.patient_ids[n] == f"9{k}" and pasted.slice_indices[n] == 5 + k
+        where = pasted.masks[n] > 0
+        flipped = bool(where[rows, size - 13:size - 9].all())
+        mirrored += flipped
+        assert where.sum() == 16 and (where[rows, cols].all() or flipped)
+        np.testing.assert_allclose(pasted.images[n][where], 130.0 + k + 80.0, atol=1e-3)   # 80 levels above
+        far = np.ones((size, size), bool)
+        far[4:16, 5:17] = far[4:16, size - 17:size - 5] = False
+        np.testing.assert_array_equal(pasted.images[n][far], backs[k][far])              # the rest untouched
+    assert 0 < mirrored < 8                                                             # both ways, seeded
+    again = fs.paste_lesions(lesions, backgrounds, per_slice=8, seed=0, dilation=0)
+    np.testing.assert_array_equal(again.images, pasted.images)
+    assert again.case_ids == pasted.case_ids
+    # a background with a lesion, another size, or brains too unlike the lesion's are refused
+    with pytest.raises(DataError, match=r"lesion-free.*b1"):
+        marked = backgrounds.masks.copy() | (np.arange(3) == 1)[:, None, None].astype(np.uint8)
+        fs.paste_lesions(lesions, backgrounds.replace(masks=marked))
+    with pytest.raises(DataError, match="resize"):
+        fs.paste_lesions(lesions, pp.resize_dataset(backgrounds, 16))
+    tiny = np.zeros((1, size, size), np.float32)
+    small_head, _, _ = head(16, blood=None)
+    tiny[0, 8:24, 8:24] = small_head                                                    # a brain half as wide
+    with pytest.raises(DataError, match="no lesion fits"):
+        fs.paste_lesions(lesions, SliceDataset(tiny, np.zeros((1, size, size), np.uint8), ["t"], unit="display"))
+    # the recipe field and fit_recipe's backgrounds
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="paste_per_slice"):
+            fs.FewShotRecipe(paste_per_slice=bad)
+    with pytest.raises(ValueError, match="context_slices"):
+        fs.FewShotRecipe(paste_per_slice=1, context_slices=1)
+    with pytest.raises(DataError, match="backgrounds"):
+        fs.fit_recipe(fs.FewShotRecipe(paste_per_slice=1), lesions, lesions)
