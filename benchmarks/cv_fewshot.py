@@ -103,11 +103,10 @@ def main() -> None:
                 fitted = fs.fit_recipe(recipe, train.subset(np.flatnonzero(pids != out)), val, seed=seed,
                                        backgrounds=backgrounds)
             seconds = time.perf_counter() - started
-            prob = fs.predict_recipe(fitted, held, probabilities=True, output_size=size)
+            prob, _, floored = fs._predict_masks(fitted, held, size)  # floored: the recipe as applied
             held_grid = grid(prob, held)
             val_grid = grid(fs.predict_recipe(fitted, val, probabilities=True, output_size=size), val)
             truth = np.stack([masks[c] for c in held.case_ids])
-            floored = fs.predict_recipe(fitted, held, output_size=size)  # the recipe as applied (its floor)
             rows[out] = dict(thr=fitted.threshold, dice=fs._pp_dice(prob, truth, list(held.patient_ids),
                                                                    fitted.threshold),
                              dice_floor=fs._pp_dice(floored.astype(np.float32), truth, list(held.patient_ids), 0.5),

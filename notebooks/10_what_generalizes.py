@@ -601,8 +601,9 @@ if HAVE_DATA:
 #    other step uses, e.g. `load_ctich(CTICH, image_size=256, patients=fs.lesion_free_patients(CTICH)[0::2])`
 #    (`from strokekit.io import load_ctich`; section 3c measures false positives on the odd-indexed ones).
 #    First look at a few slices of `fs.paste_lesions(...)`: would a radiologist believe them? (In the kit's
-#    cross-validation — `benchmarks/fewshot_log.md`, session 13, 2026-12-05 — it did not help: CV 0.277 against
-#    0.291, one seed.)
+#    cross-validation — `benchmarks/fewshot_log.md`, session 13, 2026-12-05, one seed — it did not help the
+#    network: CV 0.277 against 0.291 thresholded, patient 66 0.749 against 0.764; with the brightness floor the CV
+#    rose, 0.345 against 0.302, while patient 66 still fell.)
 #
 # ## Summary
 # - A few-shot model must be judged on new patients: fixed patient split, choices on validation, per-patient Dice.

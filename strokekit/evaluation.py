@@ -826,7 +826,9 @@ def find_runs(
 
 def whole_scans(fitted: Any, patients: Sequence[str | int], folder: str | os.PathLike | None = None,
                 image_size: int | None = None, progress: bool = False) -> Any:
-    """A fitted few-shot recipe on CT-ICH patients' whole scans (every slice, in order), as the app applies it.
+    """A fitted few-shot recipe on CT-ICH patients' whole scans (every slice, in order), as the app applies it
+    (the app measures the floor at the upload's size; here it is measured at the model's, as
+    :func:`strokekit.fewshot.predict_recipe` does, which is the same at the default ``image_size``).
 
     Each scan is read at ``image_size`` (default the recipe's), predicted with the whole recipe
     (:func:`strokekit.fewshot.predict_recipe`) and thresholded, and the recipe's brightness floor

@@ -580,9 +580,10 @@ def paste_lesions(lesions: SliceDataset, backgrounds: SliceDataset, per_slice: i
     """Synthetic lesion slices: each lesion laid onto lesion-free slices of other patients (copy-paste).
 
     Few-shot data shows each bleed on one brain only. Here every lesion slice (left-right mirrored at
-    random) is mapped onto a lesion-free slice drawn (seeded) from ``backgrounds`` so that the two brains'
-    bounding boxes coincide (a scaling of at most 25 % per axis), which keeps a bleed where it lay in its
-    own head: a subdural crescent stays on the inner table, an intraparenchymal bleed in the brain. The
+    random) is mapped onto a lesion-free slice of another patient, drawn (seeded) from ``backgrounds``, so
+    that the two brains' bounding boxes coincide (a scaling of at most 25 % per axis): a subdural crescent
+    lands near the new brain's inner table, an intraparenchymal bleed inside it (the slice level is not
+    matched: a bleed from a mid-brain slice may land on a skull-base slice). The
     lesion keeps its contrast to its own brain: its display levels minus the median brain level of its
     slice plus the median brain level of the new slice, blended over a one-pixel edge, without the mask's
     pixels outside its own brain (bone or air the annotation overlapped), and only where
@@ -603,8 +604,9 @@ def paste_lesions(lesions: SliceDataset, backgrounds: SliceDataset, per_slice: i
 
     Returns:
         display-level :class:`SliceDataset` of the synthetic slices at ``lesions``' size and scale (binary
-        masks), patient ids and slice indices of their backgrounds, case ids
-        ``paste:<lesion case>:<background case>``.
+        masks), patient ids (None when the backgrounds have none) and slice indices of their backgrounds,
+        case ids ``paste:<lesion case>:<background case>`` (with ``:<n>``, the slice's position, appended
+        when one lesion lands twice on the same background).
 
     Raises:
         DataError: a background slice holds a lesion, the sizes differ, or no lesion fits any background.
@@ -631,6 +633,7 @@ def paste_lesions(lesions: SliceDataset, backgrounds: SliceDataset, per_slice: i
     src_box = [_bbox(b) for b in src_core]
     dst_box = [_bbox(b) for b in dst_core]
     usable = np.flatnonzero([b is not None for b in dst_box])
+    back_pids = np.asarray(backgrounds.patient_ids, dtype=str) if backgrounds.patient_ids is not None else None
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 11]))
     images, masks, cases, pids, where = [], [], [], [], []
     for n in range(len(src)):
@@ -647,7 +650,12 @@ def paste_lesions(lesions: SliceDataset, backgrounds: SliceDataset, per_slice: i
             r0, r1, c0, c1 = src_box[n]
             if mirror:
                 c0, c1 = src.shape[2] - c1, src.shape[2] - c0
-            for k in rng.choice(usable, min(tries, len(usable)), replace=False):
+            others = usable
+            if back_pids is not None and lesions.patient_ids is not None:  # another patient's brain
+                others = usable[back_pids[usable] != str(lesions.patient_ids[n])]
+            if not len(others):
+                continue
+            for k in rng.choice(others, min(tries, len(others)), replace=False):
                 t0, t1, u0, u1 = dst_box[k]
                 sr, sc = (r1 - r0) / (t1 - t0), (c1 - c0) / (u1 - u0)
                 if not (0.8 <= sr <= 1.25 and 0.8 <= sc <= 1.25):
@@ -663,7 +671,7 @@ def paste_lesions(lesions: SliceDataset, backgrounds: SliceDataset, per_slice: i
                 images.append(np.clip(dst[k] + weight * (moved - dst[k]), 0.0, 255.0))
                 masks.append(new.astype(np.uint8))
                 cases.append(f"paste:{lesions.case_ids[n]}:{backgrounds.case_ids[k]}")
-                pids.append(backgrounds.patient_ids[k] if backgrounds.patient_ids is not None else "")
+                pids.append(str(back_pids[k]) if back_pids is not None else None)
                 where.append(int(backgrounds.slice_indices[k]))
                 break
     if not images:
@@ -671,7 +679,8 @@ def paste_lesions(lesions: SliceDataset, backgrounds: SliceDataset, per_slice: i
     # one case id per pair even when one lesion lands twice on the same background
     cases = [f"{c}:{i}" if cases.count(c) > 1 else c for i, c in enumerate(cases)]
     return SliceDataset(images=(np.stack(images) / scale).astype(np.float32), masks=np.stack(masks),
-                        case_ids=cases, patient_ids=pids, slice_indices=np.array(where),
+                        case_ids=cases, patient_ids=pids if back_pids is not None else None,
+                        slice_indices=np.array(where),
                         source_paths=[""] * len(images), unit="display", spacing=backgrounds.spacing,
                         slice_thickness=backgrounds.slice_thickness)
 
@@ -736,7 +745,8 @@ def _model_inputs(recipe: FewShotRecipe, data: SliceDataset, band: dict[str, flo
 def _inputs_and_core(recipe: FewShotRecipe, data: SliceDataset, band: dict[str, float] | None = None,
                      gate: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """Model inputs (N, S, S, C), masks (N, S, S), dilated brain masks (N, S, S) for a recipe, and the
-    brain masks before dilation and gate (None when the recipe needs none).
+    brain masks before dilation and gate, found on the display levels (None when the recipe finds none or works
+    in HU).
 
     Channels: the image as the config's windows give it, then one contrast stretch per
     ``recipe.display_windows``, then (``candidate_channel``) the threshold-in-brain map of
@@ -904,6 +914,10 @@ def fit_recipe(
         raise DataError("fit_recipe: no validation slices")
     if recipe.paste_per_slice and (backgrounds is None or len(backgrounds) == 0):
         raise DataError("fit_recipe: paste_per_slice needs lesion-free backgrounds (fit_recipe(..., backgrounds=))")
+    if recipe.paste_per_slice and not (recipe.display_windows or recipe.candidate_channel) \
+            and train_data.unit == "HU":
+        raise ValueError("paste_per_slice pastes in display levels; a recipe that reads HU slices through its "
+                         "config's windows needs display_windows or candidate_channel, or display-level data")
     if model is not None and recipe.n_models > 1:
         raise ValueError(f"a pre-built model trains one network; got n_models={recipe.n_models}")
     if recipe.context_slices:  # neighbours from the whole scans, before slices are drawn
@@ -1068,7 +1082,9 @@ def _predict_masks(fitted: FittedRecipe, data: SliceDataset, output_size: int | 
         return prob, mask, None
     floored = mask.copy()
     if fitted.recipe.has_floor and mask.any():
-        kept = _floor_per_patient(fitted, data, model_prob >= fitted.threshold, core)
+        # the floor finds brain masks on every pixel up to 256 px (keep_bright_components): reuse the inputs' there
+        reuse = core if core is not None and max(core.shape[1:]) <= 256 else None
+        kept = _floor_per_patient(fitted, data, model_prob >= fitted.threshold, reuse)
         if kept.shape[1:] != mask.shape[1:]:  # kept components at the model's size: any overlap keeps a pixel
             kept = np.stack([resize_image(k.astype(np.float32), mask.shape[1:]) for k in kept]) > 0
         floored &= kept

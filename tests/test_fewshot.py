@@ -513,7 +513,10 @@ def test_fit_recipe_patches_channels_and_bn_recalibration_end_to_end():
     # copy-paste: each of the 6 training lesion slices also shown on a lesion-free patient's brain
     pasted = fs.fit_recipe(dataclasses.replace(recipe, paste_per_slice=1), train, val, seed=1,
                            backgrounds=data.select_patients(["99"]))
-    assert pasted.n_train == fitted.n_train + 6 and pasted.band == fitted.band
+    assert pasted.n_train == fitted.n_train + 6
+    with pytest.raises(ValueError, match="display levels"):  # an HU recipe on HU slices: pasting would change units
+        fs.fit_recipe(dataclasses.replace(recipe, paste_per_slice=1, display_windows=(), candidate_channel=False),
+                      train.replace(unit="HU"), val, backgrounds=data.select_patients(["99"]))
 
 
 def test_train_config_few_shot_is_the_default_recipes_network():
@@ -630,7 +633,7 @@ class _Identity:
         return x[..., :1]
 
 
-def test_predict_recipe_applies_the_brightness_floor_per_patient_at_the_models_size():
+def test_predict_recipe_applies_the_brightness_floor_per_patient_at_the_models_size(monkeypatch):
     """The protocol, a whole scan and the app apply one floor: each patient's slices in order, measured at the
     model's size, the probabilities untouched; floor=False gives the thresholded masks."""
     size = 32
@@ -668,6 +671,17 @@ def test_predict_recipe_applies_the_brightness_floor_per_patient_at_the_models_s
     # median of the four slices' brain levels (100, 130, 100, 130 -> 115): 45 levels, so b's squares stay too
     one_scan = fs.predict_recipe(fitted, data.replace(patient_ids=None))
     assert one_scan[:, rows, cols].all()
+    # a recipe that finds brain masks for its inputs hands them to the floor: found once, the same answer
+    seeing = dataclasses.replace(fitted, recipe=dataclasses.replace(recipe, display_windows=((0.0, 255.0),)),
+                                 band=None)
+    seeing.recipe = dataclasses.replace(seeing.recipe, restrict_to_brain=True)
+    expected = fs.predict_recipe(seeing, data)
+    calls = []
+    real = fs.brain_mask_stack
+    monkeypatch.setattr(fs, "brain_mask_stack", lambda *a, **k: calls.append(1) or real(*a, **k))
+    np.testing.assert_array_equal(fs.predict_recipe(seeing, data), expected)
+    assert len(calls) == 1 and expected[0::2, rows, cols].all() and not expected[1::2, rows, cols].any()
+    monkeypatch.undo()
     # a recipe without a floor: the thresholded masks
     off = dataclasses.replace(fitted, recipe=dataclasses.replace(recipe, stack_min_contrast=None))
     np.testing.assert_array_equal(fs.predict_recipe(off, data), plain)
@@ -722,43 +736,63 @@ def test_keep_bright_components_drops_what_is_not_brighter_than_the_brain():
 
 
 def test_paste_lesions_moves_a_bleed_onto_another_brain_at_its_contrast():
-    """Copy-paste: the lesion keeps its contrast to the brain (80 levels above it), lands where it lay in its own
-    head (mirrored at random), only inside the new brain; bad backgrounds are refused by name."""
+    """Copy-paste: the lesion keeps its contrast to the brain (80 levels above it) and lands where it lay relative to
+    the brain's bounding box, on a smaller, shifted brain of another patient (mirrored at random), inside the new
+    brain; bad backgrounds are refused by name."""
     size = 32
     rows, cols = slice(8, 12), slice(9, 13)
-    image, _, mask = head(size, blood=None)
+    image, brain, mask = head(size, blood=None)
     image[rows, cols], mask[rows, cols] = 180.0, 1
     lesions = SliceDataset(image[None], mask[None], ["L"], patient_ids=["49"], slice_indices=np.array([3]),
                            unit="display")
     backs = []
-    for k in range(3):
-        back, _, _ = head(size, blood=None)
-        back[back == 100.0] = 130.0 + k  # brighter brains than the lesion's own
+    for k in range(3):  # heads of 28 px, shifted by (3, 1 + k) in the 32 px field: brains about 0.88 as wide
+        small, _, _ = head(28, blood=None)
+        small[small == 100.0] = 130.0 + k  # brighter brains than the lesion's own
+        back = np.zeros((size, size), np.float32)
+        back[3:31, 1 + k:29 + k] = small
         backs.append(back)
-    backgrounds = SliceDataset(np.stack(backs), np.zeros((3, size, size), np.uint8), ["b0", "b1", "b2"],
-                               patient_ids=["90", "91", "92"], slice_indices=np.array([5, 6, 7]), unit="display")
-    pasted = fs.paste_lesions(lesions, backgrounds, per_slice=8, seed=0, dilation=0)
-    assert len(pasted) == 8 and pasted.unit == "display" and pasted.masks.max() == 1
-    assert all(c.startswith("paste:L:b") for c in pasted.case_ids) and len(set(pasted.case_ids)) == 8
+    own = head(size, blood=None)[0]  # a lesion-free slice of the lesion's own patient: never a background
+    backgrounds = SliceDataset(np.stack([*backs, own]), np.zeros((4, size, size), np.uint8),
+                               ["b0", "b1", "b2", "own"], patient_ids=["90", "91", "92", "49"],
+                               slice_indices=np.array([5, 6, 7, 8]), unit="display")
+    pasted = fs.paste_lesions(lesions, backgrounds, per_slice=12, seed=0, dilation=0)
+    assert len(pasted) == 12 and pasted.unit == "display" and pasted.masks.max() == 1
+    assert all(c.startswith("paste:L:b") for c in pasted.case_ids) and len(set(pasted.case_ids)) == 12
+
+    def box(b):
+        r, c = np.flatnonzero(b.any(1)), np.flatnonzero(b.any(0))
+        return r[0], r[-1] + 1, c[0], c[-1] + 1
+
+    r0, r1, c0, c1 = box(brain)
+    centre = np.array([9.5, 10.5])  # the lesion's centre (pixel centres)
     mirrored = 0
     for n in range(len(pasted)):
         k = int(pasted.case_ids[n].split(":")[2][1])
         assert pasted.patient_ids[n] == f"9{k}" and pasted.slice_indices[n] == 5 + k
+        t0, t1, u0, u1 = box(pp.brain_mask_stack(backs[k][None])[0])
         where = pasted.masks[n] > 0
-        flipped = bool(where[rows, size - 13:size - 9].all())
-        mirrored += flipped
-        assert where.sum() == 16 and (where[rows, cols].all() or flipped)
+        got = np.argwhere(where).mean(0)
+        # where the box-to-box map sends the lesion's centre (or its mirror image)
+        col = centre[1] if got[1] < size / 2 else size - 1 - centre[1]
+        mirrored += got[1] >= size / 2
+        lo = np.array([r0, c0 if got[1] < size / 2 else size - c1])
+        scale = np.array([(r1 - r0) / (t1 - t0), (c1 - c0) / (u1 - u0)])
+        expected = np.array([t0, u0]) + (np.array([centre[0], col]) - lo) / scale
+        np.testing.assert_allclose(got, expected, atol=0.75)
+        assert 9 <= where.sum() <= 16                    # the 4 x 4 square shrunk by about 0.88: 3-4 pixels a side
         np.testing.assert_allclose(pasted.images[n][where], 130.0 + k + 80.0, atol=1e-3)   # 80 levels above
         far = np.ones((size, size), bool)
-        far[4:16, 5:17] = far[4:16, size - 17:size - 5] = False
+        far[2:18, 3:19] = far[2:18, size - 19:size - 1] = False
         np.testing.assert_array_equal(pasted.images[n][far], backs[k][far])              # the rest untouched
-    assert 0 < mirrored < 8                                                             # both ways, seeded
-    again = fs.paste_lesions(lesions, backgrounds, per_slice=8, seed=0, dilation=0)
+    assert 0 < mirrored < 12                                                            # both ways, seeded
+    again = fs.paste_lesions(lesions, backgrounds, per_slice=12, seed=0, dilation=0)
     np.testing.assert_array_equal(again.images, pasted.images)
     assert again.case_ids == pasted.case_ids
+    assert fs.paste_lesions(lesions, backgrounds.replace(patient_ids=None), seed=1).patient_ids is None
     # a background with a lesion, another size, or brains too unlike the lesion's are refused
     with pytest.raises(DataError, match=r"lesion-free.*b1"):
-        marked = backgrounds.masks.copy() | (np.arange(3) == 1)[:, None, None].astype(np.uint8)
+        marked = backgrounds.masks.copy() | (np.arange(4) == 1)[:, None, None].astype(np.uint8)
         fs.paste_lesions(lesions, backgrounds.replace(masks=marked))
     with pytest.raises(DataError, match="resize"):
         fs.paste_lesions(lesions, pp.resize_dataset(backgrounds, 16))
