@@ -602,8 +602,8 @@ if HAVE_DATA:
 #    (`from strokekit.io import load_ctich`; section 3c measures false positives on the odd-indexed ones).
 #    First look at a few slices of `fs.paste_lesions(...)`: would a radiologist believe them? (In the kit's
 #    cross-validation — `benchmarks/fewshot_log.md`, session 13, 2026-12-05, one seed — it did not help the
-#    network: CV 0.277 against 0.291 thresholded, patient 66 0.749 against 0.764; with the brightness floor the CV
-#    rose, 0.345 against 0.302, while patient 66 still fell.)
+#    network: CV 0.277 against 0.289 thresholded, patient 66 0.749 against 0.777; with the brightness floor the CV
+#    rose, 0.345 against 0.298, while patient 66 still fell.)
 #
 # ## Summary
 # - A few-shot model must be judged on new patients: fixed patient split, choices on validation, per-patient Dice.
