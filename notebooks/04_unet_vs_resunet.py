@@ -20,7 +20,7 @@
 # - Train with checkpoints, early stopping and a learning-rate schedule; watch the mask form epoch by epoch.
 # - Compare configurations as mean ± sd over seeds, never as the best of N runs.
 #
-# **Runtime**: about 5 minutes on a 2-core laptop CPU in the quick profile (a slim U-Net at 64 px,
+# **Runtime**: about 6 minutes on a 2-core laptop CPU in the quick profile (a slim U-Net at 64 px,
 # 10 epochs of 4 augmented passes, 2 seeds per configuration); the full profile (the study's
 # 31M-parameter U-Net, 256 px, 50 epochs, 3 seeds) needs a GPU (~1 hour).
 

@@ -337,7 +337,8 @@ if ctich is not None:
           f"threshold {fitted.threshold:.1f} from patient 66) on CT-ICH test patient {patient}: "
           f"{real_image.shape[0]} slices; " + ", ".join(f"{k} {v:.3f}" for k, v in real_report.items()))
     assert real_image.shape == real_truth.shape == real_pred.shape and real_report["true_ml"] > 0
-    # It learned hemorrhage: 3-D Dice on an unseen patient's whole scan (0.57 in the quick profile)
+    # It learned hemorrhage: 3-D Dice on an unseen patient's whole scan (quick runs of 2026-12-05: 0.55-0.57; the
+    # volume is not checked: thresholded slice by slice, it overestimates, see the text below)
     assert not CHECK_LEARNING or real_report["dice_3d"] >= 0.3
 
 # %% [markdown]
