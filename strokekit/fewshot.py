@@ -44,7 +44,7 @@ from .dataset import SliceDataset, concat
 from .engine import load_model, recalibrate_batchnorm
 from .errors import DataError
 from .io import _natural_key, load_ctich
-from .metrics import aggregate, per_patient_dice, slice_confusion
+from .metrics import _bbox, aggregate, per_patient_dice, slice_confusion
 from .paths import ctich_dir
 from .preprocess import (
     DISPLAY_WINDOW,
@@ -570,11 +570,6 @@ def as_display(data: SliceDataset, window: tuple[float, float] = DISPLAY_WINDOW)
     return data.replace(images=levels, unit="display", extra=extra)
 
 
-def _bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    return (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1) if len(rows) else None
-
-
 def paste_lesions(lesions: SliceDataset, backgrounds: SliceDataset, per_slice: int = 1, seed: int = 0,
                   dilation: int = 3, min_inside: float = 0.95, tries: int = 30) -> SliceDataset:
     """Synthetic lesion slices: each lesion laid onto lesion-free slices of other patients (copy-paste).
@@ -630,8 +625,8 @@ def paste_lesions(lesions: SliceDataset, backgrounds: SliceDataset, per_slice: i
     dst = _levels(backgrounds.images[..., 0] if backgrounds.images.ndim == 4 else backgrounds.images, "display")
     src_core, dst_core = brain_mask_stack(src), brain_mask_stack(dst)
     dst_brain = dilate_cross(dst_core, dilation)
-    src_box = [_bbox(b) for b in src_core]
-    dst_box = [_bbox(b) for b in dst_core]
+    src_box = [_box(b) for b in src_core]
+    dst_box = [_box(b) for b in dst_core]
     usable = np.flatnonzero([b is not None for b in dst_box])
     back_pids = np.asarray(backgrounds.patient_ids, dtype=str) if backgrounds.patient_ids is not None else None
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 11]))
@@ -683,6 +678,15 @@ def paste_lesions(lesions: SliceDataset, backgrounds: SliceDataset, per_slice: i
                         slice_indices=np.array(where),
                         source_paths=[""] * len(images), unit="display", spacing=backgrounds.spacing,
                         slice_thickness=backgrounds.slice_thickness)
+
+
+def _box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(first row, row end, first column, column end) of a 2-D mask's bounding box; None when it is empty."""
+    if not mask.any():
+        return None
+    rows, cols = _bbox(mask)
+    return rows.start, rows.stop, cols.start, cols.stop
+
 
 def context_keys(k: int) -> list[str]:
     """The ``extra`` columns that hold the neighbours of :func:`attach_context`: ``slice-1``, ``slice+1``, ..."""
@@ -1082,8 +1086,8 @@ def _predict_masks(fitted: FittedRecipe, data: SliceDataset, output_size: int | 
         return prob, mask, None
     floored = mask.copy()
     if fitted.recipe.has_floor and mask.any():
-        # the floor finds brain masks on every pixel up to 256 px (keep_bright_components): reuse the inputs' there
-        reuse = core if core is not None and max(core.shape[1:]) <= 256 else None
+        # the inputs' brain masks serve the floor where it finds its own on every pixel
+        reuse = core if core is not None and _floor_stride(core.shape[1:]) == 1 else None
         kept = _floor_per_patient(fitted, data, model_prob >= fitted.threshold, reuse)
         if kept.shape[1:] != mask.shape[1:]:  # kept components at the model's size: any overlap keeps a pixel
             kept = np.stack([resize_image(k.astype(np.float32), mask.shape[1:]) for k in kept]) > 0
@@ -1104,6 +1108,11 @@ def _floor_per_patient(fitted: FittedRecipe, data: SliceDataset, mask: np.ndarra
             kept[rows] = keep_bright_components(fitted, data.subset(rows), mask[rows],
                                                 brains=None if brains is None else brains[rows]) > 0
     return kept
+
+
+def _floor_stride(shape: Sequence[int]) -> int:
+    """The pixel stride at which :func:`keep_bright_components` finds brain masks: about 256 px, as the app."""
+    return max(1, int(np.ceil(max(shape) / 256)))
 
 
 def keep_bright_components(fitted_or_recipe: FittedRecipe | FewShotRecipe, data: SliceDataset,
@@ -1144,7 +1153,7 @@ def keep_bright_components(fitted_or_recipe: FittedRecipe | FewShotRecipe, data:
             spacing = rescale_spacing(spacing, images.shape[1:], mask.shape[1:])
         images = np.stack([resize_image(im, mask.shape[1:]) for im in images])
     if brains is None or np.shape(brains) != mask.shape:
-        brains = brain_mask_stack(images, unit="display", stride=max(1, int(np.ceil(max(images.shape[1:]) / 256))))
+        brains = brain_mask_stack(images, unit="display", stride=_floor_stride(images.shape[1:]))
     return bright_components(mask, images, brains, recipe.stack_min_contrast, recipe.stack_min_ml,
                              voxel_ml(mask.shape[1:], spacing, data.slice_thickness))
 
